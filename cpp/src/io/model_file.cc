@@ -1,0 +1,146 @@
+// finequant model file: safetensors + metadata (docs/model-format.md). Every Linear's tensors are
+// checked against its quantization record, so the engine can trust dtypes and shapes.
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "finequant/model_file.h"
+
+namespace finequant {
+
+namespace {
+
+using nlohmann::json;
+
+[[noreturn]] void format_error(const std::string& path, const std::string& what) {
+  fail(ErrorKind::ModelFormat, path + ": " + what);
+}
+
+json parse_json_object(const std::string& path, const std::string& key, const std::string& text) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    format_error(path, "metadata '" + key + "' is not valid JSON: " + e.what());
+  }
+  if (!j.is_object()) format_error(path, "metadata '" + key + "' is not a JSON object");
+  return j;
+}
+
+int parse_bits(const std::string& path, const std::string& where, const json& j, const char* key) {
+  if (!j.contains(key) || !j[key].is_number_integer()) format_error(path, where + ": '" + key + "' must be an integer");
+  const int64_t b = j[key].get<int64_t>();
+  if (b != 0 && b != 4 && b != 8)
+    format_error(path, where + ": '" + key + "' must be 0, 4 or 8, got " + std::to_string(b));
+  return static_cast<int>(b);
+}
+
+// Optional boolean (default true: symmetric), but a present value must be a boolean.
+bool parse_sym(const std::string& path, const std::string& where, const json& j, const char* key) {
+  if (!j.contains(key)) return true;
+  if (!j[key].is_boolean()) format_error(path, where + ": '" + key + "' must be a boolean");
+  return j[key].get<bool>();
+}
+
+LinearRecord parse_record(const std::string& path, const std::string& name, const json& j) {
+  const std::string where = "quantization entry '" + name + "'";
+  if (!j.is_object()) format_error(path, where + " is not an object");
+  LinearRecord rec;
+  rec.name = name;
+  if (!j.contains("part") || !j["part"].is_string()) format_error(path, where + ": 'part' must be a string");
+  rec.part = j["part"].get<std::string>();
+  if (rec.part != "qkv" && rec.part != "attn_out" && rec.part != "fc1" && rec.part != "fc2")
+    format_error(path, where + ": unknown part '" + rec.part + "' (expected qkv, attn_out, fc1 or fc2)");
+  rec.weight_bits = parse_bits(path, where, j, "weight_bits");
+  rec.weight_symmetric = parse_sym(path, where, j, "weight_symmetric");
+  rec.act_bits = parse_bits(path, where, j, "act_bits");
+  rec.act_symmetric = parse_sym(path, where, j, "act_symmetric");
+  if (rec.weight_bits > 0) {
+    const json* t = j.contains("tile") ? &j["tile"] : nullptr;
+    if (!t || !t->is_array() || t->size() != 2 || !(*t)[0].is_number_integer() || !(*t)[1].is_number_integer() ||
+        (*t)[0].get<int64_t>() < 1 || (*t)[1].get<int64_t>() < 1)
+      format_error(path, where + ": 'tile' must be [rows, cols] of positive integers");
+    rec.tile_rows = (*t)[0].get<int64_t>();
+    rec.tile_cols = (*t)[1].get<int64_t>();
+  }
+  return rec;
+}
+
+std::string describe(const Tensor& t) { return std::string(dtype_name(t.dtype())) + " " + shape_str(t.shape()); }
+
+void expect_tensor(const std::string& path, const std::string& name, const Tensor& t, DType dtype, const Shape& shape) {
+  if (t.dtype() != dtype || t.shape() != shape)
+    format_error(path, "tensor '" + name + "': expected " + dtype_name(dtype) + " " + shape_str(shape) + ", found " +
+                           describe(t));
+}
+
+void check_linear(const SafetensorsFile& f, const LinearRecord& rec) {
+  const std::string& path = f.path();
+  const std::string wname = rec.name + ".weight";
+  const Tensor& w = f.tensor(wname);
+  if (w.ndim() != 2) format_error(path, "tensor '" + wname + "': expected 2-D, found " + describe(w));
+  const int64_t N = w.dim(0);
+  int64_t K = w.dim(1);
+
+  if (rec.weight_bits == 0) {
+    if (w.dtype() != DType::F32 && w.dtype() != DType::BF16)
+      format_error(path, "tensor '" + wname + "': expected F32 or BF16, found " + describe(w));
+  } else {
+    DType want = DType::U8;
+    if (rec.weight_bits == 8 && rec.weight_symmetric) want = DType::I8;
+    if (w.dtype() != want)
+      format_error(path, "tensor '" + wname + "': expected " + dtype_name(want) + " for " +
+                             std::to_string(rec.weight_bits) + "-bit " +
+                             (rec.weight_symmetric ? "symmetric" : "asymmetric") + " weights, found " + describe(w));
+    if (rec.weight_bits == 4) K *= 2;  // two nibbles per stored byte
+    if (N % rec.tile_rows != 0 || rec.tile_cols > K)
+      format_error(path, "tile [" + std::to_string(rec.tile_rows) + ", " + std::to_string(rec.tile_cols) +
+                             "] of '" + rec.name + "' does not fit its weight [" + std::to_string(N) + ", " +
+                             std::to_string(K) + "]");
+    const Shape grid = {N / rec.tile_rows, (K + rec.tile_cols - 1) / rec.tile_cols};
+    const std::string sname = rec.name + ".weight_scale", zname = rec.name + ".weight_zero_point";
+    const Tensor& s = f.tensor(sname);
+    expect_tensor(path, sname, s, DType::F32, grid);
+    for (int64_t i = 0; i < s.numel(); ++i)
+      if (!(std::isfinite(s.data<float>()[i]) && s.data<float>()[i] > 0.0f))
+        format_error(path, "tensor '" + sname + "' holds a scale that is not a positive finite number");
+    if (rec.weight_symmetric) {
+      if (f.has(zname)) format_error(path, "tensor '" + zname + "' present but '" + rec.name + "' is symmetric");
+    } else {
+      const Tensor& z = f.tensor(zname);
+      expect_tensor(path, zname, z, DType::U8, grid);
+      const int zmax = (1 << rec.weight_bits) - 1;
+      for (int64_t i = 0; i < z.numel(); ++i)
+        if (z.data<uint8_t>()[i] > zmax)
+          format_error(path, "tensor '" + zname + "' holds a zero point above " + std::to_string(zmax));
+    }
+  }
+  const std::string bname = rec.name + ".bias";
+  if (f.has(bname)) expect_tensor(path, bname, f.tensor(bname), DType::F32, {N});
+}
+
+}  // namespace
+
+ModelFile ModelFile::open(const std::string& path) {
+  ModelFile m{SafetensorsFile::open(path), {}, {}, {}, {}};
+  const SafetensorsFile& f = m.file;
+  if (f.meta("format") != "finequant")
+    format_error(path, "metadata format is '" + f.meta("format") + "', expected 'finequant'");
+  if (f.meta("format_version") != "1")
+    format_error(path, "unsupported format_version " + f.meta("format_version"));
+  m.architecture = f.meta("architecture");
+  if (m.architecture != "bert" && m.architecture != "gpt2" && m.architecture != "llama")
+    fail(ErrorKind::Unsupported, path + ": unsupported architecture '" + m.architecture + "'");
+  m.config_json = f.meta("config");
+  parse_json_object(path, "config", m.config_json);
+  m.scheme = f.meta("scheme");
+
+  const json q = parse_json_object(path, "quantization", f.meta("quantization"));
+  for (auto it = q.begin(); it != q.end(); ++it) {
+    LinearRecord rec = parse_record(path, it.key(), *it);
+    check_linear(f, rec);
+    m.linears.emplace(rec.name, std::move(rec));
+  }
+  return m;
+}
+
+}  // namespace finequant

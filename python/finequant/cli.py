@@ -1,0 +1,142 @@
+"""`finequant` command line: quantize Hugging Face models, inspect finequant model files."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+PROG = "finequant"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="INT8/INT4 post-training quantization "
+                                "(ZeroQuant) and an integer inference engine.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a Hugging Face model folder into a finequant model")
+    q.add_argument("src", metavar="SRC", help="Hugging Face model folder (config.json + weights)")
+    q.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    q.add_argument("--scheme", default="w8a8",
+                   help="fp32, bf16, w8a16, w4a16, w8a8, w4a8, w4/8a8, w4/8a16, w4a4 (default w8a8)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", action="store_true", help="symmetric weights and activations (default)")
+    sym.add_argument("--asym", action="store_true", help="asymmetric weights and activations")
+    q.add_argument("--w-asym", action="store_true", help="asymmetric weights")
+    q.add_argument("--a-asym", action="store_true", help="asymmetric activations")
+    grp = q.add_mutually_exclusive_group()
+    grp.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor")
+    grp.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    grp.add_argument("--group", type=_positive_int, metavar="G",
+                     help="ZeroQuant groups: G groups of consecutive output rows per weight")
+    grp.add_argument("--kblock", type=_positive_int, metavar="G",
+                     help="one scale per output channel and block of G input columns")
+    q.add_argument("--parts", metavar="LIST",
+                   help="comma-separated subset of qkv,attn_out,fc1,fc2 to quantize (default all)")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
+
+    i = sub.add_parser("info", help="describe a finequant model directory")
+    i.add_argument("path", metavar="OUT", help="finequant model directory or model.safetensors")
+    return p
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _cmd_quantize(args) -> int:
+    from . import hf
+    from .modelfile import quantize_model, save
+    from .schemes import parse_scheme
+
+    grouping = None
+    if args.per_tensor:
+        grouping = "tensor"
+    elif args.per_channel:
+        grouping = "channel"
+    elif args.group:
+        grouping = ("rows", args.group)
+    elif args.kblock:
+        grouping = ("kblock", args.kblock)
+    scheme = parse_scheme(args.scheme, weight_symmetric=not (args.asym or args.w_asym),
+                          act_symmetric=not (args.asym or args.a_asym), grouping=grouping,
+                          parts=args.parts)
+    progress = not args.quiet
+    if progress:
+        print(f"reading {args.src}", file=sys.stderr)
+    model = hf.load(args.src)
+    tensors, metadata = quantize_model(model, scheme, progress=progress)
+    path = save(args.output, tensors, metadata, tokenizer_src=args.src)
+    if progress:
+        print(f"wrote {path} ({model.family}, {model.num_layers} layers, scheme "
+              f"{metadata['scheme']})", file=sys.stderr)
+    return 0
+
+
+def _describe_linear(lq) -> str:
+    if not lq.weight_bits:
+        w = "w fp"
+    else:
+        w = f"w{lq.weight_bits} {'sym' if lq.weight_symmetric else 'asym'} tile {lq.tile[0]}x{lq.tile[1]}"
+    a = f"a{lq.act_bits} {'sym' if lq.act_symmetric else 'asym'}" if lq.act_bits else "a fp"
+    return f"{w}, {a}"
+
+
+def _cmd_info(args) -> int:
+    from .modelfile import load_info
+
+    info = load_info(args.path)
+    print(f"file:          {info['path']}")
+    print(f"architecture:  {info['architecture']}")
+    print(f"layers:        {info['num_layers']}")
+    print(f"scheme:        {info['scheme']}")
+    print("linears:")
+    groups = Counter((lq.part, _describe_linear(lq)) for lq in info["linears"].values())
+    order = {"qkv": 0, "attn_out": 1, "fc1": 2, "fc2": 3}
+    for (part, desc), count in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+        print(f"  {part:<9} x{count:<4} {desc}")
+    print(f"tensors:       {info['num_tensors']}, {_fmt_bytes(info['tensor_bytes'])}")
+    print(f"file size:     {_fmt_bytes(info['file_size'])}")
+    print(f"fp32 size:     {_fmt_bytes(info['fp32_bytes'])}")
+    print(f"compression:   {info['compression']:.2f}x vs fp32")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        if args.command == "quantize":
+            return _cmd_quantize(args)
+        return _cmd_info(args)
+    except (ValueError, NotImplementedError, OSError) as e:  # ModelFileError is a ValueError
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

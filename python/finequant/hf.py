@@ -1,0 +1,206 @@
+"""Read Hugging Face model folders into canonical fp32 tensors (docs/model-format.md).
+
+Canonical means: task-head prefixes removed (`bert.`, `transformer.`), non-parameter buffers dropped,
+GPT-2 Conv1D weights transposed to [out, in], a tied lm_head dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+
+FAMILIES = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
+
+# Copied next to the model file: the tokenizer, plus the chat template and generation defaults.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+
+_GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+@dataclass
+class HFModel:
+    family: str                       # "bert", "gpt2" or "llama"
+    config: dict                      # config.json as loaded
+    tensors: Dict[str, torch.Tensor]  # canonical names -> fp32
+    folder: str = ""
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return num_layers(self.config)
+
+
+def num_layers(config: dict) -> int:
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in config:
+            return int(config[key])
+    raise ValueError("config.json has no num_hidden_layers / n_layer")
+
+
+def family_of(config: dict) -> str:
+    mt = config.get("model_type")
+    if mt not in FAMILIES:
+        raise NotImplementedError(
+            f"unsupported model_type {mt!r}: supported are {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[mt]
+
+
+def read_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no config.json (is it a Hugging Face model folder?)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return config
+
+
+def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError, OSError: name the file, hide the traceback
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def read_weights(folder: str) -> Dict[str, torch.Tensor]:
+    """Raw state dict from model.safetensors, a sharded safetensors index or pytorch_model.bin."""
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    binary = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(single):
+        return _load_safetensors(single)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read shard index {index}: {e}") from None
+        tensors: Dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = os.path.join(folder, shard)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"shard {shard} listed in {index} is missing")
+            tensors.update(_load_safetensors(path))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ValueError(f"tensors listed in {index} but not in the shards: {missing[:5]}")
+        return tensors
+    if os.path.isfile(binary):
+        try:
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {binary}: {e}") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{binary} does not hold a state dict")
+        return state
+    raise FileNotFoundError(f"{folder} has no model.safetensors, model.safetensors.index.json "
+                            "or pytorch_model.bin")
+
+
+def _canonical_name(family: str, name: str):
+    """Canonical tensor name, or None to drop the tensor."""
+    if family == "bert":
+        if name.startswith("bert."):
+            name = name[len("bert."):]
+        if name.startswith("cls.") or name.endswith("position_ids"):
+            return None
+        # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+        if ".LayerNorm." in name:
+            name = name.replace(".gamma", ".weight").replace(".beta", ".bias")
+        return name
+    if family == "gpt2":
+        if name.startswith("transformer."):
+            name = name[len("transformer."):]
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers
+            return None
+        return name
+    # llama family: a saved base model (LlamaModel) lacks the "model." prefix.
+    if "rotary_emb" in name:
+        return None
+    if name.startswith(("layers.", "embed_tokens.", "norm.")):
+        name = "model." + name
+    return name
+
+
+def _embedding_name(family: str) -> str:
+    return {"bert": "embeddings.word_embeddings.weight", "gpt2": "wte.weight",
+            "llama": "model.embed_tokens.weight"}[family]
+
+
+def canonicalize(family: str, config: dict, raw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out: Dict[str, torch.Tensor] = {}
+    for name, t in raw.items():
+        cname = _canonical_name(family, name)
+        if cname is None or not torch.is_tensor(t) or not t.is_floating_point():
+            continue
+        t = t.detach().to(torch.float32)
+        if family == "gpt2" and cname.endswith(_GPT2_CONV1D) and t.dim() == 2:
+            t = t.t()  # Conv1D stores [in, out]
+        out[cname] = t.contiguous()
+    tied = config.get("tie_word_embeddings", family != "llama")
+    emb = out.get(_embedding_name(family))
+    head = out.get("lm_head.weight")
+    if tied and head is not None and emb is not None and head.shape == emb.shape \
+            and torch.equal(head, emb):
+        del out["lm_head.weight"]
+    return out
+
+
+def load(folder: str) -> HFModel:
+    """Read a Hugging Face folder (config.json + weights) into an HFModel."""
+    folder = os.fspath(folder)
+    config = read_config(folder)
+    family = family_of(config)
+    tensors = canonicalize(family, config, read_weights(folder))
+    n = num_layers(config)
+    missing = [m for m in linear_parts(family, n) if m + ".weight" not in tensors]
+    if missing:
+        raise ValueError(f"{folder}: {len(missing)} Linear weight(s) of a {family} model with {n} "
+                         f"layers are missing, e.g. {missing[0]}.weight")
+    return HFModel(family=family, config=config, tensors=tensors, folder=folder)
+
+
+def linear_parts(family: str, num_layers: int) -> Dict[str, str]:
+    """Module name -> part (qkv, attn_out, fc1, fc2) for every Linear of the transformer blocks."""
+    parts: Dict[str, str] = {}
+    for i in range(num_layers):
+        if family == "bert":
+            p = f"encoder.layer.{i}."
+            for proj in ("query", "key", "value"):
+                parts[p + "attention.self." + proj] = "qkv"
+            parts[p + "attention.output.dense"] = "attn_out"
+            parts[p + "intermediate.dense"] = "fc1"
+            parts[p + "output.dense"] = "fc2"
+        elif family == "gpt2":
+            p = f"h.{i}."
+            parts[p + "attn.c_attn"] = "qkv"
+            parts[p + "attn.c_proj"] = "attn_out"
+            parts[p + "mlp.c_fc"] = "fc1"
+            parts[p + "mlp.c_proj"] = "fc2"
+        elif family == "llama":
+            p = f"model.layers.{i}."
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                parts[p + "self_attn." + proj] = "qkv"
+            parts[p + "self_attn.o_proj"] = "attn_out"
+            parts[p + "mlp.gate_proj"] = "fc1"
+            parts[p + "mlp.up_proj"] = "fc1"
+            parts[p + "mlp.down_proj"] = "fc2"
+        else:
+            raise NotImplementedError(f"unsupported family {family!r}")
+    return parts
+
+
+def tokenizer_files(folder: str):
+    return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]

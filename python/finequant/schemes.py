@@ -1,0 +1,171 @@
+"""Quantization schemes: the names users type ("w8a8", "w4/8a8", ...) resolved per Linear.
+
+A scheme says, for each part of a transformer block (qkv, attn_out, fc1, fc2), how many bits the
+weight and the activations get, whether each side is symmetric, and which tile one weight scale
+covers (DESIGN.md section 2). `QuantScheme.for_linear` turns that into a concrete `LinearQuant`
+for a weight of shape [N, K].
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+PARTS = ("qkv", "attn_out", "fc1", "fc2")
+ATTENTION_PARTS = ("qkv", "attn_out")
+MLP_PARTS = ("fc1", "fc2")
+SCHEME_NAMES = ("fp32", "bf16", "w8a16", "w4a16", "w8a8", "w4a8", "w4/8a8", "w4/8a16", "w4a4")
+
+DEFAULT_INT4_KBLOCK = 32
+
+# "w4a8", "w4/8a8" (MLP bits / attention bits), "w8a16"; a16 and a32 mean floating-point activations.
+_NAME_RE = re.compile(r"^w(4|8)(?:/(4|8))?a(4|8|16|32)$")
+
+Grouping = Union[None, str, Tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class LinearQuant:
+    """How one Linear is quantized. weight_bits / act_bits 0 mean floating point."""
+
+    part: str
+    weight_bits: int = 0
+    weight_symmetric: bool = True
+    tile: Optional[Tuple[int, int]] = None  # (rows, cols) covered by one weight scale
+    act_bits: int = 0
+    act_symmetric: bool = True
+
+    def to_json(self) -> dict:
+        """The entry of the model file's "quantization" metadata (docs/model-format.md)."""
+        entry = {"part": self.part, "weight_bits": self.weight_bits,
+                 "weight_symmetric": self.weight_symmetric}
+        if self.weight_bits:
+            entry["tile"] = [int(self.tile[0]), int(self.tile[1])]
+        entry["act_bits"] = self.act_bits
+        entry["act_symmetric"] = self.act_symmetric
+        return entry
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "LinearQuant":
+        tile = entry.get("tile")
+        return cls(part=entry["part"], weight_bits=int(entry["weight_bits"]),
+                   weight_symmetric=bool(entry.get("weight_symmetric", True)),
+                   tile=tuple(tile) if tile else None, act_bits=int(entry.get("act_bits", 0)),
+                   act_symmetric=bool(entry.get("act_symmetric", True)))
+
+
+def _check_grouping(grouping: Grouping) -> Grouping:
+    if grouping is None or grouping in ("tensor", "channel"):
+        return grouping
+    if (isinstance(grouping, tuple) and len(grouping) == 2 and grouping[0] in ("rows", "kblock")
+            and isinstance(grouping[1], int) and not isinstance(grouping[1], bool)):
+        if grouping[1] < 1:
+            raise ValueError(f"{grouping[0]} size must be positive, got {grouping[1]}")
+        return grouping
+    raise ValueError(f"unknown grouping {grouping!r}: expected None, 'tensor', 'channel', "
+                     "('rows', groups) or ('kblock', size)")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A parsed scheme; build it with `parse_scheme`."""
+
+    name: str
+    attn_weight_bits: int = 0
+    mlp_weight_bits: int = 0
+    act_bits: int = 0
+    weight_symmetric: bool = True
+    act_symmetric: bool = True
+    grouping: Grouping = None
+    parts: Tuple[str, ...] = PARTS
+    float_dtype: str = "fp32"  # storage of the floating-point tensors: "fp32" or "bf16"
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(self.attn_weight_bits or self.mlp_weight_bits)
+
+    def _tile(self, bits: int, n: int, k: int, part: str) -> Tuple[int, int]:
+        g = self.grouping
+        if g is None:  # INT8: per output channel; INT4: K-blocks (per-row INT4 loses too much)
+            return (1, k) if bits == 8 else (1, min(DEFAULT_INT4_KBLOCK, k))
+        if g == "tensor":
+            return (n, k)
+        if g == "channel":
+            return (1, k)
+        kind, size = g
+        if kind == "rows":
+            if n % size:
+                raise ValueError(f"group count {size} does not divide the {n} output rows of {part}")
+            return (n // size, k)
+        if size > k:
+            raise ValueError(f"kblock {size} is larger than the {k} input columns of {part}")
+        return (1, size)
+
+    def for_linear(self, part: str, n: int, k: int) -> LinearQuant:
+        """Concrete quantization of a Linear of `part` with weight [n, k]."""
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}: expected one of {', '.join(PARTS)}")
+        if n < 1 or k < 1:
+            raise ValueError(f"weight shape [{n}, {k}] of {part} is empty")
+        bits = self.attn_weight_bits if part in ATTENTION_PARTS else self.mlp_weight_bits
+        if not bits or part not in self.parts:
+            return LinearQuant(part=part)
+        return LinearQuant(part=part, weight_bits=bits, weight_symmetric=self.weight_symmetric,
+                           tile=self._tile(bits, n, k, part), act_bits=self.act_bits,
+                           act_symmetric=self.act_symmetric)
+
+    def describe(self) -> str:
+        """The string stored as metadata "scheme", e.g. "w8a8 asym kblock=64"."""
+        words = [self.name]
+        if self.is_quantized:
+            if not self.weight_symmetric and (not self.act_symmetric or not self.act_bits):
+                words.append("asym")
+            elif not self.weight_symmetric:
+                words.append("w-asym")
+            elif not self.act_symmetric and self.act_bits:
+                words.append("a-asym")
+            g = self.grouping
+            if g == "tensor":
+                words.append("per-tensor")
+            elif g == "channel":
+                words.append("per-channel")
+            elif isinstance(g, tuple):
+                words.append(f"{'group' if g[0] == 'rows' else 'kblock'}={g[1]}")
+            if tuple(self.parts) != PARTS:
+                words.append("parts=" + ",".join(self.parts))
+        return " ".join(words)
+
+
+def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: bool = True,
+                 grouping: Grouping = None, parts=None) -> QuantScheme:
+    """Parse a scheme name (see SCHEME_NAMES; generally w(4|8)[/(4|8)]a(4|8|16|32)).
+
+    "wA/B" gives the MLP (fc1, fc2) A-bit weights and the attention (qkv, attn_out) B-bit weights.
+    `parts` restricts quantization to a subset of PARTS; the others stay floating point.
+    """
+    key = name.strip().lower()
+    if parts is None:
+        parts = PARTS
+    else:
+        if isinstance(parts, str):
+            parts = [p.strip() for p in parts.split(",") if p.strip()]
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown:
+            raise ValueError(f"unknown part(s) {', '.join(map(repr, unknown))}: expected a subset "
+                             f"of {', '.join(PARTS)}")
+        if not parts:
+            raise ValueError("parts must name at least one of " + ", ".join(PARTS))
+        parts = tuple(p for p in PARTS if p in parts)  # canonical order, no duplicates
+    grouping = _check_grouping(grouping)
+    if key in ("fp32", "bf16"):
+        return QuantScheme(name=key, float_dtype=key)
+    m = _NAME_RE.match(key)
+    if not m:
+        raise ValueError(f"unknown scheme {name!r}: expected one of {', '.join(SCHEME_NAMES)} "
+                         "(or generally w(4|8)[/(4|8)]a(4|8|16|32))")
+    mlp_bits = int(m.group(1))
+    attn_bits = int(m.group(2)) if m.group(2) else mlp_bits
+    act = int(m.group(3))
+    return QuantScheme(name=key, attn_weight_bits=attn_bits, mlp_weight_bits=mlp_bits,
+                       act_bits=act if act in (4, 8) else 0, weight_symmetric=weight_symmetric,
+                       act_symmetric=act_symmetric, grouping=grouping, parts=parts)

@@ -1,0 +1,239 @@
+// finequant._core: the C++ core exposed to Python with NumPy arrays. Inputs are validated here
+// (dtype, ndim) instead of silently cast, so a float64 array is a ValueError, not a hidden copy.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <string>
+
+#include "finequant/error.h"
+#include "finequant/model_file.h"
+#include "finequant/quant.h"
+#include "finequant/runtime.h"
+#include "finequant/tensor.h"
+
+namespace py = pybind11;
+using namespace finequant;
+
+namespace {
+
+// NumPy dtype for a finequant dtype; BF16 has no NumPy type, so it travels as raw uint16.
+py::dtype numpy_dtype(DType dt) {
+  switch (dt) {
+    case DType::F32: return py::dtype::of<float>();
+    case DType::F16: return py::dtype("float16");
+    case DType::BF16: return py::dtype::of<uint16_t>();
+    case DType::I8: return py::dtype::of<int8_t>();
+    case DType::U8: return py::dtype::of<uint8_t>();
+    case DType::I32: return py::dtype::of<int32_t>();
+    case DType::I64: return py::dtype::of<int64_t>();
+  }
+  throw Error(ErrorKind::Runtime, "unknown dtype");
+}
+
+// Copies a tensor into a new NumPy array (never aliases a model file mapping).
+py::array to_numpy(const Tensor& t) {
+  py::array out(numpy_dtype(t.dtype()), std::vector<py::ssize_t>(t.shape().begin(), t.shape().end()));
+  if (t.nbytes()) std::memcpy(out.mutable_data(), t.raw(), t.nbytes());
+  return out;
+}
+
+struct Borrowed {
+  py::array array;  // C-contiguous; keeps the memory alive while `tensor` is used
+  Tensor tensor;
+};
+
+// Borrows a NumPy array as a Tensor of one of `allowed` dtypes and `ndim` dimensions (-1: any >= 1).
+Borrowed from_numpy(const py::array& a, const char* what, std::initializer_list<DType> allowed, int ndim) {
+  const py::dtype dt = a.dtype();
+  DType found;
+  bool known = true;
+  const char kind = dt.kind();
+  const auto size = dt.itemsize();
+  if (kind == 'f' && size == 4) found = DType::F32;
+  else if (kind == 'f' && size == 2) found = DType::F16;
+  else if (kind == 'i' && size == 1) found = DType::I8;
+  else if (kind == 'u' && size == 1) found = DType::U8;
+  else if (kind == 'i' && size == 4) found = DType::I32;
+  else if (kind == 'i' && size == 8) found = DType::I64;
+  else known = false;
+  bool ok = known && dt.byteorder() != '>';
+  if (ok) {
+    ok = false;
+    for (DType d : allowed) ok = ok || d == found;
+  }
+  if (!ok) {
+    std::string names;
+    for (DType d : allowed) names += std::string(names.empty() ? "" : " or ") + py::str(numpy_dtype(d)).cast<std::string>();
+    throw py::value_error(std::string(what) + " must be a " + names + " array, got " + py::str(dt).cast<std::string>());
+  }
+  if (ndim >= 0 ? a.ndim() != ndim : a.ndim() < 1)
+    throw py::value_error(std::string(what) + " must have " + (ndim >= 0 ? std::to_string(ndim) : ">= 1") +
+                          " dimensions, got " + std::to_string(a.ndim()));
+  Borrowed b;
+  b.array = py::array::ensure(a, py::array::c_style);
+  if (!b.array) throw py::error_already_set();
+  Shape shape(b.array.shape(), b.array.shape() + b.array.ndim());
+  // A zero-size array may have a null data pointer; Tensor::borrow needs a real address.
+  alignas(64) static char dummy[64];
+  void* p = b.array.nbytes() ? const_cast<void*>(b.array.data()) : dummy;
+  b.tensor = Tensor::borrow(p, found, std::move(shape));
+  return b;
+}
+
+py::tuple quantized_to_python(const QuantizedTensor& qt) {
+  py::object zp = qt.zero_point.defined() ? py::object(to_numpy(qt.zero_point)) : py::object(py::none());
+  return py::make_tuple(to_numpy(qt.q), to_numpy(qt.scale), zp);
+}
+
+py::dict metadata_dict(const SafetensorsFile& f) {
+  py::dict d;
+  for (const auto& [k, v] : f.metadata()) d[py::str(k)] = py::str(v);
+  return d;
+}
+
+}  // namespace
+
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "finequant C++ core: reference quantization, model file reader, runtime info";
+
+  // ---- exceptions: finequant::Error kinds -> Python exceptions ----------------------------------
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> model_file_error;
+  model_file_error.call_once_and_store_result([&]() {
+    return py::object(py::exception<Error>(m, "ModelFileError", PyExc_ValueError));
+  });
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      switch (e.kind()) {
+        case ErrorKind::InvalidArgument: PyErr_SetString(PyExc_ValueError, e.what()); return;
+        case ErrorKind::ModelFormat: PyErr_SetString(model_file_error.get_stored().ptr(), e.what()); return;
+        case ErrorKind::Unsupported: PyErr_SetString(PyExc_NotImplementedError, e.what()); return;
+        case ErrorKind::Runtime: PyErr_SetString(PyExc_RuntimeError, e.what()); return;
+      }
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  // ---- reference quantization (the math contract) -----------------------------------------------
+  m.def(
+      "quantize",
+      [](const py::array& x, int bits, bool symmetric, int64_t tile_rows, int64_t tile_cols) {
+        Borrowed bx = from_numpy(x, "x", {DType::F32}, 2);
+        QuantizedTensor qt;
+        {
+          py::gil_scoped_release nogil;
+          qt = quantize(bx.tensor, QuantSpec{bits, symmetric}, Tile{tile_rows, tile_cols});
+        }
+        return quantized_to_python(qt);
+      },
+      py::arg("x"), py::arg("bits"), py::arg("symmetric"), py::arg("tile_rows"), py::arg("tile_cols"),
+      "Quantize a float32 [R, C] array in tiles of tile_rows x tile_cols -> (q, scale, zero_point or None).");
+
+  m.def(
+      "quantize_rows",
+      [](const py::array& x, int bits, bool symmetric) {
+        Borrowed bx = from_numpy(x, "x", {DType::F32}, 2);
+        QuantizedTensor qt;
+        {
+          py::gil_scoped_release nogil;
+          qt = quantize_rows(bx.tensor, QuantSpec{bits, symmetric});
+        }
+        return quantized_to_python(qt);
+      },
+      py::arg("x"), py::arg("bits"), py::arg("symmetric"),
+      "Token-wise quantization: one scale (and zero point) per row -> (q, scale, zero_point or None).");
+
+  m.def(
+      "dequantize",
+      [](const py::array& q, const py::array& scale, const py::object& zero_point, int bits, bool symmetric,
+         int64_t tile_rows, int64_t tile_cols) {
+        QuantizedTensor qt;
+        qt.spec = QuantSpec{bits, symmetric};
+        qt.tile = Tile{tile_rows, tile_cols};
+        Borrowed bq = from_numpy(q, "q", {symmetric ? DType::I8 : DType::U8}, 2);
+        Borrowed bs = from_numpy(scale, "scale", {DType::F32}, 2);
+        Borrowed bz;
+        if (!zero_point.is_none()) {
+          if (symmetric) throw py::value_error("zero_point must be None for symmetric quantization");
+          bz = from_numpy(py::array(zero_point), "zero_point", {DType::U8}, 2);
+        } else if (!symmetric) {
+          throw py::value_error("asymmetric dequantize needs a zero_point");
+        }
+        qt.q = bq.tensor;
+        qt.scale = bs.tensor;
+        qt.zero_point = bz.tensor;
+        Tensor out;
+        {
+          py::gil_scoped_release nogil;
+          out = dequantize(qt);
+        }
+        return to_numpy(out);
+      },
+      py::arg("q"), py::arg("scale"), py::arg("zero_point"), py::arg("bits"), py::arg("symmetric"),
+      py::arg("tile_rows"), py::arg("tile_cols"), "s * (q - z) as float32.");
+
+  m.def(
+      "pack_int4",
+      [](const py::array& q) { return to_numpy(pack_int4(from_numpy(q, "q", {DType::I8, DType::U8}, -1).tensor)); },
+      py::arg("q"), "Pack int8 in [-8, 7] or uint8 in [0, 15] along the last axis: element 2i low nibble.");
+  m.def(
+      "unpack_int4",
+      [](const py::array& packed, bool is_signed) {
+        return to_numpy(unpack_int4(from_numpy(packed, "packed", {DType::U8}, -1).tensor, is_signed));
+      },
+      py::arg("packed"), py::arg("is_signed"), "Inverse of pack_int4 -> int8 (is_signed) or uint8.");
+
+  // ---- model files --------------------------------------------------------------------------------
+  m.def(
+      "read_safetensors",
+      [](const std::string& path) {
+        SafetensorsFile f;
+        {
+          py::gil_scoped_release nogil;
+          f = SafetensorsFile::open(path);
+        }
+        py::dict tensors;
+        for (const auto& [name, t] : f.tensors()) tensors[py::str(name)] = to_numpy(t);
+        return py::make_tuple(metadata_dict(f), tensors);
+      },
+      py::arg("path"),
+      "Validate and read a safetensors file -> (metadata, {name: array}); arrays are copies, BF16 as uint16.");
+
+  m.def(
+      "open_model_file",
+      [](const std::string& path) {
+        ModelFile mf;
+        {
+          py::gil_scoped_release nogil;
+          mf = ModelFile::open(path);
+        }
+        py::dict linears;
+        for (const auto& [name, r] : mf.linears) {
+          py::object tile = r.weight_bits > 0 ? py::object(py::make_tuple(r.tile_rows, r.tile_cols))
+                                              : py::object(py::none());
+          linears[py::str(name)] = py::dict(py::arg("part") = r.part, py::arg("weight_bits") = r.weight_bits,
+                                            py::arg("weight_symmetric") = r.weight_symmetric, py::arg("tile") = tile,
+                                            py::arg("act_bits") = r.act_bits,
+                                            py::arg("act_symmetric") = r.act_symmetric);
+        }
+        py::list names;
+        for (const auto& kv : mf.file.tensors()) names.append(py::str(kv.first));
+        return py::dict(py::arg("architecture") = mf.architecture, py::arg("config") = mf.config_json,
+                        py::arg("scheme") = mf.scheme, py::arg("metadata") = metadata_dict(mf.file),
+                        py::arg("linears") = linears, py::arg("tensor_names") = names);
+      },
+      py::arg("path"), "Validate a finequant model file and describe it (no tensor data is copied).");
+
+  // ---- runtime info -------------------------------------------------------------------------------
+  m.def("cuda_backend_built", &cuda_backend_built);
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("version", &version);
+
+  // ---- engine ---------------------------------------------------------------------------------------
+  // The engine bindings (python/src/engine_bindings.cc, `void bind_engine(py::module_& m)`) are
+  // registered here once they exist: declare it above and call `bind_engine(m);` at this point.
+}

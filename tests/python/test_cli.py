@@ -1,0 +1,194 @@
+"""`finequant quantize` / `finequant info` end to end on tiny random models."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from finequant import _core, hf
+from finequant.cli import main
+from finequant.pack import unpack_int4
+from finequant.quantize import fake_quant_weight
+from finequant.schemes import PARTS, parse_scheme
+
+CASES = [
+    ("fp32", []),
+    ("bf16", []),
+    ("w8a8", []),
+    ("w8a8", ["--asym"]),
+    ("w8a16", ["--w-asym", "--group", "2"]),
+    ("w4a8", ["--kblock", "16"]),
+    ("w4/8a8", ["--a-asym"]),
+    ("w4a4", ["--per-channel", "--parts", "fc1,fc2"]),
+    ("w8a8", ["--per-tensor", "--parts", "qkv"]),
+]
+
+
+def _scheme_from_args(name, opts):
+    grouping = None
+    if "--group" in opts:
+        grouping = ("rows", int(opts[opts.index("--group") + 1]))
+    if "--kblock" in opts:
+        grouping = ("kblock", int(opts[opts.index("--kblock") + 1]))
+    if "--per-channel" in opts:
+        grouping = "channel"
+    if "--per-tensor" in opts:
+        grouping = "tensor"
+    parts = opts[opts.index("--parts") + 1] if "--parts" in opts else None
+    return parse_scheme(name, weight_symmetric=not ({"--asym", "--w-asym"} & set(opts)),
+                        act_symmetric=not ({"--asym", "--a-asym"} & set(opts)),
+                        grouping=grouping, parts=parts)
+
+
+def _rec(rec, key):
+    return rec[key] if isinstance(rec, dict) else getattr(rec, key)
+
+
+def _dequantize_stored(f, module, entry):
+    q = f.get_tensor(module + ".weight").numpy()
+    if entry["weight_bits"] == 4:
+        q = unpack_int4(q, entry["weight_symmetric"])
+    s = f.get_tensor(module + ".weight_scale").numpy()
+    rows, cols = entry["tile"]
+    n, k = q.shape
+    srep = np.repeat(np.repeat(s, rows, 0), cols, 1)[:, :k]
+    qf = q.astype(np.float32)
+    if not entry["weight_symmetric"]:
+        z = f.get_tensor(module + ".weight_zero_point").numpy()
+        assert z.dtype == np.uint8 and z.shape == s.shape
+        qf = qf - np.repeat(np.repeat(z, rows, 0), cols, 1)[:, :k].astype(np.float32)
+    return qf * srep
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("name,opts", CASES, ids=[" ".join([n] + o) for n, o in CASES])
+def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
+    src = tiny_models[family]
+    out = tmp_path / "out"
+    assert main(["quantize", str(src), "-o", str(out), "--scheme", name, "--quiet"] + opts) == 0
+    path = out / "model.safetensors"
+    scheme = _scheme_from_args(name, opts)
+    model = hf.load(src)
+    parts = hf.linear_parts(family, model.num_layers)
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "finequant" and meta["format_version"] == "1"
+        assert meta["architecture"] == family
+        assert json.loads(meta["config"]) == model.config
+        assert meta["scheme"] == scheme.describe()
+        quant = json.loads(meta["quantization"])
+        assert set(quant) == set(parts)
+        for module, part in parts.items():
+            entry = quant[module]
+            w = model.tensors[module + ".weight"]
+            lq = scheme.for_linear(part, *w.shape)
+            assert entry == lq.to_json()
+            stored = f.get_tensor(module + ".weight")
+            if not lq.weight_bits:
+                want = torch.bfloat16 if name == "bf16" else torch.float32
+                assert stored.dtype == want and torch.equal(stored, w.to(want))
+                assert module + ".weight_scale" not in f.keys()
+                continue
+            want = torch.int8 if lq.weight_symmetric and lq.weight_bits == 8 else torch.uint8
+            assert stored.dtype == want
+            assert stored.shape[1] == (w.shape[1] // 2 if lq.weight_bits == 4 else w.shape[1])
+            ref = fake_quant_weight(w, lq.weight_bits, lq.weight_symmetric, lq.tile).numpy()
+            np.testing.assert_array_equal(_dequantize_stored(f, module, entry), ref)
+            assert (module + ".weight_zero_point" in f.keys()) == (not lq.weight_symmetric)
+        # every non-Linear tensor is carried over unchanged
+        for tname, t in model.tensors.items():
+            if tname.endswith(".weight") and tname[:-7] in parts:
+                continue
+            stored = f.get_tensor(tname)
+            if tname.endswith(".bias") and tname[:-5] in parts:
+                assert stored.dtype == torch.float32, tname  # Linear biases stay F32
+            assert torch.equal(stored.float(), t.to(stored.dtype).float()), tname
+
+    info = _core.open_model_file(str(path))
+    assert info["architecture"] == family
+    assert set(info["linears"]) == set(parts)
+    for module, rec in info["linears"].items():
+        assert _rec(rec, "weight_bits") == quant[module]["weight_bits"]
+        assert _rec(rec, "part") == quant[module]["part"]
+    if family == "bert":
+        assert (out / "vocab.txt").read_text() == (src / "vocab.txt").read_text()
+
+
+def test_info(tiny_models, tmp_path, capsys):
+    out = tmp_path / "w4"
+    assert main(["quantize", str(tiny_models["llama"]), "-o", str(out), "--scheme", "w4/8a8",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "architecture:  llama" in text and "layers:        2" in text
+    assert "w4/8a8" in text and "compression:" in text and "x vs fp32" in text
+    assert "fc1       x4    w4 sym tile 1x32, a8 sym" in text
+    ratio = float(text.split("compression:")[1].split("x")[0])
+    assert ratio > 1.0
+    fp = tmp_path / "fp"
+    assert main(["quantize", str(tiny_models["llama"]), "-o", str(fp), "--scheme", "fp32",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(fp)]) == 0
+    assert "compression:   1.00x" in capsys.readouterr().out
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "finequant", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_unsupported_model_type_clean_error(tmp_path):
+    src = tmp_path / "t5"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    r = _run("quantize", str(src), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert "finequant: error: unsupported model_type 't5'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_corrupt_source_clean_error(tiny_models, tmp_path, capsys):
+    src = tmp_path / "corrupt"
+    shutil.copytree(tiny_models["bert"], src)
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[:100])
+    assert main(["quantize", str(src), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finequant: error: cannot read") and "model.safetensors" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("opts,message", [
+    (["--scheme", "w3a8"], "unknown scheme"),
+    (["--group", "5"], "does not divide"),
+    (["--kblock", "4096"], "kblock 4096 is larger"),
+    (["--parts", "qkv,mlp"], "unknown part"),
+])
+def test_bad_options_clean_error(tiny_models, tmp_path, capsys, opts, message):
+    rc = main(["quantize", str(tiny_models["bert"]), "-o", str(tmp_path / "o"), "--quiet"] + opts)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finequant: error:") and message in err
+
+
+def test_info_errors(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "finequant: error:" in capsys.readouterr().err
+    (tmp_path / "model.safetensors").write_bytes(b"junk")
+    assert main(["info", str(tmp_path)]) == 2
+    assert "finequant: error:" in capsys.readouterr().err
+
+
+def test_python_m_and_help():
+    r = _run("--help")
+    assert r.returncode == 0 and "quantize" in r.stdout
+    r = _run("quantize", "--help")
+    assert r.returncode == 0 and "--kblock" in r.stdout
