@@ -7,8 +7,9 @@ by the modules that need it.
 from ._core import ModelFileError, cuda_backend_built, cuda_device_count
 from ._core import version as _core_version
 from .schemes import LinearQuant, QuantScheme, parse_scheme
+from .engine import Engine
 
 __version__ = _core_version()
 
-__all__ = ["ModelFileError", "LinearQuant", "QuantScheme", "parse_scheme", "cuda_backend_built",
+__all__ = ["Engine", "ModelFileError", "LinearQuant", "QuantScheme", "parse_scheme", "cuda_backend_built",
            "cuda_device_count", "__version__"]

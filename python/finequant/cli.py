@@ -47,6 +47,29 @@ def _build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a finequant model directory")
     i.add_argument("path", metavar="OUT", help="finequant model directory or model.safetensors")
+
+    model_help = "finequant model directory, or a Hugging Face folder (run in fp32)"
+    r = sub.add_parser("run", help="generate text with a decoder")
+    r.add_argument("model", metavar="MODEL", help=model_help)
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--max-tokens", type=_positive_int, default=64, help="new tokens at most (default 64)")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=_positive_int)
+
+    e = sub.add_parser("embed", help="sentence embeddings of an encoder (mean-pooled, normalized)")
+    e.add_argument("model", metavar="MODEL", help=model_help)
+    e.add_argument("texts", nargs="+", metavar="TEXT")
+    e.add_argument("--threads", type=_positive_int)
+
+    pp = sub.add_parser("ppl", help="perplexity of a decoder on a text file")
+    pp.add_argument("model", metavar="MODEL", help=model_help)
+    pp.add_argument("text_file", metavar="TEXT_FILE")
+    pp.add_argument("--ctx", type=_positive_int, default=512, help="window length in tokens (default 512)")
+    pp.add_argument("--max-tokens", type=_positive_int, help="use the first N tokens of the text")
+    pp.add_argument("--threads", type=_positive_int)
     return p
 
 
@@ -116,6 +139,47 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from .engine import Engine
+
+    engine = Engine(args.model, threads=args.threads)
+    for piece in engine.stream(args.prompt, max_new_tokens=args.max_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _cmd_embed(args) -> int:
+    import numpy as np
+
+    from .engine import Engine
+
+    emb = Engine(args.model, threads=args.threads).embed(args.texts)
+    for text, row in zip(args.texts, emb):
+        print(f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:6])}, ...] (dim {row.shape[0]})")
+    if len(args.texts) > 1:
+        print("cosine similarity:")
+        print(np.array2string(emb @ emb.T, precision=4))
+    return 0
+
+
+def _cmd_ppl(args) -> int:
+    from .engine import Engine
+    from .evaluate import perplexity
+
+    engine = Engine(args.model, threads=args.threads)
+    with open(args.text_file, encoding="utf-8") as f:
+        text = f.read()
+    r = perplexity(engine, text, ctx=args.ctx, max_tokens=args.max_tokens, progress=True)
+    print(f"tokens: {r['tokens']} in {r['windows']} windows of <= {args.ctx}")
+    print(f"perplexity: {r['perplexity']:.4f}")
+    return 0
+
+
+COMMANDS = {"quantize": _cmd_quantize, "info": _cmd_info, "run": _cmd_run, "embed": _cmd_embed, "ppl": _cmd_ppl}
+
+
 def main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -127,9 +191,7 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        if args.command == "quantize":
-            return _cmd_quantize(args)
-        return _cmd_info(args)
+        return COMMANDS[args.command](args)
     except (ValueError, NotImplementedError, OSError) as e:  # ModelFileError is a ValueError
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -95,6 +95,7 @@ py::dict metadata_dict(const SafetensorsFile& f) {
 
 }  // namespace
 
+void bind_engine(py::module_& m);  // python/src/engine_bindings.cc
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "finequant C++ core: reference quantization, model file reader, runtime info";
@@ -236,4 +237,5 @@ PYBIND11_MODULE(_core, m) {
   // ---- engine ---------------------------------------------------------------------------------------
   // The engine bindings (python/src/engine_bindings.cc, `void bind_engine(py::module_& m)`) are
   // registered here once they exist: declare it above and call `bind_engine(m);` at this point.
+  bind_engine(m);
 }

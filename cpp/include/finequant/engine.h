@@ -1,0 +1,66 @@
+// The finequant inference engine: loads a finequant model file (any precision) and runs it on
+// the CPU. One object per model; calls are independent (the KV cache lives inside a call), so a
+// loaded Engine may serve concurrent callers.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "finequant/tensor.h"
+
+namespace finequant {
+
+struct EngineOptions {
+  int threads = 0;  // OpenMP threads per call; 0 keeps the OpenMP default
+};
+
+struct GenerationOptions {
+  int64_t max_new_tokens = 32;
+  float temperature = 0.f;  // <= 0: greedy (argmax)
+  int64_t top_k = 0;        // 0: no top-k filter
+  float top_p = 1.f;        // 1: no nucleus filter
+  uint64_t seed = 0;        // sampling is deterministic for a given seed
+  std::vector<int64_t> stop_tokens;  // a row stops after emitting one of these (it is included)
+  std::function<void(int64_t row, int64_t token)> on_token;  // called as each token is chosen (streaming)
+};
+
+class Engine {
+ public:
+  // `path`: a model directory (holding model.safetensors) or the .safetensors file itself.
+  // Throws Error(ModelFormat) for a bad file, Error(Unsupported) for an unsupported config.
+  static std::unique_ptr<Engine> load(const std::string& path, EngineOptions options = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // input_ids: I64 [B, T], ids in [0, vocab_size); attention_mask: I64 [B, T] of 0/1 or null
+  // (all ones), every row needing at least one 1. T <= max_positions().
+  // Returns F32 [B, T, hidden_size] (encoders: last hidden states) or [B, T, vocab_size]
+  // (decoders: logits). Decoder positions are cumsum(mask) - 1, so left or right padding gives
+  // the same outputs at real tokens; outputs at padded positions are unspecified.
+  Tensor forward(const Tensor& input_ids, const Tensor* attention_mask = nullptr) const;
+
+  // Decoders only: batched prefill with a KV cache, then incremental decoding. Returns the new
+  // tokens of each row (stopping at a stop token, max_new_tokens, or max_positions in total).
+  std::vector<std::vector<int64_t>> generate(const Tensor& input_ids, const Tensor* attention_mask,
+                                             const GenerationOptions& options) const;
+
+  const std::string& architecture() const;  // "bert", "gpt2", "llama"
+  bool is_decoder() const;
+  int64_t vocab_size() const;
+  int64_t hidden_size() const;
+  int64_t num_layers() const;
+  int64_t max_positions() const;
+  const std::string& scheme() const;
+  int threads() const;
+  void set_threads(int threads);  // 0: OpenMP default
+
+ private:
+  struct Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace finequant

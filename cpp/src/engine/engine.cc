@@ -1,0 +1,189 @@
+#include "finequant/engine.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "finequant/model_file.h"
+#include "models/model.h"
+
+namespace finequant {
+
+struct Engine::Impl {
+  ModelFile file;  // keeps the mapping alive: weights may borrow it
+  std::unique_ptr<Model> model;
+  int threads = 0;
+};
+
+namespace {
+
+// Sets the OpenMP thread count for the duration of one call, restoring the caller's setting.
+class ThreadScope {
+ public:
+  explicit ThreadScope(int threads) {
+#ifdef _OPENMP
+    previous_ = omp_get_max_threads();
+    if (threads > 0) omp_set_num_threads(threads);
+#endif
+  }
+  ~ThreadScope() {
+#ifdef _OPENMP
+    omp_set_num_threads(previous_);
+#endif
+  }
+
+ private:
+  int previous_ = 0;
+};
+
+struct Batch {
+  int64_t B = 0, T = 0;
+  const int64_t* ids = nullptr;
+  std::vector<uint8_t> mask;  // [B, T] 0/1
+};
+
+// All checks on user input happen here, before any kernel runs.
+Batch validate(const Model& model, const Tensor& ids, const Tensor* mask) {
+  const ModelConfig& c = model.config();
+  FQ_CHECK_ARG(ids.defined(), "input_ids is empty (undefined tensor)");
+  FQ_CHECK_ARG(ids.dtype() == DType::I64, std::string("input_ids must be int64, got ") + dtype_name(ids.dtype()));
+  FQ_CHECK_ARG(ids.ndim() == 2, "input_ids must be 2-D [batch, tokens], got shape " + shape_str(ids.shape()));
+  Batch b;
+  b.B = ids.dim(0);
+  b.T = ids.dim(1);
+  FQ_CHECK_ARG(b.B > 0 && b.T > 0, "input_ids is empty: shape " + shape_str(ids.shape()));
+  FQ_CHECK_ARG(b.T <= c.max_positions, "sequence length " + std::to_string(b.T) + " exceeds max_positions " +
+                                           std::to_string(c.max_positions));
+  b.ids = ids.data<int64_t>();
+  for (int64_t i = 0; i < b.B * b.T; ++i)
+    FQ_CHECK_ARG(b.ids[i] >= 0 && b.ids[i] < c.vocab_size, "input_ids[" + std::to_string(i / b.T) + ", " +
+                                                               std::to_string(i % b.T) + "] = " + std::to_string(b.ids[i]) +
+                                                               " is outside [0, " + std::to_string(c.vocab_size) + ")");
+  b.mask.assign(static_cast<size_t>(b.B * b.T), 1);
+  if (mask) {
+    FQ_CHECK_ARG(mask->defined() && mask->dtype() == DType::I64,
+                 std::string("attention_mask must be int64, got ") + (mask->defined() ? dtype_name(mask->dtype()) : "undefined"));
+    FQ_CHECK_ARG(mask->shape() == ids.shape(), "attention_mask shape " + shape_str(mask->shape()) +
+                                                   " does not match input_ids shape " + shape_str(ids.shape()));
+    const int64_t* m = mask->data<int64_t>();
+    for (int64_t i = 0; i < b.B * b.T; ++i) {
+      FQ_CHECK_ARG(m[i] == 0 || m[i] == 1, "attention_mask values must be 0 or 1, got " + std::to_string(m[i]));
+      b.mask[i] = static_cast<uint8_t>(m[i]);
+    }
+    for (int64_t r = 0; r < b.B; ++r)
+      FQ_CHECK_ARG(std::any_of(b.mask.begin() + r * b.T, b.mask.begin() + (r + 1) * b.T, [](uint8_t v) { return v; }),
+                   "attention_mask row " + std::to_string(r) + " has no tokens");
+  }
+  return b;
+}
+
+// Picks the next token from one row of logits.
+int64_t choose_token(const float* logits, int64_t V, const GenerationOptions& o, std::mt19937_64& rng) {
+  if (o.temperature <= 0.f) return std::max_element(logits, logits + V) - logits;
+  std::vector<int64_t> order(static_cast<size_t>(V));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return logits[a] > logits[b]; });
+  int64_t keep = V;
+  if (o.top_k > 0) keep = std::min(keep, o.top_k);
+  std::vector<double> p(static_cast<size_t>(keep));
+  const double mx = logits[order[0]];
+  double total = 0.0;
+  for (int64_t i = 0; i < keep; ++i) total += p[i] = std::exp((logits[order[i]] - mx) / o.temperature);
+  if (o.top_p < 1.f) {  // smallest prefix whose probability reaches top_p (at least one token)
+    double cum = 0.0;
+    int64_t n = 0;
+    while (n < keep && cum < o.top_p * total) cum += p[n++];
+    keep = std::max<int64_t>(n, 1);
+    total = std::accumulate(p.begin(), p.begin() + keep, 0.0);
+  }
+  const double u = std::uniform_real_distribution<double>(0.0, total)(rng);
+  double cum = 0.0;
+  for (int64_t i = 0; i < keep; ++i) {
+    cum += p[i];
+    if (u < cum) return order[i];
+  }
+  return order[keep - 1];
+}
+
+}  // namespace
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+
+std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions options) {
+  FQ_CHECK_ARG(options.threads >= 0, "threads must be >= 0");
+  std::string file_path = path;
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) file_path = path + "/model.safetensors";
+  auto impl = std::make_unique<Impl>(Impl{ModelFile::open(file_path), nullptr, options.threads});
+  ThreadScope scope(impl->threads);
+  impl->model = build_model(impl->file);
+  return std::unique_ptr<Engine>(new Engine(std::move(impl)));
+}
+
+Tensor Engine::forward(const Tensor& input_ids, const Tensor* attention_mask) const {
+  const Batch b = validate(*impl_->model, input_ids, attention_mask);
+  ThreadScope scope(impl_->threads);
+  return impl_->model->forward(b.ids, b.mask.data(), b.B, b.T);
+}
+
+std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, const Tensor* attention_mask,
+                                                   const GenerationOptions& o) const {
+  FQ_CHECK(impl_->model->is_decoder(), ErrorKind::Unsupported,
+           "generate() needs a decoder model, this is '" + architecture() + "'");
+  FQ_CHECK_ARG(o.max_new_tokens >= 0, "max_new_tokens must be >= 0");
+  FQ_CHECK_ARG(std::isfinite(o.temperature), "temperature must be finite");
+  FQ_CHECK_ARG(o.top_k >= 0, "top_k must be >= 0");
+  FQ_CHECK_ARG(o.top_p > 0.f && o.top_p <= 1.f, "top_p must be in (0, 1]");
+  const Batch b = validate(*impl_->model, input_ids, attention_mask);
+  ThreadScope scope(impl_->threads);
+  const auto& decoder = static_cast<const Decoder&>(*impl_->model);
+  const int64_t V = vocab_size();
+  const int64_t capacity = std::min(b.T + o.max_new_tokens, max_positions());
+  KVCache cache = decoder.new_cache(b.B, capacity);
+  std::mt19937_64 rng(o.seed);
+
+  std::vector<std::vector<int64_t>> out(static_cast<size_t>(b.B));
+  std::vector<uint8_t> done(static_cast<size_t>(b.B), 0);
+  if (o.max_new_tokens == 0) return out;
+  Tensor logits = decoder.step(b.ids, b.mask.data(), b.B, b.T, cache, false);
+  std::vector<int64_t> next(static_cast<size_t>(b.B), 0);
+  std::vector<uint8_t> step_mask(static_cast<size_t>(b.B), 1);
+  for (int64_t n = 0; n < o.max_new_tokens; ++n) {
+    for (int64_t r = 0; r < b.B; ++r) {
+      step_mask[r] = done[r] ? 0 : 1;  // finished rows ride along as padding
+      if (done[r]) continue;
+      next[r] = choose_token(logits.data<float>() + r * V, V, o, rng);
+      out[r].push_back(next[r]);
+      if (o.on_token) o.on_token(r, next[r]);
+      if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), next[r]) != o.stop_tokens.end()) done[r] = 1;
+    }
+    if (std::all_of(done.begin(), done.end(), [](uint8_t d) { return d; })) break;
+    if (n + 1 == o.max_new_tokens || cache.length == cache.capacity) break;
+    for (int64_t r = 0; r < b.B; ++r) step_mask[r] = done[r] ? 0 : 1;
+    logits = decoder.step(next.data(), step_mask.data(), b.B, 1, cache, false);
+  }
+  return out;
+}
+
+const std::string& Engine::architecture() const { return impl_->model->config().architecture; }
+bool Engine::is_decoder() const { return impl_->model->is_decoder(); }
+int64_t Engine::vocab_size() const { return impl_->model->config().vocab_size; }
+int64_t Engine::hidden_size() const { return impl_->model->config().hidden_size; }
+int64_t Engine::num_layers() const { return impl_->model->config().num_layers; }
+int64_t Engine::max_positions() const { return impl_->model->config().max_positions; }
+const std::string& Engine::scheme() const { return impl_->file.scheme; }
+int Engine::threads() const { return impl_->threads; }
+void Engine::set_threads(int threads) {
+  FQ_CHECK_ARG(threads >= 0, "threads must be >= 0");
+  impl_->threads = threads;
+}
+
+}  // namespace finequant

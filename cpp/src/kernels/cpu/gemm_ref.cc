@@ -1,0 +1,130 @@
+// Reference CPU GEMMs: straightforward loops, OpenMP over output columns (each thread owns
+// whole weight rows, which is the memory that matters for small M).
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cpu/gemm.h"
+
+// The loops below are written so that the compiler vectorizes them; GCC/Clang compile each
+// hot function for AVX-512 (VNNI), AVX2 and baseline x86-64 and pick one at run time. The
+// hand-tuned kernels of kernels/cpu/ replace them where it matters.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__)
+#define FQ_MULTIVERSION __attribute__((target_clones("arch=icelake-server", "arch=haswell", "default")))
+#else
+#define FQ_MULTIVERSION
+#endif
+
+namespace finequant {
+namespace kernels {
+
+float apply_epilogue(Epilogue e, float v) {
+  switch (e) {
+    case Epilogue::None:
+      return v;
+    case Epilogue::GeluErf:
+      return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752440f));
+    case Epilogue::GeluTanh: {
+      const float c = 0.79788456080286535588f;  // sqrt(2 / pi)
+      return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
+    }
+  }
+  return v;
+}
+
+FQ_MULTIVERSION void gemm_f32_ref(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                  Epilogue epilogue) {
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const float* wn = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)  // lets the compiler reassociate: a vectorized dot product
+      for (int64_t k = 0; k < K; ++k) acc += xm[k] * wn[k];
+      if (bias) acc += bias[n];
+      y[m * N + n] = apply_epilogue(epilogue, acc);
+    }
+  }
+}
+
+GemmF32Fn select_gemm_f32() { return gemm_f32_ref; }
+
+IntWeight prepare_int_weight(Tensor q, Tensor scale, Tensor zero_point, int64_t tile_rows, int64_t tile_cols) {
+  IntWeight w;
+  w.N = q.dim(0);
+  w.K = q.dim(1);
+  w.tile_rows = tile_rows;
+  w.tile_cols = tile_cols > 0 ? tile_cols : w.K;
+  w.num_blocks = (w.K + w.tile_cols - 1) / w.tile_cols;
+  w.colsum.assign(static_cast<size_t>(w.N * w.num_blocks), 0);
+  const bool is_signed = q.dtype() == DType::I8;
+  for (int64_t n = 0; n < w.N; ++n) {
+    for (int64_t k = 0; k < w.K; ++k) {
+      const int32_t v = is_signed ? q.data<int8_t>()[n * w.K + k] : q.data<uint8_t>()[n * w.K + k];
+      w.colsum[n * w.num_blocks + k / w.tile_cols] += v;
+    }
+  }
+  w.q = std::move(q);
+  w.scale = std::move(scale);
+  w.zero_point = std::move(zero_point);
+  return w;
+}
+
+namespace {
+
+// TX, TW: int8_t (symmetric) or uint8_t (asymmetric) storage of the integer values.
+template <class TX, class TW>
+FQ_MULTIVERSION void gemm_int_ref_typed(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
+                        Epilogue epilogue) {
+  const int64_t M = x.q.dim(0), K = w.K, N = w.N, nb = w.num_blocks, bk = w.tile_cols;
+  const TX* xq = static_cast<const TX*>(x.q.raw());
+  const TW* wq = static_cast<const TW*>(w.q.raw());
+  const float* sx = x.scale.data<float>();  // [M, 1]
+  const uint8_t* zx = x.zero_point.defined() ? x.zero_point.data<uint8_t>() : nullptr;
+  const float* sw = w.scale.data<float>();  // [N / rows, nb]
+  const uint8_t* zw = w.zero_point.defined() ? w.zero_point.data<uint8_t>() : nullptr;
+
+  // rowsum_x per K-block, computed alongside the quantized activations.
+  std::vector<int32_t> rowsum(static_cast<size_t>(M * nb), 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) rowsum[m * nb + k / bk] += static_cast<int32_t>(xq[m * K + k]);
+
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const TW* wn = wq + n * K;
+    const int64_t g = n / w.tile_rows;  // scale row of this output channel
+    for (int64_t m = 0; m < M; ++m) {
+      const TX* xm = xq + m * K;
+      const int32_t zxm = zx ? zx[m] : 0;
+      float out = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * bk, k1 = std::min(K, k0 + bk);
+        int32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = k0; k < k1; ++k) acc += static_cast<int32_t>(xm[k]) * static_cast<int32_t>(wn[k]);
+        const int32_t zwb = zw ? zw[g * nb + b] : 0;
+        // Exact integer correction (int64 so that no intermediate can overflow), then fp32 scales.
+        const int64_t corrected = int64_t{acc} - int64_t{zxm} * w.colsum[n * nb + b] -
+                                  int64_t{zwb} * rowsum[m * nb + b] + (k1 - k0) * int64_t{zxm} * zwb;
+        out += sx[m] * sw[g * nb + b] * static_cast<float>(corrected);
+      }
+      if (bias) out += bias[n];
+      y[m * N + n] = apply_epilogue(epilogue, out);
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_int_ref(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
+  const bool xs = x.q.dtype() == DType::I8, ws = w.q.dtype() == DType::I8;
+  if (xs && ws) gemm_int_ref_typed<int8_t, int8_t>(x, w, bias, y, epilogue);
+  else if (xs) gemm_int_ref_typed<int8_t, uint8_t>(x, w, bias, y, epilogue);
+  else if (ws) gemm_int_ref_typed<uint8_t, int8_t>(x, w, bias, y, epilogue);
+  else gemm_int_ref_typed<uint8_t, uint8_t>(x, w, bias, y, epilogue);
+}
+
+GemmIntFn select_gemm_int() { return gemm_int_ref; }
+
+}  // namespace kernels
+}  // namespace finequant

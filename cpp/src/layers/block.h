@@ -1,0 +1,26 @@
+// The transformer block shared by all families; the variant is data, not a class per model:
+//   pre-LN (GPT-2, Llama):  x = x + attn(norm1(x)); x = x + mlp(norm2(x))
+//   post-LN (BERT):         x = norm1(x + attn(x)); x = norm2(x + mlp(x))
+#pragma once
+#include "layers/attention.h"
+
+namespace finequant {
+
+struct Mlp {
+  // gelu: fc2(act(fc1 x)), the activation fused into fc1's epilogue.
+  // swiglu: down(silu(gate x) * up x).
+  bool swiglu = false;
+  Linear fc1, fc2;             // gelu
+  Linear gate, up, down;       // swiglu
+  Tensor forward(const Tensor& x) const;
+};
+
+struct Block {
+  bool pre_norm = true;
+  Norm norm1, norm2;
+  SelfAttention attn;
+  Mlp mlp;
+  Tensor forward(const Tensor& x, const AttentionContext& ctx, LayerKV* cache) const;
+};
+
+}  // namespace finequant

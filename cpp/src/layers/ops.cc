@@ -1,0 +1,141 @@
+#include "layers/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace finequant {
+
+Tensor Norm::forward(const Tensor& x) const {
+  const int64_t M = x.dim(0), C = x.dim(1);
+  Tensor y = Tensor::empty(DType::F32, {M, C});
+  const float* xs = x.data<float>();
+  float* ys = y.data<float>();
+  const float* w = weight.data<float>();
+  const float* b = bias.defined() ? bias.data<float>() : nullptr;
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xs + m * C;
+    float* yr = ys + m * C;
+    // Statistics in double: cheap here, and keeps us within fp32 rounding of PyTorch.
+    double mean = 0.0;
+    if (kind == Kind::LayerNorm) {
+      for (int64_t c = 0; c < C; ++c) mean += xr[c];
+      mean /= static_cast<double>(C);
+    }
+    double var = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = xr[c] - mean;
+      var += d * d;
+    }
+    var /= static_cast<double>(C);
+    const float inv = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
+    const float mu = static_cast<float>(mean);
+    for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - mu) * inv * w[c] + (b ? b[c] : 0.f);
+  }
+  return y;
+}
+
+void add_inplace(Tensor& x, const Tensor& y) {
+  float* a = x.data<float>();
+  const float* b = y.data<float>();
+  const int64_t n = x.numel();
+  for (int64_t i = 0; i < n; ++i) a[i] += b[i];
+}
+
+void silu_mul_inplace(Tensor& gate, const Tensor& up) {
+  float* g = gate.data<float>();
+  const float* u = up.data<float>();
+  const int64_t n = gate.numel();
+  for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+Rope::Rope(int64_t head_dim_, double theta) : head_dim(head_dim_) {
+  // Same as transformers: inv_freq = 1 / theta^(2i / D), computed in fp32.
+  for (int64_t i = 0; i < head_dim / 2; ++i) {
+    const float expo = static_cast<float>(2 * i) / static_cast<float>(head_dim);
+    inv_freq.push_back(1.0f / std::pow(static_cast<float>(theta), expo));
+  }
+}
+
+void Rope::apply(Tensor& x, int64_t heads, const std::vector<int64_t>& positions) const {
+  const int64_t M = x.dim(0), half = head_dim / 2, row = heads * head_dim;
+  float* xs = x.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    std::vector<float> cs(half), sn(half);
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(positions[m]) * inv_freq[i];
+      cs[i] = std::cos(angle);
+      sn[i] = std::sin(angle);
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = xs + m * row + h * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
+      }
+    }
+  }
+}
+
+void attention(const HeadView& q, const HeadView& k, const HeadView& v, float* out, int64_t B, int64_t H,
+               int64_t KVH, int64_t Tq, int64_t Tk, int64_t D, const uint8_t* key_valid, int64_t key_valid_stride,
+               int64_t causal_offset, float scale) {
+  const int64_t group = H / KVH;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kvh = h / group;
+      std::vector<float> scores(static_cast<size_t>(Tk));
+      for (int64_t t = 0; t < Tq; ++t) {
+        const float* qv = q.at(b, h, t);
+        const int64_t last = causal_offset >= 0 ? std::min(Tk - 1, causal_offset + t) : Tk - 1;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j <= last; ++j) {
+          if (!key_valid[b * key_valid_stride + j]) continue;
+          const float* kv = k.at(b, kvh, j);
+          float s = 0.f;
+          for (int64_t d = 0; d < D; ++d) s += qv[d] * kv[d];
+          scores[j] = s * scale;
+          mx = std::max(mx, scores[j]);
+        }
+        float* o = out + (b * Tq + t) * H * D + h * D;
+        std::fill(o, o + D, 0.f);
+        if (mx == -std::numeric_limits<float>::infinity()) continue;  // nothing visible
+        float denom = 0.f;
+        for (int64_t j = 0; j <= last; ++j) {
+          if (!key_valid[b * key_valid_stride + j]) continue;
+          scores[j] = std::exp(scores[j] - mx);
+          denom += scores[j];
+        }
+        const float inv = 1.f / denom;
+        for (int64_t j = 0; j <= last; ++j) {
+          if (!key_valid[b * key_valid_stride + j]) continue;
+          const float p = scores[j] * inv;
+          const float* vv = v.at(b, kvh, j);
+          for (int64_t d = 0; d < D; ++d) o[d] += p * vv[d];
+        }
+      }
+    }
+  }
+}
+
+void gather_rows(const Tensor& table, const int64_t* ids, int64_t n, Tensor& out, bool add) {
+  const int64_t C = table.dim(1);
+  const float* src = table.data<float>();
+  float* dst = out.data<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* r = src + ids[i] * C;
+    float* o = dst + i * C;
+    if (add) {
+      for (int64_t c = 0; c < C; ++c) o[c] += r[c];
+    } else {
+      std::memcpy(o, r, static_cast<size_t>(C) * sizeof(float));
+    }
+  }
+}
+
+}  // namespace finequant

@@ -1,0 +1,58 @@
+// BERT-family encoder: word + position + segment embeddings, LayerNorm, post-LN blocks.
+#include "models/model.h"
+#include "models/weights.h"
+
+namespace finequant {
+
+Encoder::Encoder(const ModelFile& file, ModelConfig config) {
+  config_ = std::move(config);
+  const ModelConfig& c = config_;
+  const Weights w{file, Weights::find_prefix(file, "embeddings.word_embeddings.weight", {"", "bert."})};
+  const int64_t C = c.hidden_size, I = c.intermediate_size;
+  word_ = w.tensor("embeddings.word_embeddings.weight", {c.vocab_size, C});
+  position_ = w.tensor("embeddings.position_embeddings.weight", {c.max_positions, C});
+  token_type_ = w.tensor("embeddings.token_type_embeddings.weight", {c.type_vocab_size, C});
+  embed_norm_ = w.norm("embeddings.LayerNorm", C, Norm::Kind::LayerNorm, c.norm_eps);
+  const kernels::Epilogue act = activation_epilogue(c.hidden_act);
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const std::string p = "encoder.layer." + std::to_string(i) + ".";
+    Block b;
+    b.pre_norm = false;
+    b.attn.heads = b.attn.kv_heads = c.num_heads;
+    b.attn.head_dim = c.head_dim;
+    const int64_t HD = c.num_heads * c.head_dim;
+    b.attn.q = w.linear(p + "attention.self.query", HD, C);
+    b.attn.k = w.linear(p + "attention.self.key", HD, C);
+    b.attn.v = w.linear(p + "attention.self.value", HD, C);
+    b.attn.o = w.linear(p + "attention.output.dense", C, HD);
+    b.norm1 = w.norm(p + "attention.output.LayerNorm", C, Norm::Kind::LayerNorm, c.norm_eps);
+    b.mlp.fc1 = w.linear(p + "intermediate.dense", I, C, act);
+    b.mlp.fc2 = w.linear(p + "output.dense", C, I);
+    b.norm2 = w.norm(p + "output.LayerNorm", C, Norm::Kind::LayerNorm, c.norm_eps);
+    blocks_.push_back(std::move(b));
+  }
+}
+
+Tensor Encoder::forward(const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T) const {
+  const int64_t C = config_.hidden_size, M = B * T;
+  // BERT positions are 0..T-1 regardless of padding (as in transformers); segment id 0 everywhere.
+  std::vector<int64_t> positions(static_cast<size_t>(M)), segments(static_cast<size_t>(M), 0);
+  for (int64_t i = 0; i < M; ++i) positions[i] = i % T;
+  Tensor x = Tensor::empty(DType::F32, {M, C});
+  gather_rows(word_, ids, M, x, false);
+  gather_rows(position_, positions.data(), M, x, true);
+  gather_rows(token_type_, segments.data(), M, x, true);
+  x = embed_norm_.forward(x);
+
+  AttentionContext ctx;
+  ctx.B = B;
+  ctx.T = T;
+  ctx.positions = &positions;
+  ctx.key_valid = mask;  // padded keys are masked; padded queries still get (unused) outputs
+  ctx.key_valid_stride = T;
+  ctx.causal = false;
+  for (const Block& b : blocks_) x = b.forward(x, ctx, nullptr);
+  return x.reshape({B, T, C});
+}
+
+}  // namespace finequant

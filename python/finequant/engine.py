@@ -1,0 +1,184 @@
+"""finequant.Engine: the C++ inference engine with tokenization, pooling and streaming on top.
+
+The engine does the math (finequant._core._Engine); this module only turns text into ids and
+back, validates Python-side input and converts Hugging Face folders to fp32 model files on the fly.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+
+MODEL_FILE = "model.safetensors"
+
+
+def _is_finequant_dir(path: str) -> bool:
+    from safetensors import safe_open
+
+    file = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(file):
+        return False
+    try:
+        with safe_open(file, "np") as f:
+            return (f.metadata() or {}).get("format") == "finequant"
+    except Exception:  # not a readable safetensors file: let the engine's reader report it
+        return True
+
+
+def resolve_model(path: str) -> str:
+    """A finequant model directory for `path`: itself, or an fp32 conversion of a Hugging Face folder
+    (cached under the temp dir, keyed by the folder's path and modification time)."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path) or _is_finequant_dir(path):
+        return path
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: neither a finequant model directory nor a Hugging Face folder")
+    from .modelfile import quantize_folder
+    from .schemes import parse_scheme
+
+    stamp = max(os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path))
+    key = hashlib.sha1(f"{path}:{stamp}".encode()).hexdigest()[:16]
+    out = os.path.join(tempfile.gettempdir(), "finequant-fp32", key)
+    if not os.path.isfile(os.path.join(out, MODEL_FILE)):
+        quantize_folder(path, out, parse_scheme("fp32"))
+    return out
+
+
+class Engine:
+    """Load a finequant model directory (or a Hugging Face folder, converted to fp32) and run it.
+
+    forward(input_ids, attention_mask=None) -> logits [B, T, vocab] (decoders) or last hidden
+    states [B, T, hidden] (encoders); embed(texts) -> sentence embeddings (encoders);
+    generate(prompt or ids, ...) -> text or ids (decoders), streaming through `callback` or stream().
+    """
+
+    def __init__(self, model_dir: str, threads: Optional[int] = None):
+        self.path = resolve_model(model_dir)
+        self._engine = _core._Engine.load(self.path, threads or 0)
+        folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+        tok = os.path.join(folder, "tokenizer.json")
+        self.tokenizer = None
+        if os.path.isfile(tok):
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(tok)
+
+    # ---- properties -----------------------------------------------------------------------
+    architecture = property(lambda self: self._engine.architecture)
+    is_decoder = property(lambda self: self._engine.is_decoder)
+    vocab_size = property(lambda self: self._engine.vocab_size)
+    hidden_size = property(lambda self: self._engine.hidden_size)
+    max_positions = property(lambda self: self._engine.max_positions)
+    scheme = property(lambda self: self._engine.scheme)
+
+    @property
+    def threads(self) -> int:
+        return self._engine.threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        self._engine.threads = n
+
+    # ---- running --------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None) -> np.ndarray:
+        return self._engine.forward(input_ids, attention_mask)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json: pass token ids instead of text")
+        return self.tokenizer
+
+    def encode_batch(self, texts: Sequence[str], max_length: Optional[int] = None):
+        """Token ids and attention mask [B, T], right-padded, truncated to the model's positions."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or len(texts) == 0:
+            raise ValueError("texts must be a non-empty list of strings")
+        tok = self._need_tokenizer()
+        limit = min(max_length or self.max_positions, self.max_positions)
+        encs = [tok.encode(t).ids[:limit] for t in texts]
+        width = max(1, max(len(e) for e in encs))
+        ids = np.zeros((len(encs), width), dtype=np.int64)
+        mask = np.zeros((len(encs), width), dtype=np.int64)
+        for i, e in enumerate(encs):
+            ids[i, :len(e)] = e
+            mask[i, :len(e)] = 1
+        return ids, mask
+
+    def embed(self, texts: Union[str, Sequence[str]], batch_size: int = 32) -> np.ndarray:
+        """Sentence embeddings of an encoder: mean over real tokens, then L2-normalized."""
+        if self.is_decoder:
+            raise ValueError(f"embed() needs an encoder; {self.architecture} is a decoder")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.encode_batch(texts[start:start + batch_size])
+            hidden = self.forward(ids, mask)
+            m = mask[..., None].astype(np.float32)
+            pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+            out.append(pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
+        emb = np.concatenate(out)
+        return emb[0] if single else emb
+
+    def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Optional[Iterable[int]] = None,
+                 callback: Optional[Callable[[int], None]] = None) -> Union[str, List[int]]:
+        """Continue `prompt` (text, or a list of token ids). Returns text for text, ids for ids.
+        Greedy when temperature <= 0. `callback(token_id)` is called for each new token as it is made;
+        stop_tokens default to the tokenizer's end-of-text token where one is known."""
+        if not self.is_decoder:
+            raise ValueError(f"generate() needs a decoder; {self.architecture} is an encoder")
+        as_text = isinstance(prompt, str)
+        ids = self._need_tokenizer().encode(prompt).ids if as_text else list(prompt)
+        if len(ids) == 0:
+            raise ValueError("the prompt is empty")
+        stops = list(stop_tokens) if stop_tokens is not None else self._default_stops()
+        new = self._engine.generate(np.asarray([ids], dtype=np.int64), None, max_new_tokens, temperature,
+                                    top_k, top_p, seed, stops, callback)[0]
+        return self.tokenizer.decode(new) if as_text else list(new)
+
+    def stream(self, prompt: Union[str, Sequence[int]], **kwargs) -> Iterator[str]:
+        """Yield the text of each new token as generation proceeds (runs generate in a thread)."""
+        import queue
+        import threading
+
+        tokens: "queue.Queue" = queue.Queue()
+        done = object()
+        errors = []
+
+        def run():
+            try:
+                ids = self._need_tokenizer().encode(prompt).ids if isinstance(prompt, str) else prompt
+                self.generate(list(ids), callback=tokens.put, **kwargs)
+            except Exception as e:  # re-raised in the consumer
+                errors.append(e)
+            finally:
+                tokens.put(done)
+
+        threading.Thread(target=run, daemon=True).start()
+        seen: List[int] = []
+        text = ""
+        while (tok := tokens.get()) is not done:
+            seen.append(tok)
+            full = self.tokenizer.decode(seen) if self.tokenizer else None
+            if full is None:
+                yield str(tok)
+            else:
+                yield full[len(text):]
+                text = full
+        if errors:
+            raise errors[0]
+
+    def _default_stops(self) -> List[int]:
+        if self.tokenizer is None:
+            return []
+        stops = []
+        for name in ("<|endoftext|>", "<|im_end|>", "</s>", "<|end_of_text|>", "<|eot_id|>"):
+            tid = self.tokenizer.token_to_id(name)
+            if tid is not None:
+                stops.append(tid)
+        return stops

@@ -1,0 +1,115 @@
+// Python binding of finequant::Engine as finequant._core._Engine (NumPy in, NumPy out).
+// finequant::Error is translated to Python exceptions by the module's translator (bindings.cc).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "finequant/engine.h"
+
+namespace py = pybind11;
+using finequant::DType;
+using finequant::Engine;
+using finequant::Tensor;
+
+namespace {
+
+// An integer NumPy array of any int kind as a C-contiguous int64 [B, T] array.
+py::array_t<int64_t> as_int64_2d(const py::array& a, const char* what) {
+  const char kind = a.dtype().kind();
+  FQ_CHECK_ARG(kind == 'i' || kind == 'u' || (kind == 'b' && std::string(what) == "attention_mask"),
+               std::string(what) + " must be an integer array, got dtype " + std::string(py::str(a.dtype())));
+  FQ_CHECK_ARG(a.ndim() == 2, std::string(what) + " must be 2-D [batch, tokens], got " + std::to_string(a.ndim()) + "-D");
+  return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+}
+
+// The engine only reads inputs, so read-only arrays are fine (hence the const_cast).
+Tensor borrow_i64(const py::array_t<int64_t>& a) {
+  return Tensor::borrow(const_cast<int64_t*>(a.data()), DType::I64, {a.shape(0), a.shape(1)});
+}
+
+// Hands the tensor's storage to NumPy without a copy.
+py::array_t<float> to_numpy(Tensor t) {
+  auto* owner = new Tensor(std::move(t));
+  py::capsule keep(owner, [](void* p) { delete static_cast<Tensor*>(p); });
+  std::vector<py::ssize_t> shape(owner->shape().begin(), owner->shape().end());
+  return py::array_t<float>(shape, owner->data<float>(), keep);
+}
+
+}  // namespace
+
+void bind_engine(py::module_& m) {
+  py::class_<Engine>(m, "_Engine", "The C++ inference engine (see finequant.Engine for the Python API).")
+      .def_static(
+          "load",
+          [](const std::string& path, int threads) {
+            finequant::EngineOptions options;
+            options.threads = threads;
+            py::gil_scoped_release release;
+            return Engine::load(path, options);
+          },
+          py::arg("path"), py::arg("threads") = 0)
+      .def(
+          "forward",
+          [](const Engine& e, const py::array& ids, std::optional<py::array> mask) {
+            auto ids64 = as_int64_2d(ids, "input_ids");
+            const Tensor ids_t = borrow_i64(ids64);
+            py::array_t<int64_t> mask64;
+            Tensor mask_t;
+            if (mask) {
+              mask64 = as_int64_2d(*mask, "attention_mask");
+              mask_t = borrow_i64(mask64);
+            }
+            Tensor out;
+            {
+              py::gil_scoped_release release;
+              out = e.forward(ids_t, mask ? &mask_t : nullptr);
+            }
+            return to_numpy(std::move(out));
+          },
+          py::arg("input_ids"), py::arg("attention_mask") = py::none(),
+          "input_ids int [B, T], attention_mask 0/1 [B, T] or None -> float32 [B, T, hidden or vocab]")
+      .def(
+          "generate",
+          [](const Engine& e, const py::array& ids, std::optional<py::array> mask, int64_t max_new_tokens,
+             float temperature, int64_t top_k, float top_p, uint64_t seed, std::vector<int64_t> stop_tokens,
+             std::optional<py::function> on_token) {
+            auto ids64 = as_int64_2d(ids, "input_ids");
+            const Tensor ids_t = borrow_i64(ids64);
+            py::array_t<int64_t> mask64;
+            Tensor mask_t;
+            if (mask) {
+              mask64 = as_int64_2d(*mask, "attention_mask");
+              mask_t = borrow_i64(mask64);
+            }
+            finequant::GenerationOptions o;
+            o.max_new_tokens = max_new_tokens;
+            o.temperature = temperature;
+            o.top_k = top_k;
+            o.top_p = top_p;
+            o.seed = seed;
+            o.stop_tokens = std::move(stop_tokens);
+            if (on_token) {
+              // Called from the generation loop with the GIL released: take it for the Python call.
+              o.on_token = [fn = *on_token](int64_t row, int64_t token) {
+                py::gil_scoped_acquire acquire;
+                if (row == 0) fn(token);
+              };
+            }
+            py::gil_scoped_release release;
+            return e.generate(ids_t, mask ? &mask_t : nullptr, o);
+          },
+          py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("max_new_tokens") = 32,
+          py::arg("temperature") = 0.f, py::arg("top_k") = 0, py::arg("top_p") = 1.f, py::arg("seed") = 0,
+          py::arg("stop_tokens") = std::vector<int64_t>{}, py::arg("on_token") = py::none(),
+          "Greedy (temperature <= 0) or sampled continuation; returns the new tokens of each row.")
+      .def_property_readonly("architecture", &Engine::architecture)
+      .def_property_readonly("is_decoder", &Engine::is_decoder)
+      .def_property_readonly("vocab_size", &Engine::vocab_size)
+      .def_property_readonly("hidden_size", &Engine::hidden_size)
+      .def_property_readonly("num_layers", &Engine::num_layers)
+      .def_property_readonly("max_positions", &Engine::max_positions)
+      .def_property_readonly("scheme", &Engine::scheme)
+      .def_property("threads", &Engine::threads, &Engine::set_threads);
+}
