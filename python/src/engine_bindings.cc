@@ -29,6 +29,24 @@ Tensor borrow_i64(const py::array_t<int64_t>& a) {
   return Tensor::borrow(const_cast<int64_t*>(a.data()), DType::I64, {a.shape(0), a.shape(1)});
 }
 
+// input_ids and attention_mask as int64 arrays (kept alive here) and the tensors borrowing them.
+struct Inputs {
+  py::array_t<int64_t> ids_array, mask_array;
+  Tensor ids, mask;
+  const Tensor* mask_or_null() const { return mask.defined() ? &mask : nullptr; }
+};
+
+Inputs read_inputs(const py::array& ids, const std::optional<py::array>& mask) {
+  Inputs in;
+  in.ids_array = as_int64_2d(ids, "input_ids");
+  in.ids = borrow_i64(in.ids_array);
+  if (mask) {
+    in.mask_array = as_int64_2d(*mask, "attention_mask");
+    in.mask = borrow_i64(in.mask_array);
+  }
+  return in;
+}
+
 // Hands the tensor's storage to NumPy without a copy.
 py::array_t<float> to_numpy(Tensor t) {
   auto* owner = new Tensor(std::move(t));
@@ -53,18 +71,11 @@ void bind_engine(py::module_& m) {
       .def(
           "forward",
           [](const Engine& e, const py::array& ids, std::optional<py::array> mask) {
-            auto ids64 = as_int64_2d(ids, "input_ids");
-            const Tensor ids_t = borrow_i64(ids64);
-            py::array_t<int64_t> mask64;
-            Tensor mask_t;
-            if (mask) {
-              mask64 = as_int64_2d(*mask, "attention_mask");
-              mask_t = borrow_i64(mask64);
-            }
+            const Inputs in = read_inputs(ids, mask);
             Tensor out;
             {
               py::gil_scoped_release release;
-              out = e.forward(ids_t, mask ? &mask_t : nullptr);
+              out = e.forward(in.ids, in.mask_or_null());
             }
             return to_numpy(std::move(out));
           },
@@ -75,14 +86,7 @@ void bind_engine(py::module_& m) {
           [](const Engine& e, const py::array& ids, std::optional<py::array> mask, int64_t max_new_tokens,
              float temperature, int64_t top_k, float top_p, uint64_t seed, std::vector<int64_t> stop_tokens,
              std::optional<py::function> on_token) {
-            auto ids64 = as_int64_2d(ids, "input_ids");
-            const Tensor ids_t = borrow_i64(ids64);
-            py::array_t<int64_t> mask64;
-            Tensor mask_t;
-            if (mask) {
-              mask64 = as_int64_2d(*mask, "attention_mask");
-              mask_t = borrow_i64(mask64);
-            }
+            const Inputs in = read_inputs(ids, mask);
             finequant::GenerationOptions o;
             o.max_new_tokens = max_new_tokens;
             o.temperature = temperature;
@@ -98,7 +102,7 @@ void bind_engine(py::module_& m) {
               };
             }
             py::gil_scoped_release release;
-            return e.generate(ids_t, mask ? &mask_t : nullptr, o);
+            return e.generate(in.ids, in.mask_or_null(), o);
           },
           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("max_new_tokens") = 32,
           py::arg("temperature") = 0.f, py::arg("top_k") = 0, py::arg("top_p") = 1.f, py::arg("seed") = 0,

@@ -31,6 +31,11 @@ def example_binary():
     return BUILD / "example" / "model_info"
 
 
+@pytest.fixture(scope="module")
+def generate_binary(example_binary):
+    return example_binary.parent / "generate"  # built with model_info
+
+
 def test_example_reads_a_quantized_file(example_binary, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -46,4 +51,27 @@ def test_example_reads_a_quantized_file(example_binary, tmp_path):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes((tmp_path / "q" / "model.safetensors").read_bytes()[:-10])
     proc = subprocess.run([example_binary, corrupt], capture_output=True, text=True)
+    assert proc.returncode == 1 and "error:" in proc.stderr
+
+
+def test_generate_example_matches_python_engine(generate_binary, tiny_models, tmp_path):
+    import finequant
+
+    q = tmp_path / "q"
+    run([sys.executable, "-m", "finequant", "quantize", tiny_models["llama"], "-o", q, "--scheme", "w8a8", "--quiet"])
+    prompt = [3, 17, 42, 5, 9, 28]
+
+    out = run([generate_binary, q, "--new", "5", *prompt]).stdout.split()
+    expected = finequant.Engine(str(q)).generate(prompt, max_new_tokens=5, stop_tokens=[])
+    assert [int(t) for t in out] == expected and len(expected) == 5
+
+    # forward mode: one argmax line per position, the last one the first generated token
+    lines = run([generate_binary, q, *prompt]).stdout.splitlines()
+    assert lines[0].startswith("llama (w8a8") and "[1, 6, 64]" in lines[0]
+    assert len(lines) == 1 + len(prompt) and f"argmax {expected[0]} " in lines[-1]
+
+    for args in ([q, "3", "64"], [q, "--new", "2", "3", "-1"]):  # vocab is 64
+        proc = subprocess.run([str(a) for a in [generate_binary, *args]], capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.startswith("error:"), proc.stderr
+    proc = subprocess.run([str(generate_binary), tmp_path / "missing", "1"], capture_output=True, text=True)
     assert proc.returncode == 1 and "error:" in proc.stderr
