@@ -9,7 +9,7 @@
 // hot function for AVX-512 (VNNI), AVX2 and baseline x86-64 and pick one at run time. The
 // hand-tuned kernels of kernels/cpu/ replace them where it matters.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__)
-#define FQ_MULTIVERSION __attribute__((target_clones("arch=icelake-server", "arch=haswell", "default")))
+#define FQ_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FQ_MULTIVERSION
 #endif
@@ -67,6 +67,7 @@ IntWeight prepare_int_weight(Tensor q, Tensor scale, Tensor zero_point, int64_t 
   w.q = std::move(q);
   w.scale = std::move(scale);
   w.zero_point = std::move(zero_point);
+  if (active_isa() == Isa::Avx512Vnni) prepare_int_weight_avx512vnni(w);
   return w;
 }
 
@@ -124,7 +125,9 @@ void gemm_int_ref(const QuantizedTensor& x, const IntWeight& w, const float* bia
   else gemm_int_ref_typed<uint8_t, uint8_t>(x, w, bias, y, epilogue);
 }
 
-GemmIntFn select_gemm_int() { return gemm_int_ref; }
+GemmIntFn select_gemm_int() {
+  return active_isa() == Isa::Avx512Vnni ? gemm_int_avx512vnni : gemm_int_ref;
+}
 
 }  // namespace kernels
 }  // namespace finequant

@@ -1,0 +1,173 @@
+// The AVX512-VNNI integer GEMM against the reference kernel: identical int32 sums and the same fp32
+// epilogue order, so every output must be bit-identical. Covers sym/asym on both sides, 8/4-bit
+// ranges, K-blocks with a short last block, K not a multiple of 4, odd N, grouped rows, bias, GeLU,
+// M = 1 and M not a multiple of the row block, and extreme raw integer values.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+
+#include "check.h"
+#include "finequant/quant.h"
+#include "kernels/cpu/gemm.h"
+
+using namespace finequant;
+using kernels::Epilogue;
+
+static Tensor random_tensor(int64_t r, int64_t c, std::mt19937& rng, float shift) {
+  Tensor t = Tensor::empty(DType::F32, {r, c});
+  std::normal_distribution<float> nd(shift, 1.f);
+  for (int64_t i = 0; i < r * c; ++i) t.data<float>()[i] = nd(rng);
+  return t;
+}
+
+// Runs both kernels; returns the number of outputs that differ bit-wise.
+static int64_t compare(const QuantizedTensor& xq, const kernels::IntWeight& iw, const float* bias, Epilogue e) {
+  const int64_t M = xq.q.dim(0), N = iw.N;
+  Tensor y_ref = Tensor::empty(DType::F32, {M, N}), y = Tensor::empty(DType::F32, {M, N});
+  kernels::gemm_int_ref(xq, iw, bias, y_ref.data<float>(), e);
+  kernels::gemm_int_avx512vnni(xq, iw, bias, y.data<float>(), e);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < M * N; ++i)
+    if (std::memcmp(&y_ref.data<float>()[i], &y.data<float>()[i], 4) != 0) {
+      if (bad < 3)
+        std::printf("  mismatch at %lld: ref %.9g vnni %.9g\n", static_cast<long long>(i), y_ref.data<float>()[i],
+                    y.data<float>()[i]);
+      ++bad;
+    }
+  return bad;
+}
+
+static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, int abits, bool asym_act, Tile tile,
+                        bool with_bias, Epilogue e, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const Tensor x = random_tensor(M, K, rng, 0.3f), w = random_tensor(N, K, rng, -0.2f);
+  const QuantizedTensor wq = quantize(w, QuantSpec{wbits, wsym}, tile);
+  const QuantizedTensor xq = quantize_rows(x, QuantSpec{abits, !asym_act});
+  kernels::IntWeight iw = kernels::prepare_int_weight(wq.q, wq.scale, wq.zero_point, tile.rows, tile.cols);
+  kernels::prepare_int_weight_avx512vnni(iw);
+  CHECK(iw.vnni.ready);
+  std::vector<float> bias(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) bias[n] = 0.1f * static_cast<float>(n) - 0.7f;
+  const int64_t bad = compare(xq, iw, with_bias ? bias.data() : nullptr, e);
+  if (bad)
+    std::printf("  case M=%lld N=%lld K=%lld w%d%s a%d%s tile %lldx%lld: %lld mismatches\n", (long long)M,
+                (long long)N, (long long)K, wbits, wsym ? "sym" : "asym", abits, asym_act ? "asym" : "sym",
+                (long long)tile.rows, (long long)tile.cols, (long long)bad);
+  return bad;
+}
+
+static bool have_vnni() {
+  if (kernels::cpu_has_avx512vnni()) return true;
+  std::printf("  skipped: CPU lacks AVX512-VNNI\n");
+  return false;
+}
+
+TEST(all_type_combinations_per_channel) {
+  if (!have_vnni()) return;
+  const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {5, 16, 4}, {9, 48, 128}, {1, 1, 3}, {13, 100, 257}};
+  uint32_t seed = 1;
+  for (auto& s : shapes)
+    for (int wb : {8, 4})
+      for (int ab : {8, 4})
+        for (bool wsym : {true, false})
+          for (bool aasym : {false, true}) {
+            int64_t K = s[2];
+            if (wb == 4 && K % 2) ++K;  // INT4 packing wants even K (the kernels would not care)
+            CHECK_EQ(run_case(s[0], s[1], K, wb, wsym, ab, aasym, Tile{1, K}, true, Epilogue::None, seed++), 0);
+          }
+}
+
+TEST(k_blocks_with_partial_last_block) {
+  if (!have_vnni()) return;
+  uint32_t seed = 100;
+  for (int64_t G : {32, 64, 128})
+    for (int64_t K : {G * 3 + 10, G * 2, G + 2, G * 5 + G / 2 + 6})
+      for (bool wsym : {true, false})
+        for (bool aasym : {false, true}) {
+          CHECK_EQ(run_case(7, 45, K, 4, wsym, 8, aasym, Tile{1, G}, true, Epilogue::None, seed++), 0);
+          CHECK_EQ(run_case(1, 67, K, 4, wsym, 8, aasym, Tile{1, G}, false, Epilogue::GeluErf, seed++), 0);
+        }
+  // Block lengths that are not a multiple of 4 (every block padded separately).
+  CHECK_EQ(run_case(6, 20, 50, 8, true, 8, false, Tile{1, 18}, true, Epilogue::None, 7), 0);
+  CHECK_EQ(run_case(6, 20, 50, 8, false, 8, true, Tile{1, 15}, true, Epilogue::None, 8), 0);
+}
+
+TEST(grouped_rows_bias_and_gelu) {
+  if (!have_vnni()) return;
+  uint32_t seed = 200;
+  for (Epilogue e : {Epilogue::None, Epilogue::GeluErf, Epilogue::GeluTanh})
+    for (bool bias : {false, true}) {
+      CHECK_EQ(run_case(11, 48, 96, 8, true, 8, true, Tile{3, 96}, bias, e, seed++), 0);
+      CHECK_EQ(run_case(4, 40, 96, 8, false, 8, false, Tile{8, 96}, bias, e, seed++), 0);
+      CHECK_EQ(run_case(3, 42, 96, 4, false, 8, true, Tile{2, 32}, bias, e, seed++), 0);
+      CHECK_EQ(run_case(1, 50, 100, 8, false, 8, true, Tile{50, 100}, bias, e, seed++), 0);  // per-tensor
+    }
+}
+
+TEST(larger_shapes_many_tasks) {
+  if (!have_vnni()) return;
+  CHECK_EQ(run_case(130, 200, 576, 8, true, 8, true, Tile{1, 576}, true, Epilogue::GeluTanh, 300), 0);
+  CHECK_EQ(run_case(67, 129, 320, 4, false, 8, false, Tile{1, 64}, true, Epilogue::None, 301), 0);
+}
+
+// Raw integers over the full storage ranges (including -128, which quantize() never produces) and
+// large K: the int32 shifts and corrections must stay exact.
+TEST(extreme_integer_values) {
+  if (!have_vnni()) return;
+  std::mt19937 rng(5);
+  const int64_t M = 5, N = 35, K = 4099;
+  for (bool xs : {true, false})
+    for (bool ws : {true, false}) {
+      QuantizedTensor xq;
+      xq.q = Tensor::empty(xs ? DType::I8 : DType::U8, {M, K});
+      xq.scale = Tensor::empty(DType::F32, {M, 1});
+      if (!xs) xq.zero_point = Tensor::empty(DType::U8, {M, 1});
+      Tensor wq = Tensor::empty(ws ? DType::I8 : DType::U8, {N, K});
+      Tensor sw = Tensor::empty(DType::F32, {N, 2}), zw;
+      if (!ws) zw = Tensor::empty(DType::U8, {N, 2});
+      std::uniform_int_distribution<int> byte(0, 255), pick(0, 3);
+      auto val = [&]() {  // mostly the extremes
+        const int p = pick(rng);
+        return p == 0 ? 0 : p == 1 ? 255 : p == 2 ? 128 : byte(rng);
+      };
+      for (int64_t i = 0; i < M * K; ++i) static_cast<uint8_t*>(xq.q.raw())[i] = static_cast<uint8_t>(val());
+      for (int64_t i = 0; i < N * K; ++i) static_cast<uint8_t*>(wq.raw())[i] = static_cast<uint8_t>(val());
+      for (int64_t m = 0; m < M; ++m) {
+        xq.scale.data<float>()[m] = 1e-3f * (1 + m);
+        if (!xs) xq.zero_point.data<uint8_t>()[m] = static_cast<uint8_t>(byte(rng));
+      }
+      for (int64_t i = 0; i < N * 2; ++i) {
+        sw.data<float>()[i] = 1e-4f * (1 + i % 7);
+        if (!ws) zw.data<uint8_t>()[i] = static_cast<uint8_t>(byte(rng));
+      }
+      kernels::IntWeight iw = kernels::prepare_int_weight(wq, sw, zw, 1, 2052);
+      kernels::prepare_int_weight_avx512vnni(iw);
+      CHECK_EQ(compare(xq, iw, nullptr, Epilogue::None), 0);
+    }
+}
+
+TEST(dispatch_and_forced_reference) {
+  kernels::force_isa(kernels::Isa::Ref);
+  CHECK(kernels::active_isa() == kernels::Isa::Ref);
+  CHECK(kernels::select_gemm_int() == &kernels::gemm_int_ref);
+  {
+    std::mt19937 rng(9);
+    const Tensor w = random_tensor(8, 16, rng, 0.f);
+    const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, 16});
+    const kernels::IntWeight iw = kernels::prepare_int_weight(wq.q, wq.scale, wq.zero_point, 1, 16);
+    CHECK(!iw.vnni.ready);  // no packing when the reference is forced
+  }
+  kernels::force_isa(kernels::Isa::Avx512Vnni);
+  if (kernels::cpu_has_avx512vnni()) {
+    CHECK(kernels::active_isa() == kernels::Isa::Avx512Vnni);
+    CHECK(kernels::select_gemm_int() == &kernels::gemm_int_avx512vnni);
+  } else {
+    CHECK(kernels::active_isa() == kernels::Isa::Ref);  // a missing ISA falls back
+    CHECK(kernels::select_gemm_int() == &kernels::gemm_int_ref);
+  }
+  kernels::force_isa(kernels::Isa::Auto);
+}
+
+int main() { return RUN_ALL_TESTS(); }
