@@ -1,7 +1,8 @@
-// The AVX512-VNNI integer GEMM against the reference kernel: identical int32 sums and the same fp32
-// epilogue order, so every output must be bit-identical. Covers sym/asym on both sides, 8/4-bit
-// ranges, K-blocks with a short last block, K not a multiple of 4, odd N, grouped rows, bias, GeLU,
-// M = 1 and M not a multiple of the row block, and extreme raw integer values.
+// The AVX512-VNNI integer GEMM against the reference (quantize_rows + gemm_int_quantized_ref): the
+// same quantized rows, identical int32 sums and the same fp32 epilogue order, so every output must
+// be bit-identical. Covers sym/asym on both sides, 8/4-bit ranges, K-blocks with a short last
+// block, K not a multiple of 4/8/16, odd N, grouped rows, bias, both GeLUs, M = 1 and M not a
+// multiple of the row block, raw extreme integer weights, and NaN input.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -22,12 +23,12 @@ static Tensor random_tensor(int64_t r, int64_t c, std::mt19937& rng, float shift
   return t;
 }
 
-// Runs both kernels; returns the number of outputs that differ bit-wise.
-static int64_t compare(const QuantizedTensor& xq, const kernels::IntWeight& iw, const float* bias, Epilogue e) {
-  const int64_t M = xq.q.dim(0), N = iw.N;
+// Runs both kernels on the same F32 rows; returns the number of outputs that differ bit-wise.
+static int64_t compare(const Tensor& x, const kernels::IntWeight& iw, const float* bias, Epilogue e) {
+  const int64_t M = x.dim(0), N = iw.N;
   Tensor y_ref = Tensor::empty(DType::F32, {M, N}), y = Tensor::empty(DType::F32, {M, N});
-  kernels::gemm_int_ref(xq, iw, bias, y_ref.data<float>(), e);
-  kernels::gemm_int_avx512vnni(xq, iw, bias, y.data<float>(), e);
+  kernels::gemm_int_ref(x.data<float>(), M, iw, bias, y_ref.data<float>(), e);
+  kernels::gemm_int_avx512vnni(x.data<float>(), M, iw, bias, y.data<float>(), e);
   int64_t bad = 0;
   for (int64_t i = 0; i < M * N; ++i)
     if (std::memcmp(&y_ref.data<float>()[i], &y.data<float>()[i], 4) != 0) {
@@ -39,18 +40,22 @@ static int64_t compare(const QuantizedTensor& xq, const kernels::IntWeight& iw, 
   return bad;
 }
 
+static kernels::IntWeight prepare(const QuantizedTensor& wq, int wbits, Tile tile, QuantSpec act) {
+  kernels::IntWeight iw = kernels::prepare_int_weight(wq.q, wq.scale, wq.zero_point, tile.rows, tile.cols, wbits, act);
+  kernels::prepare_int_weight_avx512vnni(iw);
+  CHECK(iw.vnni.ready);
+  return iw;
+}
+
 static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, int abits, bool asym_act, Tile tile,
                         bool with_bias, Epilogue e, uint32_t seed) {
   std::mt19937 rng(seed);
   const Tensor x = random_tensor(M, K, rng, 0.3f), w = random_tensor(N, K, rng, -0.2f);
   const QuantizedTensor wq = quantize(w, QuantSpec{wbits, wsym}, tile);
-  const QuantizedTensor xq = quantize_rows(x, QuantSpec{abits, !asym_act});
-  kernels::IntWeight iw = kernels::prepare_int_weight(wq.q, wq.scale, wq.zero_point, tile.rows, tile.cols);
-  kernels::prepare_int_weight_avx512vnni(iw);
-  CHECK(iw.vnni.ready);
+  const kernels::IntWeight iw = prepare(wq, wbits, tile, QuantSpec{abits, !asym_act});
   std::vector<float> bias(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n) bias[n] = 0.1f * static_cast<float>(n) - 0.7f;
-  const int64_t bad = compare(xq, iw, with_bias ? bias.data() : nullptr, e);
+  const int64_t bad = compare(x, iw, with_bias ? bias.data() : nullptr, e);
   if (bad)
     std::printf("  case M=%lld N=%lld K=%lld w%d%s a%d%s tile %lldx%lld: %lld mismatches\n", (long long)M,
                 (long long)N, (long long)K, wbits, wsym ? "sym" : "asym", abits, asym_act ? "asym" : "sym",
@@ -112,40 +117,57 @@ TEST(larger_shapes_many_tasks) {
   CHECK_EQ(run_case(67, 129, 320, 4, false, 8, false, Tile{1, 64}, true, Epilogue::None, 301), 0);
 }
 
-// Raw integers over the full storage ranges (including -128, which quantize() never produces) and
-// large K: the int32 shifts and corrections must stay exact.
+// Raw weight integers over the full storage ranges (including -128, which quantize() never
+// produces), activation rows that quantize to the extremes, and large K: the int32 operand shifts
+// and corrections must stay exact.
 TEST(extreme_integer_values) {
   if (!have_vnni()) return;
   std::mt19937 rng(5);
-  const int64_t M = 5, N = 35, K = 4099;
-  for (bool xs : {true, false})
-    for (bool ws : {true, false}) {
-      QuantizedTensor xq;
-      xq.q = Tensor::empty(xs ? DType::I8 : DType::U8, {M, K});
-      xq.scale = Tensor::empty(DType::F32, {M, 1});
-      if (!xs) xq.zero_point = Tensor::empty(DType::U8, {M, 1});
+  const int64_t M = 7, N = 35, K = 4099;
+  std::uniform_int_distribution<int> byte(0, 255), pick(0, 3);
+  auto val = [&]() {  // mostly the extremes
+    const int p = pick(rng);
+    return p == 0 ? 0 : p == 1 ? 255 : p == 2 ? 128 : byte(rng);
+  };
+  Tensor x = Tensor::empty(DType::F32, {M, K});
+  for (int64_t i = 0; i < M * K; ++i) {
+    const int p = pick(rng);
+    x.data<float>()[i] = p == 0 ? -3.f : p == 1 ? 3.f : p == 2 ? 0.f : 0.01f * static_cast<float>(byte(rng) - 128);
+  }
+  for (bool ws : {true, false})
+    for (bool xs : {true, false}) {
       Tensor wq = Tensor::empty(ws ? DType::I8 : DType::U8, {N, K});
       Tensor sw = Tensor::empty(DType::F32, {N, 2}), zw;
       if (!ws) zw = Tensor::empty(DType::U8, {N, 2});
-      std::uniform_int_distribution<int> byte(0, 255), pick(0, 3);
-      auto val = [&]() {  // mostly the extremes
-        const int p = pick(rng);
-        return p == 0 ? 0 : p == 1 ? 255 : p == 2 ? 128 : byte(rng);
-      };
-      for (int64_t i = 0; i < M * K; ++i) static_cast<uint8_t*>(xq.q.raw())[i] = static_cast<uint8_t>(val());
       for (int64_t i = 0; i < N * K; ++i) static_cast<uint8_t*>(wq.raw())[i] = static_cast<uint8_t>(val());
-      for (int64_t m = 0; m < M; ++m) {
-        xq.scale.data<float>()[m] = 1e-3f * (1 + m);
-        if (!xs) xq.zero_point.data<uint8_t>()[m] = static_cast<uint8_t>(byte(rng));
-      }
       for (int64_t i = 0; i < N * 2; ++i) {
         sw.data<float>()[i] = 1e-4f * (1 + i % 7);
         if (!ws) zw.data<uint8_t>()[i] = static_cast<uint8_t>(byte(rng));
       }
-      kernels::IntWeight iw = kernels::prepare_int_weight(wq, sw, zw, 1, 2052);
+      kernels::IntWeight iw = kernels::prepare_int_weight(wq, sw, zw, 1, 2052, 8, QuantSpec{8, xs});
       kernels::prepare_int_weight_avx512vnni(iw);
-      CHECK_EQ(compare(xq, iw, nullptr, Epilogue::None), 0);
+      CHECK_EQ(compare(x, iw, nullptr, Epilogue::None), 0);
     }
+}
+
+TEST(nan_input_is_an_error) {
+  if (!have_vnni()) return;
+  std::mt19937 rng(3);
+  const Tensor w = random_tensor(20, 40, rng, 0.f);
+  const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, 40});
+  for (bool asym : {false, true}) {
+    const kernels::IntWeight iw = prepare(wq, 8, Tile{1, 40}, QuantSpec{8, !asym});
+    Tensor x = random_tensor(3, 40, rng, 0.f);
+    x.data<float>()[1 * 40 + 17] = asym ? INFINITY : NAN;
+    Tensor y = Tensor::empty(DType::F32, {3, 20});
+    CHECK_THROWS_KIND(kernels::gemm_int_avx512vnni(x.data<float>(), 3, iw, nullptr, y.data<float>(), Epilogue::None),
+                      ErrorKind::InvalidArgument);
+  }
+}
+
+TEST(peak_measure_runs) {
+  if (!have_vnni()) return;
+  CHECK(kernels::int8_peak_gops(1, 0.02) > 1.0);
 }
 
 TEST(dispatch_and_forced_reference) {
@@ -156,7 +178,7 @@ TEST(dispatch_and_forced_reference) {
     std::mt19937 rng(9);
     const Tensor w = random_tensor(8, 16, rng, 0.f);
     const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, 16});
-    const kernels::IntWeight iw = kernels::prepare_int_weight(wq.q, wq.scale, wq.zero_point, 1, 16);
+    const kernels::IntWeight iw = kernels::prepare_int_weight(wq.q, wq.scale, wq.zero_point, 1, 16, 8, QuantSpec{});
     CHECK(!iw.vnni.ready);  // no packing when the reference is forced
   }
   kernels::force_isa(kernels::Isa::Avx512Vnni);

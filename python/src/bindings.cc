@@ -5,6 +5,9 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <string>
 
 #include "finequant/error.h"
@@ -12,6 +15,8 @@
 #include "finequant/quant.h"
 #include "finequant/runtime.h"
 #include "finequant/tensor.h"
+#include "kernels/cpu/gemm.h"
+#include "layers/linear.h"
 
 namespace py = pybind11;
 using namespace finequant;
@@ -228,6 +233,79 @@ PYBIND11_MODULE(_core, m) {
                         py::arg("linears") = linears, py::arg("tensor_names") = names);
       },
       py::arg("path"), "Validate a finequant model file and describe it (no tensor data is copied).");
+
+  // ---- kernels: one Linear as the engine runs it (tests and bench/) ------------------------------
+  py::class_<Linear>(m, "Linear", "One linear layer y = x W^T + b exactly as the engine runs it.")
+      .def(py::init([](const py::array& weight, int weight_bits, bool weight_symmetric, int64_t tile_rows,
+                       int64_t tile_cols, int act_bits, bool act_symmetric, py::object bias, const std::string& activation) {
+             const Borrowed w = from_numpy(weight, "weight", {DType::F32}, 2);
+             Tensor b;
+             Borrowed bb;
+             if (!bias.is_none()) {
+               bb = from_numpy(bias.cast<py::array>(), "bias", {DType::F32}, 1);
+               b = bb.tensor.clone();
+             }
+             kernels::Epilogue e;
+             if (activation == "none") e = kernels::Epilogue::None;
+             else if (activation == "gelu") e = kernels::Epilogue::GeluErf;
+             else if (activation == "gelu_tanh") e = kernels::Epilogue::GeluTanh;
+             else throw py::value_error("activation must be 'none', 'gelu' or 'gelu_tanh', got '" + activation + "'");
+             if (weight_bits == 0) {
+               Linear l = Linear::from_weight(w.tensor.clone(), b);
+               return l;
+             }
+             const QuantizedTensor qt =
+                 quantize(w.tensor, QuantSpec{weight_bits, weight_symmetric}, Tile{tile_rows, tile_cols > 0 ? tile_cols : w.tensor.dim(1)});
+             return Linear::from_quantized(qt, act_bits, act_symmetric, b, e);
+           }),
+           py::arg("weight"), py::arg("weight_bits") = 0, py::arg("weight_symmetric") = true, py::arg("tile_rows") = 1,
+           py::arg("tile_cols") = 0, py::arg("act_bits") = 0, py::arg("act_symmetric") = true,
+           py::arg("bias") = py::none(), py::arg("activation") = "none",
+           "weight float32 [N, K], quantized with the math contract when weight_bits is 4 or 8 (tile_cols 0: per "
+           "channel); act_bits 0 keeps float inputs (weight-only), 4/8 quantizes the rows token-wise. The kernel is "
+           "the one the current ISA selects (set_isa) at construction.")
+      .def(
+          "forward",
+          [](const Linear& l, const py::array& x) {
+            const Borrowed xb = from_numpy(x, "x", {DType::F32}, 2);
+            Tensor y;
+            {
+              py::gil_scoped_release nogil;
+              y = l.forward(xb.tensor);
+            }
+            return to_numpy(y);
+          },
+          py::arg("x"), "x float32 [M, K] -> float32 [M, N]")
+      .def_property_readonly("in_features", &Linear::in_features)
+      .def_property_readonly("out_features", &Linear::out_features);
+  m.attr("IntLinear") = m.attr("Linear");
+
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        if (name == "auto") kernels::force_isa(kernels::Isa::Auto);
+        else if (name == "ref") kernels::force_isa(kernels::Isa::Ref);
+        else if (name == "avx512vnni") kernels::force_isa(kernels::Isa::Avx512Vnni);
+        else throw py::value_error("isa must be 'auto', 'ref' or 'avx512vnni', got '" + name + "'");
+      },
+      py::arg("name"), "Force the CPU kernels' instruction set for Linears built from now on (a missing one falls back to 'ref').");
+  m.def("active_isa", []() { return std::string(kernels::isa_name(kernels::active_isa())); });
+  m.def(
+      "set_threads", [](int n) {
+        if (n < 1) throw py::value_error("threads must be >= 1");
+#ifdef _OPENMP
+        omp_set_num_threads(n);
+#endif
+      },
+      py::arg("n"), "Threads of the CPU kernels (OpenMP) for calls made outside an Engine.");
+  m.def(
+      "int8_peak_gops",
+      [](int threads, double seconds) {
+        py::gil_scoped_release nogil;
+        return kernels::int8_peak_gops(threads, seconds);
+      },
+      py::arg("threads") = 1, py::arg("seconds") = 0.5,
+      "Measured vpdpbusd throughput (GOPS, 2 ops per multiply-add) on register operands: the INT8 peak.");
 
   // ---- runtime info -------------------------------------------------------------------------------
   m.def("cuda_backend_built", &cuda_backend_built);

@@ -85,21 +85,29 @@ Linear Linear::load(const ModelFile& model, const std::string& name, kernels::Ep
   qt.scale = f.tensor(name + ".weight_scale");
   if (!rec.weight_symmetric) qt.zero_point = f.tensor(name + ".weight_zero_point");
 
+  return from_quantized(qt, rec.act_bits, rec.act_symmetric, bias, epilogue);
+}
+
+Linear Linear::from_quantized(const QuantizedTensor& qt, int act_bits, bool act_symmetric, Tensor bias_f32,
+                              kernels::Epilogue epilogue) {
+  FQ_CHECK(act_bits == 0 || act_bits == 8 || act_bits == 4, ErrorKind::ModelFormat,
+           "act_bits must be 0, 4 or 8, got " + std::to_string(act_bits));
   Linear l;
   l.N_ = qt.q.dim(0);
   l.K_ = qt.q.dim(1);
   l.epilogue_ = epilogue;
-  if (bias.defined()) l.bias_ = to_f32(bias);
-  if (rec.act_bits == 0) {
+  if (bias_f32.defined()) {
+    FQ_CHECK(bias_f32.numel() == l.N_, ErrorKind::ModelFormat, "bias size does not match the weight");
+    l.bias_ = to_f32(bias_f32);
+  }
+  if (act_bits == 0) {
     // Weight-only quantization: dequantize once, then run the FP kernel.
     l.weight_f32_ = dequantize(qt);
     l.gemm_f32_ = kernels::select_gemm_f32();
   } else {
-    FQ_CHECK(rec.act_bits == 8 || rec.act_bits == 4, ErrorKind::ModelFormat,
-             name + ": act_bits must be 0, 4 or 8, got " + std::to_string(rec.act_bits));
-    l.act_bits_ = rec.act_bits;
-    l.act_symmetric_ = rec.act_symmetric;
-    l.weight_int_ = kernels::prepare_int_weight(qt.q, qt.scale, qt.zero_point, rec.tile_rows, rec.tile_cols);
+    l.act_bits_ = act_bits;
+    l.weight_int_ = kernels::prepare_int_weight(qt.q, qt.scale, qt.zero_point, qt.tile.rows, qt.tile.cols,
+                                                qt.spec.bits, QuantSpec{act_bits, act_symmetric});
     l.gemm_int_ = kernels::select_gemm_int();
   }
   return l;
@@ -115,11 +123,8 @@ Tensor Linear::forward(const Tensor& x) const {
   if (act_bits_ == 0) {
     gemm_f32_(x.data<float>(), weight_f32_.data<float>(), bias, y.data<float>(), M, N_, K_, epilogue_);
   } else {
-    QuantSpec spec;
-    spec.bits = act_bits_;
-    spec.symmetric = act_symmetric_;
-    const QuantizedTensor xq = quantize_rows(x, spec);  // token-wise dynamic (DESIGN section 2)
-    gemm_int_(xq, weight_int_, bias, y.data<float>(), epilogue_);
+    // Token-wise dynamic quantization of x (DESIGN section 2) happens inside the kernel.
+    gemm_int_(x.data<float>(), M, weight_int_, bias, y.data<float>(), epilogue_);
   }
   return y;
 }

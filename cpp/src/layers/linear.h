@@ -22,6 +22,10 @@ class Linear {
                      kernels::Epilogue epilogue = kernels::Epilogue::None);
   // A floating-point Linear over an existing [N, K] F32 weight (e.g. the tied LM head).
   static Linear from_weight(Tensor weight_f32, Tensor bias_f32 = Tensor());
+  // A quantized Linear from canonical integers (INT4 unpacked, one value per element) and its
+  // token-wise activation quantization; act_bits 0 means weight-only (dequantized once to F32).
+  static Linear from_quantized(const QuantizedTensor& weight, int act_bits, bool act_symmetric,
+                               Tensor bias_f32 = Tensor(), kernels::Epilogue epilogue = kernels::Epilogue::None);
 
   // x: F32 [M, K] -> F32 [M, N].
   Tensor forward(const Tensor& x) const;
@@ -32,8 +36,7 @@ class Linear {
 
  private:
   int64_t N_ = 0, K_ = 0;
-  int act_bits_ = 0;
-  bool act_symmetric_ = true;
+  int act_bits_ = 0;  // 0: floating-point input
   kernels::Epilogue epilogue_ = kernels::Epilogue::None;
   Tensor bias_;                 // F32 [N] or undefined
   Tensor weight_f32_;           // FP path: [N, K]

@@ -1,5 +1,5 @@
 // CPU GEMM kernels behind a small interface, so that Linear picks one at load time and faster
-// kernels (AVX512-VNNI, AVX2) or other backends can slot in without touching the layers.
+// kernels (AVX512-VNNI) or other backends slot in without touching the layers.
 //
 // All kernels compute y[M, N] = x[M, K] W[N, K]^T (+ bias) (+ activation), W in the nn.Linear
 // layout, row-major and contiguous. Callers validate shapes; kernels assume valid input.
@@ -13,7 +13,7 @@
 namespace finequant {
 namespace kernels {
 
-// Activation fused into the GEMM epilogue.
+// Activation fused into the GEMM epilogue (kernels/cpu/act_math.h: identical on every ISA).
 enum class Epilogue { None, GeluErf, GeluTanh };
 
 float apply_epilogue(Epilogue e, float v);
@@ -26,66 +26,80 @@ void gemm_f32_ref(const float* x, const float* w, const float* bias, float* y, i
 GemmF32Fn select_gemm_f32();
 
 // ---- integer (W8/W4 x A8/A4) ------------------------------------------------------------------
-// The weight as the reference kernel wants it, prepared once at load from the file's canonical
-// layout: INT4 unpacked to one value per byte, per-block column sums precomputed.
+// An integer weight, prepared once at load from the file's canonical layout: the unpacked integers
+// and column sums (what the reference kernel reads) plus, when the VNNI kernel is active, its own
+// blocked layout. `act` is how this GEMM quantizes its input rows (token-wise, DESIGN section 2).
 struct IntWeight {
   Tensor q;           // I8 (symmetric) or U8 (asymmetric) [N, K], one value per element
   Tensor scale;       // F32 [N / tile_rows, num_blocks]
   Tensor zero_point;  // U8 like scale; undefined when symmetric
+  int bits = 8;       // 8 or 4 (the range of q)
+  QuantSpec act;      // activation quantization
   int64_t N = 0, K = 0;
   int64_t tile_rows = 1, tile_cols = 0;  // tile_cols = K-block length (== K when not blocked)
   int64_t num_blocks = 1;
   std::vector<int32_t> colsum;  // [N, num_blocks]: sum_k q[n, k] over each K-block
 
-  // AVX512-VNNI layout (filled by prepare_int_weight_avx512vnni; empty otherwise). The weight is
-  // stored as s8 w' = q - wshift (wshift = 128 for U8 weights, 0 for I8), in panels of 16 output
-  // channels x 4 consecutive k (64 bytes = one zmm per k4 step): packed[(panel * Kp4 + k4) * 64 +
-  // j * 4 + t]. Each K-block is padded with zeros to a multiple of 4 (Kp = padded total length),
-  // N is padded with zero channels to Npad (a multiple of 16). The per-column tables are indexed
-  // [block * Npad + n] and hold zeros for the padding channels.
+  // AVX512-VNNI layout (prepare_int_weight_avx512vnni; empty otherwise). vpdpbusd multiplies u8 by
+  // s8: symmetric activations (s8) take the u8 side's other operand, so the weight is stored as
+  // u8; asymmetric activations (u8) get an s8 weight. Either way the stored value is q + wc (wc a
+  // constant that moves q into the operand's range: 128 for I8 weights against s8 activations,
+  // -128 for U8 weights against u8 activations, 8 for signed INT4, else 0), undone exactly in the
+  // epilogue through the activation row sums.
+  // Panels of 16 output channels; N padded to a multiple of 64 (4 panels per micro-kernel). Each
+  // K-block is padded with zeros to a multiple of 8 (block_padded), Kp = padded total K.
+  //   8-bit: packed[(panel * Kp/4 + k/4) * 64 + j * 4 + k%4]
+  //   4-bit: packed[(panel * Kp/8 + k/8) * 64 + j * 4 + k%4], k%8 < 4 in the low nibble, else high.
+  // Per-column tables are indexed [block * Npad + n], zero for padding channels.
   struct Vnni {
     bool ready = false;
-    int32_t wshift = 0;
-    int64_t Kp = 0, Npad = 0, block_padded = 0;  // block_padded: a full K-block's padded length
-    std::vector<int8_t> packed;
-    std::vector<int32_t> colsum_shifted;  // sum_k w'[n, k] over the block
-    std::vector<int32_t> colsum;          // sum_k q[n, k] over the block (== IntWeight::colsum)
-    std::vector<int32_t> zero_point;      // zw of the column's tile (0 when symmetric)
-    std::vector<float> scale;             // sw of the column's tile
+    int32_t wc = 0;
+    int64_t Kp = 0, Npad = 0, block_padded = 0;
+    std::vector<uint8_t> packed;
+    std::vector<float> scale;            // sw of the column's tile
+    std::vector<int32_t> zw_plus_wc;     // zw + wc (asymmetric weights only)
+    std::vector<int32_t> colsum_minus;   // colsum - kb * zw (asymmetric activations only)
   } vnni;
 };
 
-// Builds an IntWeight from unpacked integers + scales (+ zero points); computes the column sums.
-IntWeight prepare_int_weight(Tensor q, Tensor scale, Tensor zero_point, int64_t tile_rows, int64_t tile_cols);
+// Builds an IntWeight from unpacked integers + scales (+ zero points); computes the column sums
+// and, when active_isa() is Avx512Vnni, the VNNI layout.
+IntWeight prepare_int_weight(Tensor q, Tensor scale, Tensor zero_point, int64_t tile_rows, int64_t tile_cols,
+                             int bits, QuantSpec act);
 
-// x: the activation rows quantized with quantize_rows semantics (one scale / zero point per row).
-using GemmIntFn = void (*)(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
+// The integer GEMM of a quantized Linear: x F32 [M, K] is quantized token-wise (w.act) inside,
+// then y = sum_blocks sx sw (acc - zx colsum_w - zw rowsum_x + Kb zx zw) + b, then the activation.
+using GemmIntFn = void (*)(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y,
                            Epilogue epilogue);
-// Reference: int32 accumulation per K-block, fused dequantization epilogue
-//   y = sum_blocks sx sw (acc - zx colsum_w - zw rowsum_x + Kb zx zw) + b.
-void gemm_int_ref(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue);
-// Picks the fastest kernel this CPU supports (see active_isa()). Call after prepare_int_weight,
-// which also builds the layout the chosen kernel needs.
+// Reference: quantize_rows, then gemm_int_quantized_ref.
+void gemm_int_ref(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y, Epilogue epilogue);
+// The reference loops on already-quantized rows (quantize_rows semantics): int32 per K-block,
+// exact int64 correction, fp32 epilogue in a fixed order that every kernel reproduces.
+void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
+                            Epilogue epilogue);
+// Picks the fastest kernel this CPU supports (see active_isa()).
 GemmIntFn select_gemm_int();
 
 // ---- instruction-set dispatch -----------------------------------------------------------------
 enum class Isa { Auto, Ref, Avx512Vnni };
-// Auto: the environment variable FINEQUANT_ISA ("ref" forces the reference kernels, "avx512vnni"
-// asks for VNNI). For now Auto without FINEQUANT_ISA=avx512vnni means Ref: the VNNI kernel has not
-// yet run on AVX-512 hardware (the build machine lacks AVX-512); once test_gemm_vnni passes there,
-// make Auto pick the best ISA the CPU supports. force_isa overrides the environment (tests); an
-// ISA the CPU lacks falls back to Ref.
+// Auto: the best ISA the CPU supports, unless the environment variable FINEQUANT_ISA says "ref".
+// force_isa overrides both (tests, benchmarks); an ISA the CPU lacks falls back to Ref. Weights
+// prepared under one ISA keep working under another (kernels fall back to the reference).
 void force_isa(Isa isa);
 Isa active_isa();
-bool cpu_has_avx512vnni();  // avx512f + avx512bw + avx512vl + avx512vnni
+const char* isa_name(Isa isa);
+bool cpu_has_avx512vnni();  // avx512f + avx512bw + avx512dq + avx512vl + avx512vnni
 
-// AVX512-VNNI kernel: identical int32 sums and the same fp32 epilogue order as gemm_int_ref, so the
-// outputs are bit-identical. Needs prepare_int_weight_avx512vnni(w) (done by prepare_int_weight
-// when active_isa() is Avx512Vnni); falls back to gemm_int_ref for a weight without that layout or
-// on a CPU without VNNI.
+// AVX512-VNNI kernel: quantizes the rows straight into its layout (the same values as
+// quantize_rows), identical int32 sums and the same fp32 epilogue order as the reference, so the
+// outputs are bit-identical. Falls back to gemm_int_ref for a weight without the VNNI layout.
 void prepare_int_weight_avx512vnni(IntWeight& w);
-void gemm_int_avx512vnni(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
+void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y,
                          Epilogue epilogue);
+
+// Throughput of a register-resident vpdpbusd loop on `threads` threads for about `seconds`:
+// the machine's INT8 peak in GOPS (2 ops per multiply-add), 0 without VNNI.
+double int8_peak_gops(int threads, double seconds);
 
 }  // namespace kernels
 }  // namespace finequant

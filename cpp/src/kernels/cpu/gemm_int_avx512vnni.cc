@@ -1,32 +1,41 @@
-// AVX512-VNNI integer GEMM (vpdpbusd: u8 x s8 -> int32), bit-identical to gemm_int_ref.
+// AVX512-VNNI integer GEMM (vpdpbusd: u8 x s8 -> int32) with the activation quantization fused in
+// front and the dequantization (+ bias + GeLU) fused behind; bit-identical to gemm_int_ref.
 //
-// vpdpbusd multiplies unsigned activations by signed weights, so both operands are shifted into
-// those ranges and the shifts are undone exactly in int32 (DESIGN section 2, "Accumulation"):
-//   x' = x + xshift (u8; xshift = 128 for I8 activations, 0 for U8)
-//   w' = w - wshift (s8; wshift = 128 for U8 weights,     0 for I8; applied once at load)
-//   sum_k x w = sum_k x' w' - xshift colsum(w') + wshift rowsum(x)
-// Every intermediate is computed with wrap-around int32 arithmetic, which equals the true value
-// modulo 2^32; the true per-block value fits int32 whenever the reference's own int32 accumulator
-// does (|x w| <= 255 * 255, K-blocks up to ~33000), so the results are identical. Then the
-// reference epilogue, in the reference's order and without FMA contraction (this file and
-// gemm_ref.cc are compiled with -ffp-contract=off):
-//   out = 0; for each block: out += (sx * sw) * float(corrected); out += bias; y = act(out).
-//
-// Layout: see IntWeight::Vnni. The activation rows are copied per call into the same padded,
-// shifted u8 layout (M x Kp bytes) along with their per-block row sums.
+// One call:
+//   1. quantize the F32 rows token-wise straight into the kernel's layout (same values as
+//      quantize_rows: the same fp32 operations), with the per-block row sums, one row per thread
+//      step while it sits in L1;
+//   2. register tiles of MR rows x 64 channels (4 panels of 16) accumulate int32 over one K-block:
+//      per 4-k step, 4 weight vectors (INT4: one load, nibbles split in registers) are multiplied
+//      with MR broadcast activation words;
+//   3. per block, the exact integer correction and the fp32 scaling, in the reference's order
+//      (out = 0; out += (sx * sw) * float(corrected) per block; out += bias; y = act(out)), with
+//      partial sums kept in y between blocks. This file is compiled with -ffp-contract=off.
+// Integer corrections use wrap-around int32, equal to the reference's exact values modulo 2^32;
+// the true per-block values fit int32 (|(x - zx)(w - zw)| <= 255^2, blocks up to ~33000).
+//   acc' = sum_k x (q + wc) = acc + wc rowsum_x
+//   corrected = acc' - (zw + wc) rowsum_x - zx (colsum_w - kb zw)
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
+#include "kernels/cpu/act_math.h"
 #include "kernels/cpu/gemm.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FQ_VNNI_BUILD 1
 #include <immintrin.h>
-#define FQ_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define FQ_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12 false positive inside _mm512_cvtepi32_ps (_mm512_undefined_ps initialises itself).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #else
 #define FQ_VNNI_BUILD 0
@@ -42,9 +51,18 @@ Isa g_forced = Isa::Auto;
 
 void force_isa(Isa isa) { g_forced = isa; }
 
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Auto: return "auto";
+    case Isa::Ref: return "ref";
+    case Isa::Avx512Vnni: return "avx512vnni";
+  }
+  return "?";
+}
+
 bool cpu_has_avx512vnni() {
 #if FQ_VNNI_BUILD
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   return has;
 #else
@@ -56,8 +74,7 @@ Isa active_isa() {
   Isa want = g_forced;
   if (want == Isa::Auto) {
     const char* env = std::getenv("FINEQUANT_ISA");
-    if (env && std::strcmp(env, "avx512vnni") == 0) want = Isa::Avx512Vnni;
-    else want = Isa::Ref;  // see gemm.h: VNNI is opt-in until verified on AVX-512 hardware
+    want = (env && std::strcmp(env, "ref") == 0) ? Isa::Ref : Isa::Avx512Vnni;
   }
   if (want == Isa::Ref) return Isa::Ref;
   return cpu_has_avx512vnni() ? Isa::Avx512Vnni : Isa::Ref;
@@ -67,154 +84,239 @@ Isa active_isa() {
 
 namespace {
 
-constexpr int64_t kPanel = 16;  // output channels per zmm of int32 accumulators
+constexpr int64_t kPanel = 16;         // output channels per zmm of int32 accumulators
+constexpr int64_t kTileN = 4 * kPanel;  // channels per micro-kernel
+constexpr int kMaxMR = 6;               // rows per micro-kernel: 24 accumulators + 4 weights + 1 broadcast
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// ---- vector forms of act_math.h (the same operations in the same order) -----------------------
+FQ_VNNI inline __m512 exp_v(__m512 x) {
+  using namespace actmath;
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpLo)), _mm512_set1_ps(kExpHi));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(kLn2Hi)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(kLn2Lo)));
+  __m512 p = _mm512_set1_ps(kExpP0);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kExpP1));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kExpP2));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kExpP3));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kExpP4));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kExpP5));
+  p = _mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+FQ_VNNI inline __m512 erf_v(__m512 x) {
+  using namespace actmath;
+  const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
+  const __m512 ax = _mm512_andnot_ps(sign, x);
+  const __m512 t = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(kErfP), ax)));
+  __m512 p = _mm512_set1_ps(kErfA5);
+  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA4));
+  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA3));
+  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA2));
+  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA1));
+  p = _mm512_mul_ps(p, t);
+  const __m512 y = _mm512_sub_ps(one, _mm512_mul_ps(p, exp_v(_mm512_xor_ps(_mm512_mul_ps(ax, ax), sign))));
+  return _mm512_or_ps(_mm512_andnot_ps(sign, y), _mm512_and_ps(sign, x));  // copysign(y, x)
+}
+
+FQ_VNNI inline __m512 activation_v(Epilogue e, __m512 v) {
+  using namespace actmath;
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  if (e == Epilogue::GeluErf)
+    return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, erf_v(_mm512_mul_ps(v, _mm512_set1_ps(kSqrt1_2)))));
+  if (e == Epilogue::GeluTanh) {
+    const __m512 two = _mm512_set1_ps(2.0f);
+    const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(kGeluTanhC), cube)));
+    const __m512 th = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp_v(_mm512_mul_ps(two, u)), one)));
+    return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, th));
+  }
+  return v;
+}
+
+// ---- the call's context -----------------------------------------------------------------------
 struct Ctx {
-  int64_t M, N, K, nb, bk, Kp, Npad, bkp;  // bkp: padded full-block length (multiple of 4)
-  const uint8_t* xp;                       // [M, Kp] shifted activations
-  const int32_t* rowsum;                   // [M, nb] sum of the original x over each block
-  const float* sx;                         // [M]
-  const uint8_t* zx;                       // [M] or null
-  int32_t xshift, wshift;
+  int64_t M, N, K, nb, bk, bkp, Kp, Npad;
+  const uint8_t* xp;      // [M, Kp] quantized rows (s8 or u8 bytes), zero padded per block
+  const int32_t* rowsum;  // [M, nb] sum of the quantized row over each block
+  const float* sx;        // [M]
+  const int32_t* zx;      // [M] (asymmetric activations)
   const IntWeight::Vnni* v;
+  bool wsym;
   const float* bias;
   float* y;
   Epilogue epilogue;
 };
 
-inline int32_t load_u32(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
+// ---- 1. token-wise quantization into the kernel layout ----------------------------------------
+// Returns false if the row holds NaN/Inf (or, asymmetric, a range that overflows fp32).
+FQ_VNNI bool quantize_row(const float* x, const Ctx& c, bool symmetric, float qmax, uint8_t* dst, int32_t* rowsum,
+                          float* scale, int32_t* zero_point) {
+  const int64_t K = c.K;
+  __m512 vmin = _mm512_setzero_ps(), vmax = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    vmin = _mm512_min_ps(vmin, v);
+    vmax = _mm512_max_ps(vmax, v);
+    bad = _mm512_add_ps(bad, _mm512_mul_ps(v, _mm512_setzero_ps()));  // NaN for NaN / Inf
+  }
+  if (k < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + k);
+    vmin = _mm512_min_ps(vmin, v);
+    vmax = _mm512_max_ps(vmax, v);
+    bad = _mm512_add_ps(bad, _mm512_mul_ps(v, _mm512_setzero_ps()));
+  }
+  if (_mm512_reduce_add_ps(bad) != 0.0f) return false;  // NaN never compares equal
+  const float lo = _mm512_reduce_min_ps(vmin), hi = _mm512_reduce_max_ps(vmax);  // both include 0
+  // The scale and zero point exactly as quantize() computes them.
+  float s, z = 0.0f;
+  if (symmetric) {
+    s = std::max(hi, -lo) / qmax;
+  } else {
+    const float range = hi - lo;
+    if (!std::isfinite(range)) return false;
+    s = range / qmax;
+  }
+  if (s == 0.0f) s = 1.0f;
+  if (!symmetric) z = std::clamp(std::nearbyint(-lo / s), 0.0f, qmax);
+  *scale = s;
+  if (zero_point) *zero_point = static_cast<int32_t>(z);
+
+  const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+  const __m512 qlo = _mm512_set1_ps(symmetric ? -qmax : 0.0f), qhi = _mm512_set1_ps(qmax);
+  for (int64_t b = 0; b < c.nb; ++b) {
+    const int64_t k0 = b * c.bk, kb = std::min(K, k0 + c.bk) - k0;
+    uint8_t* d = dst + b * c.bkp;
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = 0; i < kb; i += 16) {
+      const __mmask16 m = kb - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (kb - i)) - 1);
+      __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, x + k0 + i), vs),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      if (!symmetric) q = _mm512_add_ps(q, vz);
+      const __m512i qi = _mm512_maskz_cvtps_epi32(m, _mm512_min_ps(_mm512_max_ps(q, qlo), qhi));
+      sum = _mm512_add_epi32(sum, qi);
+      _mm_mask_storeu_epi8(d + i, m, _mm512_cvtepi32_epi8(qi));  // the low byte: s8 or u8 as stored
+    }
+    const int64_t padded = (b + 1 < c.nb) ? c.bkp : c.Kp - b * c.bkp;
+    std::memset(d + kb, 0, static_cast<size_t>(padded - kb));
+    rowsum[b] = _mm512_reduce_add_epi32(sum);
+  }
+  return true;
 }
 
-// MR activation rows x NP panels of 16 output channels, over the whole K.
-template <int MR, int NP>
-FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t panel0) {
-  __m512 out[MR][NP];
-#pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NP; ++j) out[i][j] = _mm512_setzero_ps();
-
-  const int64_t Kp4 = c.Kp / 4;
-  const int8_t* wbase = c.v->packed.data();
+// ---- 2 + 3. micro-kernel: MR rows x 64 channels over all blocks --------------------------------
+template <int MR, bool XU8, bool W4>
+FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
+  const IntWeight::Vnni& v = *c.v;
+  const int64_t panel0 = tile * 4;
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
   for (int64_t b = 0; b < c.nb; ++b) {
-    const int64_t k0 = b * c.bk, kb = std::min(c.K, k0 + c.bk) - k0;  // real block length
-    const int64_t q0 = b * c.bkp / 4, q1 = q0 + (kb + 3) / 4;          // k4 steps of the block
-    __m512i acc[MR][NP];
-#pragma GCC unroll 4
+    const int64_t kb = std::min(c.K, b * c.bk + c.bk) - b * c.bk;
+    const int64_t s0 = b * c.bkp / 8, pairs = round_up(kb, 8) / 8;  // pairs of 4-k steps
+    __m512i acc[MR][4];
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_si512();
-    const int8_t* wp[NP];
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+    // Weight bytes per 8 k of a panel: 128 (8-bit), 64 (4-bit); panels are Kp * 16 (or * 8) apart.
+    const int64_t pair_bytes = W4 ? 64 : 128, panel_bytes = c.Kp / 8 * pair_bytes;
+    const uint8_t* wp = v.packed.data() + panel0 * panel_bytes + s0 * pair_bytes;
+    const uint8_t* xr = c.xp + m0 * c.Kp + s0 * 8;
+    // One 4-k step per iteration: 24 accumulators + 4 weight vectors + 1 broadcast fit the 32
+    // registers (unrolling two steps made GCC spill accumulators). INT4: step s reads the low
+    // (even s) or high (odd s) nibbles of pair s / 2.
+    for (int64_t s = 0; s < 2 * pairs; ++s) {
+      __m512i w[4];
+      const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(s & 1) * 4);
 #pragma GCC unroll 4
-    for (int j = 0; j < NP; ++j) wp[j] = wbase + ((panel0 + j) * Kp4 + q0) * 64;
-    const uint8_t* xr[MR];
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) xr[i] = c.xp + (m0 + i) * c.Kp + q0 * 4;
-    for (int64_t t = 0; t < q1 - q0; ++t) {
-      __m512i wv[NP];
-#pragma GCC unroll 4
-      for (int j = 0; j < NP; ++j) wv[j] = _mm512_loadu_si512(wp[j] + t * 64);
-#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        if (W4) {
+          const __m512i packed = _mm512_loadu_si512(wp + j * panel_bytes + (s >> 1) * 64);
+          w[j] = _mm512_and_si512(_mm512_srl_epi16(packed, shift), nibble);
+        } else {
+          w[j] = _mm512_loadu_si512(wp + j * panel_bytes + s * 64);
+        }
+      }
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
-        const __m512i xb = _mm512_set1_epi32(load_u32(xr[i] + t * 4));
+        int32_t word;
+        std::memcpy(&word, xr + i * c.Kp + s * 4, 4);
+        const __m512i xb = _mm512_set1_epi32(word);
 #pragma GCC unroll 4
-        for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xb, wv[j]);
+        for (int j = 0; j < 4; ++j)
+          acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xb, w[j]) : _mm512_dpbusd_epi32(acc[i][j], w[j], xb);
       }
     }
-    // Block epilogue: corrected = acc' - xshift cs' - zx cs + wshift rx - zw (rx - kb zx)
-    //   (= acc - zx colsum - zw rowsum + kb zx zw with acc the true sum), then out += sx sw c.
-    const __m512i vxs = _mm512_set1_epi32(c.xshift);
-#pragma GCC unroll 4
+    // Block epilogue.
+    // Constant trip counts, fully unrolled, so that acc[][] stays in registers (a `break` here
+    // made GCC keep a stack copy of the accumulators, stored on every k step).
+    const bool last = b + 1 == c.nb;
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const int64_t m = m0 + i;
-      const int32_t zxm = c.zx ? c.zx[m] : 0;
-      const int32_t rx = c.rowsum[m * c.nb + b];
-      const __m512i vzx = _mm512_set1_epi32(zxm);
-      const __m512i vrx = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(rx) * static_cast<uint32_t>(c.wshift)));
-      const __m512i vr2 = _mm512_set1_epi32(
-          static_cast<int32_t>(static_cast<uint32_t>(rx) - static_cast<uint32_t>(kb) * static_cast<uint32_t>(zxm)));
+      const uint32_t rx = static_cast<uint32_t>(c.rowsum[m * c.nb + b]);
+      const __m512i vrx = _mm512_set1_epi32(static_cast<int32_t>(rx));
+      const __m512i wc_rx = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v.wc) * rx));
       const __m512 vsx = _mm512_set1_ps(c.sx[m]);
+      float* yrow = c.y + m * c.N;
 #pragma GCC unroll 4
-      for (int j = 0; j < NP; ++j) {
-        const int64_t col = b * c.Npad + (panel0 + j) * kPanel;
-        const __m512i cs1 = _mm512_loadu_si512(c.v->colsum_shifted.data() + col);
-        const __m512i cs = _mm512_loadu_si512(c.v->colsum.data() + col);
-        const __m512i zw = _mm512_loadu_si512(c.v->zero_point.data() + col);
-        const __m512 sw = _mm512_loadu_ps(c.v->scale.data() + col);
-        __m512i corr = _mm512_sub_epi32(acc[i][j], _mm512_mullo_epi32(vxs, cs1));
-        corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(vzx, cs));
-        corr = _mm512_add_epi32(corr, vrx);
-        corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(zw, vr2));
-        const __m512 scale = _mm512_mul_ps(vsx, sw);
-        out[i][j] = _mm512_add_ps(out[i][j], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(corr)));
+      for (int j = 0; j < 4; ++j) {
+        const int64_t n0 = (panel0 + j) * kPanel;
+        if (n0 >= c.N) continue;  // padding panel
+        const int64_t col = b * c.Npad + n0;
+        __m512i corr = acc[i][j];
+        if (c.wsym) corr = _mm512_sub_epi32(corr, wc_rx);
+        else corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_loadu_si512(v.zw_plus_wc.data() + col), vrx));
+        if (XU8)
+          corr = _mm512_sub_epi32(
+              corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), _mm512_loadu_si512(v.colsum_minus.data() + col)));
+        const __m512 scaled =
+            _mm512_mul_ps(_mm512_mul_ps(vsx, _mm512_loadu_ps(v.scale.data() + col)), _mm512_cvtepi32_ps(corr));
+        const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
+        const __mmask16 mask = cols == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
+        __m512 out = _mm512_add_ps(b == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, yrow + n0), scaled);
+        if (last) {
+          if (c.bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, c.bias + n0));
+          out = activation_v(c.epilogue, out);
+        }
+        _mm512_mask_storeu_ps(yrow + n0, mask, out);
       }
-    }
-  }
-
-  // Bias, store, activation.
-#pragma GCC unroll 4
-  for (int j = 0; j < NP; ++j) {
-    const int64_t n0 = (panel0 + j) * kPanel;
-    const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
-    const __mmask16 mask = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
-    const __m512 bv = c.bias ? _mm512_maskz_loadu_ps(mask, c.bias + n0) : _mm512_setzero_ps();
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) {
-      __m512 o = out[i][j];
-      if (c.bias) o = _mm512_add_ps(o, bv);
-      float* yr = c.y + (m0 + i) * c.N + n0;
-      _mm512_mask_storeu_ps(yr, mask, o);
-      if (c.epilogue != Epilogue::None)
-        for (int64_t t = 0; t < cols; ++t) yr[t] = apply_epilogue(c.epilogue, yr[t]);
     }
   }
 }
 
 using MicroFn = void (*)(const Ctx&, int64_t, int64_t);
 
-MicroFn pick(int mr, int np) {
-  switch (mr * 8 + np) {
-    case 1 * 8 + 1: return micro_kernel<1, 1>;
-    case 1 * 8 + 2: return micro_kernel<1, 2>;
-    case 1 * 8 + 3: return micro_kernel<1, 3>;
-    case 1 * 8 + 4: return micro_kernel<1, 4>;
-    case 2 * 8 + 1: return micro_kernel<2, 1>;
-    case 2 * 8 + 2: return micro_kernel<2, 2>;
-    case 3 * 8 + 1: return micro_kernel<3, 1>;
-    case 3 * 8 + 2: return micro_kernel<3, 2>;
-    case 4 * 8 + 1: return micro_kernel<4, 1>;
-    case 4 * 8 + 2: return micro_kernel<4, 2>;
+template <bool XU8, bool W4>
+MicroFn pick_rows(int mr) {
+  switch (mr) {
+    case 1: return micro_kernel<1, XU8, W4>;
+    case 2: return micro_kernel<2, XU8, W4>;
+    case 3: return micro_kernel<3, XU8, W4>;
+    case 4: return micro_kernel<4, XU8, W4>;
+    case 5: return micro_kernel<5, XU8, W4>;
+    default: return micro_kernel<6, XU8, W4>;
   }
-  return nullptr;
 }
 
-// Copies the activation rows into the padded u8 layout and computes the per-block row sums.
-template <class TX>
-void pack_rows(const QuantizedTensor& x, const Ctx& c, uint8_t* xp, int32_t* rowsum) {
-  const TX* xq = static_cast<const TX*>(x.q.raw());
-  const uint8_t flip = c.xshift ? 0x80 : 0x00;  // x + 128 as u8 == bit pattern of x xor 0x80
-#pragma omp for schedule(static)
-  for (int64_t m = 0; m < c.M; ++m) {
-    const TX* src = xq + m * c.K;
-    uint8_t* dst = xp + m * c.Kp;
-    for (int64_t b = 0; b < c.nb; ++b) {
-      const int64_t k0 = b * c.bk, kb = std::min(c.K, k0 + c.bk) - k0;
-      uint8_t* d = dst + b * c.bkp;
-      int32_t s = 0;
-      for (int64_t k = 0; k < kb; ++k) {
-        s += static_cast<int32_t>(src[k0 + k]);
-        d[k] = static_cast<uint8_t>(static_cast<uint8_t>(src[k0 + k]) ^ flip);
-      }
-      for (int64_t k = kb; k < round_up(kb, 4); ++k) d[k] = 0;
-      rowsum[m * c.nb + b] = s;
-    }
-  }
+MicroFn pick(int mr, bool xu8, bool w4) {
+  if (xu8) return w4 ? pick_rows<true, true>(mr) : pick_rows<true, false>(mr);
+  return w4 ? pick_rows<false, true>(mr) : pick_rows<false, false>(mr);
 }
+
+// Scratch for the quantized rows, reused across calls (no page faults per GEMM).
+struct Scratch {
+  std::vector<uint8_t> xp;
+  std::vector<int32_t> rowsum, zx;
+  std::vector<float> sx;
+};
 
 }  // namespace
 
@@ -222,107 +324,135 @@ void prepare_int_weight_avx512vnni(IntWeight& w) {
   if (!cpu_has_avx512vnni()) return;
   IntWeight::Vnni& v = w.vnni;
   const int64_t N = w.N, K = w.K, nb = w.num_blocks, bk = w.tile_cols;
-  const bool is_signed = w.q.dtype() == DType::I8;
-  v.wshift = is_signed ? 0 : 128;
-  v.block_padded = round_up(bk, 4);
-  v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, 4);
-  v.Npad = round_up(N, kPanel);
-  const int64_t Kp4 = v.Kp / 4;
-  v.packed.assign(static_cast<size_t>(v.Npad * v.Kp), 0);
-  v.colsum_shifted.assign(static_cast<size_t>(nb * v.Npad), 0);
-  v.colsum.assign(static_cast<size_t>(nb * v.Npad), 0);
-  v.zero_point.assign(static_cast<size_t>(nb * v.Npad), 0);
+  const bool wsym = w.q.dtype() == DType::I8, xu8 = !w.act.symmetric, w4 = w.bits == 4;
+  v.wc = w4 ? (wsym ? 8 : 0) : (xu8 ? (wsym ? 0 : -128) : (wsym ? 128 : 0));
+  v.block_padded = round_up(bk, 8);
+  v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, 8);
+  v.Npad = round_up(N, kTileN);
+  v.packed.assign(static_cast<size_t>(w4 ? v.Npad * v.Kp / 2 : v.Npad * v.Kp), 0);
   v.scale.assign(static_cast<size_t>(nb * v.Npad), 0.f);
+  v.zw_plus_wc.assign(wsym ? 0 : static_cast<size_t>(nb * v.Npad), 0);
+  v.colsum_minus.assign(xu8 ? static_cast<size_t>(nb * v.Npad) : 0, 0);
   const float* sw = w.scale.data<float>();
-  const uint8_t* zw = w.zero_point.defined() ? w.zero_point.data<uint8_t>() : nullptr;
+  const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
+  const int64_t panel_bytes = w4 ? v.Kp * 8 : v.Kp * 16;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t panel = n / kPanel, j = n % kPanel, g = n / w.tile_rows;
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
-      int32_t cs1 = 0;
       for (int64_t k = 0; k < kb; ++k) {
-        const int32_t q = is_signed ? w.q.data<int8_t>()[n * K + k0 + k] : w.q.data<uint8_t>()[n * K + k0 + k];
-        const int32_t qs = q - v.wshift;  // in [-128, 127]
-        cs1 += qs;
-        const int64_t kk = b * v.block_padded + k;  // position in the padded K
-        v.packed[static_cast<size_t>(((panel * Kp4 + kk / 4) * 64) + j * 4 + kk % 4)] = static_cast<int8_t>(qs);
+        const int32_t q = wsym ? w.q.data<int8_t>()[n * K + k0 + k] : w.q.data<uint8_t>()[n * K + k0 + k];
+        const uint8_t stored = static_cast<uint8_t>(q + v.wc);  // u8 or s8 bit pattern
+        const int64_t kk = b * v.block_padded + k;              // position in the padded K
+        if (w4) {
+          v.packed[static_cast<size_t>(panel * panel_bytes + kk / 8 * 64 + j * 4 + kk % 4)] |=
+              static_cast<uint8_t>(stored << (kk % 8 < 4 ? 0 : 4));
+        } else {
+          v.packed[static_cast<size_t>(panel * panel_bytes + kk / 4 * 64 + j * 4 + kk % 4)] = stored;
+        }
       }
       const size_t col = static_cast<size_t>(b * v.Npad + n);
-      v.colsum_shifted[col] = cs1;
-      v.colsum[col] = w.colsum[n * nb + b];
-      v.zero_point[col] = zw ? zw[g * nb + b] : 0;
+      const int32_t z = zw ? zw[g * nb + b] : 0;
       v.scale[col] = sw[g * nb + b];
+      if (!wsym) v.zw_plus_wc[col] = z + v.wc;
+      if (xu8) v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
     }
   }
   v.ready = true;
 }
 
-void gemm_int_avx512vnni(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
+void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y,
                          Epilogue epilogue) {
   if (!w.vnni.ready || !cpu_has_avx512vnni()) {
-    gemm_int_ref(x, w, bias, y, epilogue);
+    gemm_int_ref(x, M, w, bias, y, epilogue);
     return;
   }
   const IntWeight::Vnni& v = w.vnni;
-  Ctx c;
-  c.M = x.q.dim(0);
-  c.N = w.N;
-  c.K = w.K;
-  c.nb = w.num_blocks;
-  c.bk = w.tile_cols;
-  c.Kp = v.Kp;
-  c.Npad = v.Npad;
-  c.bkp = v.block_padded;
-  c.sx = x.scale.data<float>();
-  c.zx = x.zero_point.defined() ? x.zero_point.data<uint8_t>() : nullptr;
-  const bool x_signed = x.q.dtype() == DType::I8;
-  c.xshift = x_signed ? 128 : 0;
-  c.wshift = v.wshift;
-  c.v = &v;
-  c.bias = bias;
-  c.y = y;
-  c.epilogue = epilogue;
-  std::vector<uint8_t> xp(static_cast<size_t>(c.M * c.Kp));
-  std::vector<int32_t> rowsum(static_cast<size_t>(c.M * c.nb));
-  c.xp = xp.data();
-  c.rowsum = rowsum.data();
+  const bool symmetric = w.act.symmetric;
+  const float qmax = static_cast<float>(quant_max(w.act));
+  thread_local Scratch scratch;
+  scratch.xp.resize(static_cast<size_t>(M * v.Kp));
+  scratch.rowsum.resize(static_cast<size_t>(M * w.num_blocks));
+  scratch.sx.resize(static_cast<size_t>(M));
+  scratch.zx.resize(static_cast<size_t>(M));
+  const MicroFn full = pick(kMaxMR, !symmetric, w.bits == 4);
+  // Worker threads must not name `scratch` (thread_local: each would see its own).
+  uint8_t* xp = scratch.xp.data();
+  int32_t* rowsum = scratch.rowsum.data();
+  float* sx = scratch.sx.data();
+  int32_t* zx = scratch.zx.data();
+  Ctx c{M, w.N, w.K, w.num_blocks, w.tile_cols, v.block_padded, v.Kp, v.Npad,
+        xp, rowsum, sx, zx,
+        &v, w.q.dtype() == DType::I8, bias, y, epilogue};
 
-  // Tasks: chunks of MC rows x NC panels; inside, panel groups outer (the weight slice stays in
-  // L1) and MR-row groups inner. M = 1 (decode) reads every weight panel exactly once.
-  constexpr int64_t MC = 64, NC = 4;
-  const int64_t panels = c.Npad / kPanel;
-  const int64_t mchunks = (c.M + MC - 1) / MC, nchunks = (panels + NC - 1) / NC;
-  const int64_t tasks = mchunks * nchunks;
+  // Tasks: row chunks x channel tiles. Decode-sized M is one row chunk, so the weight is read once
+  // and the threads split the channels; larger M uses chunks whose rows stay in L2.
+  const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tiles = v.Npad / kTileN;
+  const int64_t tasks = mchunks * tiles;
+  int64_t bad_row = -1;
 #pragma omp parallel
   {
-    if (x_signed) pack_rows<int8_t>(x, c, xp.data(), rowsum.data());
-    else pack_rows<uint8_t>(x, c, xp.data(), rowsum.data());
-    // (implicit barrier of the omp for above)
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      if (!quantize_row(x + m * w.K, c, symmetric, qmax, xp + m * v.Kp, rowsum + m * w.num_blocks, sx + m,
+                        symmetric ? nullptr : zx + m)) {
+#pragma omp critical
+        bad_row = std::max(bad_row, m);
+      }
+    }
+    // (implicit barrier)
+    if (bad_row < 0) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t mc = task / nchunks, ncnk = task % nchunks;
-      const int64_t m0 = mc * MC, m1 = std::min(c.M, m0 + MC);
-      const int64_t p0 = ncnk * NC, p1 = std::min(panels, p0 + NC);
-      const bool single_row = (m1 - m0) == 1;
-      const int64_t np_max = single_row ? 4 : 2;
-      for (int64_t p = p0; p < p1; p += np_max) {
-        const int np = static_cast<int>(std::min(np_max, p1 - p));
-        for (int64_t m = m0; m < m1; m += 4) {
-          const int mr = static_cast<int>(std::min<int64_t>(4, m1 - m));
-          pick(mr, np)(c, m, p);
-        }
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
+        int64_t m = m0;
+        for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
+        if (m < m1) pick(static_cast<int>(m1 - m), !symmetric, w.bits == 4)(c, m, tile);
       }
     }
   }
+  FQ_CHECK_ARG(bad_row < 0, "input contains NaN or Inf (or an unrepresentable range) in row " + std::to_string(bad_row));
 }
 
-#else  // no x86 AVX-512 build: the reference
+namespace {
+// vpdpbusd on registers only until `seconds` after `start`; returns the ops done.
+FQ_VNNI double peak_loop(std::chrono::steady_clock::time_point start, double seconds) {
+  constexpr int kAcc = 12;  // independent chains: enough to cover vpdpbusd latency
+  __m512i acc[kAcc];
+  for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_set1_epi32(i);
+  const __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-5);
+  int64_t iters = 0;
+  while (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < seconds) {
+    for (int r = 0; r < 4096; ++r)
+      for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+    iters += 4096;
+  }
+  __m512i s = acc[0];
+  for (int i = 1; i < kAcc; ++i) s = _mm512_add_epi32(s, acc[i]);
+  volatile int sink = _mm512_reduce_add_epi32(s);
+  (void)sink;
+  return static_cast<double>(iters) * kAcc * 64 * 2;
+}
+}  // namespace
+
+double int8_peak_gops(int threads, double seconds) {
+  if (!cpu_has_avx512vnni()) return 0.0;
+  double total_ops = 0.0;
+  const auto start = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(threads) reduction(+ : total_ops)
+  total_ops += peak_loop(start, seconds);
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return total_ops / elapsed / 1e9;
+}
+
+#else  // no x86 build: the reference
 
 void prepare_int_weight_avx512vnni(IntWeight&) {}
-void gemm_int_avx512vnni(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
+void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y,
                          Epilogue epilogue) {
-  gemm_int_ref(x, w, bias, y, epilogue);
+  gemm_int_ref(x, M, w, bias, y, epilogue);
 }
+double int8_peak_gops(int, double) { return 0.0; }
 
 #endif
 

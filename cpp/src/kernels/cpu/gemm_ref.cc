@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/cpu/act_math.h"
 #include "kernels/cpu/gemm.h"
 
 // The loops below are written so that the compiler vectorizes them; GCC/Clang compile each
@@ -22,11 +23,9 @@ float apply_epilogue(Epilogue e, float v) {
     case Epilogue::None:
       return v;
     case Epilogue::GeluErf:
-      return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752440f));
-    case Epilogue::GeluTanh: {
-      const float c = 0.79788456080286535588f;  // sqrt(2 / pi)
-      return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
-    }
+      return actmath::gelu_erf(v);
+    case Epilogue::GeluTanh:
+      return actmath::gelu_tanh(v);
   }
   return v;
 }
@@ -49,8 +48,11 @@ FQ_MULTIVERSION void gemm_f32_ref(const float* x, const float* w, const float* b
 
 GemmF32Fn select_gemm_f32() { return gemm_f32_ref; }
 
-IntWeight prepare_int_weight(Tensor q, Tensor scale, Tensor zero_point, int64_t tile_rows, int64_t tile_cols) {
+IntWeight prepare_int_weight(Tensor q, Tensor scale, Tensor zero_point, int64_t tile_rows, int64_t tile_cols,
+                             int bits, QuantSpec act) {
   IntWeight w;
+  w.bits = bits;
+  w.act = act;
   w.N = q.dim(0);
   w.K = q.dim(1);
   w.tile_rows = tile_rows;
@@ -75,7 +77,7 @@ namespace {
 
 // TX, TW: int8_t (symmetric) or uint8_t (asymmetric) storage of the integer values.
 template <class TX, class TW>
-FQ_MULTIVERSION void gemm_int_ref_typed(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
+FQ_MULTIVERSION void gemm_int_quantized_typed(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
                         Epilogue epilogue) {
   const int64_t M = x.q.dim(0), K = w.K, N = w.N, nb = w.num_blocks, bk = w.tile_cols;
   const TX* xq = static_cast<const TX*>(x.q.raw());
@@ -117,12 +119,18 @@ FQ_MULTIVERSION void gemm_int_ref_typed(const QuantizedTensor& x, const IntWeigh
 
 }  // namespace
 
-void gemm_int_ref(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
+void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
+                            Epilogue epilogue) {
   const bool xs = x.q.dtype() == DType::I8, ws = w.q.dtype() == DType::I8;
-  if (xs && ws) gemm_int_ref_typed<int8_t, int8_t>(x, w, bias, y, epilogue);
-  else if (xs) gemm_int_ref_typed<int8_t, uint8_t>(x, w, bias, y, epilogue);
-  else if (ws) gemm_int_ref_typed<uint8_t, int8_t>(x, w, bias, y, epilogue);
-  else gemm_int_ref_typed<uint8_t, uint8_t>(x, w, bias, y, epilogue);
+  if (xs && ws) gemm_int_quantized_typed<int8_t, int8_t>(x, w, bias, y, epilogue);
+  else if (xs) gemm_int_quantized_typed<int8_t, uint8_t>(x, w, bias, y, epilogue);
+  else if (ws) gemm_int_quantized_typed<uint8_t, int8_t>(x, w, bias, y, epilogue);
+  else gemm_int_quantized_typed<uint8_t, uint8_t>(x, w, bias, y, epilogue);
+}
+
+void gemm_int_ref(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
+  const Tensor xt = Tensor::borrow(const_cast<float*>(x), DType::F32, {M, w.K});
+  gemm_int_quantized_ref(quantize_rows(xt, w.act), w, bias, y, epilogue);
 }
 
 GemmIntFn select_gemm_int() {

@@ -1,0 +1,69 @@
+// Activation functions of the GEMM epilogues, written as plain fp32 operation sequences so that
+// the scalar form here and the AVX-512 form in gemm_int_avx512vnni.cc (the same operations in the
+// same order, no FMA contraction) give bit-identical results. std::erf / std::tanh would not:
+// their vector counterparts round differently.
+//   exp: Cephes expf (range reduction by ln 2, degree-6 polynomial), relative error ~2e-7.
+//   erf: Abramowitz & Stegun 7.1.26 (as PyTorch's vectorized erf), absolute error <= 1.5e-7.
+//   tanh(u) = 1 - 2 / (exp(2u) + 1).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace finequant {
+namespace kernels {
+namespace actmath {
+
+constexpr float kExpHi = 88.3f, kExpLo = -87.3f;  // 2^n stays a normal float
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP0 = 1.9875691500e-4f, kExpP1 = 1.3981999507e-3f, kExpP2 = 8.3334519073e-3f,
+                kExpP3 = 4.1665795894e-2f, kExpP4 = 1.6666665459e-1f, kExpP5 = 5.0000001201e-1f;
+constexpr float kErfP = 0.3275911f, kErfA1 = 0.254829592f, kErfA2 = -0.284496736f, kErfA3 = 1.421413741f,
+                kErfA4 = -1.453152027f, kErfA5 = 1.061405429f;
+constexpr float kSqrt1_2 = 0.70710678118654752440f;
+constexpr float kSqrt2OverPi = 0.79788456080286535588f, kGeluTanhC = 0.044715f;
+
+inline float exp(float x) {
+  x = std::fmin(std::fmax(x, kExpLo), kExpHi);
+  const float n = std::nearbyint(x * kLog2e);
+  float r = x - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = kExpP0;
+  p = p * r + kExpP1;
+  p = p * r + kExpP2;
+  p = p * r + kExpP3;
+  p = p * r + kExpP4;
+  p = p * r + kExpP5;
+  p = p * (r * r) + r;
+  p = p + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return p * two_n;
+}
+
+inline float erf(float x) {
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (1.0f + kErfP * ax);
+  float p = kErfA5;
+  p = p * t + kErfA4;
+  p = p * t + kErfA3;
+  p = p * t + kErfA2;
+  p = p * t + kErfA1;
+  p = p * t;
+  const float y = 1.0f - p * exp(-(ax * ax));
+  return std::copysign(y, x);
+}
+
+inline float gelu_erf(float v) { return 0.5f * v * (1.0f + erf(v * kSqrt1_2)); }
+
+inline float gelu_tanh(float v) {
+  const float u = kSqrt2OverPi * (v + kGeluTanhC * (v * v * v));
+  const float th = 1.0f - 2.0f / (exp(2.0f * u) + 1.0f);
+  return 0.5f * v * (1.0f + th);
+}
+
+}  // namespace actmath
+}  // namespace kernels
+}  // namespace finequant
