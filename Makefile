@@ -1,6 +1,7 @@
 # finequant: the two front doors.
 #   make demo   set up .venv, build, quantize the real default models and print quality/size
 #   make test   set up .venv, build, run pytest and the C++ tests
+#   make bench  install the peers, run bench/ (GEMM, BERT, decode) and write bench/results/RESULTS.md
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -40,6 +41,20 @@ test-cpp: setup
 	cd build/cpp && ctest --output-on-failure
 
 test: test-python test-cpp
+
+# Benchmark peers (ONNX Runtime, CTranslate2) and matplotlib, on top of the dev dependencies.
+$(VENV)/.bench-deps: $(VENV)/.deps bench/requirements.txt constraints-dev.txt
+	$(PIP) install -q -c constraints-dev.txt -r bench/requirements.txt
+	touch $@
+
+# Run on a quiet machine: every script times finequant and its peers alternately in one process.
+# BENCH_ARGS="--quick" is a smoke run (tiny sizes, results in bench/results/quick).
+BENCH_ARGS ?= --threads 2
+bench: install $(VENV)/.bench-deps
+	$(PY) bench/bench_gemm.py $(BENCH_ARGS)
+	$(PY) bench/bench_bert.py $(BENCH_ARGS)
+	$(PY) bench/bench_decode.py $(BENCH_ARGS)
+	$(PY) bench/report.py $(filter --quick,$(BENCH_ARGS))
 
 clean:
 	rm -rf build dist *.egg-info

@@ -1,0 +1,163 @@
+"""Greedy decode of GPT-2 small (random weights) and SmolLM2-135M: finequant against HF and CTranslate2.
+
+    python bench/bench_decode.py [--quick] [--threads 2] [--models gpt2,smollm2]
+
+Per model and batch (1 and 8): a random 32-token prompt per row, 64 new tokens forced (no early stop:
+finequant without stop tokens, HF with min_new_tokens, CT2 with min_length), greedy everywhere.
+tokens/s = batch * new tokens / wall time of the whole generate call (prefill included).
+Systems: finequant fp32, w8a8, w4a8 (kblock 32); HF transformers fp32 and dynamic int8
+(torch quantize_dynamic of every Linear, GPT-2's Conv1D swapped for Linear first); CTranslate2 int8.
+Goals: finequant w8a8 >= 2x the fastest peer at batch 1; w4a8 >= 1.4x w8a8.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import sys
+import warnings
+
+import numpy as np
+
+import common
+import models
+
+PROMPT, NEW, BATCHES = 32, 64, (1, 8)
+QUICK_PROMPT, QUICK_NEW, QUICK_BATCHES = 8, 4, (1, 2)
+FQ_SCHEMES = {"finequant fp32": ("fp32",), "finequant w8a8": ("w8a8",),
+              "finequant w4a8": ("w4a8", "--kblock", "32")}
+W8, W4 = "finequant w8a8", "finequant w4a8"
+PEER_GOAL, W4_GOAL = 2.0, 1.4
+
+
+def conv1d_to_linear(model):
+    """GPT-2 stores its projections as transformers' Conv1D (weight [in, out]); quantize_dynamic only
+    knows nn.Linear, so without this swap only the LM head would be quantized."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                lin = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                lin.weight = torch.nn.Parameter(child.weight.detach().t().contiguous())
+                lin.bias = child.bias
+                setattr(module, name, lin)
+    return model
+
+
+def build_systems(src: str, threads: int, new: int) -> dict:
+    """name -> callable(ids int64 [B, T]) -> list of B lists of new token ids."""
+    import ctranslate2
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import finequant
+
+    systems = {}
+    for name, (scheme, *extra) in FQ_SCHEMES.items():
+        eng = finequant.Engine(models.finequant_model(src, scheme, *extra), threads=threads)
+        # The C++ engine's generate takes a [B, T] batch (finequant.Engine.generate: one prompt), so
+        # call the binding directly: max_new_tokens, temperature 0 (greedy), top_k, top_p, seed, no stops.
+        systems[name] = (lambda ids, e=eng._engine: [list(r) for r in e.generate(ids, None, new, 0.0, 0, 1.0, 0,
+                                                                                   [], None)])
+
+    hf = AutoModelForCausalLM.from_pretrained(src).eval()
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        dyn = torch.ao.quantization.quantize_dynamic(conv1d_to_linear(copy.deepcopy(hf)), {torch.nn.Linear},
+                                                     dtype=torch.qint8)
+    pad = hf.config.eos_token_id if isinstance(hf.config.eos_token_id, int) else 0
+
+    def hf_fn(model):
+        def run(ids):
+            t = torch.from_numpy(ids)
+            with torch.inference_mode():
+                out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=new,
+                                     min_new_tokens=new, do_sample=False, pad_token_id=pad)
+            return out[:, ids.shape[1]:].tolist()
+        return run
+
+    systems["HF fp32"] = hf_fn(hf)
+    systems["HF dynamic int8"] = hf_fn(dyn)
+
+    ct2_path = models.ct2_model(src, "int8")
+    vocab = models.ct2_vocabulary(ct2_path)
+    gen = ctranslate2.Generator(ct2_path, device="cpu", compute_type="int8", intra_threads=threads,
+                                inter_threads=1)
+
+    def ct2_fn(ids):
+        # include_prompt_in_result=False: the prompt is one forward pass (prefill), as in the others.
+        out = gen.generate_batch([[vocab[i] for i in row] for row in ids], max_length=new, min_length=new,
+                                 include_prompt_in_result=False, sampling_topk=1)
+        return [r.sequences_ids[0] for r in out]
+
+    systems["CT2 int8"] = ct2_fn
+    return systems
+
+
+def agreement(a: list, b: list) -> float:
+    """Mean length of the common prefix of two batches of greedy continuations, as a fraction."""
+    def prefix(x, y):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        return n
+    return float(np.mean([prefix(x, y) / max(len(x), 1) for x, y in zip(a, b)]))
+
+
+def main() -> int:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--models", default="gpt2,smollm2", help="comma-separated: gpt2, smollm2")
+    args = p.parse_args()
+    common.finish_args(args)
+    common.set_threads(args.threads)
+    prompt, new, batches = (QUICK_PROMPT, QUICK_NEW, QUICK_BATCHES) if args.quick else (PROMPT, NEW, BATCHES)
+    res = common.Results(args.out, "decode", args, {"prompt": prompt, "new_tokens": new})
+    print(f"greedy decode, prompt {prompt}, {new} new tokens, threads={args.threads}, repeats={args.repeats}; "
+          f"tokens/s median (best); ratio = finequant w8a8 / system tokens/s")
+    rng = np.random.default_rng(0)
+    for key in args.models.split(","):
+        if key == "gpt2":
+            src, title = models.random_gpt2(2 if args.quick else 12), "GPT-2 small (random weights)"
+        elif key == "smollm2":
+            src, title = models.smollm2(), "SmolLM2-135M"
+        else:
+            raise SystemExit(f"unknown model {key!r}")
+        systems = build_systems(src, args.threads, new)
+        peers = [s for s in systems if not s.startswith("finequant")]
+        from transformers import AutoConfig
+
+        vocab_size = AutoConfig.from_pretrained(src).vocab_size
+        for batch in batches:
+            ids = rng.integers(1000, vocab_size - 1000, (batch, prompt), dtype=np.int64)
+            outs = {s: fn(ids) for s, fn in systems.items()}  # also the warm-up
+            for s, o in outs.items():
+                lengths = {len(r) for r in o}
+                if len(o) != batch or lengths != {new}:
+                    raise RuntimeError(f"{s} returned {len(o)} rows of lengths {lengths}, expected {batch} x {new}")
+            agree = {s: agreement(outs[s], outs["HF fp32"]) for s in systems}
+            t = common.measure({s: (lambda fn=fn: fn(ids)) for s, fn in systems.items()}, args.repeats, warmup=0)
+            tps = {s: batch * new / t[s]["median_s"] for s in systems}
+            for s in systems:
+                res.add(model=key, model_dir=os.path.basename(src), batch=batch, system=s, tokens_per_s=tps[s],
+                        tokens_per_s_best=batch * new / t[s]["min_s"], agreement_with_hf_fp32=agree[s], **t[s])
+            fastest = max(peers, key=tps.get)
+            print(f"\n{title}, batch {batch}: fastest peer {fastest}")
+            for s in systems:
+                print(f"  {s:<17}{tps[s]:9.1f} ({batch * new / t[s]['min_s']:.1f}) tok/s"
+                      f"  w8a8/this {tps[W8] / tps[s]:5.2f}x  greedy agreement with HF fp32 {agree[s]:.0%}",
+                      flush=True)
+            r_peer, r_w4 = tps[W8] / tps[fastest], tps[W4] / tps[W8]
+            if batch == 1:
+                print(f"  goal w8a8 >= {PEER_GOAL}x fastest peer: {r_peer:.2f}x "
+                      f"{'PASS' if r_peer >= PEER_GOAL else 'FAIL'}")
+            print(f"  goal w4a8 >= {W4_GOAL}x w8a8: {r_w4:.2f}x {'PASS' if r_w4 >= W4_GOAL else 'FAIL'}")
+        del systems
+        gc.collect()
+    print(f"\nresults appended to {res.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

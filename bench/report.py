@@ -1,0 +1,203 @@
+"""Turn the latest run of each benchmark (bench/results/*.json) into RESULTS.md and PNG plots.
+
+    python bench/report.py [--quick | --dir DIR]
+
+Tables give medians (GEMM: GOPS; BERT: ms; decode: tokens/s), finequant's ratio to each baseline and
+whether each goal of the benchmark passes. A benchmark with no results is listed as not run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+
+GEMM_SYSTEMS = ["finequant w8a8", "torch._int_mm", "torch int8 e2e", "torch fp32", "finequant w4a8"]
+BERT_SYSTEMS = ["finequant w8a8", "torch fp32", "torch dynamic int8", "ORT int8", "CT2 int8"]
+DECODE_SYSTEMS = ["finequant fp32", "finequant w8a8", "finequant w4a8", "HF fp32", "HF dynamic int8", "CT2 int8"]
+PEAK_GOAL, BERT_GOAL, PEER_GOAL, W4_GOAL = 0.85, 0.6, 2.0, 1.4
+
+
+def verdict(ok) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "**FAIL**")
+
+
+def table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def num(x, fmt="{:.0f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def grouped_bars(ax, groups: list, systems: list, value, ylabel: str, log: bool = True) -> None:
+    """One cluster of bars per group, one bar per system (missing values left out)."""
+    width = 0.8 / len(systems)
+    x = np.arange(len(groups))
+    for i, s in enumerate(systems):
+        vals = [value(g, s) for g in groups]
+        ax.bar(x + (i - (len(systems) - 1) / 2) * width, [v if v is not None else 0 for v in vals], width, label=s)
+    ax.set_xticks(x, [str(g) for g in groups], fontsize=8)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def header_line(recs: list) -> str:
+    r = recs[0]
+    extra = f", isa {r['isa']}" if "isa" in r else ""
+    quick = " **QUICK smoke run: sizes reduced, timings not meaningful**" if r.get("quick") else ""
+    return (f"_Run {r['run']} on {r['cpu']} ({r['cores']} cores), {r['threads']} threads, torch {r['torch']}"
+            f"{extra}; medians of {len(r['samples_s'])} alternated samples._{quick}")
+
+
+def gemm_section(recs: list, out: str) -> str:
+    peak_rec = next((r for r in recs if r["system"] == "vnni peak"), None)
+    peak = peak_rec["gops"] if peak_rec else None
+    recs = [r for r in recs if r["system"] != "vnni peak"]
+    g = defaultdict(dict)
+    for r in recs:
+        g[(r["m"], r["n"], r["k"])][r["system"]] = r
+    shapes = sorted(g, key=lambda s: (s[1], s[2], s[0]))
+    rows = []
+    for s in shapes:
+        gops = {k: v["gops"] for k, v in g[s].items()}
+        fq, mm = gops.get("finequant w8a8"), gops.get("torch._int_mm")
+        of_peak = fq / peak if fq and peak else None
+        note = g[s].get("torch._int_mm", {}).get("note")
+        rows.append([*s, *[num(gops.get(k)) for k in GEMM_SYSTEMS],
+                     num(fq / mm if fq and mm else None, "{:.2f}x"), num(of_peak and 100 * of_peak, "{:.0f}%"),
+                     verdict(fq >= mm if fq and mm else None),
+                     verdict(of_peak >= PEAK_GOAL if of_peak and s[0] >= 128 else None) + (f" ({note})" if note else "")])
+    md = ["## GEMM y = x W^T (GOPS)", header_line(recs),
+          f"\nVNNI peak (vpdpbusd loop, this machine, same run): {num(peak)} GOPS. finequant rows include "
+          "per-token activation quantization and the fused dequantization epilogue; torch._int_mm is the bare "
+          "int8 kernel; torch int8 e2e is the same full path in eager torch.\n",
+          table(["M", "N", "K", *GEMM_SYSTEMS, "fq / _int_mm", "fq % of peak", "goal >= _int_mm",
+                 f"goal >= {PEAK_GOAL:.0%} peak (M >= 128)"], rows)]
+    nk = sorted({(s[1], s[2]) for s in shapes})
+    fig, axes = plt.subplots(1, len(nk), figsize=(5 * len(nk), 4), squeeze=False)
+    for ax, (n, k) in zip(axes[0], nk):
+        ms = sorted(s[0] for s in shapes if s[1:] == (n, k))
+        grouped_bars(ax, ms, [x for x in GEMM_SYSTEMS if any(x in g[(m, n, k)] for m in ms)],
+                     lambda m, sys_: g[(m, n, k)].get(sys_, {}).get("gops"), "GOPS")
+        if peak:
+            ax.axhline(peak, color="k", ls="--", lw=1, label="VNNI peak")
+            ax.axhline(PEAK_GOAL * peak, color="grey", ls=":", lw=1, label=f"{PEAK_GOAL:.0%} peak")
+        ax.set_title(f"N={n}, K={k}")
+        ax.set_xlabel("M")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "gemm.png"), dpi=120)
+    plt.close(fig)
+    md.append("\n![GEMM](gemm.png)")
+    return "\n".join(md)
+
+
+def bert_section(recs: list, out: str) -> str:
+    g = defaultdict(dict)
+    for r in recs:
+        g[(r["batch"], r["seq"])][r["system"]] = r
+    shapes = sorted(g)
+    rows = []
+    for s in shapes:
+        ms = {k: v["median_s"] * 1e3 for k, v in g[s].items()}
+        peers = {k: v for k, v in ms.items() if k != "finequant w8a8"}
+        fastest = min(peers, key=peers.get)
+        fq = ms.get("finequant w8a8")
+        ratio = fq / peers[fastest] if fq else None
+        rows.append([f"({s[0]}, {s[1]})", *[num(ms.get(k), "{:.2f}") for k in BERT_SYSTEMS],
+                     *[num(fq / peers[k] if fq and k in peers else None, "{:.2f}x") for k in BERT_SYSTEMS[1:]],
+                     fastest, verdict(ratio <= BERT_GOAL if ratio else None)])
+    layers = recs[0].get("layers", 12)
+    md = [f"## BERT-base forward, random weights, {layers} layers (latency ms)", header_line(recs),
+          "\nRatios are finequant latency / peer latency (< 1: finequant is faster). Outputs checked against "
+          "torch fp32 (cosine per token, in bert.json).\n",
+          table(["(batch, seq)", *BERT_SYSTEMS, *[f"fq / {k}" for k in BERT_SYSTEMS[1:]], "fastest peer",
+                 f"goal fq <= {BERT_GOAL}x fastest"], rows)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    grouped_bars(ax, shapes, BERT_SYSTEMS, lambda s, k: g[s][k]["median_s"] * 1e3 if k in g[s] else None,
+                 "latency (ms, lower is better)")
+    ax.set_xlabel("(batch, seq)")
+    ax.set_title(f"BERT-base forward ({layers} layers)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "bert.png"), dpi=120)
+    plt.close(fig)
+    md.append("\n![BERT](bert.png)")
+    return "\n".join(md)
+
+
+def decode_section(recs: list, out: str) -> str:
+    g = defaultdict(dict)
+    for r in recs:
+        g[(r["model"], r["batch"])][r["system"]] = r
+    keys = sorted(g)
+    rows = []
+    for key in keys:
+        tps = {k: v["tokens_per_s"] for k, v in g[key].items()}
+        peers = {k: v for k, v in tps.items() if not k.startswith("finequant")}
+        fastest = max(peers, key=peers.get)
+        w8, w4 = tps.get("finequant w8a8"), tps.get("finequant w4a8")
+        r_peer = w8 / peers[fastest] if w8 else None
+        r_w4 = w4 / w8 if w4 and w8 else None
+        model = next(iter(g[key].values())).get("model_dir", key[0])
+        rows.append([model, key[1], *[num(tps.get(k), "{:.1f}") for k in DECODE_SYSTEMS], fastest,
+                     num(r_peer, "{:.2f}x"), verdict(r_peer >= PEER_GOAL if r_peer and key[1] == 1 else None),
+                     num(r_w4, "{:.2f}x"), verdict(r_w4 >= W4_GOAL if r_w4 else None)])
+    r0 = recs[0]
+    md = [f"## Greedy decode (tokens/s), prompt {r0['prompt']}, {r0['new_tokens']} new tokens", header_line(recs),
+          "\ntokens/s = batch x new tokens / wall time of the generate call (prefill included). GPT-2 small has "
+          "random weights; SmolLM2-135M is the real model. The peer goal applies at batch 1.\n",
+          table(["model", "batch", *DECODE_SYSTEMS, "fastest peer", "w8a8 / fastest peer",
+                 f"goal >= {PEER_GOAL}x (batch 1)", "w4a8 / w8a8", f"goal >= {W4_GOAL}x"], rows)]
+    names = sorted({k[0] for k in keys})
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        batches = sorted(k[1] for k in keys if k[0] == name)
+        grouped_bars(ax, batches, DECODE_SYSTEMS,
+                     lambda b, s: g[(name, b)][s]["tokens_per_s"] if s in g[(name, b)] else None,
+                     "tokens/s (higher is better)")
+        ax.set_title(name)
+        ax.set_xlabel("batch")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "decode.png"), dpi=120)
+    plt.close(fig)
+    md.append("\n![decode](decode.png)")
+    return "\n".join(md)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="report the quick smoke runs (bench/results/quick)")
+    p.add_argument("--dir", help="results directory (default bench/results)")
+    args = p.parse_args()
+    out = args.dir or (common.QUICK_RESULTS_DIR if args.quick else common.RESULTS_DIR)
+    sections = ["# finequant benchmarks",
+                "Generated by `bench/report.py` from the JSON records of the latest run of each benchmark "
+                "(`make bench`). All systems of a table were measured in the same process, alternating."]
+    for name, fn in (("gemm", gemm_section), ("bert", bert_section), ("decode", decode_section)):
+        recs = common.load_latest(os.path.join(out, f"{name}.json"))
+        sections.append(fn(recs, out) if recs else f"## {name}\n\nNot run (no {name}.json in {out}).")
+    path = os.path.join(out, "RESULTS.md")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n\n".join(sections) + "\n")
+    print(f"wrote {path} and the PNG plots beside it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
