@@ -170,6 +170,35 @@ TEST(peak_measure_runs) {
   CHECK(kernels::int8_peak_gops(1, 0.02) > 1.0);
 }
 
+// The AVX-512 FP32 kernel against the reference loops (different summation order: a tolerance).
+TEST(f32_kernel_matches_reference) {
+  if (!have_vnni()) return;
+  const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {13, 100, 257}, {1, 1, 3}, {130, 200, 96}, {6, 64, 16}};
+  uint32_t seed = 400;
+  for (auto& s : shapes)
+    for (Epilogue e : {Epilogue::None, Epilogue::GeluErf, Epilogue::GeluTanh}) {
+      std::mt19937 rng(seed++);
+      const int64_t M = s[0], N = s[1], K = s[2];
+      const Tensor x = random_tensor(M, K, rng, 0.1f), w = random_tensor(N, K, rng, 0.f);
+      std::vector<float> bias(static_cast<size_t>(N));
+      for (int64_t n = 0; n < N; ++n) bias[n] = 0.05f * static_cast<float>(n % 7) - 0.1f;
+      kernels::F32Weight ref;
+      ref.w = w;
+      ref.N = N;
+      ref.K = K;
+      const kernels::F32Weight packed = kernels::prepare_f32_weight(w);
+      CHECK(!packed.packed.empty());
+      Tensor y_ref = Tensor::empty(DType::F32, {M, N}), y = Tensor::empty(DType::F32, {M, N});
+      kernels::gemm_f32_ref(x.data<float>(), M, ref, bias.data(), y_ref.data<float>(), e);
+      kernels::gemm_f32_avx512(x.data<float>(), M, packed, bias.data(), y.data<float>(), e);
+      double worst = 0;
+      for (int64_t i = 0; i < M * N; ++i)
+        worst = std::fmax(worst, std::fabs(y.data<float>()[i] - y_ref.data<float>()[i]) /
+                                     (1.0 + std::fabs(y_ref.data<float>()[i])));
+      CHECK(worst < 1e-5);
+    }
+}
+
 TEST(dispatch_and_forced_reference) {
   kernels::force_isa(kernels::Isa::Ref);
   CHECK(kernels::active_isa() == kernels::Isa::Ref);
@@ -180,6 +209,8 @@ TEST(dispatch_and_forced_reference) {
     const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, 16});
     const kernels::IntWeight iw = kernels::prepare_int_weight(wq.q, wq.scale, wq.zero_point, 1, 16, 8, QuantSpec{});
     CHECK(!iw.vnni.ready);  // no packing when the reference is forced
+    CHECK(kernels::prepare_f32_weight(w).packed.empty());
+    CHECK(kernels::select_gemm_f32() == &kernels::gemm_f32_ref);
   }
   kernels::force_isa(kernels::Isa::Avx512Vnni);
   if (kernels::cpu_has_avx512vnni()) {

@@ -5,40 +5,27 @@
 
 namespace finequant {
 
-namespace {
-
-// Columns [c0, c0 + width) of x [M, W] as a new [M, width] tensor.
-Tensor slice_cols(const Tensor& x, int64_t c0, int64_t width) {
-  const int64_t M = x.dim(0), W = x.dim(1);
-  Tensor out = Tensor::empty(DType::F32, {M, width});
-  for (int64_t m = 0; m < M; ++m)
-    std::memcpy(out.data<float>() + m * width, x.data<float>() + m * W + c0, static_cast<size_t>(width) * sizeof(float));
-  return out;
-}
-
-}  // namespace
-
 Tensor SelfAttention::forward(const Tensor& x, const AttentionContext& ctx, LayerKV* cache) const {
   const int64_t B = ctx.B, T = ctx.T, D = head_dim, H = heads, KVH = kv_heads;
-  Tensor qt, kt, vt;
-  if (fused_qkv) {
-    const Tensor all = qkv.forward(x);
-    qt = slice_cols(all, 0, H * D);
-    kt = slice_cols(all, H * D, KVH * D);
-    vt = slice_cols(all, H * D + KVH * D, KVH * D);
-  } else {
-    qt = q.forward(x);
-    kt = k.forward(x);
-    vt = v.forward(x);
-  }
+  std::vector<Tensor> outs;
+  for (const Linear& l : qkv) outs.push_back(l.forward(x));
+  // q, k, v in place: (data, row stride) inside the merged output or their own tensors.
+  const bool merged = outs.size() == 1;
+  auto part = [&](int i, int64_t first_col) {
+    Tensor& t = outs[merged ? 0 : i];
+    return std::pair<float*, int64_t>{t.data<float>() + (merged ? first_col : 0), t.dim(1)};
+  };
+  const auto [qp, qs] = part(0, 0);
+  const auto [kp, ks] = part(1, H * D);
+  const auto [vp, vs] = part(2, H * D + KVH * D);
   if (rope) {
-    rope->apply(qt, H, *ctx.positions);
-    rope->apply(kt, KVH, *ctx.positions);
+    rope->apply(qp, qs, B * T, H, *ctx.positions);
+    rope->apply(kp, ks, B * T, KVH, *ctx.positions);
   }
   // Token-major projections viewed as [B, heads, T, D].
-  HeadView qv{qt.data<float>(), T * H * D, D, H * D};
-  HeadView kv{kt.data<float>(), T * KVH * D, D, KVH * D};
-  HeadView vv{vt.data<float>(), T * KVH * D, D, KVH * D};
+  HeadView qv{qp, T * qs, D, qs};
+  HeadView kv{kp, T * ks, D, ks};
+  HeadView vv{vp, T * vs, D, vs};
   int64_t Tk = T;
   if (cache) {
     const int64_t cap = cache->k.dim(2);

@@ -25,9 +25,10 @@ struct AttentionContext {
 
 class SelfAttention {
  public:
-  // Either a fused qkv Linear ([3 * H * D, C], GPT-2 c_attn) or separate q/k/v.
-  Linear qkv, q, k, v, o;
-  bool fused_qkv = false;
+  // The q, k, v projections: one Linear whose output rows are [q | k | v] (GPT-2's c_attn, or
+  // separate modules merged at load), or three Linears.
+  std::vector<Linear> qkv;
+  Linear o;
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   const Rope* rope = nullptr;  // null: no rotary embedding
 

@@ -4,9 +4,14 @@ namespace finequant {
 
 Tensor Mlp::forward(const Tensor& x) const {
   if (!swiglu) return fc2.forward(fc1.forward(x));
-  Tensor g = gate.forward(x);
-  silu_mul_inplace(g, up.forward(x));
-  return down.forward(g);
+  std::vector<Tensor> outs;
+  for (const Linear& l : gate_up) outs.push_back(l.forward(x));
+  const int64_t M = x.dim(0), I = down.in_features();
+  const Tensor& g = outs[0];
+  const Tensor& u = outs.size() == 1 ? outs[0] : outs[1];
+  Tensor h = Tensor::empty(DType::F32, {M, I});
+  silu_mul(g.data<float>(), g.dim(1), u.data<float>() + (outs.size() == 1 ? I : 0), u.dim(1), h.data<float>(), M, I);
+  return down.forward(h);
 }
 
 Tensor Block::forward(const Tensor& x, const AttentionContext& ctx, LayerKV* cache) const {

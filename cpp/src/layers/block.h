@@ -8,10 +8,12 @@ namespace finequant {
 
 struct Mlp {
   // gelu: fc2(act(fc1 x)), the activation fused into fc1's epilogue.
-  // swiglu: down(silu(gate x) * up x).
+  // swiglu: down(silu(gate x) * up x), gate and up merged into one Linear at load when they
+  // quantize alike (output rows [gate | up]), else two.
   bool swiglu = false;
-  Linear fc1, fc2;             // gelu
-  Linear gate, up, down;       // swiglu
+  Linear fc1, fc2;                // gelu
+  std::vector<Linear> gate_up;    // swiglu
+  Linear down;
   Tensor forward(const Tensor& x) const;
 };
 

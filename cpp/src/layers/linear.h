@@ -6,6 +6,7 @@
 //                                fused dequantization epilogue (+ bias, + activation)
 #pragma once
 #include <string>
+#include <vector>
 
 #include "finequant/model_file.h"
 #include "finequant/quant.h"
@@ -20,6 +21,11 @@ class Linear {
   // A module without a quantization record is a floating-point Linear.
   static Linear load(const ModelFile& model, const std::string& name,
                      kernels::Epilogue epilogue = kernels::Epilogue::None);
+  // Modules that read the same input (q/k/v, gate/up) as one Linear whose outputs are the parts'
+  // outputs side by side, when they quantize identically (one activation quantization, one wider
+  // GEMM); otherwise one Linear per module, in order.
+  static std::vector<Linear> load_merged(const ModelFile& model, const std::vector<std::string>& names,
+                                         kernels::Epilogue epilogue = kernels::Epilogue::None);
   // A floating-point Linear over an existing [N, K] F32 weight (e.g. the tied LM head).
   static Linear from_weight(Tensor weight_f32, Tensor bias_f32 = Tensor());
   // A quantized Linear from canonical integers (INT4 unpacked, one value per element) and its
@@ -39,7 +45,7 @@ class Linear {
   int act_bits_ = 0;  // 0: floating-point input
   kernels::Epilogue epilogue_ = kernels::Epilogue::None;
   Tensor bias_;                 // F32 [N] or undefined
-  Tensor weight_f32_;           // FP path: [N, K]
+  kernels::F32Weight weight_f32_;  // FP path
   kernels::IntWeight weight_int_;  // integer path
   kernels::GemmF32Fn gemm_f32_ = nullptr;
   kernels::GemmIntFn gemm_int_ = nullptr;

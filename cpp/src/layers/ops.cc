@@ -5,9 +5,12 @@
 #include <cstring>
 #include <limits>
 
+#include "kernels/cpu/act_math.h"
+#include "kernels/cpu/multiversion.h"
+
 namespace finequant {
 
-Tensor Norm::forward(const Tensor& x) const {
+FQ_MULTIVERSION Tensor Norm::forward(const Tensor& x) const {
   const int64_t M = x.dim(0), C = x.dim(1);
   Tensor y = Tensor::empty(DType::F32, {M, C});
   const float* xs = x.data<float>();
@@ -21,10 +24,12 @@ Tensor Norm::forward(const Tensor& x) const {
     // Statistics in double: cheap here, and keeps us within fp32 rounding of PyTorch.
     double mean = 0.0;
     if (kind == Kind::LayerNorm) {
+#pragma omp simd reduction(+ : mean)
       for (int64_t c = 0; c < C; ++c) mean += xr[c];
       mean /= static_cast<double>(C);
     }
     double var = 0.0;
+#pragma omp simd reduction(+ : var)
     for (int64_t c = 0; c < C; ++c) {
       const double d = xr[c] - mean;
       var += d * d;
@@ -37,18 +42,24 @@ Tensor Norm::forward(const Tensor& x) const {
   return y;
 }
 
-void add_inplace(Tensor& x, const Tensor& y) {
+FQ_MULTIVERSION void add_inplace(Tensor& x, const Tensor& y) {
   float* a = x.data<float>();
   const float* b = y.data<float>();
   const int64_t n = x.numel();
+#pragma omp parallel for simd schedule(static) if (n > 65536)
   for (int64_t i = 0; i < n; ++i) a[i] += b[i];
 }
 
-void silu_mul_inplace(Tensor& gate, const Tensor& up) {
-  float* g = gate.data<float>();
-  const float* u = up.data<float>();
-  const int64_t n = gate.numel();
-  for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+FQ_MULTIVERSION void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out, int64_t M,
+              int64_t I) {
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* g = gate + m * gate_stride;
+    const float* u = up + m * up_stride;
+    float* o = out + m * I;
+#pragma omp simd
+    for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + kernels::actmath::exp(-g[i])) * u[i];
+  }
 }
 
 Rope::Rope(int64_t head_dim_, double theta) : head_dim(head_dim_) {
@@ -59,9 +70,8 @@ Rope::Rope(int64_t head_dim_, double theta) : head_dim(head_dim_) {
   }
 }
 
-void Rope::apply(Tensor& x, int64_t heads, const std::vector<int64_t>& positions) const {
-  const int64_t M = x.dim(0), half = head_dim / 2, row = heads * head_dim;
-  float* xs = x.data<float>();
+void Rope::apply(float* xs, int64_t row, int64_t M, int64_t heads, const std::vector<int64_t>& positions) const {
+  const int64_t half = head_dim / 2;
 #pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < M; ++m) {
     std::vector<float> cs(half), sn(half);
@@ -81,41 +91,45 @@ void Rope::apply(Tensor& x, int64_t heads, const std::vector<int64_t>& positions
   }
 }
 
-void attention(const HeadView& q, const HeadView& k, const HeadView& v, float* out, int64_t B, int64_t H,
-               int64_t KVH, int64_t Tq, int64_t Tk, int64_t D, const uint8_t* key_valid, int64_t key_valid_stride,
-               int64_t causal_offset, float scale) {
+FQ_MULTIVERSION void attention(const HeadView& q, const HeadView& k, const HeadView& v, float* out, int64_t B,
+                               int64_t H, int64_t KVH, int64_t Tq, int64_t Tk, int64_t D, const uint8_t* key_valid,
+                               int64_t key_valid_stride, int64_t causal_offset, float scale) {
   const int64_t group = H / KVH;
+  constexpr float kNone = -std::numeric_limits<float>::infinity();
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
       const int64_t kvh = h / group;
+      const uint8_t* valid = key_valid + b * key_valid_stride;
       std::vector<float> scores(static_cast<size_t>(Tk));
       for (int64_t t = 0; t < Tq; ++t) {
         const float* qv = q.at(b, h, t);
         const int64_t last = causal_offset >= 0 ? std::min(Tk - 1, causal_offset + t) : Tk - 1;
-        float mx = -std::numeric_limits<float>::infinity();
+        float mx = kNone;
         for (int64_t j = 0; j <= last; ++j) {
-          if (!key_valid[b * key_valid_stride + j]) continue;
           const float* kv = k.at(b, kvh, j);
           float s = 0.f;
+#pragma omp simd reduction(+ : s)
           for (int64_t d = 0; d < D; ++d) s += qv[d] * kv[d];
-          scores[j] = s * scale;
+          scores[j] = valid[j] ? s * scale : kNone;
           mx = std::max(mx, scores[j]);
         }
         float* o = out + (b * Tq + t) * H * D + h * D;
         std::fill(o, o + D, 0.f);
-        if (mx == -std::numeric_limits<float>::infinity()) continue;  // nothing visible
+        if (mx == kNone) continue;  // nothing visible
         float denom = 0.f;
+#pragma omp simd reduction(+ : denom)
         for (int64_t j = 0; j <= last; ++j) {
-          if (!key_valid[b * key_valid_stride + j]) continue;
-          scores[j] = std::exp(scores[j] - mx);
-          denom += scores[j];
+          const float e = valid[j] ? kernels::actmath::exp(scores[j] - mx) : 0.f;
+          scores[j] = e;
+          denom += e;
         }
         const float inv = 1.f / denom;
         for (int64_t j = 0; j <= last; ++j) {
-          if (!key_valid[b * key_valid_stride + j]) continue;
+          if (scores[j] == 0.f) continue;  // masked key (its values need not be finite)
           const float p = scores[j] * inv;
           const float* vv = v.at(b, kvh, j);
+#pragma omp simd
           for (int64_t d = 0; d < D; ++d) o[d] += p * vv[d];
         }
       }

@@ -19,8 +19,9 @@ struct Norm {
 
 // x += y, elementwise (same shape).
 void add_inplace(Tensor& x, const Tensor& y);
-// SwiGLU: gate <- silu(gate) * up.
-void silu_mul_inplace(Tensor& gate, const Tensor& up);
+// SwiGLU: out[m, i] = silu(gate[m, i]) * up[m, i] over M rows of I values (rows `*_stride` apart).
+void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out, int64_t M,
+              int64_t I);
 
 // Rotary position embedding, Hugging Face "rotate_half" layout: for each head, element i is paired
 // with i + D/2. x: [tokens, heads * D]; positions: one per token.
@@ -29,7 +30,8 @@ struct Rope {
   std::vector<float> inv_freq;  // [D / 2]
   Rope() = default;
   Rope(int64_t head_dim, double theta);
-  void apply(Tensor& x, int64_t heads, const std::vector<int64_t>& positions) const;
+  // x: M rows `row_stride` floats apart, each starting with heads * D values.
+  void apply(float* x, int64_t row_stride, int64_t M, int64_t heads, const std::vector<int64_t>& positions) const;
 };
 
 // A strided view of a 4-D F32 array [B, heads, T, D]: element (b, h, t, d) is at

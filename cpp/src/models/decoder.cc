@@ -24,10 +24,9 @@ Decoder::Decoder(const ModelFile& file, ModelConfig config) {
       b.pre_norm = true;
       b.norm1 = w.norm(p + "ln_1", C, Norm::Kind::LayerNorm, c.norm_eps);
       b.norm2 = w.norm(p + "ln_2", C, Norm::Kind::LayerNorm, c.norm_eps);
-      b.attn.fused_qkv = true;
       b.attn.heads = b.attn.kv_heads = c.num_heads;
       b.attn.head_dim = c.head_dim;
-      b.attn.qkv = w.linear(p + "attn.c_attn", 3 * HD, C);
+      b.attn.qkv.push_back(w.linear(p + "attn.c_attn", 3 * HD, C));
       b.attn.o = w.linear(p + "attn.c_proj", C, HD);
       b.mlp.fc1 = w.linear(p + "mlp.c_fc", I, C, act);
       b.mlp.fc2 = w.linear(p + "mlp.c_proj", C, I);
@@ -48,13 +47,10 @@ Decoder::Decoder(const ModelFile& file, ModelConfig config) {
       b.attn.kv_heads = c.num_kv_heads;
       b.attn.head_dim = c.head_dim;
       b.attn.rope = &rope_;  // Decoder is not copied or moved after construction (held by unique_ptr)
-      b.attn.q = w.linear(p + "self_attn.q_proj", HD, C);
-      b.attn.k = w.linear(p + "self_attn.k_proj", KVD, C);
-      b.attn.v = w.linear(p + "self_attn.v_proj", KVD, C);
+      b.attn.qkv = w.linears({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"}, {HD, KVD, KVD}, C);
       b.attn.o = w.linear(p + "self_attn.o_proj", C, HD);
       b.mlp.swiglu = true;
-      b.mlp.gate = w.linear(p + "mlp.gate_proj", I, C);
-      b.mlp.up = w.linear(p + "mlp.up_proj", I, C);
+      b.mlp.gate_up = w.linears({p + "mlp.gate_proj", p + "mlp.up_proj"}, {I, I}, C);
       b.mlp.down = w.linear(p + "mlp.down_proj", C, I);
       blocks_.push_back(std::move(b));
     }

@@ -21,9 +21,8 @@ Encoder::Encoder(const ModelFile& file, ModelConfig config) {
     b.attn.heads = b.attn.kv_heads = c.num_heads;
     b.attn.head_dim = c.head_dim;
     const int64_t HD = c.num_heads * c.head_dim;
-    b.attn.q = w.linear(p + "attention.self.query", HD, C);
-    b.attn.k = w.linear(p + "attention.self.key", HD, C);
-    b.attn.v = w.linear(p + "attention.self.value", HD, C);
+    b.attn.qkv = w.linears({p + "attention.self.query", p + "attention.self.key", p + "attention.self.value"},
+                           {HD, HD, HD}, C);
     b.attn.o = w.linear(p + "attention.output.dense", C, HD);
     b.norm1 = w.norm(p + "attention.output.LayerNorm", C, Norm::Kind::LayerNorm, c.norm_eps);
     b.mlp.fc1 = w.linear(p + "intermediate.dense", I, C, act);

@@ -33,6 +33,26 @@ Linear Weights::linear(const std::string& name, int64_t out, int64_t in, kernels
   return l;
 }
 
+std::vector<Linear> Weights::linears(const std::vector<std::string>& names, const std::vector<int64_t>& outs,
+                                     int64_t in) const {
+  std::vector<std::string> full;
+  int64_t total = 0;
+  for (size_t i = 0; i < names.size(); ++i) {
+    full.push_back(prefix + names[i]);
+    total += outs[i];
+  }
+  std::vector<Linear> ls = Linear::load_merged(file, full);
+  for (size_t i = 0; i < ls.size(); ++i) {
+    const int64_t out = ls.size() == 1 ? total : outs[i];
+    FQ_CHECK(ls[i].out_features() == out && ls[i].in_features() == in, ErrorKind::ModelFormat,
+             "linear '" + full[ls.size() == 1 ? 0 : i] + "' (" + std::to_string(ls.size()) + " of " +
+                 std::to_string(names.size()) + " parts) is [" + std::to_string(ls[i].out_features()) + ", " +
+                 std::to_string(ls[i].in_features()) + "], expected [" + std::to_string(out) + ", " +
+                 std::to_string(in) + "]");
+  }
+  return ls;
+}
+
 Norm Weights::norm(const std::string& name, int64_t size, Norm::Kind kind, float eps) const {
   Norm n;
   n.kind = kind;

@@ -3,6 +3,7 @@
 #pragma once
 #include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "finequant/model_file.h"
 #include "layers/linear.h"
@@ -21,6 +22,8 @@ struct Weights {
   Tensor tensor(const std::string& name, Shape expected) const;  // F32 (converted from BF16/F16)
   Linear linear(const std::string& name, int64_t out, int64_t in,
                 kernels::Epilogue epilogue = kernels::Epilogue::None) const;
+  // Modules reading the same input (Linear::load_merged), with outs[i] outputs each.
+  std::vector<Linear> linears(const std::vector<std::string>& names, const std::vector<int64_t>& outs, int64_t in) const;
   Norm norm(const std::string& name, int64_t size, Norm::Kind kind, float eps) const;
 };
 

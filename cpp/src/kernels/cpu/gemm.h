@@ -19,10 +19,21 @@ enum class Epilogue { None, GeluErf, GeluTanh };
 float apply_epilogue(Epilogue e, float v);
 
 // ---- floating point ---------------------------------------------------------------------------
-using GemmF32Fn = void (*)(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t N,
-                           int64_t K, Epilogue epilogue);
-void gemm_f32_ref(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
-                  Epilogue epilogue);
+// An F32 weight prepared once at load: row-major for the reference kernel, or (when the AVX-512
+// kernel is active) only its packed layout, tiles of 64 output channels: packed[(tile * K + k) * 64
+// + j] = W[tile * 64 + j, k], N padded with zero channels.
+struct F32Weight {
+  Tensor w;  // [N, K]; undefined once packed
+  int64_t N = 0, K = 0;
+  std::vector<float> packed;
+};
+F32Weight prepare_f32_weight(Tensor w);
+
+using GemmF32Fn = void (*)(const float* x, int64_t M, const F32Weight& w, const float* bias, float* y,
+                           Epilogue epilogue);
+void gemm_f32_ref(const float* x, int64_t M, const F32Weight& w, const float* bias, float* y, Epilogue epilogue);
+// AVX-512 register-tiled kernel (6 rows x 64 channels, FMA); needs the packed layout.
+void gemm_f32_avx512(const float* x, int64_t M, const F32Weight& w, const float* bias, float* y, Epilogue epilogue);
 GemmF32Fn select_gemm_f32();
 
 // ---- integer (W8/W4 x A8/A4) ------------------------------------------------------------------

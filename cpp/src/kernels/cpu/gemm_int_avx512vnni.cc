@@ -21,7 +21,7 @@
 #include <cstring>
 #include <string>
 
-#include "kernels/cpu/act_math.h"
+#include "kernels/cpu/act_math_avx512.h"
 #include "kernels/cpu/gemm.h"
 
 #ifdef _OPENMP
@@ -30,13 +30,6 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FQ_VNNI_BUILD 1
-#include <immintrin.h>
-#define FQ_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12 false positive inside _mm512_cvtepi32_ps (_mm512_undefined_ps initialises itself).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #else
 #define FQ_VNNI_BUILD 0
 #endif
@@ -89,55 +82,6 @@ constexpr int64_t kTileN = 4 * kPanel;  // channels per micro-kernel
 constexpr int kMaxMR = 6;               // rows per micro-kernel: 24 accumulators + 4 weights + 1 broadcast
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-// ---- vector forms of act_math.h (the same operations in the same order) -----------------------
-FQ_VNNI inline __m512 exp_v(__m512 x) {
-  using namespace actmath;
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpLo)), _mm512_set1_ps(kExpHi));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(kLn2Hi)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(kLn2Lo)));
-  __m512 p = _mm512_set1_ps(kExpP0);
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kExpP1));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kExpP2));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kExpP3));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kExpP4));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(kExpP5));
-  p = _mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r);
-  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
-
-FQ_VNNI inline __m512 erf_v(__m512 x) {
-  using namespace actmath;
-  const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
-  const __m512 ax = _mm512_andnot_ps(sign, x);
-  const __m512 t = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(kErfP), ax)));
-  __m512 p = _mm512_set1_ps(kErfA5);
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA4));
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA3));
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA2));
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA1));
-  p = _mm512_mul_ps(p, t);
-  const __m512 y = _mm512_sub_ps(one, _mm512_mul_ps(p, exp_v(_mm512_xor_ps(_mm512_mul_ps(ax, ax), sign))));
-  return _mm512_or_ps(_mm512_andnot_ps(sign, y), _mm512_and_ps(sign, x));  // copysign(y, x)
-}
-
-FQ_VNNI inline __m512 activation_v(Epilogue e, __m512 v) {
-  using namespace actmath;
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-  if (e == Epilogue::GeluErf)
-    return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, erf_v(_mm512_mul_ps(v, _mm512_set1_ps(kSqrt1_2)))));
-  if (e == Epilogue::GeluTanh) {
-    const __m512 two = _mm512_set1_ps(2.0f);
-    const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(kGeluTanhC), cube)));
-    const __m512 th = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp_v(_mm512_mul_ps(two, u)), one)));
-    return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, th));
-  }
-  return v;
-}
 
 // ---- the call's context -----------------------------------------------------------------------
 struct Ctx {

@@ -5,16 +5,10 @@
 
 #include "kernels/cpu/act_math.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/multiversion.h"
 
-// The loops below are written so that the compiler vectorizes them; GCC/Clang compile each
-// hot function for AVX-512 (VNNI), AVX2 and baseline x86-64 and pick one at run time. The
+// The loops below are written so that the compiler vectorizes them (FQ_MULTIVERSION); the
 // hand-tuned kernels of kernels/cpu/ replace them where it matters.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__)
-#define FQ_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FQ_MULTIVERSION
-#endif
-
 namespace finequant {
 namespace kernels {
 
@@ -30,8 +24,10 @@ float apply_epilogue(Epilogue e, float v) {
   return v;
 }
 
-FQ_MULTIVERSION void gemm_f32_ref(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
-                  Epilogue epilogue) {
+FQ_MULTIVERSION void gemm_f32_ref(const float* x, int64_t M, const F32Weight& fw, const float* bias, float* y,
+                                  Epilogue epilogue) {
+  const int64_t N = fw.N, K = fw.K;
+  const float* w = fw.w.data<float>();
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const float* wn = w + n * K;
@@ -46,7 +42,25 @@ FQ_MULTIVERSION void gemm_f32_ref(const float* x, const float* w, const float* b
   }
 }
 
-GemmF32Fn select_gemm_f32() { return gemm_f32_ref; }
+F32Weight prepare_f32_weight(Tensor w) {
+  F32Weight fw;
+  fw.N = w.dim(0);
+  fw.K = w.dim(1);
+  fw.w = std::move(w);
+  if (active_isa() == Isa::Avx512Vnni) {
+    constexpr int64_t kTile = 64;
+    const int64_t tiles = (fw.N + kTile - 1) / kTile, K = fw.K;
+    fw.packed.assign(static_cast<size_t>(tiles * kTile * K), 0.f);
+    const float* src = fw.w.data<float>();
+    for (int64_t n = 0; n < fw.N; ++n)
+      for (int64_t k = 0; k < K; ++k)
+        fw.packed[static_cast<size_t>(((n / kTile) * K + k) * kTile + n % kTile)] = src[n * K + k];
+    fw.w = Tensor();  // one copy in memory
+  }
+  return fw;
+}
+
+GemmF32Fn select_gemm_f32() { return active_isa() == Isa::Avx512Vnni ? gemm_f32_avx512 : gemm_f32_ref; }
 
 IntWeight prepare_int_weight(Tensor q, Tensor scale, Tensor zero_point, int64_t tile_rows, int64_t tile_cols,
                              int bits, QuantSpec act) {

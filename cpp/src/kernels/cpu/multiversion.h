@@ -1,0 +1,10 @@
+// FQ_MULTIVERSION: compile a plain loop for AVX-512 (x86-64-v4), AVX2 (v3) and baseline x86-64 and
+// pick the best at run time, so the portable code paths (reference kernels, norms, attention) are
+// vectorized on every machine without -march=native.
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__)
+#define FQ_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FQ_MULTIVERSION
+#endif
