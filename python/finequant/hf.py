@@ -134,7 +134,7 @@ def _canonical_name(family: str, name: str):
     return name
 
 
-def _embedding_name(family: str) -> str:
+def embedding_name(family: str) -> str:
     return {"bert": "embeddings.word_embeddings.weight", "gpt2": "wte.weight",
             "llama": "model.embed_tokens.weight"}[family]
 
@@ -150,7 +150,7 @@ def canonicalize(family: str, config: dict, raw: Dict[str, torch.Tensor]) -> Dic
             t = t.t()  # Conv1D stores [in, out]
         out[cname] = t.contiguous()
     tied = config.get("tie_word_embeddings", family != "llama")
-    emb = out.get(_embedding_name(family))
+    emb = out.get(embedding_name(family))
     head = out.get("lm_head.weight")
     if tied and head is not None and emb is not None and head.shape == emb.shape \
             and torch.equal(head, emb):

@@ -12,7 +12,7 @@ import torch
 from . import hf
 from .pack import pack_int4
 from .quantize import dequantize, quantize_tensor, relative_error
-from .schemes import LinearQuant, QuantScheme
+from .schemes import HEAD, LinearQuant, QuantScheme
 
 FORMAT = "finequant"
 FORMAT_VERSION = "1"
@@ -30,6 +30,11 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
     packed into U8 along K). If `errors` is a dict it receives module -> relative weight error.
     """
     parts = hf.linear_parts(model.family, model.num_layers)
+    weights = {module: model.tensors.get(module + ".weight") for module in parts}
+    if HEAD in scheme.parts and model.family != "bert":
+        # The LM head gets its own quantized tensor; a tied embedding stays floating point.
+        parts["lm_head"] = HEAD
+        weights["lm_head"] = model.tensors.get("lm_head.weight", model.tensors.get(hf.embedding_name(model.family)))
     float_dtype = torch.bfloat16 if scheme.float_dtype == "bf16" else torch.float32
     out: Dict[str, torch.Tensor] = {}
     records: Dict[str, dict] = {}
@@ -38,7 +43,7 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
         from tqdm import tqdm
         items = tqdm(items, desc="quantize", unit="linear", leave=False)
     for module, part in items:
-        w = model.tensors.get(module + ".weight")
+        w = weights[module]
         if w is None:
             raise ValueError(f"model has no weight for Linear {module}")
         if w.dim() != 2:

@@ -11,7 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-PARTS = ("qkv", "attn_out", "fc1", "fc2")
+PARTS = ("qkv", "attn_out", "fc1", "fc2")  # the block GEMMs, quantized by default
+HEAD = "head"  # a decoder's LM head: opt-in (it sees every logit), always INT8 weights per channel
+KNOWN_PARTS = PARTS + (HEAD,)
 ATTENTION_PARTS = ("qkv", "attn_out")
 MLP_PARTS = ("fc1", "fc2")
 SCHEME_NAMES = ("fp32", "bf16", "w8a16", "w4a16", "w8a8", "w4a8", "w4/8a8", "w4/8a16", "w4a4")
@@ -103,13 +105,16 @@ class QuantScheme:
 
     def for_linear(self, part: str, n: int, k: int) -> LinearQuant:
         """Concrete quantization of a Linear of `part` with weight [n, k]."""
-        if part not in PARTS:
-            raise ValueError(f"unknown part {part!r}: expected one of {', '.join(PARTS)}")
+        if part not in KNOWN_PARTS:
+            raise ValueError(f"unknown part {part!r}: expected one of {', '.join(KNOWN_PARTS)}")
         if n < 1 or k < 1:
             raise ValueError(f"weight shape [{n}, {k}] of {part} is empty")
         bits = self.attn_weight_bits if part in ATTENTION_PARTS else self.mlp_weight_bits
         if not bits or part not in self.parts:
             return LinearQuant(part=part)
+        if part == HEAD:  # INT8 per channel, INT8 tokens whenever activations are quantized
+            return LinearQuant(part=part, weight_bits=8, weight_symmetric=self.weight_symmetric, tile=(1, k),
+                               act_bits=8 if self.act_bits else 0, act_symmetric=self.act_symmetric)
         return LinearQuant(part=part, weight_bits=bits, weight_symmetric=self.weight_symmetric,
                            tile=self._tile(bits, n, k, part), act_bits=self.act_bits,
                            act_symmetric=self.act_symmetric)
@@ -141,7 +146,8 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
     """Parse a scheme name (see SCHEME_NAMES; generally w(4|8)[/(4|8)]a(4|8|16|32)).
 
     "wA/B" gives the MLP (fc1, fc2) A-bit weights and the attention (qkv, attn_out) B-bit weights.
-    `parts` restricts quantization to a subset of PARTS; the others stay floating point.
+    `parts` names the GEMMs to quantize (default PARTS; the others stay floating point); adding
+    "head" also quantizes a decoder's LM head (INT8 weights per channel, INT8 tokens).
     """
     key = name.strip().lower()
     if parts is None:
@@ -149,13 +155,13 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
     else:
         if isinstance(parts, str):
             parts = [p.strip() for p in parts.split(",") if p.strip()]
-        unknown = [p for p in parts if p not in PARTS]
+        unknown = [p for p in parts if p not in KNOWN_PARTS]
         if unknown:
             raise ValueError(f"unknown part(s) {', '.join(map(repr, unknown))}: expected a subset "
-                             f"of {', '.join(PARTS)}")
+                             f"of {', '.join(KNOWN_PARTS)}")
         if not parts:
-            raise ValueError("parts must name at least one of " + ", ".join(PARTS))
-        parts = tuple(p for p in PARTS if p in parts)  # canonical order, no duplicates
+            raise ValueError("parts must name at least one of " + ", ".join(KNOWN_PARTS))
+        parts = tuple(p for p in KNOWN_PARTS if p in parts)  # canonical order, no duplicates
     grouping = _check_grouping(grouping)
     if key in ("fp32", "bf16"):
         return QuantScheme(name=key, float_dtype=key)

@@ -16,6 +16,7 @@ SCHEMES = [
     ("w4a8", ["--kblock", "32"]), ("w4a8", ["--kblock", "32", "--asym"]),
     ("w4/8a8", []), ("w4/8a8", ["--asym"]),
     ("w4a4", []), ("w4a4", ["--asym"]),
+    ("w8a8", ["--parts", "qkv,attn_out,fc1,fc2,head"]),  # LM head too: tied (GPT-2) and untied (Llama)
 ]
 
 

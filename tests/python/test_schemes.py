@@ -92,3 +92,12 @@ def test_unknown_scheme(bad):
 def test_json_roundtrip():
     lq = parse_scheme("w4a8", weight_symmetric=False).for_linear("fc1", 8, 64)
     assert LinearQuant.from_json(lq.to_json()) == lq
+
+
+def test_head_part_is_opt_in_and_int8():
+    assert "head" not in parse_scheme("w8a8").parts
+    assert parse_scheme("w8a8").for_linear("head", 10, 8).weight_bits == 0
+    lq = parse_scheme("w4a4", parts="fc1,head", grouping=("kblock", 4)).for_linear("head", 10, 8)
+    assert (lq.weight_bits, lq.tile, lq.act_bits) == (8, (1, 8), 8)  # never INT4 / A4 on the logits
+    assert parse_scheme("w4a16", parts="head").for_linear("head", 10, 8).act_bits == 0
+    assert parse_scheme("w8a8", parts="head,qkv").describe() == "w8a8 parts=qkv,head"

@@ -30,7 +30,7 @@ class SafetensorsFile {
 // Per-layer quantization record, from the file's "quantization" metadata.
 struct LinearRecord {
   std::string name;        // module name, e.g. "model.layers.0.self_attn.q_proj"
-  std::string part;        // "qkv", "attn_out", "fc1", "fc2"
+  std::string part;        // "qkv", "attn_out", "fc1", "fc2", "head"
   int weight_bits = 0;     // 0: floating point weight; else 8 or 4
   bool weight_symmetric = true;
   int64_t tile_rows = 0, tile_cols = 0;

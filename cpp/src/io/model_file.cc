@@ -48,8 +48,8 @@ LinearRecord parse_record(const std::string& path, const std::string& name, cons
   rec.name = name;
   if (!j.contains("part") || !j["part"].is_string()) format_error(path, where + ": 'part' must be a string");
   rec.part = j["part"].get<std::string>();
-  if (rec.part != "qkv" && rec.part != "attn_out" && rec.part != "fc1" && rec.part != "fc2")
-    format_error(path, where + ": unknown part '" + rec.part + "' (expected qkv, attn_out, fc1 or fc2)");
+  if (rec.part != "qkv" && rec.part != "attn_out" && rec.part != "fc1" && rec.part != "fc2" && rec.part != "head")
+    format_error(path, where + ": unknown part '" + rec.part + "' (expected qkv, attn_out, fc1, fc2 or head)");
   rec.weight_bits = parse_bits(path, where, j, "weight_bits");
   rec.weight_symmetric = parse_sym(path, where, j, "weight_symmetric");
   rec.act_bits = parse_bits(path, where, j, "act_bits");
