@@ -1,0 +1,127 @@
+"""The CPU kernels as the engine runs them, on every instruction set this machine has (the dispatch
+is forced): integer GEMMs must be bit-identical across ISAs (same quantized rows, same int32 sums,
+same fp32 epilogue order) and agree with a float computation on the dequantized operands; whole
+integer models must give identical outputs under every ISA."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import finequant
+from finequant import _core
+
+ISAS = ["ref", "avx512vnni"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa():
+    yield
+    _core.set_isa("auto")
+
+
+def _isa_or_skip(isa):
+    _core.set_isa(isa)
+    if _core.active_isa() != isa:
+        pytest.skip(f"this CPU lacks {isa}")
+
+
+def _gelu(v, kind):
+    from math import erf, sqrt, tanh, pi
+    if kind == "gelu":
+        return np.vectorize(lambda t: 0.5 * t * (1 + erf(t / sqrt(2))))(v)
+    return np.vectorize(lambda t: 0.5 * t * (1 + tanh(sqrt(2 / pi) * (t + 0.044715 * t ** 3))))(v)
+
+
+# (M, N, K, weight bits, weight sym, K-block, act bits, act sym, activation)
+CASES = [
+    (1, 37, 70, 8, True, 0, 8, True, "none"),
+    (7, 33, 61, 8, False, 0, 8, False, "gelu"),
+    (13, 100, 258, 4, True, 32, 8, True, "gelu_tanh"),
+    (6, 64, 200, 4, False, 64, 8, False, "none"),
+    (130, 65, 96, 4, True, 96, 4, True, "none"),
+    (1, 3072, 768, 4, True, 32, 8, True, "none"),   # decode-shaped W4A8
+    (9, 50, 129, 8, True, 0, 4, False, "gelu"),      # K odd, A4 asymmetric
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"M{c[0]}N{c[1]}K{c[2]}w{c[3]}a{c[6]}" for c in CASES])
+def test_integer_linear_identical_across_isas_and_close_to_float(case):
+    M, N, K, wb, wsym, kblock, ab, asym_act, act = case
+    rng = np.random.default_rng(M * 1000 + N)
+    w = rng.standard_normal((N, K)).astype(np.float32) * 0.1
+    x = (rng.standard_normal((M, K)) + 0.3).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    outs = {}
+    for isa in ISAS:
+        _core.set_isa(isa)
+        if _core.active_isa() != isa:
+            continue
+        lin = _core.Linear(w, wb, wsym, 1, kblock, ab, asym_act, bias, activation=act)
+        outs[isa] = lin.forward(x)
+    ys = list(outs.values())
+    for y in ys[1:]:
+        assert np.array_equal(y, ys[0]), "integer GEMM differs between ISAs"
+    # Float reference on the dequantized operands (the math contract).
+    q, s, z = _core.quantize(w, wb, wsym, 1, kblock or K)
+    wd = _core.dequantize(q, s, z, wb, wsym, 1, kblock or K)
+    qx, sx, zx = _core.quantize(x, ab, asym_act, 1, K)
+    xd = _core.dequantize(qx, sx, zx, ab, asym_act, 1, K)
+    ref = xd.astype(np.float64) @ wd.T.astype(np.float64) + bias
+    if act != "none":
+        ref = _gelu(ref, act)
+    err = np.abs(ys[0] - ref).max() / max(1.0, np.abs(ref).max())
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 37, 70), (7, 129, 33), (70, 64, 200)])
+def test_float_linear_isas_agree(M, N, K):
+    rng = np.random.default_rng(K)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    for isa in ISAS:
+        _core.set_isa(isa)
+        if _core.active_isa() != isa:
+            continue
+        y = _core.Linear(w).forward(x)
+        assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5, isa
+
+
+def test_linear_rejects_bad_input():
+    lin = _core.Linear(np.ones((4, 8), np.float32), 8, True, 1, 0, 8, True, None)
+    with pytest.raises(ValueError, match="x must be a float32"):
+        lin.forward(np.ones((2, 8), np.float64))
+    with pytest.raises(ValueError, match=r"Linear expects F32 \[M, 8\]"):
+        lin.forward(np.ones((2, 7), np.float32))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lin.forward(np.full((2, 8), np.nan, np.float32))
+    with pytest.raises(ValueError, match="activation"):
+        _core.Linear(np.ones((4, 8), np.float32), activation="relu")
+    with pytest.raises(ValueError, match="isa"):
+        _core.set_isa("sse9")
+
+
+def test_peak_measure():
+    _isa_or_skip("avx512vnni")
+    assert _core.int8_peak_gops(1, 0.05) > 10
+
+
+@pytest.mark.parametrize("family,scheme,opts", [
+    ("bert", "w8a8", []), ("bert", "w4a8", ["--kblock", "32", "--asym"]),
+    ("gpt2", "w8a8", ["--parts", "qkv,attn_out,fc1,fc2,head"]),
+    ("llama", "w4/8a8", ["--parts", "qkv,attn_out,fc1,fc2,head"]),
+])
+def test_integer_models_identical_across_isas(tiny_models, tmp_path, family, scheme, opts):
+    out = tmp_path / "q"
+    subprocess.run([sys.executable, "-m", "finequant", "quantize", str(tiny_models[family]), "-o", str(out),
+                    "--scheme", scheme, "--quiet", *opts], check=True)
+    ids = np.random.RandomState(1).randint(0, 64, size=(3, 11)).astype(np.int64)
+    results = []
+    for isa in ISAS:
+        _core.set_isa(isa)
+        if _core.active_isa() != isa:
+            continue
+        results.append(finequant.Engine(str(out), threads=2).forward(ids))
+    for r in results[1:]:
+        assert np.array_equal(r, results[0])
