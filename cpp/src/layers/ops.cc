@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "kernels/cpu/act_math.h"
+#include "kernels/cpu/attention_cpu.h"
 #include "kernels/cpu/multiversion.h"
 
 namespace finequant {
@@ -91,47 +92,47 @@ void Rope::apply(float* xs, int64_t row, int64_t M, int64_t heads, const std::ve
   }
 }
 
-FQ_MULTIVERSION void attention(const HeadView& q, const HeadView& k, const HeadView& v, float* out, int64_t B,
-                               int64_t H, int64_t KVH, int64_t Tq, int64_t Tk, int64_t D, const uint8_t* key_valid,
-                               int64_t key_valid_stride, int64_t causal_offset, float scale) {
+FQ_MULTIVERSION void attention(const HeadView& q, const HeadView& k, const HeadView& v, float* out, int64_t B, int64_t H,
+               int64_t KVH, int64_t Tq, int64_t Tk, int64_t D, const uint8_t* key_valid, int64_t key_valid_stride,
+               int64_t causal_offset, float scale) {
+  using namespace kernels;
   const int64_t group = H / KVH;
-  constexpr float kNone = -std::numeric_limits<float>::infinity();
+  const AttnScoresFn scores_fn = select_attention_scores();
+  const AttnValuesFn values_fn = select_attention_values();
+  const AttnSoftmaxFn softmax_fn = select_attention_softmax();
+  // Keys seen by query t: causal ones stop at their own position.
+  auto seen = [&](int64_t t) { return (causal_offset >= 0 ? std::min(Tk - 1, causal_offset + t) : Tk - 1) + 1; };
+  const int64_t Tkp = (Tk + kAttnKeys - 1) / kAttnKeys * kAttnKeys;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
       const int64_t kvh = h / group;
       const uint8_t* valid = key_valid + b * key_valid_stride;
-      std::vector<float> scores(static_cast<size_t>(Tk));
-      for (int64_t t = 0; t < Tq; ++t) {
-        const float* qv = q.at(b, h, t);
-        const int64_t last = causal_offset >= 0 ? std::min(Tk - 1, causal_offset + t) : Tk - 1;
-        float mx = kNone;
-        for (int64_t j = 0; j <= last; ++j) {
-          const float* kv = k.at(b, kvh, j);
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qv[d] * kv[d];
-          scores[j] = valid[j] ? s * scale : kNone;
-          mx = std::max(mx, scores[j]);
+      // K^T of this head ([D, Tkp], zeros past the keys) and the probabilities of a query block.
+      std::vector<float> kt(static_cast<size_t>(D * Tkp), 0.f), probs(static_cast<size_t>(kAttnQueries * Tkp));
+      const int64_t keys = seen(Tq - 1);
+      for (int64_t j = 0; j < keys; ++j) {
+        const float* kv = k.at(b, kvh, j);
+        for (int64_t d = 0; d < D; ++d) kt[d * Tkp + j] = kv[d];
+      }
+      for (int64_t t0 = 0; t0 < Tq; t0 += kAttnQueries) {
+        const int nq = static_cast<int>(std::min<int64_t>(kAttnQueries, Tq - t0));
+        const float* qs[kAttnQueries];
+        float* os[kAttnQueries];
+        for (int i = 0; i < nq; ++i) {
+          qs[i] = q.at(b, h, t0 + i);
+          os[i] = out + (b * Tq + t0 + i) * H * D + h * D;
         }
-        float* o = out + (b * Tq + t) * H * D + h * D;
-        std::fill(o, o + D, 0.f);
-        if (mx == kNone) continue;  // nothing visible
-        float denom = 0.f;
-#pragma omp simd reduction(+ : denom)
-        for (int64_t j = 0; j <= last; ++j) {
-          const float e = valid[j] ? kernels::actmath::exp(scores[j] - mx) : 0.f;
-          scores[j] = e;
-          denom += e;
+        const int64_t n_block = seen(t0 + nq - 1);
+        scores_fn(qs, nq, kt.data(), Tkp, (n_block + kAttnKeys - 1) / kAttnKeys * kAttnKeys, D, probs.data(), Tkp);
+        for (int i = 0; i < nq; ++i) {
+          // Softmax over the visible keys; exact zeros elsewhere (masked, or after a causal query).
+          float* p = probs.data() + i * Tkp;
+          const int64_t n = seen(t0 + i);
+          softmax_fn(p, valid, n, scale);
+          std::fill(p + n, p + n_block, 0.f);
         }
-        const float inv = 1.f / denom;
-        for (int64_t j = 0; j <= last; ++j) {
-          if (scores[j] == 0.f) continue;  // masked key (its values need not be finite)
-          const float p = scores[j] * inv;
-          const float* vv = v.at(b, kvh, j);
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] += p * vv[d];
-        }
+        values_fn(probs.data(), Tkp, nq, v.at(b, kvh, 0), v.st, n_block, D, os);
       }
     }
   }

@@ -14,6 +14,13 @@ namespace finequant {
 namespace kernels {
 namespace actmath {
 
+// Always inlined: callers are vectorized loops (a call stops vectorization).
+#if defined(__GNUC__)
+#define FQ_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FQ_ALWAYS_INLINE inline
+#endif
+
 constexpr float kExpHi = 88.3f, kExpLo = -87.3f;  // 2^n stays a normal float
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
@@ -24,8 +31,10 @@ constexpr float kErfP = 0.3275911f, kErfA1 = 0.254829592f, kErfA2 = -0.284496736
 constexpr float kSqrt1_2 = 0.70710678118654752440f;
 constexpr float kSqrt2OverPi = 0.79788456080286535588f, kGeluTanhC = 0.044715f;
 
-inline float exp(float x) {
-  x = std::fmin(std::fmax(x, kExpLo), kExpHi);
+FQ_ALWAYS_INLINE float exp(float x) {
+  // Ternaries, not std::fmin/fmax: those compile to library calls that stop vectorization.
+  x = x < kExpLo ? kExpLo : x;
+  x = x > kExpHi ? kExpHi : x;
   const float n = std::nearbyint(x * kLog2e);
   float r = x - n * kLn2Hi;
   r = r - n * kLn2Lo;
@@ -43,7 +52,7 @@ inline float exp(float x) {
   return p * two_n;
 }
 
-inline float erf(float x) {
+FQ_ALWAYS_INLINE float erf(float x) {
   const float ax = std::fabs(x);
   const float t = 1.0f / (1.0f + kErfP * ax);
   float p = kErfA5;
@@ -56,9 +65,9 @@ inline float erf(float x) {
   return std::copysign(y, x);
 }
 
-inline float gelu_erf(float v) { return 0.5f * v * (1.0f + erf(v * kSqrt1_2)); }
+FQ_ALWAYS_INLINE float gelu_erf(float v) { return 0.5f * v * (1.0f + erf(v * kSqrt1_2)); }
 
-inline float gelu_tanh(float v) {
+FQ_ALWAYS_INLINE float gelu_tanh(float v) {
   const float u = kSqrt2OverPi * (v + kGeluTanhC * (v * v * v));
   const float th = 1.0f - 2.0f / (exp(2.0f * u) + 1.0f);
   return 0.5f * v * (1.0f + th);

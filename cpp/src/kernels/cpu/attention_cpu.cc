@@ -1,0 +1,219 @@
+#include "kernels/cpu/attention_cpu.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "kernels/cpu/act_math.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/multiversion.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FQ_ATTN_AVX512 1
+#include "kernels/cpu/act_math_avx512.h"
+#define FQ_AVX512 FQ_VNNI
+#else
+#define FQ_ATTN_AVX512 0
+#endif
+
+namespace finequant {
+namespace kernels {
+
+FQ_MULTIVERSION bool attention_softmax_ref(float* p, const uint8_t* valid, int64_t n, float scale) {
+  constexpr float kNone = -std::numeric_limits<float>::infinity();
+  float mx = kNone;
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = valid[j] ? p[j] * scale : kNone;
+    mx = std::max(mx, p[j]);
+  }
+  if (mx == kNone) {
+    std::fill(p, p + n, 0.f);
+    return false;
+  }
+  float denom = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = valid[j] ? actmath::exp(p[j] - mx) : 0.f;
+    denom += p[j];
+  }
+  const float inv = 1.f / denom;
+  for (int64_t j = 0; j < n; ++j) p[j] *= inv;
+  return true;
+}
+
+FQ_MULTIVERSION void attention_scores_ref(const float* const* q, int nq, const float* kt, int64_t ld_kt, int64_t nkeys,
+                                          int64_t D, float* scores, int64_t ld) {
+  for (int i = 0; i < nq; ++i) {
+    float* s = scores + i * ld;
+    std::fill(s, s + nkeys, 0.f);
+    for (int64_t d = 0; d < D; ++d) {
+      const float qd = q[i][d];
+      const float* kr = kt + d * ld_kt;
+#pragma omp simd
+      for (int64_t j = 0; j < nkeys; ++j) s[j] += qd * kr[j];
+    }
+  }
+}
+
+FQ_MULTIVERSION void attention_values_ref(const float* p, int64_t ld, int nq, const float* v, int64_t v_stride,
+                                          int64_t n, int64_t D, float* const* out) {
+  for (int i = 0; i < nq; ++i) {
+    float* o = out[i];
+    std::fill(o, o + D, 0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = p[i * ld + j];
+      if (pj == 0.f) continue;
+      const float* vv = v + j * v_stride;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] += pj * vv[d];
+    }
+  }
+}
+
+#if FQ_ATTN_AVX512
+
+namespace {
+
+// NQ queries x 64 keys: 4 * NQ accumulators; per d, 4 K^T loads shared by the NQ queries.
+template <int NQ>
+FQ_AVX512 void scores_tile(const float* const* q, const float* kt, int64_t ld_kt, int64_t j0, int64_t D, float* scores,
+                           int64_t ld) {
+  __m512 acc[NQ][4];
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const float* kr = kt + d * ld_kt + j0;
+    const __m512 k0 = _mm512_loadu_ps(kr), k1 = _mm512_loadu_ps(kr + 16), k2 = _mm512_loadu_ps(kr + 32),
+                 k3 = _mm512_loadu_ps(kr + 48);
+    for (int i = 0; i < NQ; ++i) {
+      const __m512 qb = _mm512_set1_ps(q[i][d]);
+      acc[i][0] = _mm512_fmadd_ps(qb, k0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(qb, k1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(qb, k2, acc[i][2]);
+      acc[i][3] = _mm512_fmadd_ps(qb, k3, acc[i][3]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(scores + i * ld + j0 + 16 * c, acc[i][c]);
+}
+
+// NQ queries x 64 output values (masked past D): per key, 4 V loads shared by the NQ queries.
+template <int NQ>
+FQ_AVX512 void values_tile(const float* p, int64_t ld, const float* v, int64_t v_stride, int64_t n, int64_t d0,
+                           int64_t D, float* const* out) {
+  __m512 acc[NQ][4];
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
+  __mmask16 mask[4];
+  for (int c = 0; c < 4; ++c) {
+    const int64_t w = std::clamp<int64_t>(D - d0 - 16 * c, 0, 16);
+    mask[c] = w == 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << w) - 1);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    bool any = false;
+    for (int i = 0; i < NQ; ++i) any = any || p[i * ld + j] != 0.f;
+    if (!any) continue;  // masked key for every query: its values are not read
+    const float* vr = v + j * v_stride + d0;
+    const __m512 v0 = _mm512_maskz_loadu_ps(mask[0], vr), v1 = _mm512_maskz_loadu_ps(mask[1], vr + 16),
+                 v2 = _mm512_maskz_loadu_ps(mask[2], vr + 32), v3 = _mm512_maskz_loadu_ps(mask[3], vr + 48);
+    for (int i = 0; i < NQ; ++i) {
+      const __m512 pb = _mm512_set1_ps(p[i * ld + j]);
+      acc[i][0] = _mm512_fmadd_ps(pb, v0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(pb, v1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(pb, v2, acc[i][2]);
+      acc[i][3] = _mm512_fmadd_ps(pb, v3, acc[i][3]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, mask[c], acc[i][c]);
+}
+
+}  // namespace
+
+FQ_AVX512 bool attention_softmax_avx512(float* p, const uint8_t* valid, int64_t n, float scale) {
+  const __m512 none = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vscale = _mm512_set1_ps(scale);
+  auto mask_at = [&](int64_t j) FQ_AVX512 {  // lanes that exist and hold a valid key
+    const __mmask16 in = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    return _mm_mask_cmpneq_epi8_mask(in, _mm_maskz_loadu_epi8(in, valid + j), _mm_setzero_si128());
+  };
+  __m512 vmax = none;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = mask_at(j);
+    vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + j), vscale));
+  }
+  const float mx = _mm512_reduce_max_ps(vmax);
+  if (mx == -std::numeric_limits<float>::infinity()) {
+    std::fill(p, p + n, 0.f);
+    return false;
+  }
+  const __m512 vmx = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = mask_at(j);
+    const __mmask16 in = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + j), vscale), vmx);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp_v(x));
+    sum = _mm512_add_ps(sum, e);
+    _mm512_mask_storeu_ps(p + j, in, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 in = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(p + j, in, _mm512_mul_ps(_mm512_maskz_loadu_ps(in, p + j), inv));
+  }
+  return true;
+}
+
+void attention_scores_avx512(const float* const* q, int nq, const float* kt, int64_t ld_kt, int64_t nkeys, int64_t D,
+                             float* scores, int64_t ld) {
+  for (int64_t j0 = 0; j0 < nkeys; j0 += kAttnKeys) {
+    switch (nq) {
+      case 1: scores_tile<1>(q, kt, ld_kt, j0, D, scores, ld); break;
+      case 2: scores_tile<2>(q, kt, ld_kt, j0, D, scores, ld); break;
+      case 3: scores_tile<3>(q, kt, ld_kt, j0, D, scores, ld); break;
+      default: scores_tile<4>(q, kt, ld_kt, j0, D, scores, ld); break;
+    }
+  }
+}
+
+void attention_values_avx512(const float* p, int64_t ld, int nq, const float* v, int64_t v_stride, int64_t n,
+                             int64_t D, float* const* out) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    switch (nq) {
+      case 1: values_tile<1>(p, ld, v, v_stride, n, d0, D, out); break;
+      case 2: values_tile<2>(p, ld, v, v_stride, n, d0, D, out); break;
+      case 3: values_tile<3>(p, ld, v, v_stride, n, d0, D, out); break;
+      default: values_tile<4>(p, ld, v, v_stride, n, d0, D, out); break;
+    }
+  }
+}
+
+AttnSoftmaxFn select_attention_softmax() {
+  return active_isa() == Isa::Avx512Vnni ? attention_softmax_avx512 : attention_softmax_ref;
+}
+AttnScoresFn select_attention_scores() {
+  return active_isa() == Isa::Avx512Vnni ? attention_scores_avx512 : attention_scores_ref;
+}
+AttnValuesFn select_attention_values() {
+  return active_isa() == Isa::Avx512Vnni ? attention_values_avx512 : attention_values_ref;
+}
+
+#else
+
+void attention_scores_avx512(const float* const* q, int nq, const float* kt, int64_t ld_kt, int64_t nkeys, int64_t D,
+                             float* scores, int64_t ld) {
+  attention_scores_ref(q, nq, kt, ld_kt, nkeys, D, scores, ld);
+}
+void attention_values_avx512(const float* p, int64_t ld, int nq, const float* v, int64_t v_stride, int64_t n,
+                             int64_t D, float* const* out) {
+  attention_values_ref(p, ld, nq, v, v_stride, n, D, out);
+}
+bool attention_softmax_avx512(float* p, const uint8_t* valid, int64_t n, float scale) {
+  return attention_softmax_ref(p, valid, n, scale);
+}
+AttnSoftmaxFn select_attention_softmax() { return attention_softmax_ref; }
+AttnScoresFn select_attention_scores() { return attention_scores_ref; }
+AttnValuesFn select_attention_values() { return attention_values_ref; }
+
+#endif
+
+}  // namespace kernels
+}  // namespace finequant
