@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import Counter
 
@@ -16,6 +17,22 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+# --lkd-* option -> LKDOptions field
+_LKD_OPTIONS = {"lkd_data": "data", "lkd_steps": "steps", "lkd_batch": "batch", "lkd_seq": "seq",
+                "lkd_samples": "samples", "lkd_lr": "lr", "lkd_clip": "learn_clip",
+                "lkd_checkpoint": "checkpoint", "seed": "seed"}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -44,6 +61,23 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--parts", metavar="LIST",
                    help="comma-separated subset of qkv,attn_out,fc1,fc2 to quantize (default all)")
     q.add_argument("--quiet", action="store_true", help="no progress output")
+    lkd = q.add_argument_group("layer-by-layer distillation (ZeroQuant LKD; needs torch)")
+    lkd.add_argument("--lkd", action="store_true",
+                     help="train each block's quantized copy to match the original block before quantizing")
+    lkd.add_argument("--lkd-data", metavar="SRC",
+                     help="random (token ids, default), generate (the model's own samples) or a text file")
+    lkd.add_argument("--lkd-steps", type=_positive_int, metavar="N",
+                     help="optimizer steps per block (default 100)")
+    lkd.add_argument("--lkd-batch", type=_positive_int, metavar="B", help="sequences per step (default 4)")
+    lkd.add_argument("--lkd-seq", type=_positive_int, metavar="T", help="tokens per sequence (default 128)")
+    lkd.add_argument("--lkd-samples", type=_positive_int, metavar="N",
+                     help="distinct sequences held in memory (default 64)")
+    lkd.add_argument("--lkd-lr", type=_positive_float, metavar="LR",
+                     help="Adam learning rate, decayed linearly to 0 (default 3e-4)")
+    lkd.add_argument("--lkd-clip", action="store_true", help="also learn the weight clip ranges")
+    lkd.add_argument("--lkd-checkpoint", metavar="DIR",
+                     help="save each trained block here and resume from it if interrupted")
+    lkd.add_argument("--seed", type=int, help="LKD data and shuffling seed (default 0)")
 
     i = sub.add_parser("info", help="describe a finequant model directory")
     i.add_argument("path", metavar="OUT", help="finequant model directory or model.safetensors")
@@ -98,10 +132,25 @@ def _cmd_quantize(args) -> int:
     scheme = parse_scheme(args.scheme, weight_symmetric=not (args.asym or args.w_asym),
                           act_symmetric=not (args.asym or args.a_asym), grouping=grouping,
                           parts=args.parts)
+    given = {field: getattr(args, opt) for opt, field in _LKD_OPTIONS.items()
+             if getattr(args, opt) not in (None, False)}
+    if given and not args.lkd:
+        names = [f"--{opt.replace('_', '-')}" for opt, field in _LKD_OPTIONS.items() if field in given]
+        raise ValueError(f"{', '.join(names)} only apply with --lkd")
+    if args.lkd:
+        from .lkd import LKDOptions
+
+        lkd_options = LKDOptions(progress=not args.quiet, **given).check()
+        if not scheme.is_quantized:
+            raise ValueError(f"--lkd needs a quantized scheme, not {scheme.name}")
     progress = not args.quiet
     if progress:
         print(f"reading {args.src}", file=sys.stderr)
     model = hf.load(args.src)
+    if args.lkd:
+        from .lkd import apply
+
+        apply(model, scheme, lkd_options)
     tensors, metadata = quantize_model(model, scheme, progress=progress)
     path = save(args.output, tensors, metadata, tokenizer_src=args.src)
     if progress:

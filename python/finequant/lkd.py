@@ -1,0 +1,488 @@
+"""Layer-by-layer knowledge distillation (ZeroQuant's LKD), one transformer block at a time.
+
+For block k the teacher is the original fp32 block and the student a copy of it whose Linears are
+fake-quantized as the model file will store them. Both get the ORIGINAL model's hidden states
+entering block k (computed once and streamed: the teacher's output of block k is the input of block
+k+1); the student is trained with straight-through rounding to match the teacher's output (MSE, or
+KL on the final logits for a decoder's last block), then its weights are written back into the
+model. Only one block's optimizer state is ever in memory. The trained fp32 weights are quantized
+afterwards by the normal PTQ path (modelfile.quantize_model), so the file format does not change.
+
+Learned clip ranges (`learn_clip`) shrink each weight tile's range by a factor in (0, 1]; at the end
+the weights are clamped to it, so PTQ of the clamped weights recomputes exactly the learned scales.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from . import hf
+from .quantize import _expand, _tiles, fake_quant_activation, fake_quant_weight, quant_max
+from .schemes import LinearQuant, QuantScheme
+from .simulate import _find_module, _linear_weight
+
+# Canonical module name of block i, and the final norm before the LM head, per family.
+BLOCKS = {"bert": "encoder.layer.{}", "gpt2": "h.{}", "llama": "model.layers.{}"}
+FINAL_NORM = {"gpt2": "ln_f", "llama": "model.norm"}
+CLIP_MIN = 0.05  # learned clip factors stay in [CLIP_MIN, 1]: a range can shrink, never grow
+GENERATE_BATCH = 16  # sequences sampled at once for data "generate"
+CLIP_LR_SCALE = 10.0  # clip factors are ~1 and weights ~1e-2: give the factors a larger step
+
+
+@dataclass
+class LKDOptions:
+    data: str = "random"   # "random" token ids, "generate" (the model's own samples) or a text file path
+    steps: int = 100       # optimizer steps per block
+    batch: int = 4         # sequences per step
+    seq: int = 128         # tokens per sequence
+    samples: int = 64      # distinct sequences whose hidden states are held (rounded up to a batch multiple)
+    lr: float = 3e-4       # Adam learning rate (linearly decayed to 0 over the steps)
+    seed: int = 0
+    learn_clip: bool = False
+    checkpoint: Optional[str] = None  # directory of per-block checkpoints: resume from it if present
+    progress: bool = True
+
+    def check(self, max_positions: Optional[int] = None) -> "LKDOptions":
+        for name in ("steps", "batch", "samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LKD {name} must be a positive integer, got {v!r}")
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 2:
+            raise ValueError(f"LKD sequence length must be an integer >= 2, got {self.seq!r}")
+        if max_positions is not None and self.seq > max_positions:
+            raise ValueError(f"LKD sequence length {self.seq} exceeds the model's {max_positions} positions")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"LKD learning rate must be a positive number, got {self.lr!r}")
+        if self.data not in ("random", "generate") and not os.path.isfile(self.data):
+            raise ValueError(f"LKD data must be 'random', 'generate' or a text file; {self.data!r} is none "
+                             "of these")
+        return self
+
+
+# ---- straight-through fake quantization (forward identical to quantize.fake_quant_*) --------------
+
+class _RoundSTE(torch.autograd.Function):
+    """torch.round (half to even) forward, identity gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the given fake-quantized values fq (bit-exact); backward: x's gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, fq):
+        return fq
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def fake_quant_ste(x: torch.Tensor, bits: int, symmetric: bool, tile, clip=None) -> torch.Tensor:
+    """Differentiable fake_quant_weight of a 2-D x: the same ops in the same order (so the forward
+    values are bit-identical), rounding with a straight-through gradient. The range is taken from x
+    without gradient; `clip` (per-tile factors: [tiles] symmetric, [2, tiles] asymmetric) scales it."""
+    rows, cols = int(tile[0]), int(tile[1])
+    c = x.shape[1]
+    t = _tiles(x.detach(), rows, cols)
+    qmax = quant_max(bits, symmetric)
+    if symmetric:
+        hi = t.abs().amax(dim=(1, 3))
+        if clip is not None:
+            hi = clip * hi
+            big = _expand(hi, rows, cols, c)
+            x = torch.minimum(torch.maximum(x, -big), big)
+        s = hi / qmax
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        se = _expand(s, rows, cols, c)
+        return torch.clamp(_RoundSTE.apply(x / se), -qmax, qmax) * se
+    lo = torch.clamp(t.amin(dim=(1, 3)), max=0.0)
+    hi = torch.clamp(t.amax(dim=(1, 3)), min=0.0)
+    if clip is not None:
+        lo, hi = clip[0] * lo, clip[1] * hi
+        x = torch.minimum(torch.maximum(x, _expand(lo, rows, cols, c)), _expand(hi, rows, cols, c))
+    s = (hi - lo) / qmax
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    z = torch.clamp(_RoundSTE.apply(-lo / s), 0, qmax)
+    se, ze = _expand(s, rows, cols, c), _expand(z, rows, cols, c)
+    return (torch.clamp(_RoundSTE.apply(x / se) + ze, 0, qmax) - ze) * se
+
+
+class LKDLinear(nn.Module):
+    """The trainable student of one Linear: fp32 master weight [out, in], fake-quantized (STE) on use,
+    with token-wise fake-quantized inputs, as QuantLinear computes."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearQuant,
+                 learn_clip: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().to(torch.float32).clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
+        self.spec = spec
+        self.clip = None
+        if learn_clip and spec.weight_bits:
+            n, k = self.weight.shape
+            tiles = (n // spec.tile[0], -(-k // spec.tile[1]))
+            self.clip = nn.Parameter(torch.ones(tiles if spec.weight_symmetric else (2,) + tiles))
+
+    def quantized_weight(self) -> torch.Tensor:
+        s = self.spec
+        if not s.weight_bits:
+            return self.weight
+        if self.clip is not None:  # the clip factors need the gradient through the scale
+            return fake_quant_ste(self.weight, s.weight_bits, s.weight_symmetric, s.tile, self.clip)
+        # Nothing is clamped without clips, so a plain straight-through is the same gradient, and far
+        # cheaper than autograd through the elementwise ops.
+        fq = fake_quant_weight(self.weight.detach(), s.weight_bits, s.weight_symmetric, s.tile)
+        return _StraightThrough.apply(self.weight, fq)
+
+    @torch.no_grad()
+    def baked_weight(self) -> torch.Tensor:
+        """The weight to store: clamped to the learned clip range, so PTQ finds the learned scales."""
+        w = self.weight.detach().clone()
+        if self.clip is None:
+            return w
+        rows, cols = self.spec.tile
+        t = _tiles(w, rows, cols)
+        k = w.shape[1]
+        if self.spec.weight_symmetric:
+            big = _expand(self.clip * t.abs().amax(dim=(1, 3)), rows, cols, k)
+            return torch.minimum(torch.maximum(w, -big), big)
+        lo = self.clip[0] * torch.clamp(t.amin(dim=(1, 3)), max=0.0)
+        hi = self.clip[1] * torch.clamp(t.amax(dim=(1, 3)), min=0.0)
+        return torch.minimum(torch.maximum(w, _expand(lo, rows, cols, k)), _expand(hi, rows, cols, k))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32)
+        s = self.spec
+        if s.act_bits:
+            x = _StraightThrough.apply(x, fake_quant_activation(x.detach(), s.act_bits, s.act_symmetric))
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+# ---- the torch model, its blocks and the data -----------------------------------------------------
+
+def load_torch_model(folder: str, family: str) -> nn.Module:
+    """The transformers model of a HF folder, fp32, eval mode, frozen."""
+    import transformers
+
+    auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # LKD shows its own progress
+    try:
+        model = auto.from_pretrained(folder, dtype=torch.float32).eval()
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    model.requires_grad_(False)
+    return model
+
+
+def _max_positions(config: dict) -> Optional[int]:
+    for key in ("max_position_embeddings", "n_positions"):
+        if key in config:
+            return int(config[key])
+    return None
+
+
+def make_data(options: LKDOptions, model: nn.Module, folder: str, family: str, vocab_size: int) -> torch.Tensor:
+    """Token ids [N, seq], N = samples rounded up to a multiple of batch (text: at most what it holds)."""
+    o = options
+    n = -(-o.samples // o.batch) * o.batch
+    gen = torch.Generator().manual_seed(o.seed)
+    if o.data == "random":
+        return torch.randint(0, vocab_size, (n, o.seq), generator=gen)
+    if o.data == "generate":
+        if family == "bert":
+            raise ValueError("LKD data 'generate' needs a decoder; use 'random' or a text file for an encoder")
+        bos = model.config.bos_token_id
+        start = (torch.full((n, 1), bos) if bos is not None and 0 <= bos < vocab_size
+                 else torch.randint(0, vocab_size, (n, 1), generator=gen))
+        eos = model.generation_config.eos_token_id
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos  # unused: no sequence stops early
+        out = []
+        with torch.random.fork_rng():  # generate() samples from the global generator
+            torch.manual_seed(o.seed)
+            for i in range(0, n, GENERATE_BATCH):
+                s = start[i:i + GENERATE_BATCH]
+                out.append(model.generate(s, attention_mask=torch.ones_like(s), do_sample=True, temperature=1.0,
+                                          top_k=50, top_p=1.0, max_new_tokens=o.seq - 1,
+                                          min_new_tokens=o.seq - 1, pad_token_id=pad if pad is not None else 0))
+        return torch.cat(out)[:, :o.seq]
+    from transformers import AutoTokenizer
+
+    with open(o.data, encoding="utf-8") as f:
+        text = f.read()
+    # (transformers 5 would silently build an empty tokenizer from config.json alone)
+    if not set(hf.tokenizer_files(folder)) & {"tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model"}:
+        raise ValueError(f"LKD text data needs the model's tokenizer, and {folder} has no tokenizer files")
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    chunks = len(ids) // o.seq
+    if chunks < o.batch:
+        raise ValueError(f"{o.data} has {len(ids)} tokens: LKD needs at least batch x seq = "
+                         f"{o.batch * o.seq}")
+    n = min(n, chunks // o.batch * o.batch)
+    starts = torch.randperm(chunks, generator=gen)[:n] * o.seq  # distinct windows spread over the text
+    return torch.stack([ids[s:s + o.seq] for s in starts.tolist()])
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, batch: int, decoder: bool):
+    """Hidden states entering `block` for every batch of ids, [N, T, H], and the other arguments the
+    model passes to its blocks (masks, position ids, rotary embeddings): the same for every batch,
+    since all batches have the same shape and no padding."""
+    class _Stop(Exception):
+        pass
+
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Stop  # only the embeddings are needed
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    hidden = []
+    try:
+        for i in range(0, len(ids), batch):
+            x = ids[i:i + batch]
+            extra = {"use_cache": False} if decoder else {}  # a KV cache would grow with each call
+            try:
+                with torch.no_grad():
+                    model(input_ids=x, attention_mask=torch.ones_like(x), **extra)
+            except _Stop:
+                pass
+            args, kwargs = captured["args"], dict(captured["kwargs"])
+            hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+    finally:
+        handle.remove()
+    return torch.cat(hidden), tuple(args[1:]), kwargs
+
+
+def _call(block: nn.Module, x: torch.Tensor, rest, kwargs) -> torch.Tensor:
+    out = block(x, *rest, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _student(block: nn.Module, linears: Dict[str, LinearQuant], learn_clip: bool) -> nn.Module:
+    """A trainable copy of `block` with each Linear (relative name -> spec) an LKDLinear."""
+    student = copy.deepcopy(block)
+    for rel, spec in linears.items():
+        module = student.get_submodule(rel)
+        parent, _, child = rel.rpartition(".")
+        owner = student.get_submodule(parent) if parent else student
+        setattr(owner, child, LKDLinear(_linear_weight(module), module.bias, spec, learn_clip))
+    student.requires_grad_(True)
+    return student
+
+
+@torch.no_grad()
+def _write_back(block: nn.Module, student: nn.Module, linears) -> None:
+    """Copy the trained parameters into the model's block, in its own layouts (GPT-2 Conv1D: [in, out])."""
+    for rel in linears:
+        lkd, orig = student.get_submodule(rel), block.get_submodule(rel)
+        w = lkd.baked_weight()
+        orig.weight.copy_(w.t() if type(orig).__name__ == "Conv1D" else w)
+        if orig.bias is not None:
+            orig.bias.copy_(lkd.bias)
+    trained = dict(student.named_parameters())
+    for name, p in block.named_parameters():
+        if name.rpartition(".")[0] not in linears:
+            p.copy_(trained[name])
+
+
+class _Loss:
+    """MSE to the teacher's block output, or (last decoder block) KL of the final logits."""
+
+    def __init__(self, model: nn.Module, family: str, kl: bool):
+        self.head = None
+        self.kind = "kl" if kl else "mse"
+        if kl:
+            self.norm = model.get_submodule(_find_module(model, FINAL_NORM[family])[0])
+            self.head = model.get_output_embeddings()
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return F.mse_loss(out, target)
+        v = self.head.weight.shape[0]
+        s = self.head(self.norm(out)).reshape(-1, v)
+        with torch.no_grad():
+            t = self.head(self.norm(target)).reshape(-1, v)
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def _evaluate(student, x, y, rest, kwargs, batch, loss_fn):
+    """(MSE, loss) of the student over all samples."""
+    mse = loss = 0.0
+    for i in range(0, len(x), batch):
+        out = _call(student, x[i:i + batch], rest, kwargs)
+        mse += F.mse_loss(out, y[i:i + batch]).item()
+        loss += loss_fn(out, y[i:i + batch]).item()
+    n = -(-len(x) // batch)
+    return mse / n, loss / n
+
+
+def _train_block(student, x, y, rest, kwargs, loss_fn, options: LKDOptions, k: int, desc: str) -> float:
+    o = options
+    clips = [m.clip for m in student.modules() if isinstance(m, LKDLinear) and m.clip is not None]
+    ids = {id(c) for c in clips}
+    params = [p for p in student.parameters() if id(p) not in ids]
+    groups = [{"params": params, "lr": o.lr}] + ([{"params": clips, "lr": o.lr * CLIP_LR_SCALE}] if clips else [])
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / o.steps)
+    gen = torch.Generator().manual_seed(o.seed * 1_000_003 + k)  # per block: resuming does not shift it
+    order = torch.empty(0, dtype=torch.long)
+    from tqdm import tqdm
+
+    bar = tqdm(range(o.steps), desc=desc, unit="step", leave=False, disable=not o.progress)
+    loss = float("nan")
+    for _ in bar:
+        if len(order) < o.batch:  # a fresh shuffle of the samples each epoch
+            order = torch.randperm(len(x), generator=gen)
+        idx, order = order[:o.batch], order[o.batch:]
+        out = _call(student, x[idx], rest, kwargs)
+        l = loss_fn(out, y[idx])
+        opt.zero_grad(set_to_none=True)
+        l.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for c in clips:
+                c.clamp_(CLIP_MIN, 1.0)
+        loss = l.item()
+        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+    return loss
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+def _fingerprint(model: nn.Module, family: str, config: dict, scheme: QuantScheme, options: LKDOptions) -> dict:
+    """What a checkpoint's blocks depend on: resuming with anything else would mix two runs."""
+    o = asdict(options)
+    del o["checkpoint"], o["progress"]
+    if o["data"] not in ("random", "generate"):
+        o["data"] = os.path.abspath(o["data"])
+    with torch.no_grad():  # cheap stand-in for a hash of the weights
+        weights = repr(float(sum(p.double().abs().sum() for p in model.parameters())))
+    return {"family": family, "config": config, "weights": weights, "scheme": repr(scheme), "options": o}
+
+
+def _open_checkpoint(directory: str, fingerprint: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "lkd.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(fingerprint)):
+            raise ValueError(f"LKD checkpoint {directory} was made for another model, scheme or options; "
+                             "use a new directory (or delete it) to start over")
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(fingerprint, f, indent=1)
+
+
+def _save_atomic(obj, path: str) -> None:
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # an interrupted save leaves no half checkpoint
+
+
+# ---- driver -------------------------------------------------------------------------------------------
+
+def _block_linears(model, family, full, k, parts, scheme) -> Dict[str, LinearQuant]:
+    """Name relative to block k (at module path `full`) -> LinearQuant, for each Linear of the block."""
+    prefix = BLOCKS[family].format(k) + "."
+    block = model.get_submodule(full)
+    linears = {}
+    for name, part in parts.items():
+        if name.startswith(prefix):
+            rel = _find_module(model, name)[0][len(full) + 1:]
+            linears[rel] = scheme.for_linear(part, *_linear_weight(block.get_submodule(rel)).shape)
+    return linears
+
+
+def _distill_block(block, linears, x, y, rest, kwargs, loss_fn, o: LKDOptions, k: int, desc: str) -> dict:
+    """Train a student of `block` on (x -> y) and write its weights into `block`; returns the stats."""
+    t0 = time.time()
+    student = _student(block, linears, o.learn_clip).eval()  # eval: no dropout
+    mse0, loss0 = _evaluate(student, x, y, rest, kwargs, o.batch, loss_fn)
+    last = _train_block(student, x, y, rest, kwargs, loss_fn, o, k, desc)
+    _write_back(block, student, linears)
+    # Measured on what the file will hold: PTQ of the written-back weights.
+    mse1, loss1 = _evaluate(_student(block, linears, False).eval(), x, y, rest, kwargs, o.batch, loss_fn)
+    return {"block": k, "loss": loss_fn.kind, "mse_ptq": mse0, "mse_lkd": mse1, "loss_ptq": loss0,
+            "loss_lkd": loss1, "last_step_loss": last, "seconds": time.time() - t0}
+
+
+def distill(model: nn.Module, family: str, config: dict, scheme: QuantScheme, options: LKDOptions,
+            folder: str = "") -> List[dict]:
+    """Run LKD on the transformers `model` in place: afterwards its block weights are the trained fp32
+    weights (clamped to learned clips). Returns per-block stats: MSE to the teacher's block output with
+    plain PTQ ("mse_ptq") and after LKD ("mse_lkd"), the training loss ("loss": "kl" for a decoder's
+    last block, else "mse") before and after ("loss_ptq", "loss_lkd"), and the seconds taken."""
+    if not scheme.is_quantized:
+        raise ValueError(f"LKD needs a quantized scheme, not {scheme.name}")
+    o = options.check(_max_positions(config))
+    n_layers = hf.num_layers(config)
+    vocab = int(config.get("vocab_size") or model.get_input_embeddings().weight.shape[0])
+    parts = hf.linear_parts(family, n_layers)
+    blocks = [_find_module(model, BLOCKS[family].format(i)) for i in range(n_layers)]
+    if o.checkpoint:
+        _open_checkpoint(o.checkpoint, _fingerprint(model, family, config, scheme, o))
+
+    ids = make_data(o, model, folder, family, vocab)
+    x, rest, kwargs = _block_inputs(model, blocks[0][1], ids, o.batch, family != "bert")
+    stats = []
+    for k, (full, block) in enumerate(blocks):
+        with torch.no_grad():  # the original block's output: the target, and the next block's input
+            y = torch.cat([_call(block, x[i:i + o.batch], rest, kwargs) for i in range(0, len(x), o.batch)])
+        ckpt = os.path.join(o.checkpoint, f"block_{k:03d}.pt") if o.checkpoint else None
+        if ckpt and os.path.isfile(ckpt):
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+            block.load_state_dict(saved["state"])
+            s = saved["stats"]
+        else:
+            loss_fn = _Loss(model, family, kl=family != "bert" and k == n_layers - 1)
+            s = _distill_block(block, _block_linears(model, family, full, k, parts, scheme), x, y, rest, kwargs,
+                               loss_fn, o, k, f"LKD block {k + 1}/{n_layers}")
+            if ckpt:
+                _save_atomic({"state": block.state_dict(), "stats": s}, ckpt)
+        stats.append(s)
+        if o.progress:
+            from tqdm import tqdm
+
+            kl = f", kl {s['loss_ptq']:.4g} -> {s['loss_lkd']:.4g}" if s["loss"] == "kl" else ""
+            tqdm.write(f"LKD block {k + 1}/{n_layers}: mse {s['mse_ptq']:.4g} -> {s['mse_lkd']:.4g}{kl} "
+                       f"({s['seconds']:.1f} s)")
+        x = y
+    return stats
+
+
+def apply(model: hf.HFModel, scheme: QuantScheme, options: LKDOptions):
+    """LKD on a loaded HFModel: replaces its block tensors by the trained fp32 weights, ready for
+    modelfile.quantize_model. Returns (the trained transformers model, per-block stats)."""
+    if not model.folder:
+        raise ValueError("LKD needs the model's Hugging Face folder")
+    if not scheme.is_quantized:
+        raise ValueError(f"LKD needs a quantized scheme, not {scheme.name}")
+    options.check(_max_positions(model.config))  # before the slow part
+    torch_model = load_torch_model(model.folder, model.family)
+    stats = distill(torch_model, model.family, model.config, scheme, options, folder=model.folder)
+    for name, t in hf.canonicalize(model.family, model.config, torch_model.state_dict()).items():
+        if name in model.tensors:
+            model.tensors[name] = t
+    return torch_model, stats

@@ -1,0 +1,182 @@
+"""LKD (finequant.lkd) on tiny random models: the straight-through fake quantization keeps the math
+contract, distillation lowers the block output error, runs are deterministic and resumable, and an
+LKD-written file runs in the engine like its torch simulation."""
+import numpy as np
+import pytest
+import torch
+
+from finequant import Engine, hf, lkd
+from finequant.cli import main
+from finequant.lkd import LKDLinear, LKDOptions, fake_quant_ste
+from finequant.modelfile import quantize_model, save
+from finequant.quantize import fake_quant_weight
+from finequant.schemes import LinearQuant, parse_scheme
+from finequant.simulate import read_records, simulate
+
+FAST = dict(steps=12, batch=4, seq=16, samples=8, lr=3e-4, progress=False)
+
+
+def _lkd(folder, scheme="w4a8", **kw):
+    model = hf.load(str(folder))
+    torch_model, stats = lkd.apply(model, parse_scheme(scheme, **kw.pop("scheme_kw", {})),
+                                   LKDOptions(**{**FAST, **kw}))
+    return model, torch_model, stats
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (8, False)])
+@pytest.mark.parametrize("tile", [(1, 16), (1, 40), (2, 40), (8, 40)])
+def test_straight_through_forward_is_the_reference(bits, sym, tile):
+    torch.manual_seed(0)
+    w = torch.randn(8, 40) * 0.05  # 40 columns: kblock 16 leaves a partial last block
+    w[0, :16] = 0  # an all-zero tile
+    assert torch.equal(fake_quant_ste(w, bits, sym, tile), fake_quant_weight(w, bits, sym, tile))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_learned_clip_is_what_ptq_of_the_stored_weight_gives(sym):
+    """The student's clipped fake-quant equals plain PTQ of the clamped weight that gets stored."""
+    torch.manual_seed(1)
+    spec = LinearQuant(part="fc1", weight_bits=4, weight_symmetric=sym, tile=(1, 16), act_bits=8)
+    lin = LKDLinear(torch.randn(8, 40) * 0.05, None, spec, learn_clip=True)
+    with torch.no_grad():
+        lin.clip.uniform_(0.3, 1.0)
+    got = lin.quantized_weight()
+    assert torch.equal(got, fake_quant_weight(lin.baked_weight(), 4, sym, (1, 16)))
+    got.sum().backward()  # gradients reach the weight and the clip factors
+    assert lin.weight.grad.abs().sum() > 0 and lin.clip.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_lkd_lowers_block_error(family, tiny_models):
+    _, _, stats = _lkd(tiny_models[family])
+    assert len(stats) == 2
+    for s in stats:  # "loss" is the KL on the logits for a decoder's last block, else the MSE
+        assert s["loss_lkd"] < 0.8 * s["loss_ptq"], s
+    assert stats[0]["mse_lkd"] < 0.8 * stats[0]["mse_ptq"]
+
+
+def test_lkd_with_learned_clips_and_asymmetric_weights(tiny_models):
+    _, _, stats = _lkd(tiny_models["llama"], learn_clip=True, scheme_kw={"weight_symmetric": False})
+    assert all(s["loss_lkd"] < s["loss_ptq"] for s in stats), stats
+
+
+def test_only_block_weights_change(tiny_models):
+    before = hf.load(str(tiny_models["gpt2"])).tensors
+    after, _, _ = _lkd(tiny_models["gpt2"])
+    assert before.keys() == after.tensors.keys()
+    changed = {n for n in before if not torch.equal(before[n], after.tensors[n])}
+    assert changed and all(n.startswith("h.") for n in changed), sorted(changed)
+    assert "h.0.attn.c_attn.weight" in changed and after.tensors["h.0.attn.c_attn.weight"].shape == (96, 32)
+
+
+def test_deterministic_with_a_seed(tiny_models):
+    a = _lkd(tiny_models["llama"], seed=5)[0].tensors
+    b = _lkd(tiny_models["llama"], seed=5)[0].tensors
+    c = _lkd(tiny_models["llama"], seed=6)[0].tensors
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_resume_after_interrupt_gives_the_same_result(tiny_models, tmp_path, monkeypatch):
+    ref = _lkd(tiny_models["gpt2"])[0].tensors
+    train = lkd._train_block
+
+    def interrupted(*args):
+        if args[7] == 1:  # k: stop during the second block
+            raise KeyboardInterrupt
+        return train(*args)
+
+    ck = tmp_path / "ck"
+    monkeypatch.setattr(lkd, "_train_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _lkd(tiny_models["gpt2"], checkpoint=str(ck))
+    assert (ck / "block_000.pt").is_file() and not (ck / "block_001.pt").exists()
+
+    calls = []
+    monkeypatch.setattr(lkd, "_train_block", lambda *args: calls.append(args[7]) or train(*args))
+    got, _, stats = _lkd(tiny_models["gpt2"], checkpoint=str(ck))
+    assert calls == [1]  # block 0 came from the checkpoint
+    assert all(torch.equal(ref[n], got.tensors[n]) for n in ref)
+    assert [s["block"] for s in stats] == [0, 1]
+
+    with pytest.raises(ValueError, match="another model, scheme or options"):
+        _lkd(tiny_models["gpt2"], checkpoint=str(ck), steps=3)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("scheme,kw", [("w4a8", {}), ("w8a8", {"weight_symmetric": False, "act_symmetric": False})],
+                         ids=["w4a8", "w8a8-asym"])
+def test_lkd_file_runs_in_engine_like_its_simulation(family, scheme, kw, tiny_models, tmp_path):
+    model, torch_model, _ = _lkd(tiny_models[family], scheme, scheme_kw=kw, learn_clip=scheme == "w4a8")
+    tensors, metadata = quantize_model(model, parse_scheme(scheme, **kw))
+    out = save(str(tmp_path / "q"), tensors, metadata)
+    ids = np.random.RandomState(0).randint(0, 64, size=(4, 20)).astype(np.int64)
+    got = Engine(out).forward(ids)
+
+    simulate(torch_model, read_records(out))
+    with torch.no_grad():
+        result = torch_model(torch.from_numpy(ids))
+    ref = (result.last_hidden_state if family == "bert" else result.logits).numpy()
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    agree = (got.argmax(-1) == ref.argmax(-1)).mean()
+    assert err <= 1e-2, f"{family} {scheme}: relative error {err:.3g}"
+    assert agree >= 0.99, f"{family} {scheme}: argmax agreement {agree:.3f}"
+
+
+def test_data_sources(tiny_models, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 59}" for i in range(400)))
+    bert = lkd.load_torch_model(str(tiny_models["bert"]), "bert")
+    ids = lkd.make_data(LKDOptions(data=str(text), batch=4, seq=16, samples=8), bert, str(tiny_models["bert"]),
+                        "bert", 64)
+    assert ids.shape == (8, 16) and ids.min() >= 5  # words, not special tokens
+    with pytest.raises(ValueError, match="needs a decoder"):
+        lkd.make_data(LKDOptions(data="generate"), bert, str(tiny_models["bert"]), "bert", 64)
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    with pytest.raises(ValueError, match="at least batch x seq"):
+        lkd.make_data(LKDOptions(data=str(short), batch=4, seq=16), bert, str(tiny_models["bert"]), "bert", 64)
+
+    gpt2 = lkd.load_torch_model(str(tiny_models["gpt2"]), "gpt2")
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):  # the tiny GPT-2 has none
+        lkd.make_data(LKDOptions(data=str(text)), gpt2, str(tiny_models["gpt2"]), "gpt2", 64)
+    opts = LKDOptions(data="generate", batch=4, seq=16, samples=6, seed=3)
+    gen = lkd.make_data(opts, gpt2, str(tiny_models["gpt2"]), "gpt2", 64)
+    assert gen.shape == (8, 16) and gen.max() < 64  # samples rounded up to whole batches
+    assert torch.equal(gen, lkd.make_data(opts, gpt2, str(tiny_models["gpt2"]), "gpt2", 64))
+    _, _, stats = _lkd(tiny_models["gpt2"], data="generate")
+    assert stats[0]["mse_lkd"] < stats[0]["mse_ptq"]
+
+
+def test_cli_quantize_with_lkd(tiny_models, tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_models["llama"]), "-o", str(out), "--scheme", "w4a8", "--quiet", "--lkd",
+                 "--lkd-steps", "5", "--lkd-batch", "2", "--lkd-seq", "8", "--lkd-samples", "4",
+                 "--lkd-lr", "1e-4", "--seed", "1", "--lkd-checkpoint", str(tmp_path / "ck")]) == 0
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["block_000.pt", "block_001.pt", "lkd.json"]
+    plain = tmp_path / "plain"
+    assert main(["quantize", str(tiny_models["llama"]), "-o", str(plain), "--scheme", "w4a8", "--quiet"]) == 0
+    ids = np.arange(12, dtype=np.int64)[None]
+    a, b = Engine(str(out)).forward(ids), Engine(str(plain)).forward(ids)
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lkd-steps", "3"], "--lkd-steps only apply with --lkd"),
+    (["--seed", "3", "--lkd-clip"], "--lkd-clip, --seed only apply with --lkd"),
+    (["--lkd", "--scheme", "fp32"], "--lkd needs a quantized scheme"),
+    (["--lkd", "--lkd-data", "missing.txt"], "'random', 'generate' or a text file"),
+    (["--lkd", "--lkd-seq", "1000"], "exceeds the model's 32 positions"),
+    (["--lkd", "--lkd-seq", "1"], "sequence length must be an integer >= 2"),
+])
+def test_cli_bad_lkd_options(args, message, tiny_models, tmp_path, capsys):
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(tmp_path / "q"), "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finequant: error:") and message in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "-1e-3", "nan", "x"])
+def test_cli_rejects_bad_learning_rate(value, tiny_models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(tiny_models["gpt2"]), "-o", str(tmp_path / "q"), "--lkd", f"--lkd-lr={value}"])
+    assert e.value.code == 2 and "--lkd-lr: expected a positive number" in capsys.readouterr().err
