@@ -18,7 +18,7 @@ FQ_MULTIVERSION Tensor Norm::forward(const Tensor& x) const {
   float* ys = y.data<float>();
   const float* w = weight.data<float>();
   const float* b = bias.defined() ? bias.data<float>() : nullptr;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * C > 65536)  // decode rows: no fork/join
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = xs + m * C;
     float* yr = ys + m * C;
@@ -53,7 +53,7 @@ FQ_MULTIVERSION void add_inplace(Tensor& x, const Tensor& y) {
 
 FQ_MULTIVERSION void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out, int64_t M,
               int64_t I) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * I > 65536)
   for (int64_t m = 0; m < M; ++m) {
     const float* g = gate + m * gate_stride;
     const float* u = up + m * up_stride;
@@ -73,7 +73,7 @@ Rope::Rope(int64_t head_dim_, double theta) : head_dim(head_dim_) {
 
 void Rope::apply(float* xs, int64_t row, int64_t M, int64_t heads, const std::vector<int64_t>& positions) const {
   const int64_t half = head_dim / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * row > 65536)
   for (int64_t m = 0; m < M; ++m) {
     std::vector<float> cs(half), sn(half);
     for (int64_t i = 0; i < half; ++i) {

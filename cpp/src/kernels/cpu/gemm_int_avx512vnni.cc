@@ -280,6 +280,8 @@ void prepare_int_weight_avx512vnni(IntWeight& w) {
   const float* sw = w.scale.data<float>();
   const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
   const int64_t panel_bytes = w4 ? v.Kp * 8 : v.Kp * 16;
+  // Channels own disjoint bytes (INT4 nibble pairs run along k), so they pack in parallel.
+#pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const int64_t panel = n / kPanel, j = n % kPanel, g = n / w.tile_rows;
     for (int64_t b = 0; b < nb; ++b) {

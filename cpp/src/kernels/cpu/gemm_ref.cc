@@ -73,13 +73,18 @@ IntWeight prepare_int_weight(Tensor q, Tensor scale, Tensor zero_point, int64_t 
   w.tile_cols = tile_cols > 0 ? tile_cols : w.K;
   w.num_blocks = (w.K + w.tile_cols - 1) / w.tile_cols;
   w.colsum.assign(static_cast<size_t>(w.N * w.num_blocks), 0);
-  const bool is_signed = q.dtype() == DType::I8;
-  for (int64_t n = 0; n < w.N; ++n) {
-    for (int64_t k = 0; k < w.K; ++k) {
-      const int32_t v = is_signed ? q.data<int8_t>()[n * w.K + k] : q.data<uint8_t>()[n * w.K + k];
-      w.colsum[n * w.num_blocks + k / w.tile_cols] += v;
-    }
-  }
+  auto sums = [&](const auto* data) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < w.N; ++n)
+      for (int64_t b = 0; b < w.num_blocks; ++b) {
+        const int64_t k0 = b * w.tile_cols, k1 = std::min(w.K, k0 + w.tile_cols);
+        int32_t s = 0;
+        for (int64_t k = k0; k < k1; ++k) s += data[n * w.K + k];
+        w.colsum[n * w.num_blocks + b] = s;
+      }
+  };
+  if (q.dtype() == DType::I8) sums(q.data<int8_t>());
+  else sums(q.data<uint8_t>());
   w.q = std::move(q);
   w.scale = std::move(scale);
   w.zero_point = std::move(zero_point);
