@@ -59,7 +59,8 @@ def _build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--kblock", type=_positive_int, metavar="G",
                      help="one scale per output channel and block of G input columns")
     q.add_argument("--parts", metavar="LIST",
-                   help="comma-separated subset of qkv,attn_out,fc1,fc2 to quantize (default all)")
+                   help="comma-separated GEMMs to quantize: qkv,attn_out,fc1,fc2 (the default), plus head "
+                        "for a decoder's LM head (INT8)")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     lkd = q.add_argument_group("layer-by-layer distillation (ZeroQuant LKD; needs torch)")
     lkd.add_argument("--lkd", action="store_true",
