@@ -100,7 +100,8 @@ py::dict metadata_dict(const SafetensorsFile& f) {
 
 }  // namespace
 
-void bind_engine(py::module_& m);  // python/src/engine_bindings.cc
+void bind_engine(py::module_& m);                       // python/src/engine_bindings.cc
+py::array_t<float> float_tensor_to_numpy(Tensor t);  // python/src/engine_bindings.cc
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "finequant C++ core: reference quantization, model file reader, runtime info";
@@ -273,7 +274,7 @@ PYBIND11_MODULE(_core, m) {
               py::gil_scoped_release nogil;
               y = l.forward(xb.tensor);
             }
-            return to_numpy(y);
+            return float_tensor_to_numpy(std::move(y));
           },
           py::arg("x"), "x float32 [M, K] -> float32 [M, N]")
       .def_property_readonly("in_features", &Linear::in_features)

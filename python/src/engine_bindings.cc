@@ -47,15 +47,15 @@ Inputs read_inputs(const py::array& ids, const std::optional<py::array>& mask) {
   return in;
 }
 
-// Hands the tensor's storage to NumPy without a copy.
-py::array_t<float> to_numpy(Tensor t) {
+}  // namespace
+
+// Hands an F32 tensor's storage to NumPy without a copy (also used by bindings.cc).
+py::array_t<float> float_tensor_to_numpy(Tensor t) {
   auto* owner = new Tensor(std::move(t));
   py::capsule keep(owner, [](void* p) { delete static_cast<Tensor*>(p); });
   std::vector<py::ssize_t> shape(owner->shape().begin(), owner->shape().end());
   return py::array_t<float>(shape, owner->data<float>(), keep);
 }
-
-}  // namespace
 
 void bind_engine(py::module_& m) {
   py::class_<Engine>(m, "_Engine", "The C++ inference engine (see finequant.Engine for the Python API).")
@@ -77,7 +77,7 @@ void bind_engine(py::module_& m) {
               py::gil_scoped_release release;
               out = e.forward(in.ids, in.mask_or_null());
             }
-            return to_numpy(std::move(out));
+            return float_tensor_to_numpy(std::move(out));
           },
           py::arg("input_ids"), py::arg("attention_mask") = py::none(),
           "input_ids int [B, T], attention_mask 0/1 [B, T] or None -> float32 [B, T, hidden or vocab]")

@@ -109,8 +109,12 @@ FQ_MULTIVERSION void attention(const HeadView& q, const HeadView& k, const HeadV
       const int64_t kvh = h / group;
       const uint8_t* valid = key_valid + b * key_valid_stride;
       // K^T of this head ([D, Tkp], zeros past the keys) and the probabilities of a query block.
-      std::vector<float> kt(static_cast<size_t>(D * Tkp), 0.f), probs(static_cast<size_t>(kAttnQueries * Tkp));
-      const int64_t keys = seen(Tq - 1);
+      // Decode (fewer queries than a block): a dot product per cached key beats transposing the
+      // whole cache every step.
+      const bool transposed = Tq >= kAttnQueries;
+      std::vector<float> kt(transposed ? static_cast<size_t>(D * Tkp) : 0, 0.f),
+          probs(static_cast<size_t>(kAttnQueries * Tkp));
+      const int64_t keys = transposed ? seen(Tq - 1) : 0;
       for (int64_t j = 0; j < keys; ++j) {
         const float* kv = k.at(b, kvh, j);
         for (int64_t d = 0; d < D; ++d) kt[d * Tkp + j] = kv[d];
@@ -124,7 +128,18 @@ FQ_MULTIVERSION void attention(const HeadView& q, const HeadView& k, const HeadV
           os[i] = out + (b * Tq + t0 + i) * H * D + h * D;
         }
         const int64_t n_block = seen(t0 + nq - 1);
-        scores_fn(qs, nq, kt.data(), Tkp, (n_block + kAttnKeys - 1) / kAttnKeys * kAttnKeys, D, probs.data(), Tkp);
+        if (transposed) {
+          scores_fn(qs, nq, kt.data(), Tkp, (n_block + kAttnKeys - 1) / kAttnKeys * kAttnKeys, D, probs.data(), Tkp);
+        } else {
+          for (int i = 0; i < nq; ++i)
+            for (int64_t j = 0; j < n_block; ++j) {
+              const float* kv = k.at(b, kvh, j);
+              float s = 0.f;
+#pragma omp simd reduction(+ : s)
+              for (int64_t d = 0; d < D; ++d) s += qs[i][d] * kv[d];
+              probs[i * Tkp + j] = s;
+            }
+        }
         for (int i = 0; i < nq; ++i) {
           // Softmax over the visible keys; exact zeros elsewhere (masked, or after a causal query).
           float* p = probs.data() + i * Tkp;

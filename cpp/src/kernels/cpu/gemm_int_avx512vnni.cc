@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cpu/act_math_avx512.h"
 #include "kernels/cpu/gemm.h"
@@ -79,7 +80,9 @@ namespace {
 
 constexpr int64_t kPanel = 16;         // output channels per zmm of int32 accumulators
 constexpr int64_t kTileN = 4 * kPanel;  // channels per micro-kernel
-constexpr int kMaxMR = 6;               // rows per micro-kernel: 24 accumulators + 4 weights + 1 broadcast
+// Rows per micro-kernel: 6 (24 int32 accumulators + 4 weights + 1 broadcast) for one K-block; with
+// several blocks the 4 MR fp32 sums stay in registers too, so 3.
+constexpr int kMaxMR = 6, kMaxMRBlocked = 3;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -161,47 +164,66 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
   const IntWeight::Vnni& v = *c.v;
   const int64_t panel0 = tile * 4;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
+  __m512 out[MR][4];  // the fp32 sum over blocks, as the reference: 0, then + each block
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) out[i][j] = _mm512_setzero_ps();
   for (int64_t b = 0; b < c.nb; ++b) {
     const int64_t kb = std::min(c.K, b * c.bk + c.bk) - b * c.bk;
     const int64_t s0 = b * c.bkp / 8, pairs = round_up(kb, 8) / 8;  // pairs of 4-k steps
-    __m512i acc[MR][4];
+    constexpr bool kSplit = MR <= 2;
+    __m512i acc[MR][4], acc2[MR][4];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) acc[i][j] = acc2[i][j] = _mm512_setzero_si512();
     // Weight bytes per 8 k of a panel: 128 (8-bit), 64 (4-bit); panels are Kp * 16 (or * 8) apart.
     const int64_t pair_bytes = W4 ? 64 : 128, panel_bytes = c.Kp / 8 * pair_bytes;
     const uint8_t* wp = v.packed.data() + panel0 * panel_bytes + s0 * pair_bytes;
     const uint8_t* xr = c.xp + m0 * c.Kp + s0 * 8;
-    // One 4-k step per iteration: 24 accumulators + 4 weight vectors + 1 broadcast fit the 32
-    // registers (unrolling two steps made GCC spill accumulators). INT4: step s reads the low
-    // (even s) or high (odd s) nibbles of pair s / 2.
-    for (int64_t s = 0; s < 2 * pairs; ++s) {
+    // Per pair of 4-k steps: step 0, then step 1 (INT4: low, then high nibbles; the packed bytes
+    // are loaded again for step 1, an L1 hit, rather than held). Only 4 weight vectors are live:
+    // 24 accumulators + 4 weights + 1 broadcast fit the 32 registers (holding both steps' weights
+    // made GCC spill accumulators). With 1-2 rows the two steps feed separate accumulators, so
+    // that enough independent vpdpbusd chains hide its latency.
+    auto step = [&](int64_t p, auto half) FQ_VNNI {
+      constexpr int kHalf = decltype(half)::value;
       __m512i w[4];
-      const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(s & 1) * 4);
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
+        const uint8_t* src = wp + j * panel_bytes + p * pair_bytes;
         if (W4) {
-          const __m512i packed = _mm512_loadu_si512(wp + j * panel_bytes + (s >> 1) * 64);
-          w[j] = _mm512_and_si512(_mm512_srl_epi16(packed, shift), nibble);
+          const __m512i packed = _mm512_loadu_si512(src);
+          w[j] = _mm512_and_si512(kHalf ? _mm512_srli_epi16(packed, 4) : packed, nibble);
         } else {
-          w[j] = _mm512_loadu_si512(wp + j * panel_bytes + s * 64);
+          w[j] = _mm512_loadu_si512(src + kHalf * 64);
         }
       }
+      __m512i(&a)[MR][4] = (kSplit && kHalf) ? acc2 : acc;
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         int32_t word;
-        std::memcpy(&word, xr + i * c.Kp + s * 4, 4);
+        std::memcpy(&word, xr + i * c.Kp + p * 8 + kHalf * 4, 4);
         const __m512i xb = _mm512_set1_epi32(word);
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j)
-          acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xb, w[j]) : _mm512_dpbusd_epi32(acc[i][j], w[j], xb);
+          a[i][j] = XU8 ? _mm512_dpbusd_epi32(a[i][j], xb, w[j]) : _mm512_dpbusd_epi32(a[i][j], w[j], xb);
       }
+    };
+    for (int64_t p = 0; p < pairs; ++p) {
+      step(p, std::integral_constant<int, 0>());
+      step(p, std::integral_constant<int, 1>());
     }
-    // Block epilogue.
-    // Constant trip counts, fully unrolled, so that acc[][] stays in registers (a `break` here
-    // made GCC keep a stack copy of the accumulators, stored on every k step).
-    const bool last = b + 1 == c.nb;
+    if (kSplit) {
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_add_epi32(acc[i][j], acc2[i][j]);
+    }
+    // Block epilogue: the exact integer correction, then out += (sx * sw) * float(corrected).
+    // Constant trip counts, fully unrolled, so that acc[][] and out[][] stay in registers (a
+    // `break` here made GCC keep a stack copy of the accumulators, stored on every k step).
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const int64_t m = m0 + i;
@@ -209,29 +231,33 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
       const __m512i vrx = _mm512_set1_epi32(static_cast<int32_t>(rx));
       const __m512i wc_rx = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v.wc) * rx));
       const __m512 vsx = _mm512_set1_ps(c.sx[m]);
-      float* yrow = c.y + m * c.N;
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        const int64_t n0 = (panel0 + j) * kPanel;
-        if (n0 >= c.N) continue;  // padding panel
-        const int64_t col = b * c.Npad + n0;
+        const int64_t col = b * c.Npad + (panel0 + j) * kPanel;  // padding panels read zeros
         __m512i corr = acc[i][j];
         if (c.wsym) corr = _mm512_sub_epi32(corr, wc_rx);
         else corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_loadu_si512(v.zw_plus_wc.data() + col), vrx));
         if (XU8)
           corr = _mm512_sub_epi32(
               corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), _mm512_loadu_si512(v.colsum_minus.data() + col)));
-        const __m512 scaled =
-            _mm512_mul_ps(_mm512_mul_ps(vsx, _mm512_loadu_ps(v.scale.data() + col)), _mm512_cvtepi32_ps(corr));
-        const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
-        const __mmask16 mask = cols == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
-        __m512 out = _mm512_add_ps(b == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, yrow + n0), scaled);
-        if (last) {
-          if (c.bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, c.bias + n0));
-          out = activation_v(c.epilogue, out);
-        }
-        _mm512_mask_storeu_ps(yrow + n0, mask, out);
+        out[i][j] = _mm512_add_ps(
+            out[i][j], _mm512_mul_ps(_mm512_mul_ps(vsx, _mm512_loadu_ps(v.scale.data() + col)), _mm512_cvtepi32_ps(corr)));
       }
+    }
+  }
+  // Bias, activation, store.
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    float* yrow = c.y + (m0 + i) * c.N;
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n0 = (panel0 + j) * kPanel;
+      if (n0 >= c.N) continue;  // padding panel
+      const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
+      const __mmask16 mask = cols == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
+      __m512 o = out[i][j];
+      if (c.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, c.bias + n0));
+      _mm512_mask_storeu_ps(yrow + n0, mask, activation_v(c.epilogue, o));
     }
   }
 }
@@ -321,7 +347,8 @@ void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const fl
   scratch.rowsum.resize(static_cast<size_t>(M * w.num_blocks));
   scratch.sx.resize(static_cast<size_t>(M));
   scratch.zx.resize(static_cast<size_t>(M));
-  const MicroFn full = pick(kMaxMR, !symmetric, w.bits == 4);
+  const int max_mr = w.num_blocks > 1 ? kMaxMRBlocked : kMaxMR;
+  const MicroFn full = pick(max_mr, !symmetric, w.bits == 4);
   // Worker threads must not name `scratch` (thread_local: each would see its own).
   uint8_t* xp = scratch.xp.data();
   int32_t* rowsum = scratch.rowsum.data();
@@ -352,7 +379,7 @@ void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const fl
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
         int64_t m = m0;
-        for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
+        for (; m + max_mr <= m1; m += max_mr) full(c, m, tile);
         if (m < m1) pick(static_cast<int>(m1 - m), !symmetric, w.bits == 4)(c, m, tile);
       }
     }
