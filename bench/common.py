@@ -22,6 +22,9 @@ QUICK_RESULTS_DIR = os.path.join(RESULTS_DIR, "quick")  # git-ignored: smoke-tes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access on these machines
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# NumPy's OpenBLAS threads spin after each BLAS call and steal a core from whatever is timed next
+# (measured: finequant GEMM 470 -> 670 GOPS without them); no system timed here uses them.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Prefer the source tree when it has a built extension (a developer's python/finequant/_core*.so links
 # to the build), so the Python side need not be reinstalled; else use the installed package.
 SOURCE_PYTHON = os.path.join(ROOT, "python")

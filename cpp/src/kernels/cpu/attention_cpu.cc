@@ -60,7 +60,6 @@ FQ_MULTIVERSION void attention_values_ref(const float* p, int64_t ld, int nq, co
     std::fill(o, o + D, 0.f);
     for (int64_t j = 0; j < n; ++j) {
       const float pj = p[i * ld + j];
-      if (pj == 0.f) continue;
       const float* vv = v + j * v_stride;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) o[d] += pj * vv[d];
@@ -108,9 +107,6 @@ FQ_AVX512 void values_tile(const float* p, int64_t ld, const float* v, int64_t v
     mask[c] = w == 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << w) - 1);
   }
   for (int64_t j = 0; j < n; ++j) {
-    bool any = false;
-    for (int i = 0; i < NQ; ++i) any = any || p[i * ld + j] != 0.f;
-    if (!any) continue;  // masked key for every query: its values are not read
     const float* vr = v + j * v_stride + d0;
     const __m512 v0 = _mm512_maskz_loadu_ps(mask[0], vr), v1 = _mm512_maskz_loadu_ps(mask[1], vr + 16),
                  v2 = _mm512_maskz_loadu_ps(mask[2], vr + 32), v3 = _mm512_maskz_loadu_ps(mask[3], vr + 48);

@@ -14,8 +14,8 @@ constexpr int64_t kAttnKeys = 64;  // keys per score tile; K^T rows are padded t
 // kAttnKeys; kt holds zeros past the real keys).
 using AttnScoresFn = void (*)(const float* const* q, int nq, const float* kt, int64_t ld_kt, int64_t nkeys, int64_t D,
                               float* scores, int64_t ld);
-// out[i][d] = sum_{j < n} p[i * ld + j] * v[j * v_stride + d] for i < nq, d < D; p may hold zeros
-// for masked keys, whose values are then not read.
+// out[i][d] = sum_{j < n} p[i * ld + j] * v[j * v_stride + d] for i < nq, d < D. Masked keys have
+// p = 0; their values (padding tokens, computed like any other) are finite, so they add nothing.
 using AttnValuesFn = void (*)(const float* p, int64_t ld, int nq, const float* v, int64_t v_stride, int64_t n,
                               int64_t D, float* const* out);
 

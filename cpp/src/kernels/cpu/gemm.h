@@ -57,10 +57,12 @@ struct IntWeight {
   // constant that moves q into the operand's range: 128 for I8 weights against s8 activations,
   // -128 for U8 weights against u8 activations, 8 for signed INT4, else 0), undone exactly in the
   // epilogue through the activation row sums.
-  // Panels of 16 output channels; N padded to a multiple of 64 (4 panels per micro-kernel). Each
-  // K-block is padded with zeros to a multiple of 8 (block_padded), Kp = padded total K.
-  //   8-bit: packed[(panel * Kp/4 + k/4) * 64 + j * 4 + k%4]
-  //   4-bit: packed[(panel * Kp/8 + k/8) * 64 + j * 4 + k%4], k%8 < 4 in the low nibble, else high.
+  // Tiles of 64 output channels (4 panels of 16, one micro-kernel), N padded to a multiple of 64.
+  // Each K-block is padded with zeros to a multiple of 8 (block_padded), Kp = padded total K. A
+  // tile is one contiguous stream (separate panel streams alias in L1 when Kp * 16 is a multiple
+  // of 4 KiB); with j = channel % 64:
+  //   8-bit: packed[(tile * Kp/4 + k/4) * 256 + j * 4 + k%4]
+  //   4-bit: packed[(tile * Kp/8 + k/8) * 256 + j * 4 + k%4], k%8 < 4 in the low nibble, else high.
   // Per-column tables are indexed [block * Npad + n], zero for padding channels.
   struct Vnni {
     bool ready = false;

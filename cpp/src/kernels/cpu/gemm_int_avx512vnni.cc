@@ -20,7 +20,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <type_traits>
 
 #include "kernels/cpu/act_math_avx512.h"
 #include "kernels/cpu/gemm.h"
@@ -159,67 +158,66 @@ FQ_VNNI bool quantize_row(const float* x, const Ctx& c, bool symmetric, float qm
 }
 
 // ---- 2 + 3. micro-kernel: MR rows x 64 channels over all blocks --------------------------------
-template <int MR, bool XU8, bool W4>
+// Bias, activation and masked store of 16 outputs of row m starting at channel n0 (< N).
+FQ_VNNI inline void store_outputs(const Ctx& c, int64_t m, int64_t n0, __m512 o) {
+  const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
+  const __mmask16 mask = cols == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
+  if (c.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, c.bias + n0));
+  _mm512_mask_storeu_ps(c.y + m * c.N + n0, mask, activation_v(c.epilogue, o));
+}
+
+// MULTI: several K-blocks, whose fp32 sums stay in registers (so MR <= 3); otherwise one block and
+// the fp32 values go straight to the output (MR <= 6 without spilling).
+template <int MR, bool XU8, bool W4, bool MULTI>
 FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
   const IntWeight::Vnni& v = *c.v;
   const int64_t panel0 = tile * 4;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
-  __m512 out[MR][4];  // the fp32 sum over blocks, as the reference: 0, then + each block
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) out[i][j] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < c.nb; ++b) {
-    const int64_t kb = std::min(c.K, b * c.bk + c.bk) - b * c.bk;
-    const int64_t s0 = b * c.bkp / 8, pairs = round_up(kb, 8) / 8;  // pairs of 4-k steps
-    constexpr bool kSplit = MR <= 2;
-    __m512i acc[MR][4], acc2[MR][4];
+  __m512 out[MULTI ? MR : 1][4];  // MULTI: the fp32 sum over blocks, as the reference: 0, then + each
+  if constexpr (MULTI) {
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[i][j] = acc2[i][j] = _mm512_setzero_si512();
-    // Weight bytes per 8 k of a panel: 128 (8-bit), 64 (4-bit); panels are Kp * 16 (or * 8) apart.
-    const int64_t pair_bytes = W4 ? 64 : 128, panel_bytes = c.Kp / 8 * pair_bytes;
-    const uint8_t* wp = v.packed.data() + panel0 * panel_bytes + s0 * pair_bytes;
+      for (int j = 0; j < 4; ++j) out[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < (MULTI ? c.nb : 1); ++b) {
+    const int64_t kb = std::min(c.K, b * c.bk + c.bk) - b * c.bk;
+    const int64_t s0 = b * c.bkp / 8, pairs = round_up(kb, 8) / 8;  // pairs of 4-k steps
+    __m512i acc[MR][4];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+    // A tile's weights for 8 k: 512 bytes (8-bit: two 4-k steps of 4 panels x 64 bytes) or 256
+    // (4-bit: the two steps share each panel's 64 bytes); one contiguous stream per tile.
+    const int64_t pair_bytes = W4 ? 256 : 512;
+    const uint8_t* wp = v.packed.data() + tile * (c.Kp / 8) * pair_bytes + s0 * pair_bytes;
     const uint8_t* xr = c.xp + m0 * c.Kp + s0 * 8;
-    // Per pair of 4-k steps: step 0, then step 1 (INT4: low, then high nibbles; the packed bytes
-    // are loaded again for step 1, an L1 hit, rather than held). Only 4 weight vectors are live:
-    // 24 accumulators + 4 weights + 1 broadcast fit the 32 registers (holding both steps' weights
-    // made GCC spill accumulators). With 1-2 rows the two steps feed separate accumulators, so
-    // that enough independent vpdpbusd chains hide its latency.
-    auto step = [&](int64_t p, auto half) FQ_VNNI {
-      constexpr int kHalf = decltype(half)::value;
+    // One 4-k step per iteration: 24 accumulators + 4 weight vectors + 1 broadcast fit the 32
+    // registers. (Unrolling two steps, holding two steps' weights, or a helper lambda over acc made
+    // GCC 12 copy and spill the accumulators on every step: half the throughput.) INT4: step s
+    // takes the low (even s) or high (odd s) nibbles of its pair's 64 bytes per panel.
+    for (int64_t s = 0; s < 2 * pairs; ++s) {
       __m512i w[4];
+      const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(s & 1) * 4);
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        const uint8_t* src = wp + j * panel_bytes + p * pair_bytes;
         if (W4) {
-          const __m512i packed = _mm512_loadu_si512(src);
-          w[j] = _mm512_and_si512(kHalf ? _mm512_srli_epi16(packed, 4) : packed, nibble);
+          const __m512i packed = _mm512_loadu_si512(wp + (s >> 1) * 256 + j * 64);
+          w[j] = _mm512_and_si512(_mm512_srl_epi16(packed, shift), nibble);
         } else {
-          w[j] = _mm512_loadu_si512(src + kHalf * 64);
+          w[j] = _mm512_loadu_si512(wp + s * 256 + j * 64);
         }
       }
-      __m512i(&a)[MR][4] = (kSplit && kHalf) ? acc2 : acc;
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         int32_t word;
-        std::memcpy(&word, xr + i * c.Kp + p * 8 + kHalf * 4, 4);
+        std::memcpy(&word, xr + i * c.Kp + s * 4, 4);
         const __m512i xb = _mm512_set1_epi32(word);
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j)
-          a[i][j] = XU8 ? _mm512_dpbusd_epi32(a[i][j], xb, w[j]) : _mm512_dpbusd_epi32(a[i][j], w[j], xb);
+          acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xb, w[j]) : _mm512_dpbusd_epi32(acc[i][j], w[j], xb);
       }
-    };
-    for (int64_t p = 0; p < pairs; ++p) {
-      step(p, std::integral_constant<int, 0>());
-      step(p, std::integral_constant<int, 1>());
-    }
-    if (kSplit) {
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_add_epi32(acc[i][j], acc2[i][j]);
     }
     // Block epilogue: the exact integer correction, then out += (sx * sw) * float(corrected).
     // Constant trip counts, fully unrolled, so that acc[][] and out[][] stay in registers (a
@@ -240,45 +238,46 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
         if (XU8)
           corr = _mm512_sub_epi32(
               corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), _mm512_loadu_si512(v.colsum_minus.data() + col)));
-        out[i][j] = _mm512_add_ps(
-            out[i][j], _mm512_mul_ps(_mm512_mul_ps(vsx, _mm512_loadu_ps(v.scale.data() + col)), _mm512_cvtepi32_ps(corr)));
+        const __m512 scaled =
+            _mm512_mul_ps(_mm512_mul_ps(vsx, _mm512_loadu_ps(v.scale.data() + col)), _mm512_cvtepi32_ps(corr));
+        if constexpr (MULTI) out[i][j] = _mm512_add_ps(out[i][j], scaled);
+        else if ((panel0 + j) * kPanel < c.N) store_outputs(c, m, (panel0 + j) * kPanel, _mm512_add_ps(_mm512_setzero_ps(), scaled));
       }
     }
   }
-  // Bias, activation, store.
+  if constexpr (MULTI) {
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    float* yrow = c.y + (m0 + i) * c.N;
+    for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const int64_t n0 = (panel0 + j) * kPanel;
-      if (n0 >= c.N) continue;  // padding panel
-      const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
-      const __mmask16 mask = cols == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
-      __m512 o = out[i][j];
-      if (c.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, c.bias + n0));
-      _mm512_mask_storeu_ps(yrow + n0, mask, activation_v(c.epilogue, o));
-    }
+      for (int j = 0; j < 4; ++j)
+        if ((panel0 + j) * kPanel < c.N) store_outputs(c, m0 + i, (panel0 + j) * kPanel, out[i][j]);
   }
 }
 
 using MicroFn = void (*)(const Ctx&, int64_t, int64_t);
 
 template <bool XU8, bool W4>
-MicroFn pick_rows(int mr) {
+MicroFn pick_rows(int mr, bool multi) {
+  if (multi) {
+    switch (mr) {
+      case 1: return micro_kernel<1, XU8, W4, true>;
+      case 2: return micro_kernel<2, XU8, W4, true>;
+      default: return micro_kernel<3, XU8, W4, true>;
+    }
+  }
   switch (mr) {
-    case 1: return micro_kernel<1, XU8, W4>;
-    case 2: return micro_kernel<2, XU8, W4>;
-    case 3: return micro_kernel<3, XU8, W4>;
-    case 4: return micro_kernel<4, XU8, W4>;
-    case 5: return micro_kernel<5, XU8, W4>;
-    default: return micro_kernel<6, XU8, W4>;
+    case 1: return micro_kernel<1, XU8, W4, false>;
+    case 2: return micro_kernel<2, XU8, W4, false>;
+    case 3: return micro_kernel<3, XU8, W4, false>;
+    case 4: return micro_kernel<4, XU8, W4, false>;
+    case 5: return micro_kernel<5, XU8, W4, false>;
+    default: return micro_kernel<6, XU8, W4, false>;
   }
 }
 
-MicroFn pick(int mr, bool xu8, bool w4) {
-  if (xu8) return w4 ? pick_rows<true, true>(mr) : pick_rows<true, false>(mr);
-  return w4 ? pick_rows<false, true>(mr) : pick_rows<false, false>(mr);
+MicroFn pick(int mr, bool xu8, bool w4, bool multi) {
+  if (xu8) return w4 ? pick_rows<true, true>(mr, multi) : pick_rows<true, false>(mr, multi);
+  return w4 ? pick_rows<false, true>(mr, multi) : pick_rows<false, false>(mr, multi);
 }
 
 // Scratch for the quantized rows, reused across calls (no page faults per GEMM).
@@ -305,11 +304,11 @@ void prepare_int_weight_avx512vnni(IntWeight& w) {
   v.colsum_minus.assign(xu8 ? static_cast<size_t>(nb * v.Npad) : 0, 0);
   const float* sw = w.scale.data<float>();
   const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
-  const int64_t panel_bytes = w4 ? v.Kp * 8 : v.Kp * 16;
+  const int64_t tile_bytes = w4 ? v.Kp * 32 : v.Kp * 64;
   // Channels own disjoint bytes (INT4 nibble pairs run along k), so they pack in parallel.
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
-    const int64_t panel = n / kPanel, j = n % kPanel, g = n / w.tile_rows;
+    const int64_t tile = n / kTileN, j = n % kTileN, g = n / w.tile_rows;  // j: panel * 16 + lane
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
       for (int64_t k = 0; k < kb; ++k) {
@@ -317,10 +316,10 @@ void prepare_int_weight_avx512vnni(IntWeight& w) {
         const uint8_t stored = static_cast<uint8_t>(q + v.wc);  // u8 or s8 bit pattern
         const int64_t kk = b * v.block_padded + k;              // position in the padded K
         if (w4) {
-          v.packed[static_cast<size_t>(panel * panel_bytes + kk / 8 * 64 + j * 4 + kk % 4)] |=
+          v.packed[static_cast<size_t>(tile * tile_bytes + kk / 8 * 256 + j * 4 + kk % 4)] |=
               static_cast<uint8_t>(stored << (kk % 8 < 4 ? 0 : 4));
         } else {
-          v.packed[static_cast<size_t>(panel * panel_bytes + kk / 4 * 64 + j * 4 + kk % 4)] = stored;
+          v.packed[static_cast<size_t>(tile * tile_bytes + kk / 4 * 256 + j * 4 + kk % 4)] = stored;
         }
       }
       const size_t col = static_cast<size_t>(b * v.Npad + n);
@@ -347,8 +346,9 @@ void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const fl
   scratch.rowsum.resize(static_cast<size_t>(M * w.num_blocks));
   scratch.sx.resize(static_cast<size_t>(M));
   scratch.zx.resize(static_cast<size_t>(M));
-  const int max_mr = w.num_blocks > 1 ? kMaxMRBlocked : kMaxMR;
-  const MicroFn full = pick(max_mr, !symmetric, w.bits == 4);
+  const bool multi = w.num_blocks > 1;
+  const int max_mr = multi ? kMaxMRBlocked : kMaxMR;
+  const MicroFn full = pick(max_mr, !symmetric, w.bits == 4, multi);
   // Worker threads must not name `scratch` (thread_local: each would see its own).
   uint8_t* xp = scratch.xp.data();
   int32_t* rowsum = scratch.rowsum.data();
@@ -380,7 +380,7 @@ void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const fl
         const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
         int64_t m = m0;
         for (; m + max_mr <= m1; m += max_mr) full(c, m, tile);
-        if (m < m1) pick(static_cast<int>(m1 - m), !symmetric, w.bits == 4)(c, m, tile);
+        if (m < m1) pick(static_cast<int>(m1 - m), !symmetric, w.bits == 4, multi)(c, m, tile);
       }
     }
   }
