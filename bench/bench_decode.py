@@ -139,7 +139,8 @@ def main() -> int:
                 if len(o) != batch or lengths != {new}:
                     raise RuntimeError(f"{s} returned {len(o)} rows of lengths {lengths}, expected {batch} x {new}")
             agree = {s: agreement(outs[s], outs["HF fp32"]) for s in systems}
-            t = common.measure({s: (lambda fn=fn: fn(ids)) for s, fn in systems.items()}, args.repeats, warmup=0)
+            t = common.measure({s: (lambda fn=fn: fn(ids)) for s, fn in systems.items()}, args.repeats, warmup=0,
+                               settle=False)
             tps = {s: batch * new / t[s]["median_s"] for s in systems}
             for s in systems:
                 res.add(model=key, model_dir=os.path.basename(src), batch=batch, system=s, tokens_per_s=tps[s],

@@ -79,11 +79,12 @@ def _sample(fn: Callable[[], object], inner: int) -> float:
 
 
 def measure(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-            min_sample_s: float = 0.0) -> Dict[str, dict]:
+            min_sample_s: float = 0.0, settle: bool = True) -> Dict[str, dict]:
     """Time each callable, alternating systems: round r runs one sample of every system in turn.
 
     A sample is `inner` back-to-back calls (chosen in warm-up so a sample lasts >= min_sample_s, which
-    keeps microsecond GEMMs above timer noise); seconds per call are reported as median and min.
+    keeps microsecond GEMMs above timer noise), after one untimed call when `settle` (calls of many
+    milliseconds do not need it); seconds per call are reported as median and min.
     """
     inner = {}
     for name, fn in fns.items():
@@ -95,6 +96,8 @@ def measure(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle:  # one untimed call: the previous system's thread pool may still spin on the cores
+                fn()
             samples[name].append(_sample(fn, inner[name]))
     return {name: {"median_s": statistics.median(s), "min_s": min(s), "samples_s": s, "inner": inner[name]}
             for name, s in samples.items()}
