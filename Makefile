@@ -2,6 +2,7 @@
 #   make demo   set up .venv, build, quantize the real default models and print quality/size
 #   make test   set up .venv, build, run pytest and the C++ tests
 #   make bench  install the peers, run bench/ (GEMM, BERT, decode) and write bench/results/RESULTS.md
+#   make study  accuracy of every scheme, PTQ and LKD, on the real models: bench/results/ACCURACY.md
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ PIP := $(PY) -m pip
 JOBS ?= 2
 export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
 
-.PHONY: setup build install demo test test-python test-cpp bench clean
+.PHONY: setup build install demo test test-python test-cpp bench study clean
 
 $(VENV)/.deps: pyproject.toml constraints-dev.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +56,12 @@ bench: install $(VENV)/.bench-deps
 	$(PY) bench/bench_bert.py $(BENCH_ARGS)
 	$(PY) bench/bench_decode.py $(BENCH_ARGS)
 	$(PY) bench/report.py $(filter --quick,$(BENCH_ARGS))
+
+# Hours of CPU with the defaults; STUDY_ARGS="--reduced" is about an hour on 2 cores. Results are cached per
+# configuration in bench/results/accuracy.jsonl, so an interrupted run resumes.
+STUDY_ARGS ?=
+study: install
+	$(PY) bench/accuracy_study.py $(STUDY_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info
