@@ -159,7 +159,10 @@ def decode_section(recs: list, out: str) -> str:
     r0 = recs[0]
     md = [f"## Greedy decode (tokens/s), prompt {r0['prompt']}, {r0['new_tokens']} new tokens", header_line(recs),
           "\ntokens/s = batch x new tokens / wall time of the generate call (prefill included). GPT-2 small has "
-          "random weights; SmolLM2-135M is the real model. The peer goal applies at batch 1.\n",
+          "random weights; SmolLM2-135M is the real model. The peer goal applies at batch 1. finequant w8a8 and "
+          "w4a8 (K-blocks of 32) quantize the LM head too (INT8 per channel), as the int8 peers do. decode.json's "
+          "agreement with HF fp32 compares with HF generate under min_new_tokens, which suppresses EOS: SmolLM2 "
+          "continuations part at its first EOS, where finequant (no stop tokens) emits it.\n",
           table(["model", "batch", *DECODE_SYSTEMS, "fastest peer", "w8a8 / fastest peer",
                  f"goal >= {PEER_GOAL}x (batch 1)", "w4a8 / w8a8", f"goal >= {W4_GOAL}x"], rows)]
     names = sorted({k[0] for k in keys})
