@@ -17,7 +17,7 @@ from prepare_models import cache_dir, prepare  # noqa: E402
 from prepare_text import prepare as prepare_text  # noqa: E402
 from prepare_text import rotten_tomatoes  # noqa: E402
 
-from finequant import Engine, hf  # noqa: E402
+from finequant import Engine, _core, hf  # noqa: E402
 from finequant.evaluate import cosine_agreement, perplexity  # noqa: E402
 from finequant.modelfile import load_info, quantize_model, save  # noqa: E402
 from finequant.schemes import parse_scheme  # noqa: E402
@@ -41,7 +41,7 @@ SNIPPETS = 200  # Rotten Tomatoes snippets embedded by MiniLM
 
 def run_engines(key: str, dirs: dict) -> None:
     """Quality and speed of each quantized file in the C++ engine, against fp32 in the same run."""
-    print(f"\n-- {key} in the finequant engine (CPU, reference kernels; fast kernels come next)")
+    print(f"\n-- {key} in the finequant engine (CPU kernels: {_core.active_isa()})")
     if key == "smollm2":
         emma = (prepare_text() / "emma.txt").read_text()
         print(f"{'scheme':<18}{'ppl':>9}{'vs fp32':>9}{'decode tok/s':>14}{'vs fp32':>9}  greedy continuation")
