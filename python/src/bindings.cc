@@ -286,8 +286,9 @@ PYBIND11_MODULE(_core, m) {
       [](const std::string& name) {
         if (name == "auto") kernels::force_isa(kernels::Isa::Auto);
         else if (name == "ref") kernels::force_isa(kernels::Isa::Ref);
+        else if (name == "avx2") kernels::force_isa(kernels::Isa::Avx2);
         else if (name == "avx512vnni") kernels::force_isa(kernels::Isa::Avx512Vnni);
-        else throw py::value_error("isa must be 'auto', 'ref' or 'avx512vnni', got '" + name + "'");
+        else throw py::value_error("isa must be 'auto', 'ref', 'avx2' or 'avx512vnni', got '" + name + "'");
       },
       py::arg("name"), "Force the CPU kernels' instruction set for Linears built from now on (a missing one falls back to 'ref').");
   m.def("active_isa", []() { return std::string(kernels::isa_name(kernels::active_isa())); });

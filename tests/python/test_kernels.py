@@ -11,7 +11,7 @@ import pytest
 import finequant
 from finequant import _core
 
-ISAS = ["ref", "avx512vnni"]
+ISAS = ["ref", "avx2", "avx512vnni"]
 
 
 @pytest.fixture(autouse=True)

@@ -73,6 +73,15 @@ struct IntWeight {
     std::vector<int32_t> zw_plus_wc;     // zw + wc (asymmetric weights only)
     std::vector<int32_t> colsum_minus;   // colsum - kb * zw (asymmetric activations only)
   } vnni;
+
+  // AVX2 layout (prepare_int_weight_avx2): tiles of 16 channels, the stored bytes of q by pairs of
+  // k (K-blocks padded to even lengths, Kp = padded total K):
+  //   packed[(tile * Kp + k - k%2) * 16 + (channel % 16) * 2 + k%2]
+  struct Avx2 {
+    bool ready = false;
+    int64_t Kp = 0, block_padded = 0;
+    std::vector<uint8_t> packed;
+  } avx2;
 };
 
 // Builds an IntWeight from unpacked integers + scales (+ zero points); computes the column sums
@@ -94,14 +103,22 @@ void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const 
 GemmIntFn select_gemm_int();
 
 // ---- instruction-set dispatch -----------------------------------------------------------------
-enum class Isa { Auto, Ref, Avx512Vnni };
-// Auto: the best ISA the CPU supports, unless the environment variable FINEQUANT_ISA says "ref".
-// force_isa overrides both (tests, benchmarks); an ISA the CPU lacks falls back to Ref. Weights
-// prepared under one ISA keep working under another (kernels fall back to the reference).
+enum class Isa { Auto, Ref, Avx2, Avx512Vnni };
+// Auto: the best ISA the CPU supports, or the one the environment variable FINEQUANT_ISA names
+// ("ref", "avx2", "avx512vnni"). force_isa overrides both (tests, benchmarks); an ISA the CPU lacks
+// falls back to the next lower one. Weights prepared under one ISA keep working under another
+// (kernels fall back to the reference). Only the integer GEMM has an AVX2 kernel; FP32 GEMM and
+// attention use their portable (auto-vectorized) forms below AVX512-VNNI.
 void force_isa(Isa isa);
 Isa active_isa();
 const char* isa_name(Isa isa);
 bool cpu_has_avx512vnni();  // avx512f + avx512bw + avx512dq + avx512vl + avx512vnni
+bool cpu_has_avx2();
+
+// AVX2 kernel (vpmaddwd on widened bytes, exact), bit-identical to the reference. Falls back to
+// gemm_int_ref for a weight without the AVX2 layout.
+void prepare_int_weight_avx2(IntWeight& w);
+void gemm_int_avx2(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y, Epilogue epilogue);
 
 // AVX512-VNNI kernel: quantizes the rows straight into its layout (the same values as
 // quantize_rows), identical int32 sums and the same fp32 epilogue order as the reference, so the

@@ -48,6 +48,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Auto: return "auto";
     case Isa::Ref: return "ref";
+    case Isa::Avx2: return "avx2";
     case Isa::Avx512Vnni: return "avx512vnni";
   }
   return "?";
@@ -67,10 +68,13 @@ Isa active_isa() {
   Isa want = g_forced;
   if (want == Isa::Auto) {
     const char* env = std::getenv("FINEQUANT_ISA");
-    want = (env && std::strcmp(env, "ref") == 0) ? Isa::Ref : Isa::Avx512Vnni;
+    want = Isa::Avx512Vnni;
+    if (env && std::strcmp(env, "ref") == 0) want = Isa::Ref;
+    if (env && std::strcmp(env, "avx2") == 0) want = Isa::Avx2;
   }
-  if (want == Isa::Ref) return Isa::Ref;
-  return cpu_has_avx512vnni() ? Isa::Avx512Vnni : Isa::Ref;
+  if (want == Isa::Avx512Vnni && cpu_has_avx512vnni()) return Isa::Avx512Vnni;
+  if (want != Isa::Ref && cpu_has_avx2()) return Isa::Avx2;
+  return Isa::Ref;
 }
 
 #if FQ_VNNI_BUILD

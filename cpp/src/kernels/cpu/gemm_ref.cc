@@ -89,6 +89,7 @@ IntWeight prepare_int_weight(Tensor q, Tensor scale, Tensor zero_point, int64_t 
   w.scale = std::move(scale);
   w.zero_point = std::move(zero_point);
   if (active_isa() == Isa::Avx512Vnni) prepare_int_weight_avx512vnni(w);
+  if (active_isa() == Isa::Avx2) prepare_int_weight_avx2(w);
   return w;
 }
 
@@ -153,7 +154,11 @@ void gemm_int_ref(const float* x, int64_t M, const IntWeight& w, const float* bi
 }
 
 GemmIntFn select_gemm_int() {
-  return active_isa() == Isa::Avx512Vnni ? gemm_int_avx512vnni : gemm_int_ref;
+  switch (active_isa()) {
+    case Isa::Avx512Vnni: return gemm_int_avx512vnni;
+    case Isa::Avx2: return gemm_int_avx2;
+    default: return gemm_int_ref;
+  }
 }
 
 }  // namespace kernels

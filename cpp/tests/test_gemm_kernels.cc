@@ -1,6 +1,6 @@
-// The AVX512-VNNI integer GEMM against the reference (quantize_rows + gemm_int_quantized_ref): the
-// same quantized rows, identical int32 sums and the same fp32 epilogue order, so every output must
-// be bit-identical. Covers sym/asym on both sides, 8/4-bit ranges, K-blocks with a short last
+// The fast integer GEMMs (AVX512-VNNI, AVX2: each one the CPU has) against the reference
+// (quantize_rows + gemm_int_quantized_ref): the same quantized rows, identical int32 sums and the same
+// fp32 epilogue order, so every output must be bit-identical. Covers sym/asym on both sides, 8/4-bit ranges, K-blocks with a short last
 // block, K not a multiple of 4/8/16, odd N, grouped rows, bias, both GeLUs, M = 1 and M not a
 // multiple of the row block, raw extreme integer weights, and NaN input.
 #include <cmath>
@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <tuple>
 
 #include "check.h"
 #include "finequant/quant.h"
@@ -23,27 +24,39 @@ static Tensor random_tensor(int64_t r, int64_t c, std::mt19937& rng, float shift
   return t;
 }
 
-// Runs both kernels on the same F32 rows; returns the number of outputs that differ bit-wise.
+// Runs the reference and every fast kernel this CPU has on the same F32 rows; returns the number of
+// outputs that differ bit-wise from the reference.
 static int64_t compare(const Tensor& x, const kernels::IntWeight& iw, const float* bias, Epilogue e) {
   const int64_t M = x.dim(0), N = iw.N;
   Tensor y_ref = Tensor::empty(DType::F32, {M, N}), y = Tensor::empty(DType::F32, {M, N});
   kernels::gemm_int_ref(x.data<float>(), M, iw, bias, y_ref.data<float>(), e);
-  kernels::gemm_int_avx512vnni(x.data<float>(), M, iw, bias, y.data<float>(), e);
   int64_t bad = 0;
-  for (int64_t i = 0; i < M * N; ++i)
-    if (std::memcmp(&y_ref.data<float>()[i], &y.data<float>()[i], 4) != 0) {
-      if (bad < 3)
-        std::printf("  mismatch at %lld: ref %.9g vnni %.9g\n", static_cast<long long>(i), y_ref.data<float>()[i],
-                    y.data<float>()[i]);
-      ++bad;
-    }
+  for (auto [name, kernel, has] : {std::make_tuple("vnni", &kernels::gemm_int_avx512vnni, kernels::cpu_has_avx512vnni()),
+                                   std::make_tuple("avx2", &kernels::gemm_int_avx2, kernels::cpu_has_avx2())}) {
+    if (!has) continue;
+    kernel(x.data<float>(), M, iw, bias, y.data<float>(), e);
+    for (int64_t i = 0; i < M * N; ++i)
+      if (std::memcmp(&y_ref.data<float>()[i], &y.data<float>()[i], 4) != 0) {
+        if (bad < 3)
+          std::printf("  %s mismatch at %lld: ref %.9g got %.9g\n", name, static_cast<long long>(i),
+                      y_ref.data<float>()[i], y.data<float>()[i]);
+        ++bad;
+      }
+  }
   return bad;
+}
+
+// Both fast layouts (each one the CPU supports).
+static void prepare_fast(kernels::IntWeight& iw) {
+  kernels::prepare_int_weight_avx512vnni(iw);
+  kernels::prepare_int_weight_avx2(iw);
+  CHECK(iw.vnni.ready == kernels::cpu_has_avx512vnni());
+  CHECK(iw.avx2.ready == kernels::cpu_has_avx2());
 }
 
 static kernels::IntWeight prepare(const QuantizedTensor& wq, int wbits, Tile tile, QuantSpec act) {
   kernels::IntWeight iw = kernels::prepare_int_weight(wq.q, wq.scale, wq.zero_point, tile.rows, tile.cols, wbits, act);
-  kernels::prepare_int_weight_avx512vnni(iw);
-  CHECK(iw.vnni.ready);
+  prepare_fast(iw);
   return iw;
 }
 
@@ -63,6 +76,12 @@ static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, i
   return bad;
 }
 
+static bool have_fast() {
+  if (kernels::cpu_has_avx512vnni() || kernels::cpu_has_avx2()) return true;
+  std::printf("  skipped: CPU lacks AVX2 and AVX512-VNNI\n");
+  return false;
+}
+
 static bool have_vnni() {
   if (kernels::cpu_has_avx512vnni()) return true;
   std::printf("  skipped: CPU lacks AVX512-VNNI\n");
@@ -70,7 +89,7 @@ static bool have_vnni() {
 }
 
 TEST(all_type_combinations_per_channel) {
-  if (!have_vnni()) return;
+  if (!have_fast()) return;
   const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {5, 16, 4}, {9, 48, 128}, {1, 1, 3}, {13, 100, 257}};
   uint32_t seed = 1;
   for (auto& s : shapes)
@@ -85,7 +104,7 @@ TEST(all_type_combinations_per_channel) {
 }
 
 TEST(k_blocks_with_partial_last_block) {
-  if (!have_vnni()) return;
+  if (!have_fast()) return;
   uint32_t seed = 100;
   for (int64_t G : {32, 64, 128})
     for (int64_t K : {G * 3 + 10, G * 2, G + 2, G * 5 + G / 2 + 6})
@@ -100,7 +119,7 @@ TEST(k_blocks_with_partial_last_block) {
 }
 
 TEST(grouped_rows_bias_and_gelu) {
-  if (!have_vnni()) return;
+  if (!have_fast()) return;
   uint32_t seed = 200;
   for (Epilogue e : {Epilogue::None, Epilogue::GeluErf, Epilogue::GeluTanh})
     for (bool bias : {false, true}) {
@@ -112,7 +131,7 @@ TEST(grouped_rows_bias_and_gelu) {
 }
 
 TEST(larger_shapes_many_tasks) {
-  if (!have_vnni()) return;
+  if (!have_fast()) return;
   CHECK_EQ(run_case(130, 200, 576, 8, true, 8, true, Tile{1, 576}, true, Epilogue::GeluTanh, 300), 0);
   CHECK_EQ(run_case(67, 129, 320, 4, false, 8, false, Tile{1, 64}, true, Epilogue::None, 301), 0);
 }
@@ -121,7 +140,7 @@ TEST(larger_shapes_many_tasks) {
 // produces), activation rows that quantize to the extremes, and large K: the int32 operand shifts
 // and corrections must stay exact.
 TEST(extreme_integer_values) {
-  if (!have_vnni()) return;
+  if (!have_fast()) return;
   std::mt19937 rng(5);
   const int64_t M = 7, N = 35, K = 4099;
   std::uniform_int_distribution<int> byte(0, 255), pick(0, 3);
@@ -145,7 +164,7 @@ TEST(extreme_integer_values) {
         if (!ws) zw.data<uint8_t>()[i] = static_cast<uint8_t>(byte(rng));
       }
       kernels::IntWeight iw = kernels::prepare_int_weight(wq, sw, zw, 1, 2052, 8, QuantSpec{8, xs});
-      kernels::prepare_int_weight_avx512vnni(iw);
+      prepare_fast(iw);
       CHECK_EQ(compare(x, iw, nullptr, Epilogue::None), 0);
     }
 }
@@ -217,8 +236,14 @@ TEST(dispatch_and_forced_reference) {
     CHECK(kernels::active_isa() == kernels::Isa::Avx512Vnni);
     CHECK(kernels::select_gemm_int() == &kernels::gemm_int_avx512vnni);
   } else {
-    CHECK(kernels::active_isa() == kernels::Isa::Ref);  // a missing ISA falls back
-    CHECK(kernels::select_gemm_int() == &kernels::gemm_int_ref);
+    // A missing ISA falls back to the next lower one.
+    CHECK(kernels::active_isa() == (kernels::cpu_has_avx2() ? kernels::Isa::Avx2 : kernels::Isa::Ref));
+  }
+  kernels::force_isa(kernels::Isa::Avx2);
+  if (kernels::cpu_has_avx2()) {
+    CHECK(kernels::active_isa() == kernels::Isa::Avx2);
+    CHECK(kernels::select_gemm_int() == &kernels::gemm_int_avx2);
+    CHECK(kernels::select_gemm_f32() == &kernels::gemm_f32_ref);
   }
   kernels::force_isa(kernels::Isa::Auto);
 }
