@@ -17,6 +17,7 @@ SCHEMES = [
     ("w4/8a8", []), ("w4/8a8", ["--asym"]),
     ("w4a4", []), ("w4a4", ["--asym"]),
     ("w8a8", ["--parts", "qkv,attn_out,fc1,fc2,head"]),  # LM head too: tied (GPT-2) and untied (Llama)
+    ("w8a8", ["--per-tensor"]),  # Llama's q/k/v tiles differ: not merged into one GEMM (gate/up are)
 ]
 
 
