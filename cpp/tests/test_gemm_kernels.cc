@@ -13,6 +13,7 @@
 #include "check.h"
 #include "finequant/quant.h"
 #include "kernels/cpu/gemm.h"
+#include "layers/ops.h"
 
 using namespace finequant;
 using kernels::Epilogue;
@@ -29,12 +30,13 @@ static Tensor random_tensor(int64_t r, int64_t c, std::mt19937& rng, float shift
 static int64_t compare(const Tensor& x, const kernels::IntWeight& iw, const float* bias, Epilogue e) {
   const int64_t M = x.dim(0), N = iw.N;
   Tensor y_ref = Tensor::empty(DType::F32, {M, N}), y = Tensor::empty(DType::F32, {M, N});
-  kernels::gemm_int_ref(x.data<float>(), M, iw, bias, y_ref.data<float>(), e);
+  const kernels::StoredRows rows(x.data<float>(), M, x.dim(1));
+  kernels::gemm_int_ref(rows, iw, bias, y_ref.data<float>(), e);
   int64_t bad = 0;
   for (auto [name, kernel, has] : {std::make_tuple("vnni", &kernels::gemm_int_avx512vnni, kernels::cpu_has_avx512vnni()),
                                    std::make_tuple("avx2", &kernels::gemm_int_avx2, kernels::cpu_has_avx2())}) {
     if (!has) continue;
-    kernel(x.data<float>(), M, iw, bias, y.data<float>(), e);
+    kernel(rows, iw, bias, y.data<float>(), e);
     for (int64_t i = 0; i < M * N; ++i)
       if (std::memcmp(&y_ref.data<float>()[i], &y.data<float>()[i], 4) != 0) {
         if (bad < 3)
@@ -179,8 +181,30 @@ TEST(nan_input_is_an_error) {
     Tensor x = random_tensor(3, 40, rng, 0.f);
     x.data<float>()[1 * 40 + 17] = asym ? INFINITY : NAN;
     Tensor y = Tensor::empty(DType::F32, {3, 20});
-    CHECK_THROWS_KIND(kernels::gemm_int_avx512vnni(x.data<float>(), 3, iw, nullptr, y.data<float>(), Epilogue::None),
+    CHECK_THROWS_KIND(kernels::gemm_int_avx512vnni(kernels::StoredRows(x.data<float>(), 3, 40), iw, nullptr,
+                                                   y.data<float>(), Epilogue::None),
                       ErrorKind::InvalidArgument);
+  }
+}
+
+// A fused producer (LayerNorm rows made inside the GEMM's quantization) against its stored output.
+TEST(fused_norm_rows_match_stored_rows) {
+  std::mt19937 rng(11);
+  const int64_t M = 13, N = 70, K = 96;
+  const Tensor x = random_tensor(M, K, rng, 0.5f), w = random_tensor(N, K, rng, 0.f);
+  Norm norm;
+  norm.weight = random_tensor(1, K, rng, 1.f).reshape({K});
+  norm.bias = random_tensor(1, K, rng, 0.f).reshape({K});
+  const Tensor normed = norm.forward(x);
+  for (bool asym : {false, true}) {
+    const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, K});
+    const kernels::IntWeight iw = prepare(wq, 8, Tile{1, K}, QuantSpec{8, !asym});
+    Tensor a = Tensor::empty(DType::F32, {M, N}), b = Tensor::empty(DType::F32, {M, N});
+    for (kernels::GemmIntFn kernel : {&kernels::gemm_int_ref, &kernels::gemm_int_avx2, &kernels::gemm_int_avx512vnni}) {
+      kernel(norm.rows(x), iw, nullptr, a.data<float>(), Epilogue::None);
+      kernel(kernels::StoredRows(normed.data<float>(), M, K), iw, nullptr, b.data<float>(), Epilogue::None);
+      CHECK(std::memcmp(a.data<float>(), b.data<float>(), static_cast<size_t>(M * N) * 4) == 0);
+    }
   }
 }
 

@@ -5,7 +5,7 @@
 
 namespace finequant {
 
-Tensor SelfAttention::forward(const Tensor& x, const AttentionContext& ctx, LayerKV* cache) const {
+Tensor SelfAttention::forward(const kernels::RowSource& x, const AttentionContext& ctx, LayerKV* cache) const {
   const int64_t B = ctx.B, T = ctx.T, D = head_dim, H = heads, KVH = kv_heads;
   std::vector<Tensor> outs;
   for (const Linear& l : qkv) outs.push_back(l.forward(x));

@@ -32,9 +32,10 @@ class SelfAttention {
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   const Rope* rope = nullptr;  // null: no rotary embedding
 
-  // x: [B * T, C] -> [B * T, C]. With `cache`, the chunk's keys/values are stored at
-  // [past, past + T) and attention reads the whole cache prefix.
-  Tensor forward(const Tensor& x, const AttentionContext& ctx, LayerKV* cache) const;
+  // x: [B * T, C] rows (stored, or made by a fused producer such as the block's norm) -> [B * T, C].
+  // With `cache`, the chunk's keys/values are stored at [past, past + T) and attention reads the
+  // whole cache prefix.
+  Tensor forward(const kernels::RowSource& x, const AttentionContext& ctx, LayerKV* cache) const;
 };
 
 }  // namespace finequant

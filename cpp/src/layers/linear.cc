@@ -201,15 +201,20 @@ Linear Linear::from_quantized(const QuantizedTensor& qt, int act_bits, bool act_
 Tensor Linear::forward(const Tensor& x) const {
   FQ_CHECK_ARG(x.dtype() == DType::F32 && x.ndim() == 2 && x.dim(1) == K_,
                "Linear expects F32 [M, " + std::to_string(K_) + "], got " + shape_str(x.shape()));
-  const int64_t M = x.dim(0);
-  Tensor y = Tensor::empty(DType::F32, {M, N_});
+  return forward(kernels::StoredRows(x.data<float>(), x.dim(0), K_));
+}
+
+Tensor Linear::forward(const kernels::RowSource& x) const {
+  FQ_CHECK_ARG(x.cols == K_, "Linear expects rows of " + std::to_string(K_) + " values, got " + std::to_string(x.cols));
+  Tensor y = Tensor::empty(DType::F32, {x.rows, N_});
   const float* bias = bias_.defined() ? bias_.data<float>() : nullptr;
-  if (M == 0) return y;
+  if (x.rows == 0) return y;
   if (act_bits_ == 0) {
-    gemm_f32_(x.data<float>(), M, weight_f32_, bias, y.data<float>(), epilogue_);
+    const Tensor rows = x.materialize();
+    gemm_f32_(rows.data<float>(), x.rows, weight_f32_, bias, y.data<float>(), epilogue_);
   } else {
-    // Token-wise dynamic quantization of x (DESIGN section 2) happens inside the kernel.
-    gemm_int_(x.data<float>(), M, weight_int_, bias, y.data<float>(), epilogue_);
+    // Token-wise dynamic quantization of the rows (DESIGN section 2) happens inside the kernel.
+    gemm_int_(x, weight_int_, bias, y.data<float>(), epilogue_);
   }
   return y;
 }

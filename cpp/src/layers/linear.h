@@ -35,6 +35,8 @@ class Linear {
 
   // x: F32 [M, K] -> F32 [M, N].
   Tensor forward(const Tensor& x) const;
+  // Rows from a fused producer (e.g. Norm::rows): an integer Linear quantizes each row as it is made.
+  Tensor forward(const kernels::RowSource& x) const;
 
   int64_t in_features() const { return K_; }
   int64_t out_features() const { return N_; }

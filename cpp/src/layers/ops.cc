@@ -11,37 +11,30 @@
 
 namespace finequant {
 
-FQ_MULTIVERSION Tensor Norm::forward(const Tensor& x) const {
-  const int64_t M = x.dim(0), C = x.dim(1);
-  Tensor y = Tensor::empty(DType::F32, {M, C});
-  const float* xs = x.data<float>();
-  float* ys = y.data<float>();
+FQ_MULTIVERSION void Norm::normalize_row(const float* xr, float* yr) const {
+  const int64_t C = weight.numel();
   const float* w = weight.data<float>();
   const float* b = bias.defined() ? bias.data<float>() : nullptr;
-#pragma omp parallel for schedule(static) if (M * C > 65536)  // decode rows: no fork/join
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = xs + m * C;
-    float* yr = ys + m * C;
-    // Statistics in double: cheap here, and keeps us within fp32 rounding of PyTorch.
-    double mean = 0.0;
-    if (kind == Kind::LayerNorm) {
+  // Statistics in double: cheap here, and keeps us within fp32 rounding of PyTorch.
+  double mean = 0.0;
+  if (kind == Kind::LayerNorm) {
 #pragma omp simd reduction(+ : mean)
-      for (int64_t c = 0; c < C; ++c) mean += xr[c];
-      mean /= static_cast<double>(C);
-    }
-    double var = 0.0;
-#pragma omp simd reduction(+ : var)
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = xr[c] - mean;
-      var += d * d;
-    }
-    var /= static_cast<double>(C);
-    const float inv = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
-    const float mu = static_cast<float>(mean);
-    for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - mu) * inv * w[c] + (b ? b[c] : 0.f);
+    for (int64_t c = 0; c < C; ++c) mean += xr[c];
+    mean /= static_cast<double>(C);
   }
-  return y;
+  double var = 0.0;
+#pragma omp simd reduction(+ : var)
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = xr[c] - mean;
+    var += d * d;
+  }
+  var /= static_cast<double>(C);
+  const float inv = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
+  const float mu = static_cast<float>(mean);
+  for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - mu) * inv * w[c] + (b ? b[c] : 0.f);
 }
+
+Tensor Norm::forward(const Tensor& x) const { return rows(x).materialize(); }
 
 FQ_MULTIVERSION void add_inplace(Tensor& x, const Tensor& y) {
   float* a = x.data<float>();

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "finequant/tensor.h"
+#include "kernels/cpu/gemm.h"
 
 namespace finequant {
 
@@ -15,6 +16,18 @@ struct Norm {
   Tensor weight, bias;  // F32 [C]
   float eps = 1e-5f;
   Tensor forward(const Tensor& x) const;
+  // The normalized rows of x, computed when a consumer asks for them (fused into the next GEMM).
+  struct Rows final : kernels::RowSource {
+    const Norm& norm;
+    const float* x;
+    Rows(const Norm& n, const Tensor& t) : norm(n), x(t.data<float>()) { rows = t.dim(0); cols = t.dim(1); }
+    const float* row(int64_t m, float* scratch) const override {
+      norm.normalize_row(x + m * cols, scratch);
+      return scratch;
+    }
+  };
+  Rows rows(const Tensor& x) const { return Rows(*this, x); }
+  void normalize_row(const float* x, float* y) const;  // one row of C values
 };
 
 // x += y, elementwise (same shape).

@@ -13,6 +13,25 @@
 namespace finequant {
 namespace kernels {
 
+// The input rows of a GEMM: stored F32 rows, or rows a fused producer (LayerNorm / RMSNorm)
+// computes on demand, so the integer kernel quantizes each row straight from L1 and the producer's
+// F32 output is never written to memory.
+struct RowSource {
+  int64_t rows = 0, cols = 0;
+  // Row m: a pointer into stored data, or `scratch` (cols floats) after computing it there.
+  virtual const float* row(int64_t m, float* scratch) const = 0;
+  // All rows as one [rows, cols] F32 tensor (stored rows are borrowed, computed ones filled in).
+  virtual Tensor materialize() const;
+  virtual ~RowSource() = default;
+};
+
+struct StoredRows final : RowSource {
+  const float* data;
+  StoredRows(const float* d, int64_t m, int64_t k) : data(d) { rows = m; cols = k; }
+  const float* row(int64_t m, float*) const override { return data + m * cols; }
+  Tensor materialize() const override;
+};
+
 // Activation fused into the GEMM epilogue (kernels/cpu/act_math.h: identical on every ISA).
 enum class Epilogue { None, GeluErf, GeluTanh };
 
@@ -89,12 +108,11 @@ struct IntWeight {
 IntWeight prepare_int_weight(Tensor q, Tensor scale, Tensor zero_point, int64_t tile_rows, int64_t tile_cols,
                              int bits, QuantSpec act);
 
-// The integer GEMM of a quantized Linear: x F32 [M, K] is quantized token-wise (w.act) inside,
+// The integer GEMM of a quantized Linear: x's F32 rows [M, K] are quantized token-wise (w.act) inside,
 // then y = sum_blocks sx sw (acc - zx colsum_w - zw rowsum_x + Kb zx zw) + b, then the activation.
-using GemmIntFn = void (*)(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y,
-                           Epilogue epilogue);
+using GemmIntFn = void (*)(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue);
 // Reference: quantize_rows, then gemm_int_quantized_ref.
-void gemm_int_ref(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y, Epilogue epilogue);
+void gemm_int_ref(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue);
 // The reference loops on already-quantized rows (quantize_rows semantics): int32 per K-block,
 // exact int64 correction, fp32 epilogue in a fixed order that every kernel reproduces.
 void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
@@ -118,14 +136,13 @@ bool cpu_has_avx2();
 // AVX2 kernel (vpmaddwd on widened bytes, exact), bit-identical to the reference. Falls back to
 // gemm_int_ref for a weight without the AVX2 layout.
 void prepare_int_weight_avx2(IntWeight& w);
-void gemm_int_avx2(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y, Epilogue epilogue);
+void gemm_int_avx2(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue);
 
 // AVX512-VNNI kernel: quantizes the rows straight into its layout (the same values as
 // quantize_rows), identical int32 sums and the same fp32 epilogue order as the reference, so the
 // outputs are bit-identical. Falls back to gemm_int_ref for a weight without the VNNI layout.
 void prepare_int_weight_avx512vnni(IntWeight& w);
-void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y,
-                         Epilogue epilogue);
+void gemm_int_avx512vnni(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue);
 
 // Throughput of a register-resident vpdpbusd loop on `threads` threads for about `seconds`:
 // the machine's INT8 peak in GOPS (2 ops per multiply-add), 0 without VNNI.

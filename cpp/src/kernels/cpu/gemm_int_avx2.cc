@@ -162,12 +162,13 @@ void prepare_int_weight_avx2(IntWeight& w) {
   v.ready = true;
 }
 
-void gemm_int_avx2(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
+void gemm_int_avx2(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
   if (!w.avx2.ready || !cpu_has_avx2()) {
-    gemm_int_ref(x, M, w, bias, y, epilogue);
+    gemm_int_ref(x, w, bias, y, epilogue);
     return;
   }
-  const QuantizedTensor xq = quantize_rows(Tensor::borrow(const_cast<float*>(x), DType::F32, {M, w.K}), w.act);
+  const int64_t M = x.rows;
+  const QuantizedTensor xq = quantize_rows(x.materialize(), w.act);
   std::vector<int16_t> xw(static_cast<size_t>(M * w.avx2.Kp));
   std::vector<int32_t> rowsum(static_cast<size_t>(M * w.num_blocks));
   const Ctx c{M, w.N, w.K, w.num_blocks, w.tile_cols, w.avx2.block_padded, w.avx2.Kp, xw.data(), rowsum.data(),
@@ -190,8 +191,8 @@ void gemm_int_avx2(const float* x, int64_t M, const IntWeight& w, const float* b
 
 bool cpu_has_avx2() { return false; }
 void prepare_int_weight_avx2(IntWeight&) {}
-void gemm_int_avx2(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
-  gemm_int_ref(x, M, w, bias, y, epilogue);
+void gemm_int_avx2(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
+  gemm_int_ref(x, w, bias, y, epilogue);
 }
 
 #endif

@@ -4,7 +4,7 @@
 // One call:
 //   1. quantize the F32 rows token-wise straight into the kernel's layout (same values as
 //      quantize_rows: the same fp32 operations), with the per-block row sums, one row per thread
-//      step while it sits in L1;
+//      step while it sits in L1 (rows of a fused producer, e.g. LayerNorm, are computed right here);
 //   2. register tiles of MR rows x 64 channels (4 panels of 16) accumulate int32 over one K-block:
 //      per 4-k step, 4 weight vectors (INT4: one load, nibbles split in registers) are multiplied
 //      with MR broadcast activation words;
@@ -336,12 +336,12 @@ void prepare_int_weight_avx512vnni(IntWeight& w) {
   v.ready = true;
 }
 
-void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y,
-                         Epilogue epilogue) {
+void gemm_int_avx512vnni(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
   if (!w.vnni.ready || !cpu_has_avx512vnni()) {
-    gemm_int_ref(x, M, w, bias, y, epilogue);
+    gemm_int_ref(x, w, bias, y, epilogue);
     return;
   }
+  const int64_t M = x.rows;
   const IntWeight::Vnni& v = w.vnni;
   const bool symmetric = w.act.symmetric;
   const float qmax = static_cast<float>(quant_max(w.act));
@@ -369,10 +369,11 @@ void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const fl
   int64_t bad_row = -1;
 #pragma omp parallel
   {
+    std::vector<float> row_scratch(static_cast<size_t>(w.K));  // a computed row (fused producer), in L1
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
-      if (!quantize_row(x + m * w.K, c, symmetric, qmax, xp + m * v.Kp, rowsum + m * w.num_blocks, sx + m,
-                        symmetric ? nullptr : zx + m)) {
+      if (!quantize_row(x.row(m, row_scratch.data()), c, symmetric, qmax, xp + m * v.Kp, rowsum + m * w.num_blocks,
+                        sx + m, symmetric ? nullptr : zx + m)) {
 #pragma omp critical
         bad_row = std::max(bad_row, m);
       }
@@ -425,9 +426,8 @@ double int8_peak_gops(int threads, double seconds) {
 #else  // no x86 build: the reference
 
 void prepare_int_weight_avx512vnni(IntWeight&) {}
-void gemm_int_avx512vnni(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y,
-                         Epilogue epilogue) {
-  gemm_int_ref(x, M, w, bias, y, epilogue);
+void gemm_int_avx512vnni(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
+  gemm_int_ref(x, w, bias, y, epilogue);
 }
 double int8_peak_gops(int, double) { return 0.0; }
 

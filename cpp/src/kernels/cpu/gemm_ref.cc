@@ -148,9 +148,23 @@ void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const 
   else gemm_int_quantized_typed<uint8_t, uint8_t>(x, w, bias, y, epilogue);
 }
 
-void gemm_int_ref(const float* x, int64_t M, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
-  const Tensor xt = Tensor::borrow(const_cast<float*>(x), DType::F32, {M, w.K});
-  gemm_int_quantized_ref(quantize_rows(xt, w.act), w, bias, y, epilogue);
+void gemm_int_ref(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
+  gemm_int_quantized_ref(quantize_rows(x.materialize(), w.act), w, bias, y, epilogue);
+}
+
+Tensor RowSource::materialize() const {
+  Tensor t = Tensor::empty(DType::F32, {rows, cols});
+  float* out = t.data<float>();
+#pragma omp parallel for schedule(static) if (rows * cols > 65536)
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* r = row(m, out + m * cols);
+    if (r != out + m * cols) std::copy(r, r + cols, out + m * cols);
+  }
+  return t;
+}
+
+Tensor StoredRows::materialize() const {
+  return Tensor::borrow(const_cast<float*>(data), DType::F32, {rows, cols});
 }
 
 GemmIntFn select_gemm_int() {
