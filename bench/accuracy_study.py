@@ -79,13 +79,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reduced", action="store_true",
-                   help="--ppl-tokens 4096 --lkd-steps 50 --probe-texts 4000 --lkd-schemes 'w4/8a8,w4a8 kblock=32'")
+                   help="--ppl-tokens 4096 --lkd-steps 50 --lkd-schemes 'w4/8a8,w4a8 kblock=32'")
     p.add_argument("--out", default=RESULTS, help="results directory")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.reduced:
-        args.ppl_tokens, args.lkd_steps, args.probe_texts = 4096, 50, 4000
+        args.ppl_tokens, args.lkd_steps = 4096, 50
         args.lkd_schemes = args.lkd_schemes or "w4/8a8,w4a8 kblock=32"
     args.models = [m for m in args.models.split(",") if m]
     args.schemes = [s for s in args.schemes.split(",") if s]

@@ -309,9 +309,11 @@ def _cmd_inspect(args) -> int:
     summary = inspect_model(args.model, args.output, text_file=args.text, samples=args.samples, seq=args.seq,
                             seed=args.seed)
     print(f"wrote {args.output}")
-    print("largest range / median range in a layer (median over layers): what one scale per tensor wastes")
+    print("largest range / median range in a layer, median and max over layers (what one scale per tensor "
+          "wastes):")
     for part, s in summary.items():
-        print(f"  {part:<9} tokens {s['token_spread']:7.1f}x   weight rows {s['row_spread']:7.1f}x")
+        print(f"  {part:<9} tokens {s['token_spread']:6.1f}x (max {s['token_spread_max']:7.1f}x)   "
+              f"weight rows {s['row_spread']:6.1f}x (max {s['row_spread_max']:7.1f}x)")
     return 0
 
 

@@ -83,7 +83,8 @@ def plot_ranges(ranges: dict, path: str, title: str = "") -> None:
 def inspect_model(folder: str, output: str, text_file: Optional[str] = None, samples: int = 4, seq: int = 128,
                   seed: int = 0) -> dict:
     """Plot the ranges of the Hugging Face model in `folder` to the PNG `output`; returns, per part, the
-    median over layers of spread() for tokens ("token_spread") and weight rows ("row_spread")."""
+    median and the largest over layers of spread() for tokens ("token_spread", "token_spread_max") and
+    weight rows ("row_spread", "row_spread_max")."""
     import os
 
     from .lkd import LKDOptions, load_torch_model, make_data
@@ -101,5 +102,9 @@ def inspect_model(folder: str, output: str, text_file: Optional[str] = None, sam
     source = os.path.basename(text_file) if text_file else "random token ids"
     plot_ranges(ranges, output, f"{os.path.basename(os.path.normpath(folder))} on {len(ids)} x {ids.shape[1]} "
                 f"tokens of {source}: ranges per layer (box: quartiles, whiskers: min-max)")
-    return {part: {"token_spread": float(np.median([spread(a) for a, _ in r])),
-                   "row_spread": float(np.median([spread(w) for _, w in r]))} for part, r in ranges.items()}
+    out = {}
+    for part, r in ranges.items():
+        tokens, rows = [spread(a) for a, _ in r], [spread(w) for _, w in r]
+        out[part] = {"token_spread": float(np.median(tokens)), "token_spread_max": float(max(tokens)),
+                     "row_spread": float(np.median(rows)), "row_spread_max": float(max(rows))}
+    return out

