@@ -84,7 +84,7 @@ namespace {
 constexpr int64_t kPanel = 16;         // output channels per zmm of int32 accumulators
 constexpr int64_t kTileN = 4 * kPanel;  // channels per micro-kernel
 // Rows per micro-kernel: 6 (24 int32 accumulators + 4 weights + 1 broadcast) for one K-block; with
-// several blocks the 4 MR fp32 sums stay in registers too, so 3.
+// several blocks the 4 x MR fp32 sums stay in registers too, so 3.
 constexpr int kMaxMR = 6, kMaxMRBlocked = 3;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
