@@ -2,7 +2,7 @@
 
     python bench/bench_gemm.py [--quick] [--threads 2] [--isa auto|ref|avx512vnni]
 
-finequant's IntLinear.forward is timed end to end: fp32 x in, per-token INT8 quantization, integer
+finequant's Linear.forward is timed end to end: fp32 x in, per-token INT8 quantization, integer
 GEMM, fused dequantization epilogue (scales + bias), fp32 y out. torch._int_mm is timed as the bare
 int8 x int8 -> int32 kernel (oneDNN; the strictest baseline, no quantization or dequantization), and
 for context also inside the same full path in eager torch ("torch int8 e2e") and torch fp32 F.linear.
@@ -47,10 +47,10 @@ def main() -> int:
 
     from finequant import _core
 
-    missing = [n for n in ("IntLinear", "set_threads", "int8_peak_gops") if not hasattr(_core, n)]
+    missing = [n for n in ("Linear", "set_threads", "int8_peak_gops") if not hasattr(_core, n)]
     if missing:
         print(f"NOTE: finequant._core lacks {', '.join(missing)} (rebuild needed): finequant rows skipped")
-    have_fq = "IntLinear" not in missing
+    have_fq = "Linear" not in missing
     if hasattr(_core, "set_threads"):
         _core.set_threads(args.threads)
     if args.isa and hasattr(_core, "set_isa"):
@@ -80,8 +80,8 @@ def main() -> int:
         w_scale = wt_f.abs().amax(1) / 127  # torch int8 path: per-channel symmetric weights
         wq = torch.round(wt_f / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
         wq_t = wq.t()  # [K, N] view of the [N, K] weight, as a Linear stores it
-        fq8 = _core.IntLinear(w, 8, True, 1, k, 8, True, b) if have_fq else None
-        fq4 = _core.IntLinear(w, 4, True, 1, 32, 8, True, b) if have_fq else None
+        fq8 = _core.Linear(w, 8, True, 1, k, 8, True, b) if have_fq else None
+        fq4 = _core.Linear(w, 4, True, 1, 32, 8, True, b) if have_fq else None
         for m in ms:
             x = rng.standard_normal((m, k)).astype(np.float32)
             xt = torch.from_numpy(x)

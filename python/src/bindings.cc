@@ -279,7 +279,6 @@ PYBIND11_MODULE(_core, m) {
           py::arg("x"), "x float32 [M, K] -> float32 [M, N]")
       .def_property_readonly("in_features", &Linear::in_features)
       .def_property_readonly("out_features", &Linear::out_features);
-  m.attr("IntLinear") = m.attr("Linear");
 
   m.def(
       "set_isa",
