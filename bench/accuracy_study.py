@@ -294,7 +294,7 @@ def _patched(obj, name, value):
 def plan(args):
     main_rows = [Config(m, s) for m in args.models for s in args.schemes]
     lkd_rows = [Config(m, s, lkd=d) for d in ("text", "random") if d in args.lkd
-                for m in ("minilm", "smollm2") if m in args.models for s in args.lkd_schemes]
+                for m in ("smollm2", "minilm") if m in args.models for s in args.lkd_schemes]
     ablation = []  # in order: the cheap PTQ cells go before the LKD rows, the ablation's LKD cells last
     if "smollm2" in args.models and not args.no_ablation:
         for lkd in ["none"] + [d for d in LKD_DATA if d == args.ablation_lkd]:
