@@ -13,7 +13,9 @@ the number depends on (model, scheme, LKD budget, evaluation budget), so an inte
 resumes where it stopped, and the report shows the runs of the budget asked for.
 
     python bench/accuracy_study.py --reduced      # ~1 h on 2 cores: 4096 tokens, LKD 50 steps on w4/8a8, w4a8
-    python bench/accuracy_study.py                # everything: many hours of CPU
+    python bench/accuracy_study.py --ppl-tokens 16384 --lkd-steps 50 --lkd-samples 32
+                                                  # the committed ACCURACY.md (`make study`): ~2 h on 2 cores
+    python bench/accuracy_study.py                # the full default budget: many hours of CPU
     python bench/accuracy_study.py --report-only  # rewrite ACCURACY.md / accuracy.png from the cache
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +41,13 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS = os.path.join(ROOT, "bench", "results")
+# Per-block LKD checkpoints, one folder per LKD configuration: a changed evaluation budget re-evaluates
+# the trained blocks instead of training them again (SmolLM2: ~0.4 GB per folder).
+LKD_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "finequant", "study", "lkd")
+# Version of LKD's behaviour in the result keys: 2 = blocks that training made worse keep their PTQ weights.
+# Not part of the checkpoint folder's key: a checkpoint holds trained blocks, and lkd.distill applies the rule
+# when it loads them.
+LKD_VERSION = 2
 
 # label -> (scheme name, parse_scheme options). Defaults: INT8 weights per channel, INT4 K-blocks of 32.
 SCHEMES = {
@@ -123,7 +133,7 @@ def budget(cfg: Config, args) -> dict:
         b.update(probe_texts=args.probe_texts)
     if cfg.lkd != "none":
         b.update(lkd_steps=args.lkd_steps, lkd_samples=args.lkd_samples, lkd_batch=args.lkd_batch,
-                 lkd_seq=args.lkd_seq, lkd_lr=args.lkd_lr)
+                 lkd_seq=args.lkd_seq, lkd_lr=args.lkd_lr, lkd_version=LKD_VERSION)
         if cfg.lkd == "text":
             b["lkd_text"] = args.lkd_text
     return b
@@ -132,6 +142,15 @@ def budget(cfg: Config, args) -> dict:
 def key_of(cfg: Config, args) -> str:
     return json.dumps({**dataclasses.asdict(cfg), "grouping": repr(cfg.grouping), **budget(cfg, args)},
                       sort_keys=True)
+
+
+def lkd_folder(cfg: Config, args) -> str:
+    """The checkpoint folder of cfg's LKD run: keyed by everything the training depends on, not the evaluation."""
+    train = {k: v for k, v in budget(cfg, args).items()
+             if k in ("seed", "lkd_text") or k.startswith("lkd_") and k != "lkd_version"}
+    key = json.dumps({**dataclasses.asdict(cfg), "grouping": repr(cfg.grouping), "table": None, **train},
+                     sort_keys=True)
+    return os.path.join(LKD_CACHE, hashlib.sha1(key.encode()).hexdigest()[:16])
 
 
 def scheme_of(cfg: Config):
@@ -209,18 +228,30 @@ class Study:
 
         a = self.args
         data = "random" if cfg.lkd == "random" else str(prepare() / f"{a.lkd_text}.txt")
+        folder = lkd_folder(cfg, a)
         options = lkd.LKDOptions(data=data, steps=a.lkd_steps, batch=a.lkd_batch, seq=a.lkd_seq,
-                                 samples=a.lkd_samples, lr=a.lkd_lr, seed=a.seed, progress=not a.quiet)
+                                 samples=a.lkd_samples, lr=a.lkd_lr, seed=a.seed, progress=not a.quiet,
+                                 checkpoint=folder)
         copy = dataclasses.replace(model, tensors=dict(model.tensors))  # apply() replaces entries, not tensors
         # The student must see the activation quantization it will be evaluated with.
         patch = (contextlib.nullcontext() if not per_tensor_acts else
                  _patched(lkd, "fake_quant_activation", _per_tensor_fake_quant))
+        timing = os.path.join(folder, "wall_seconds.json")  # the first, uninterrupted run's wall time
         t0 = time.time()
         with patch:
             torch_model, stats = lkd.apply(copy, scheme, options)
         seconds = time.time() - t0
+        if os.path.isfile(timing):
+            with open(timing, encoding="utf-8") as f:
+                seconds = json.load(f)["seconds"]
+        elif not any(s.get("resumed") for s in stats):
+            with open(timing, "w", encoding="utf-8") as f:
+                json.dump({"seconds": seconds}, f)
+        else:  # resumed from an interrupted run: the blocks' own training times
+            seconds = sum(s["seconds"] for s in stats)
         ratio = sum(s["loss_lkd"] / s["loss_ptq"] for s in stats if s["loss_ptq"] > 0) / len(stats)
-        return copy, torch_model, seconds, ratio
+        kept = sum(bool(s.get("kept_ptq")) for s in stats)
+        return copy, torch_model, seconds, ratio, kept
 
     def measure(self, cfg: Config) -> dict:
         from finequant import Engine
@@ -233,8 +264,8 @@ class Study:
         out = {}
         torch_model = None
         if cfg.lkd != "none":
-            model, torch_model, seconds, ratio = self.lkd(model, scheme, cfg, cfg.acts == "per-tensor")
-            out.update(lkd_seconds=seconds, lkd_loss_ratio=ratio)
+            model, torch_model, seconds, ratio, kept = self.lkd(model, scheme, cfg, cfg.acts == "per-tensor")
+            out.update(lkd_seconds=seconds, lkd_loss_ratio=ratio, lkd_blocks_kept_ptq=kept)
         t0 = time.time()
         if cfg.acts == "per-tensor":  # not in the engine: the torch simulation, with one scale per tensor
             out.update(perplexity(self.simulated(model, scheme, torch_model), self.text(a.eval_text), ctx=a.ctx,
@@ -382,11 +413,13 @@ def report(args, cache: dict) -> str:
     if timed:
         lines += ["## LKD wall time on this machine", "",
                   f"`nproc` = {os.cpu_count()}, torch threads {args.threads}; all blocks, {args.lkd_steps} steps each, "
-                  "including loading the model and computing the hidden states.", "",
-                  "| model | scheme | LKD data | seconds | mean block loss after / before |", "|---|---|---|---:|---:|"]
+                  "including loading the model and computing the hidden states. Blocks kept at PTQ: training ended "
+                  "worse than plain PTQ of the original block, which LKD then keeps.", "",
+                  "| model | scheme | LKD data | seconds | mean block loss after / before | blocks kept at PTQ |",
+                  "|---|---|---|---:|---:|---:|"]
         for c, r in timed:
             lines.append(f"| {c.model} | {c.scheme} ({c.acts} acts) | {c.lkd} | {r['lkd_seconds']:.0f} | "
-                         f"{r['lkd_loss_ratio']:.2f} |")
+                         f"{r['lkd_loss_ratio']:.2f} | {r.get('lkd_blocks_kept_ptq', '-')} |")
         lines.append("")
     lines += ["## Targets", ""] + targets(args, get, fp, gaps) + [""]
     return "\n".join(lines)

@@ -5,7 +5,8 @@ fake-quantized as the model file will store them. Both get the ORIGINAL model's 
 entering block k (computed once and streamed: the teacher's output of block k is the input of block
 k+1); the student is trained with straight-through rounding to match the teacher's output (MSE, or
 KL on the final logits for a decoder's last block), then its weights are written back into the
-model. Only one block's optimizer state is ever in memory. The trained fp32 weights are quantized
+model (unless it ended worse than plain PTQ of the original block: then the original stays). Only one
+block's optimizer state is ever in memory. The trained fp32 weights are quantized
 afterwards by the normal PTQ path (modelfile.quantize_model), so the file format does not change.
 
 Learned clip ranges (`learn_clip`) shrink each weight tile's range by a factor in (0, 1]; at the end
@@ -433,7 +434,9 @@ def distill(model: nn.Module, family: str, config: dict, scheme: QuantScheme, op
     """Run LKD on the transformers `model` in place: afterwards its block weights are the trained fp32
     weights (clamped to learned clips). Returns per-block stats: MSE to the teacher's block output with
     plain PTQ ("mse_ptq") and after LKD ("mse_lkd"), the training loss ("loss": "kl" for a decoder's
-    last block, else "mse") before and after ("loss_ptq", "loss_lkd"), and the seconds taken."""
+    last block, else "mse") before and after ("loss_ptq", "loss_lkd"), and the seconds taken ("resumed": True
+    for blocks loaded from the checkpoint). A block that training made worse than PTQ keeps its original
+    weights ("kept_ptq": True; "loss_trained", "mse_trained" say what training reached)."""
     if not scheme.is_quantized:
         raise ValueError(f"LKD needs a quantized scheme, not {scheme.name}")
     o = options.check(_max_positions(config))
@@ -451,22 +454,32 @@ def distill(model: nn.Module, family: str, config: dict, scheme: QuantScheme, op
         with torch.no_grad():  # the original block's output: the target, and the next block's input
             y = torch.cat([_call(block, x[i:i + o.batch], rest, kwargs) for i in range(0, len(x), o.batch)])
         ckpt = os.path.join(o.checkpoint, f"block_{k:03d}.pt") if o.checkpoint else None
-        if ckpt and os.path.isfile(ckpt):
+        original = {n: t.clone() for n, t in block.state_dict().items()}
+        resumed = bool(ckpt) and os.path.isfile(ckpt)
+        if resumed:
             saved = torch.load(ckpt, map_location="cpu", weights_only=True)
             block.load_state_dict(saved["state"])
-            s = saved["stats"]
+            s = {**saved["stats"], "resumed": True}
         else:
             loss_fn = _Loss(model, family, kl=family != "bert" and k == n_layers - 1)
             s = _distill_block(block, _block_linears(model, family, full, k, parts, scheme), x, y, rest, kwargs,
                                loss_fn, o, k, f"LKD block {k + 1}/{n_layers}")
-            if ckpt:
-                _save_atomic({"state": block.state_dict(), "stats": s}, ckpt)
+        if s["loss_lkd"] > s["loss_ptq"]:
+            # Training made the block worse than plain PTQ of its original weights (a learning rate too high
+            # for the scheme's step: INT8 weights move by many quantization steps): keep the original.
+            block.load_state_dict(original)
+            s = {**s, "kept_ptq": True, "loss_trained": s["loss_lkd"], "mse_trained": s["mse_lkd"],
+                 "loss_lkd": s["loss_ptq"], "mse_lkd": s["mse_ptq"]}
+        if ckpt and not resumed:
+            _save_atomic({"state": block.state_dict(), "stats": s}, ckpt)
         stats.append(s)
         if o.progress:
             from tqdm import tqdm
 
             kl = f", kl {s['loss_ptq']:.4g} -> {s['loss_lkd']:.4g}" if s["loss"] == "kl" else ""
-            tqdm.write(f"LKD block {k + 1}/{n_layers}: mse {s['mse_ptq']:.4g} -> {s['mse_lkd']:.4g}{kl} "
+            kept = (f"; training reached {s['loss']} {s['loss_trained']:.4g}, kept the PTQ weights"
+                    if s.get("kept_ptq") else "")
+            tqdm.write(f"LKD block {k + 1}/{n_layers}: mse {s['mse_ptq']:.4g} -> {s['mse_lkd']:.4g}{kl}{kept} "
                        f"({s['seconds']:.1f} s)")
         x = y
     return stats
