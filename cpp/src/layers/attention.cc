@@ -7,8 +7,7 @@ namespace finequant {
 
 Tensor SelfAttention::forward(const kernels::RowSource& x, const AttentionContext& ctx, LayerKV* cache) const {
   const int64_t B = ctx.B, T = ctx.T, D = head_dim, H = heads, KVH = kv_heads;
-  std::vector<Tensor> outs;
-  for (const Linear& l : qkv) outs.push_back(l.forward(x));
+  std::vector<Tensor> outs = Linear::forward_each(qkv, x);
   // q, k, v in place: (data, row stride) inside the merged output or their own tensors.
   const bool merged = outs.size() == 1;
   auto part = [&](int i, int64_t first_col) {

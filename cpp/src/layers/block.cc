@@ -4,8 +4,7 @@ namespace finequant {
 
 Tensor Mlp::forward(const kernels::RowSource& x) const {
   if (!swiglu) return fc2.forward(fc1.forward(x));
-  std::vector<Tensor> outs;
-  for (const Linear& l : gate_up) outs.push_back(l.forward(x));
+  const std::vector<Tensor> outs = Linear::forward_each(gate_up, x);
   const int64_t M = x.rows, I = down.in_features();
   const Tensor& g = outs[0];
   const Tensor& u = outs.size() == 1 ? outs[0] : outs[1];

@@ -204,6 +204,17 @@ Tensor Linear::forward(const Tensor& x) const {
   return forward(kernels::StoredRows(x.data<float>(), x.dim(0), K_));
 }
 
+std::vector<Tensor> Linear::forward_each(const std::vector<Linear>& linears, const kernels::RowSource& x) {
+  std::vector<Tensor> outs;
+  if (linears.size() == 1) {
+    outs.push_back(linears[0].forward(x));
+    return outs;
+  }
+  const Tensor rows = x.materialize();
+  for (const Linear& l : linears) outs.push_back(l.forward(rows));
+  return outs;
+}
+
 Tensor Linear::forward(const kernels::RowSource& x) const {
   FQ_CHECK_ARG(x.cols == K_, "Linear expects rows of " + std::to_string(K_) + " values, got " + std::to_string(x.cols));
   Tensor y = Tensor::empty(DType::F32, {x.rows, N_});

@@ -37,6 +37,9 @@ class Linear {
   Tensor forward(const Tensor& x) const;
   // Rows from a fused producer (e.g. Norm::rows): an integer Linear quantizes each row as it is made.
   Tensor forward(const kernels::RowSource& x) const;
+  // The same rows through each of `linears` (unmerged q/k/v, gate/up): with more than one, the rows are
+  // made once, not once per Linear (a fused producer would otherwise normalize every row again).
+  static std::vector<Tensor> forward_each(const std::vector<Linear>& linears, const kernels::RowSource& x);
 
   int64_t in_features() const { return K_; }
   int64_t out_features() const { return N_; }
