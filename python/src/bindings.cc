@@ -5,9 +5,6 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include <string>
 
 #include "finequant/error.h"
@@ -15,6 +12,8 @@
 #include "finequant/quant.h"
 #include "finequant/runtime.h"
 #include "finequant/tensor.h"
+#include "core/context.h"
+#include "kernels/cpu/cpu_isa.h"
 #include "kernels/cpu/gemm.h"
 #include "layers/linear.h"
 
@@ -86,6 +85,12 @@ Borrowed from_numpy(const py::array& a, const char* what, std::initializer_list<
   b.tensor = Tensor::borrow(p, found, std::move(shape));
   return b;
 }
+
+// A Linear with the device it runs on (the Python Linear).
+struct PyLinear {
+  Linear linear;
+  Device device;
+};
 
 py::tuple quantized_to_python(const QuantizedTensor& qt) {
   py::object zp = qt.zero_point.defined() ? py::object(to_numpy(qt.zero_point)) : py::object(py::none());
@@ -236,69 +241,83 @@ PYBIND11_MODULE(_core, m) {
       py::arg("path"), "Validate a finequant model file and describe it (no tensor data is copied).");
 
   // ---- kernels: one Linear as the engine runs it (tests and bench/) ------------------------------
-  py::class_<Linear>(m, "Linear", "One linear layer y = x W^T + b exactly as the engine runs it.")
+  py::class_<PyLinear>(m, "Linear", "One linear layer y = act(x W^T + b) exactly as the engine runs it.")
       .def(py::init([](const py::array& weight, int weight_bits, bool weight_symmetric, int64_t tile_rows,
-                       int64_t tile_cols, int act_bits, bool act_symmetric, py::object bias, const std::string& activation) {
+                       int64_t tile_cols, int act_bits, bool act_symmetric, py::object bias, const std::string& activation,
+                       const std::string& device) {
              const Borrowed w = from_numpy(weight, "weight", {DType::F32}, 2);
-             Tensor b;
-             Borrowed bb;
+             kernels::LinearWeights lw;
              if (!bias.is_none()) {
-               bb = from_numpy(bias.cast<py::array>(), "bias", {DType::F32}, 1);
-               b = bb.tensor.clone();
+               const Borrowed bb = from_numpy(bias.cast<py::array>(), "bias", {DType::F32}, 1);
+               if (bb.tensor.numel() != w.tensor.dim(0))
+                 throw py::value_error("bias has " + std::to_string(bb.tensor.numel()) + " values, the weight " +
+                                       std::to_string(w.tensor.dim(0)) + " rows");
+               lw.bias = bb.tensor.clone();
              }
-             kernels::Epilogue e;
-             if (activation == "none") e = kernels::Epilogue::None;
-             else if (activation == "gelu") e = kernels::Epilogue::GeluErf;
-             else if (activation == "gelu_tanh") e = kernels::Epilogue::GeluTanh;
+             if (activation == "none") lw.epilogue = kernels::Epilogue::None;
+             else if (activation == "gelu") lw.epilogue = kernels::Epilogue::GeluErf;
+             else if (activation == "gelu_tanh") lw.epilogue = kernels::Epilogue::GeluTanh;
              else throw py::value_error("activation must be 'none', 'gelu' or 'gelu_tanh', got '" + activation + "'");
+             if (act_bits != 0 && act_bits != 4 && act_bits != 8)
+               throw py::value_error("act_bits must be 0, 4 or 8, got " + std::to_string(act_bits));
              if (weight_bits == 0) {
-               Linear l = Linear::from_weight(w.tensor.clone(), b);
-               return l;
+               lw.weight_f32 = w.tensor.clone();
+             } else {
+               lw.weight = quantize(w.tensor, QuantSpec{weight_bits, weight_symmetric},
+                                    Tile{tile_rows, tile_cols > 0 ? tile_cols : w.tensor.dim(1)});
+               lw.act = QuantSpec{act_bits, act_symmetric};
              }
-             const QuantizedTensor qt =
-                 quantize(w.tensor, QuantSpec{weight_bits, weight_symmetric}, Tile{tile_rows, tile_cols > 0 ? tile_cols : w.tensor.dim(1)});
-             return Linear::from_quantized(qt, act_bits, act_symmetric, b, e);
+             const Device d = Device::parse(device);
+             py::gil_scoped_release nogil;
+             return PyLinear{Linear::create(kernels::backend_for(d), lw), d};
            }),
            py::arg("weight"), py::arg("weight_bits") = 0, py::arg("weight_symmetric") = true, py::arg("tile_rows") = 1,
            py::arg("tile_cols") = 0, py::arg("act_bits") = 0, py::arg("act_symmetric") = true,
-           py::arg("bias") = py::none(), py::arg("activation") = "none",
+           py::arg("bias") = py::none(), py::arg("activation") = "none", py::arg("device") = "cpu",
            "weight float32 [N, K], quantized with the math contract when weight_bits is 4 or 8 (tile_cols 0: per "
            "channel); act_bits 0 keeps float inputs (weight-only), 4/8 quantizes the rows token-wise. The kernel is "
-           "the one the current ISA selects (set_isa) at construction.")
+           "chosen at construction (CPU: the one the active ISA selects, see set_isa; device 'cuda[:N]': the CUDA "
+           "backend's).")
       .def(
           "forward",
-          [](const Linear& l, const py::array& x) {
+          [](const PyLinear& l, const py::array& x) {
             const Borrowed xb = from_numpy(x, "x", {DType::F32}, 2);
             Tensor y;
             {
               py::gil_scoped_release nogil;
-              y = l.forward(xb.tensor);
+              const kernels::Backend& backend = kernels::backend_for(l.device);
+              const ExecContext ctx = backend.context(0);
+              y = l.linear.forward(ctx, xb.tensor.to(l.device)).to(Device::cpu());
+              backend.finish(ctx);
             }
             return float_tensor_to_numpy(std::move(y));
           },
           py::arg("x"), "x float32 [M, K] -> float32 [M, N]")
-      .def_property_readonly("in_features", &Linear::in_features)
-      .def_property_readonly("out_features", &Linear::out_features);
+      .def_property_readonly("in_features", [](const PyLinear& l) { return l.linear.in_features(); })
+      .def_property_readonly("out_features", [](const PyLinear& l) { return l.linear.out_features(); })
+      .def_property_readonly("kernel", [](const PyLinear& l) { return l.linear.kernel(); },
+                             "The kernel that runs this Linear, e.g. 'cpu/avx2 int'.");
 
   m.def(
-      "set_isa",
-      [](const std::string& name) {
-        if (name == "auto") kernels::force_isa(kernels::Isa::Auto);
-        else if (name == "ref") kernels::force_isa(kernels::Isa::Ref);
-        else if (name == "avx2") kernels::force_isa(kernels::Isa::Avx2);
-        else if (name == "avx512vnni") kernels::force_isa(kernels::Isa::Avx512Vnni);
-        else throw py::value_error("isa must be 'auto', 'ref', 'avx2' or 'avx512vnni', got '" + name + "'");
-      },
-      py::arg("name"), "Force the CPU kernels' instruction set for Linears built from now on (a missing one falls back to 'ref').");
+      "set_isa", [](const std::string& name) { kernels::force_isa(name); }, py::arg("name"),
+      "Force the CPU kernels' instruction-set level for Linears built from now on and for attention ('auto' "
+      "restores the default; a level the CPU lacks falls back to the next lower one).");
   m.def("active_isa", []() { return std::string(kernels::isa_name(kernels::active_isa())); });
   m.def(
-      "set_threads", [](int n) {
-        if (n < 1) throw py::value_error("threads must be >= 1");
-#ifdef _OPENMP
-        omp_set_num_threads(n);
-#endif
+      "cpu_isas",
+      []() {
+        py::list out;
+        for (const kernels::IsaInfo& i : kernels::isa_table()) out.append(py::make_tuple(i.name, i.supported()));
+        return out;
       },
-      py::arg("n"), "Threads of the CPU kernels (OpenMP) for calls made outside an Engine.");
+      "Every CPU instruction-set level, lowest first, as (name, supported by this CPU).");
+  m.def(
+      "set_threads",
+      [](int n) {
+        if (n < 1) throw py::value_error("threads must be >= 1");
+        set_default_threads(n);
+      },
+      py::arg("n"), "Default threads of the CPU kernels for calls that do not name a count (Engine threads=0, Linear).");
   m.def(
       "int8_peak_gops",
       [](int threads, double seconds) {

@@ -61,13 +61,14 @@ void bind_engine(py::module_& m) {
   py::class_<Engine>(m, "_Engine", "The C++ inference engine (see finequant.Engine for the Python API).")
       .def_static(
           "load",
-          [](const std::string& path, int threads) {
+          [](const std::string& path, int threads, const std::string& device) {
             finequant::EngineOptions options;
             options.threads = threads;
+            options.device = device;
             py::gil_scoped_release release;
             return Engine::load(path, options);
           },
-          py::arg("path"), py::arg("threads") = 0)
+          py::arg("path"), py::arg("threads") = 0, py::arg("device") = "cpu")
       .def(
           "forward",
           [](const Engine& e, const py::array& ids, std::optional<py::array> mask) {
@@ -115,5 +116,7 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("num_layers", &Engine::num_layers)
       .def_property_readonly("max_positions", &Engine::max_positions)
       .def_property_readonly("scheme", &Engine::scheme)
+      .def_property_readonly("device", [](const Engine& e) { return e.device().str(); })
+      .def_property_readonly("backend", &Engine::backend_name)
       .def_property("threads", &Engine::threads, &Engine::set_threads);
 }

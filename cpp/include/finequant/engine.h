@@ -1,6 +1,6 @@
 // The finequant inference engine: loads a finequant model file (any precision) and runs it on
-// the CPU. One object per model; calls are independent (the KV cache lives inside a call), so a
-// loaded Engine may serve concurrent callers.
+// the CPU or a CUDA device. One object per model; calls are independent (the KV cache lives inside
+// a call), so a loaded Engine may serve concurrent callers.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -8,12 +8,14 @@
 #include <string>
 #include <vector>
 
+#include "finequant/device.h"
 #include "finequant/tensor.h"
 
 namespace finequant {
 
 struct EngineOptions {
-  int threads = 0;  // OpenMP threads per call; 0 keeps the OpenMP default
+  int threads = 0;             // CPU threads per call; 0 keeps the default (OpenMP's)
+  std::string device = "cpu";  // "cpu", "cuda", "cuda:N" or "auto" (a CUDA device when present, else the CPU)
 };
 
 struct GenerationOptions {
@@ -29,7 +31,8 @@ struct GenerationOptions {
 class Engine {
  public:
   // `path`: a model directory (holding model.safetensors) or the .safetensors file itself.
-  // Throws Error(ModelFormat) for a bad file, Error(Unsupported) for an unsupported config.
+  // Throws Error(ModelFormat) for a bad file, Error(Unsupported) for an unsupported config or a
+  // device this build lacks, Error(Runtime) for a CUDA device that is not present.
   static std::unique_ptr<Engine> load(const std::string& path, EngineOptions options = {});
   ~Engine();
   Engine(const Engine&) = delete;
@@ -37,7 +40,7 @@ class Engine {
 
   // input_ids: I64 [B, T], ids in [0, vocab_size); attention_mask: I64 [B, T] of 0/1 or null
   // (all ones), every row needing at least one 1. T <= max_positions().
-  // Returns F32 [B, T, hidden_size] (encoders: last hidden states) or [B, T, vocab_size]
+  // Returns host F32 [B, T, hidden_size] (encoders: last hidden states) or [B, T, vocab_size]
   // (decoders: logits). Decoder positions are cumsum(mask) - 1, so left or right padding gives
   // the same outputs at real tokens; outputs at padded positions are unspecified.
   Tensor forward(const Tensor& input_ids, const Tensor* attention_mask = nullptr) const;
@@ -54,8 +57,10 @@ class Engine {
   int64_t num_layers() const;
   int64_t max_positions() const;
   const std::string& scheme() const;
+  Device device() const;
+  std::string backend_name() const;  // e.g. "cpu (avx512vnni)", "cuda:0 NVIDIA H200 (sm90)"
   int threads() const;
-  void set_threads(int threads);  // 0: OpenMP default
+  void set_threads(int threads);  // 0: the default
 
  private:
   struct Impl;

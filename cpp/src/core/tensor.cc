@@ -1,11 +1,9 @@
 #include "finequant/tensor.h"
 
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <map>
-#include <mutex>
-#include <new>
+
+#include "core/allocator.h"
 
 namespace finequant {
 
@@ -60,79 +58,47 @@ size_t checked_nbytes(DType dtype, const Shape& shape) {
   return n;
 }
 
-// Freed large blocks kept for reuse by size. Activations of the same shapes are allocated on every
-// forward; malloc serves blocks this large with fresh mmap pages, whose page faults and zeroing
-// cost up to ~40% of a large GEMM (measured: 1024 x 768 outputs).
-class BlockCache {
- public:
-  static constexpr size_t kMinBlock = size_t{1} << 20, kMaxBlock = size_t{128} << 20, kMaxTotal = size_t{256} << 20;
-
-  void* take(size_t bytes) {
-    if (bytes >= kMinBlock && bytes <= kMaxBlock) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(bytes);
-      if (it != free_.end()) {
-        void* p = it->second;
-        free_.erase(it);
-        total_ -= bytes;
-        return p;
-      }
-    }
-    return ::operator new(bytes, std::align_val_t(kAlignment));
-  }
-
-  void give(void* p, size_t bytes) {
-    if (bytes >= kMinBlock && bytes <= kMaxBlock) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (total_ + bytes <= kMaxTotal) {
-        free_.emplace(bytes, p);
-        total_ += bytes;
-        return;
-      }
-    }
-    ::operator delete(p, std::align_val_t(kAlignment));
-  }
-
- private:
-  std::mutex mutex_;
-  std::multimap<size_t, void*> free_;
-  size_t total_ = 0;
-};
-
-BlockCache& block_cache() {
-  static BlockCache* cache = new BlockCache;  // never destroyed: tensors may outlive static destructors
-  return *cache;
-}
-
 }  // namespace
 
-Tensor Tensor::empty(DType dtype, Shape shape) {
+Tensor Tensor::empty(DType dtype, Shape shape, Device device) {
   size_t bytes = checked_nbytes(dtype, shape);
   // Allocate at least one alignment unit so that defined() holds even for numel 0.
   size_t alloc = bytes == 0 ? kAlignment : (bytes + kAlignment - 1) / kAlignment * kAlignment;
-  void* p = block_cache().take(alloc);
+  Allocator& allocator = allocator_for(device.kind);
+  void* p = allocator.allocate(alloc, device.index);
   Tensor t;
   t.dtype_ = dtype;
+  t.device_ = device;
   t.shape_ = std::move(shape);
-  t.storage_ = std::shared_ptr<const void>(p, [alloc](const void* q) { block_cache().give(const_cast<void*>(q), alloc); });
+  t.storage_ = std::shared_ptr<const void>(
+      p, [&allocator, alloc, index = device.index](const void* q) { allocator.deallocate(const_cast<void*>(q), alloc, index); });
   t.data_ = p;
   return t;
 }
 
-Tensor Tensor::zeros(DType dtype, Shape shape) {
-  Tensor t = empty(dtype, std::move(shape));
-  std::memset(t.data_, 0, t.nbytes());
+Tensor Tensor::zeros(DType dtype, Shape shape, Device device) {
+  Tensor t = empty(dtype, std::move(shape), device);
+  allocator_for(device.kind).fill_zero(t.data_, t.nbytes(), device.index);
   return t;
 }
 
-Tensor Tensor::borrow(void* data, DType dtype, Shape shape, std::shared_ptr<const void> keepalive) {
+Tensor Tensor::borrow(void* data, DType dtype, Shape shape, std::shared_ptr<const void> keepalive, Device device) {
   FQ_CHECK_ARG(data != nullptr, "Tensor::borrow of a null pointer");
   checked_nbytes(dtype, shape);
   Tensor t;
   t.dtype_ = dtype;
+  t.device_ = device;
   t.shape_ = std::move(shape);
   t.storage_ = std::move(keepalive);
   t.data_ = data;
+  return t;
+}
+
+Tensor Tensor::to(Device device) const {
+  if (!defined() || device == device_) return *this;
+  Tensor t = empty(dtype_, shape_, device);
+  // The non-CPU side's allocator knows how to move bytes to and from the host.
+  allocator_for(device.is_cpu() ? device_.kind : device.kind).copy(t.data_, device, data_, device_, nbytes());
   return t;
 }
 
@@ -152,8 +118,8 @@ int64_t Tensor::numel() const {
 
 Tensor Tensor::clone() const {
   if (!defined()) return Tensor();
-  Tensor t = empty(dtype_, shape_);
-  if (nbytes()) std::memcpy(t.data_, data_, nbytes());
+  Tensor t = empty(dtype_, shape_, device_);
+  allocator_for(device_.kind).copy(t.data_, device_, data_, device_, nbytes());
   return t;
 }
 

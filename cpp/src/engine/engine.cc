@@ -7,11 +7,8 @@
 #include <numeric>
 #include <random>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "finequant/model_file.h"
+#include "kernels/backend.h"
 #include "models/model.h"
 
 namespace finequant {
@@ -20,28 +17,10 @@ struct Engine::Impl {
   ModelFile file;  // keeps the mapping alive: weights may borrow it
   std::unique_ptr<Model> model;
   int threads = 0;
+  Device device;
 };
 
 namespace {
-
-// Sets the OpenMP thread count for the duration of one call, restoring the caller's setting.
-class ThreadScope {
- public:
-  explicit ThreadScope(int threads) {
-#ifdef _OPENMP
-    previous_ = omp_get_max_threads();
-    if (threads > 0) omp_set_num_threads(threads);
-#endif
-  }
-  ~ThreadScope() {
-#ifdef _OPENMP
-    omp_set_num_threads(previous_);
-#endif
-  }
-
- private:
-  int previous_ = 0;
-};
 
 struct Batch {
   int64_t B = 0, T = 0;
@@ -122,16 +101,19 @@ std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions opti
   std::string file_path = path;
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) file_path = path + "/model.safetensors";
-  auto impl = std::make_unique<Impl>(Impl{ModelFile::open(file_path), nullptr, options.threads});
-  ThreadScope scope(impl->threads);
-  impl->model = build_model(impl->file);
+  const Device device = Device::parse(options.device);
+  auto impl = std::make_unique<Impl>(Impl{ModelFile::open(file_path), nullptr, options.threads, device});
+  impl->model = build_model(impl->file, kernels::backend_for(device), impl->threads);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 
 Tensor Engine::forward(const Tensor& input_ids, const Tensor* attention_mask) const {
   const Batch b = validate(*impl_->model, input_ids, attention_mask);
-  ThreadScope scope(impl_->threads);
-  return impl_->model->forward(b.ids, b.mask.data(), b.B, b.T);
+  const kernels::Backend& backend = impl_->model->backend();
+  const ExecContext ctx = backend.context(impl_->threads);
+  Tensor out = impl_->model->forward(ctx, b.ids, b.mask.data(), b.B, b.T).to(Device::cpu());
+  backend.finish(ctx);
+  return out;
 }
 
 std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, const Tensor* attention_mask,
@@ -143,8 +125,15 @@ std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, cons
   FQ_CHECK_ARG(o.top_k >= 0, "top_k must be >= 0");
   FQ_CHECK_ARG(o.top_p > 0.f && o.top_p <= 1.f, "top_p must be in (0, 1]");
   const Batch b = validate(*impl_->model, input_ids, attention_mask);
-  ThreadScope scope(impl_->threads);
   const auto& decoder = static_cast<const Decoder&>(*impl_->model);
+  const kernels::Backend& backend = decoder.backend();
+  const ExecContext ctx = backend.context(impl_->threads);
+  // Logits of one step, on the host for sampling (waits for the device's work).
+  auto logits_of = [&](Tensor t) {
+    Tensor host = t.to(Device::cpu());
+    backend.finish(ctx);
+    return host;
+  };
   const int64_t V = vocab_size();
   const int64_t capacity = std::min(b.T + o.max_new_tokens, max_positions());
   KVCache cache = decoder.new_cache(b.B, capacity);
@@ -153,7 +142,7 @@ std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, cons
   std::vector<std::vector<int64_t>> out(static_cast<size_t>(b.B));
   std::vector<uint8_t> done(static_cast<size_t>(b.B), 0);
   if (o.max_new_tokens == 0) return out;
-  Tensor logits = decoder.step(b.ids, b.mask.data(), b.B, b.T, cache, false);
+  Tensor logits = logits_of(decoder.step(ctx, b.ids, b.mask.data(), b.B, b.T, cache, false));
   std::vector<int64_t> next(static_cast<size_t>(b.B), 0);
   std::vector<uint8_t> step_mask(static_cast<size_t>(b.B), 1);
   for (int64_t n = 0; n < o.max_new_tokens; ++n) {
@@ -168,7 +157,7 @@ std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, cons
     if (std::all_of(done.begin(), done.end(), [](uint8_t d) { return d; })) break;
     if (n + 1 == o.max_new_tokens || cache.length == cache.capacity) break;
     for (int64_t r = 0; r < b.B; ++r) step_mask[r] = done[r] ? 0 : 1;
-    logits = decoder.step(next.data(), step_mask.data(), b.B, 1, cache, false);
+    logits = logits_of(decoder.step(ctx, next.data(), step_mask.data(), b.B, 1, cache, false));
   }
   return out;
 }
@@ -180,6 +169,8 @@ int64_t Engine::hidden_size() const { return impl_->model->config().hidden_size;
 int64_t Engine::num_layers() const { return impl_->model->config().num_layers; }
 int64_t Engine::max_positions() const { return impl_->model->config().max_positions; }
 const std::string& Engine::scheme() const { return impl_->file.scheme; }
+Device Engine::device() const { return impl_->device; }
+std::string Engine::backend_name() const { return impl_->model->backend().name(); }
 int Engine::threads() const { return impl_->threads; }
 void Engine::set_threads(int threads) {
   FQ_CHECK_ARG(threads >= 0, "threads must be >= 0");

@@ -1,13 +1,24 @@
 #include "layers/attention.h"
 
 #include <cmath>
-#include <cstring>
 
 namespace finequant {
 
-Tensor SelfAttention::forward(const kernels::RowSource& x, const AttentionContext& ctx, LayerKV* cache) const {
-  const int64_t B = ctx.B, T = ctx.T, D = head_dim, H = heads, KVH = kv_heads;
-  std::vector<Tensor> outs = Linear::forward_each(qkv, x);
+Rope::Rope(int64_t head_dim_, double theta, Device device) : head_dim(head_dim_) {
+  // Same as transformers: inv_freq = 1 / theta^(2i / D), computed in fp32.
+  Tensor f = Tensor::empty(DType::F32, {head_dim / 2});
+  for (int64_t i = 0; i < head_dim / 2; ++i) {
+    const float expo = static_cast<float>(2 * i) / static_cast<float>(head_dim);
+    f.data<float>()[i] = 1.0f / std::pow(static_cast<float>(theta), expo);
+  }
+  inv_freq = f.to(device);
+}
+
+Tensor SelfAttention::forward(const ExecContext& ctx, const kernels::GemmInput& x, const AttentionContext& actx,
+                              LayerKV* cache) const {
+  const kernels::Backend& be = *ctx.backend;
+  const int64_t B = actx.B, T = actx.T, D = head_dim, H = heads, KVH = kv_heads;
+  std::vector<Tensor> outs = Linear::forward_each(ctx, qkv, x);
   // q, k, v in place: (data, row stride) inside the merged output or their own tensors.
   const bool merged = outs.size() == 1;
   auto part = [&](int i, int64_t first_col) {
@@ -18,33 +29,39 @@ Tensor SelfAttention::forward(const kernels::RowSource& x, const AttentionContex
   const auto [kp, ks] = part(1, H * D);
   const auto [vp, vs] = part(2, H * D + KVH * D);
   if (rope) {
-    rope->apply(qp, qs, B * T, H, *ctx.positions);
-    rope->apply(kp, ks, B * T, KVH, *ctx.positions);
+    be.rope(ctx, qp, qs, B * T, H, rope->inv_freq, actx.positions);
+    be.rope(ctx, kp, ks, B * T, KVH, rope->inv_freq, actx.positions);
   }
   // Token-major projections viewed as [B, heads, T, D].
-  HeadView qv{qp, T * qs, D, qs};
-  HeadView kv{kp, T * ks, D, ks};
-  HeadView vv{vp, T * vs, D, vs};
+  kernels::HeadView qv{qp, T * qs, D, qs};
+  kernels::HeadView kv{kp, T * ks, D, ks};
+  kernels::HeadView vv{vp, T * vs, D, vs};
   int64_t Tk = T;
   if (cache) {
+    be.kv_append(ctx, kv, vv, cache->k, cache->v, actx.past, T);
     const int64_t cap = cache->k.dim(2);
-    float* kc = cache->k.data<float>();
-    float* vc = cache->v.data<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < KVH; ++h)
-        for (int64_t t = 0; t < T; ++t) {
-          const size_t off = static_cast<size_t>(((b * KVH + h) * cap + ctx.past + t) * D);
-          std::memcpy(kc + off, kv.at(b, h, t), static_cast<size_t>(D) * sizeof(float));
-          std::memcpy(vc + off, vv.at(b, h, t), static_cast<size_t>(D) * sizeof(float));
-        }
-    kv = HeadView{kc, KVH * cap * D, cap * D, D};
-    vv = HeadView{vc, KVH * cap * D, cap * D, D};
-    Tk = ctx.past + T;
+    kv = kernels::HeadView{cache->k.data<float>(), KVH * cap * D, cap * D, D};
+    vv = kernels::HeadView{cache->v.data<float>(), KVH * cap * D, cap * D, D};
+    Tk = actx.past + T;
   }
-  Tensor out = Tensor::empty(DType::F32, {B * T, H * D});
-  attention(qv, kv, vv, out.data<float>(), B, H, KVH, T, Tk, D, ctx.key_valid, ctx.key_valid_stride,
-            ctx.causal ? ctx.past : -1, 1.0f / std::sqrt(static_cast<float>(D)));
-  return o.forward(out);
+  Tensor out = Tensor::empty(DType::F32, {B * T, H * D}, ctx.device);
+  kernels::AttentionArgs a;
+  a.q = qv;
+  a.k = kv;
+  a.v = vv;
+  a.out = out.data<float>();
+  a.B = B;
+  a.H = H;
+  a.KVH = KVH;
+  a.Tq = T;
+  a.Tk = Tk;
+  a.D = D;
+  a.key_valid = actx.key_valid.data<uint8_t>();
+  a.key_valid_stride = actx.key_valid_stride;
+  a.causal_offset = actx.causal ? actx.past : -1;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  be.attention(ctx, a);
+  return o.forward(ctx, out);
 }
 
 }  // namespace finequant

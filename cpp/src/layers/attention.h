@@ -1,24 +1,34 @@
 // Multi-head self-attention over a batch of sequences, optionally with RoPE, grouped-query heads,
-// a causal mask and a KV cache. Precision lives in the Linears, not here.
+// a causal mask and a KV cache. Precision lives in the Linears, kernels in the backend: this layer
+// only wires them.
 #pragma once
 #include <vector>
 
 #include "layers/linear.h"
-#include "layers/ops.h"
 
 namespace finequant {
 
-// Keys and values of one layer for every sequence: [B, KVH, capacity, D].
+// Keys and values of one layer for every sequence: [B, KVH, capacity, D] on the model's device.
 struct LayerKV {
   Tensor k, v;
 };
 
+// Rotary position embedding, Hugging Face "rotate_half" layout: for each head, element i is paired
+// with i + D/2.
+struct Rope {
+  int64_t head_dim = 0;
+  Tensor inv_freq;  // F32 [D / 2] on the model's device
+  Rope() = default;
+  Rope(int64_t head_dim, double theta, Device device);
+};
+
 // What attention needs to know about the current chunk of tokens ([B, T], token-major rows).
+// Tensors live on the context's device.
 struct AttentionContext {
   int64_t B = 0, T = 0;
-  int64_t past = 0;                       // tokens already in the cache (absolute index of chunk token 0)
-  const std::vector<int64_t>* positions;  // [B * T] RoPE positions (unused without RoPE)
-  const uint8_t* key_valid = nullptr;     // [B, key_valid_stride]: keys 0 .. past + T - 1
+  int64_t past = 0;         // tokens already in the cache (absolute index of chunk token 0)
+  Tensor positions;         // I64 [B * T] RoPE positions (unused without RoPE)
+  Tensor key_valid;         // U8 [B, key_valid_stride]: keys 0 .. past + T - 1
   int64_t key_valid_stride = 0;
   bool causal = false;
 };
@@ -32,10 +42,10 @@ class SelfAttention {
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   const Rope* rope = nullptr;  // null: no rotary embedding
 
-  // x: [B * T, C] rows (stored, or made by a fused producer such as the block's norm) -> [B * T, C].
-  // With `cache`, the chunk's keys/values are stored at [past, past + T) and attention reads the
-  // whole cache prefix.
-  Tensor forward(const kernels::RowSource& x, const AttentionContext& ctx, LayerKV* cache) const;
+  // x: [B * T, C] rows (normalized on the way in with x.norm) -> [B * T, C]. With `cache`, the
+  // chunk's keys/values are stored at [past, past + T) and attention reads the whole cache prefix.
+  Tensor forward(const ExecContext& ctx, const kernels::GemmInput& x, const AttentionContext& actx,
+                 LayerKV* cache) const;
 };
 
 }  // namespace finequant

@@ -1,10 +1,11 @@
 // The transformer block shared by all families; the variant is data, not a class per model:
 //   pre-LN (GPT-2, Llama):  x = x + attn(norm1(x)); x = x + mlp(norm2(x))
 //   post-LN (BERT):         x = norm1(x + attn(x)); x = norm2(x + mlp(x))
-// Pre-LN norms are fused into the GEMM that reads them: each normalized row is made and quantized
-// in L1 by the q/k/v (or fc1/gate-up) kernel and never stored.
+// Pre-LN norms are fused into the GEMM that reads them (kernels::GemmInput::norm): each
+// normalized row is made and quantized by the q/k/v (or fc1/gate-up) kernel and never stored.
 #pragma once
 #include "layers/attention.h"
+#include "layers/norm.h"
 
 namespace finequant {
 
@@ -16,7 +17,7 @@ struct Mlp {
   Linear fc1, fc2;                // gelu
   std::vector<Linear> gate_up;    // swiglu
   Linear down;
-  Tensor forward(const kernels::RowSource& x) const;
+  Tensor forward(const ExecContext& ctx, const kernels::GemmInput& x) const;
 };
 
 struct Block {
@@ -24,7 +25,7 @@ struct Block {
   Norm norm1, norm2;
   SelfAttention attn;
   Mlp mlp;
-  Tensor forward(const Tensor& x, const AttentionContext& ctx, LayerKV* cache) const;
+  Tensor forward(const ExecContext& ctx, const Tensor& x, const AttentionContext& actx, LayerKV* cache) const;
 };
 
 }  // namespace finequant

@@ -1,13 +1,14 @@
 #include "models/model.h"
 
+#include "core/convert.h"
 #include "models/weights.h"
 
 namespace finequant {
 
-std::unique_ptr<Model> build_model(const ModelFile& file) {
+std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, int threads) {
   ModelConfig config = ModelConfig::parse(file.architecture, file.config_json);
-  if (config.architecture == "bert") return std::make_unique<Encoder>(file, std::move(config));
-  return std::make_unique<Decoder>(file, std::move(config));
+  if (config.architecture == "bert") return std::make_unique<Encoder>(file, std::move(config), backend, threads);
+  return std::make_unique<Decoder>(file, std::move(config), backend, threads);
 }
 
 std::string Weights::find_prefix(const ModelFile& file, const std::string& probe,
@@ -18,47 +19,74 @@ std::string Weights::find_prefix(const ModelFile& file, const std::string& probe
                                    file.architecture + ")");
 }
 
-Tensor Weights::tensor(const std::string& name, Shape expected) const {
+Tensor Weights::host_tensor(const std::string& name, Shape expected) const {
   const Tensor t = to_f32(file.file.tensor(prefix + name));
   FQ_CHECK(t.shape() == expected, ErrorKind::ModelFormat,
            "tensor '" + prefix + name + "' has shape " + shape_str(t.shape()) + ", expected " + shape_str(expected));
   return t;
 }
 
+Tensor Weights::tensor(const std::string& name, Shape expected) const {
+  return host_tensor(name, std::move(expected)).to(backend.device());
+}
+
+kernels::LinearWeights Weights::linear_weights(const std::string& module, kernels::Epilogue epilogue) const {
+  const SafetensorsFile& f = file.file;
+  const std::string name = prefix + module;
+  kernels::LinearWeights w;
+  w.epilogue = epilogue;
+  if (f.has(name + ".bias")) w.bias = to_f32(f.tensor(name + ".bias"));
+  auto it = file.linears.find(name);
+  if (it == file.linears.end() || it->second.weight_bits == 0) {
+    w.weight_f32 = to_f32(f.tensor(name + ".weight"));
+    FQ_CHECK(w.weight_f32.ndim() == 2, ErrorKind::ModelFormat, name + ".weight must be 2-D");
+  } else {
+    // The reader has already checked dtypes and shapes against the record.
+    const LinearRecord& rec = it->second;
+    w.weight.spec = QuantSpec{rec.weight_bits, rec.weight_symmetric};
+    w.weight.tile = Tile{rec.tile_rows, rec.tile_cols};
+    const Tensor& stored = f.tensor(name + ".weight");
+    w.weight.q = rec.weight_bits == 4 ? unpack_int4(stored, rec.weight_symmetric) : stored;
+    w.weight.scale = f.tensor(name + ".weight_scale");
+    if (!rec.weight_symmetric) w.weight.zero_point = f.tensor(name + ".weight_zero_point");
+    w.act = QuantSpec{rec.act_bits, rec.act_symmetric};
+  }
+  FQ_CHECK(!w.bias.defined() || w.bias.numel() == w.out_features(), ErrorKind::ModelFormat,
+           name + ".bias size does not match the weight");
+  return w;
+}
+
+namespace {
+std::string shape2(int64_t a, int64_t b) { return "[" + std::to_string(a) + ", " + std::to_string(b) + "]"; }
+}  // namespace
+
 Linear Weights::linear(const std::string& name, int64_t out, int64_t in, kernels::Epilogue epilogue) const {
-  Linear l = Linear::load(file, prefix + name, epilogue);
-  FQ_CHECK(l.out_features() == out && l.in_features() == in, ErrorKind::ModelFormat,
-           "linear '" + prefix + name + "' is [" + std::to_string(l.out_features()) + ", " +
-               std::to_string(l.in_features()) + "], expected [" + std::to_string(out) + ", " + std::to_string(in) + "]");
-  return l;
+  const kernels::LinearWeights w = linear_weights(name, epilogue);
+  FQ_CHECK(w.out_features() == out && w.in_features() == in, ErrorKind::ModelFormat,
+           "linear '" + prefix + name + "' is " + shape2(w.out_features(), w.in_features()) + ", expected " +
+               shape2(out, in));
+  return Linear::create(backend, w, threads);
 }
 
 std::vector<Linear> Weights::linears(const std::vector<std::string>& names, const std::vector<int64_t>& outs,
                                      int64_t in) const {
-  std::vector<std::string> full;
-  int64_t total = 0;
+  std::vector<kernels::LinearWeights> parts;
   for (size_t i = 0; i < names.size(); ++i) {
-    full.push_back(prefix + names[i]);
-    total += outs[i];
+    parts.push_back(linear_weights(names[i], kernels::Epilogue::None));
+    const kernels::LinearWeights& w = parts.back();
+    FQ_CHECK(w.out_features() == outs[i] && w.in_features() == in, ErrorKind::ModelFormat,
+             "linear '" + prefix + names[i] + "' is " + shape2(w.out_features(), w.in_features()) + ", expected " +
+                 shape2(outs[i], in));
   }
-  std::vector<Linear> ls = Linear::load_merged(file, full);
-  for (size_t i = 0; i < ls.size(); ++i) {
-    const int64_t out = ls.size() == 1 ? total : outs[i];
-    FQ_CHECK(ls[i].out_features() == out && ls[i].in_features() == in, ErrorKind::ModelFormat,
-             "linear '" + full[ls.size() == 1 ? 0 : i] + "' (" + std::to_string(ls.size()) + " of " +
-                 std::to_string(names.size()) + " parts) is [" + std::to_string(ls[i].out_features()) + ", " +
-                 std::to_string(ls[i].in_features()) + "], expected [" + std::to_string(out) + ", " +
-                 std::to_string(in) + "]");
-  }
-  return ls;
+  return Linear::create_merged(backend, parts, threads);
 }
 
-Norm Weights::norm(const std::string& name, int64_t size, Norm::Kind kind, float eps) const {
+Norm Weights::norm(const std::string& name, int64_t size, kernels::NormParams::Kind kind, float eps) const {
   Norm n;
   n.kind = kind;
   n.eps = eps;
   n.weight = tensor(name + ".weight", {size});
-  if (kind == Norm::Kind::LayerNorm) n.bias = tensor(name + ".bias", {size});
+  if (kind == kernels::NormParams::Kind::LayerNorm) n.bias = tensor(name + ".bias", {size});
   return n;
 }
 

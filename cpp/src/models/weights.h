@@ -1,30 +1,37 @@
 // Typed access to a model file's tensors under the module prefix the file uses (e.g. "model."
-// for Llama), with shape checks so a mismatched file fails at load, not in a kernel.
+// for Llama), with shape checks so a mismatched file fails at load, not in a kernel. The one place
+// where model files (io/) meet layers: tensors are read here, converted to F32 or to the canonical
+// LinearWeights, and handed to the backend of the model's device.
 #pragma once
 #include <initializer_list>
 #include <string>
 #include <vector>
 
 #include "finequant/model_file.h"
-#include "layers/linear.h"
-#include "layers/ops.h"
+#include "layers/block.h"
 
 namespace finequant {
 
 struct Weights {
   const ModelFile& file;
   std::string prefix;
+  const kernels::Backend& backend;
+  int threads = 0;  // CPU threads for packing at load
 
   // The first candidate prefix p for which p + probe is a tensor of the file.
   static std::string find_prefix(const ModelFile& file, const std::string& probe,
                                  std::initializer_list<const char*> candidates);
 
-  Tensor tensor(const std::string& name, Shape expected) const;  // F32 (converted from BF16/F16)
+  Tensor host_tensor(const std::string& name, Shape expected) const;  // F32 on the host (from BF16/F16 too)
+  Tensor tensor(const std::string& name, Shape expected) const;       // F32 on the backend's device
+  // Module `name` as stored (tensors `<name>.weight`, `.bias`, `.weight_scale`, `.weight_zero_point`);
+  // a module without a quantization record is a floating-point Linear.
+  kernels::LinearWeights linear_weights(const std::string& name, kernels::Epilogue epilogue) const;
   Linear linear(const std::string& name, int64_t out, int64_t in,
                 kernels::Epilogue epilogue = kernels::Epilogue::None) const;
-  // Modules reading the same input (Linear::load_merged), with outs[i] outputs each.
+  // Modules reading the same input (Linear::create_merged), with outs[i] outputs each.
   std::vector<Linear> linears(const std::vector<std::string>& names, const std::vector<int64_t>& outs, int64_t in) const;
-  Norm norm(const std::string& name, int64_t size, Norm::Kind kind, float eps) const;
+  Norm norm(const std::string& name, int64_t size, kernels::NormParams::Kind kind, float eps) const;
 };
 
 // The GEMM epilogue for a Hugging Face hidden_act name ("gelu" is the erf form).

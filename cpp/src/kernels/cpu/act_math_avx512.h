@@ -1,4 +1,4 @@
-// AVX-512 forms of kernels/cpu/act_math.h: the same fp32 operations in the same order, so the
+// AVX-512 forms of kernels/act_math.h: the same fp32 operations in the same order, so the
 // vectorized GEMM epilogues round exactly like the reference (files including this are compiled
 // with -ffp-contract=off where bit-identity matters).
 #pragma once
@@ -10,7 +10,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
-#include "kernels/cpu/act_math.h"
+#include "kernels/act_math.h"
 #include "kernels/cpu/gemm.h"
 
 #define FQ_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))

@@ -1,5 +1,5 @@
 // AVX-512 FP32 GEMM: y = x W^T (+ bias) (+ activation), the weight packed at load into tiles of 64
-// output channels ([tile][K][64], F32Weight). A micro-kernel holds MR rows x 64 channels in 24
+// output channels: packed[(tile * K + k) * 64 + j] = W[tile * 64 + j, k], N padded with zero channels. A micro-kernel holds MR rows x 64 channels in 24
 // zmm accumulators; per k it loads 4 weight vectors and broadcasts MR activations (FMA). Decode
 // (M = 1) streams each weight tile once; the threads split the tiles.
 #include <algorithm>
@@ -74,30 +74,48 @@ F32MicroFn pick_f32(int mr) {
   }
 }
 
+class Avx512F32Linear final : public CpuLinear {
+ public:
+  explicit Avx512F32Linear(const Tensor& w) {
+    N = w.dim(0);
+    K = w.dim(1);
+    const int64_t tiles = (N + kTileN - 1) / kTileN;
+    packed_.assign(static_cast<size_t>(tiles * kTileN * K), 0.f);
+    const float* src = w.data<float>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k)
+        packed_[static_cast<size_t>(((n / kTileN) * K + k) * kTileN + n % kTileN)] = src[n * K + k];
+  }
+
+  void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
+    const Tensor rows = x.materialize(ctx.threads);
+    const int64_t M = x.rows;
+    const F32Ctx c{rows.data<float>(), M, N, K, packed_.data(), bias.defined() ? bias.data<float>() : nullptr, y,
+                   epilogue};
+    const int64_t tiles = (N + kTileN - 1) / kTileN;
+    const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tasks = mchunks * tiles;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(ctx.threads)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
+      int64_t m = m0;
+      for (; m + kMaxMR <= m1; m += kMaxMR) f32_micro<kMaxMR>(c, m, tile);
+      if (m < m1) pick_f32(static_cast<int>(m1 - m))(c, m, tile);
+    }
+  }
+
+ private:
+  std::vector<float> packed_;  // the only copy of the weight in memory
+};
+
+std::unique_ptr<CpuLinear> prepare_avx512(Tensor w, int) { return std::make_unique<Avx512F32Linear>(w); }
+
 }  // namespace
 
-void gemm_f32_avx512(const float* x, int64_t M, const F32Weight& w, const float* bias, float* y, Epilogue epilogue) {
-  if (w.packed.empty() || !cpu_has_avx512vnni()) {
-    gemm_f32_ref(x, M, w, bias, y, epilogue);
-    return;
-  }
-  const F32Ctx c{x, M, w.N, w.K, w.packed.data(), bias, y, epilogue};
-  const int64_t tiles = (w.N + kTileN - 1) / kTileN;
-  const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tasks = mchunks * tiles;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
-    int64_t m = m0;
-    for (; m + kMaxMR <= m1; m += kMaxMR) f32_micro<kMaxMR>(c, m, tile);
-    if (m < m1) pick_f32(static_cast<int>(m1 - m))(c, m, tile);
-  }
-}
+F32GemmKernel f32_gemm_avx512() { return {CpuIsa::Avx512Vnni, prepare_avx512}; }
 
 #else
 
-void gemm_f32_avx512(const float* x, int64_t M, const F32Weight& w, const float* bias, float* y, Epilogue epilogue) {
-  gemm_f32_ref(x, M, w, bias, y, epilogue);
-}
+F32GemmKernel f32_gemm_avx512() { return {CpuIsa::Avx512Vnni, nullptr}; }
 
 #endif
 

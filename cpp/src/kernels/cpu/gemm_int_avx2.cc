@@ -3,7 +3,7 @@
 // vpmaddubsw would saturate on u8 x s8 pairs, so both operands are widened to int16 and multiplied
 // with vpmaddwd: each int32 lane gets q[n, k] x[k] + q[n, k+1] x[k+1], the exact products of the
 // stored values (no operand shifts to undo). Weights stay one byte each in the packed layout
-// (IntWeight::Avx2) and are widened in registers; the activation rows are quantized with
+// (Avx2IntLinear below) and are widened in registers; the activation rows are quantized with
 // quantize_rows and widened once per call. The integer sums are vectorized; the correction and
 // the fp32 epilogue are the reference's own scalar expressions (this file is compiled with
 // -ffp-contract=off), so the outputs match it bit for bit.
@@ -12,9 +12,6 @@
 
 #include "kernels/cpu/gemm.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FQ_AVX2_BUILD 1
@@ -36,12 +33,22 @@ constexpr int kMaxMR = 4;      // rows: 8 accumulators + 2 weights + 1 broadcast
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// The AVX2 layout: tiles of 16 channels, the stored bytes of q by pairs of k (K-blocks padded to
+// even lengths, Kp = padded total K):
+//   packed[(tile * Kp + k - k%2) * 16 + (channel % 16) * 2 + k%2]
+// plus the canonical scales, zero points and column sums (IntWeight without q).
+struct Avx2Layout {
+  int64_t Kp = 0, block_padded = 0;
+  std::vector<uint8_t> packed;
+};
+
 struct Ctx {
   int64_t M, N, K, nb, bk, bkp, Kp;
   const int16_t* xw;       // [M, Kp] widened activation values, zero padded per block
   const int32_t* rowsum;   // [M, nb]
   const QuantizedTensor* x;
   const IntWeight* w;
+  const Avx2Layout* layout;
   const float* bias;
   float* y;
   Epilogue epilogue;
@@ -59,7 +66,7 @@ FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
     const int64_t k0 = b * c.bk, kb = std::min(c.K, k0 + c.bk) - k0, pairs = round_up(kb, 2) / 2;
     __m256i acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-    const uint8_t* wp = w.avx2.packed.data() + (tile * c.Kp + b * c.bkp) * kTile;  // 32 bytes per k pair
+    const uint8_t* wp = c.layout->packed.data() + (tile * c.Kp + b * c.bkp) * kTile;  // 32 bytes per k pair
     const int16_t* xr = c.xw + m0 * c.Kp + b * c.bkp;
     for (int64_t p = 0; p < pairs; ++p) {
       const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + p * 32));
@@ -116,9 +123,9 @@ MicroFn pick_rows(int mr) {
 
 // Widens the quantized rows into [M, Kp] int16 (zero padded per block) and sums each block.
 template <class TX>
-void widen_rows(const QuantizedTensor& x, const Ctx& c, int16_t* xw, int32_t* rowsum) {
+void widen_rows(const QuantizedTensor& x, const Ctx& c, int16_t* xw, int32_t* rowsum, int threads) {
   const TX* xq = static_cast<const TX*>(x.q.raw());
-#pragma omp parallel for schedule(static) if (c.M > 16)
+#pragma omp parallel for schedule(static) num_threads(threads) if (c.M > 16)
   for (int64_t m = 0; m < c.M; ++m) {
     std::fill(xw + m * c.Kp, xw + (m + 1) * c.Kp, int16_t{0});
     for (int64_t b = 0; b < c.nb; ++b) {
@@ -133,23 +140,15 @@ void widen_rows(const QuantizedTensor& x, const Ctx& c, int16_t* xw, int32_t* ro
   }
 }
 
-}  // namespace
-
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
-
-void prepare_int_weight_avx2(IntWeight& w) {
-  if (!cpu_has_avx2()) return;
-  IntWeight::Avx2& v = w.avx2;
+Avx2Layout pack(const IntWeight& w, int threads) {
+  Avx2Layout v;
   const int64_t N = w.N, K = w.K, nb = w.num_blocks, bk = w.tile_cols;
   v.block_padded = round_up(bk, 2);
   v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, 2);
   const int64_t tiles = (N + kTile - 1) / kTile;
   v.packed.assign(static_cast<size_t>(tiles * kTile * v.Kp), 0);
   const uint8_t* q = static_cast<const uint8_t*>(w.q.raw());  // I8 or U8: the bytes as stored
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
@@ -159,41 +158,59 @@ void prepare_int_weight_avx2(IntWeight& w) {
             q[n * K + k0 + k];
       }
     }
-  v.ready = true;
+  return v;
 }
 
-void gemm_int_avx2(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
-  if (!w.avx2.ready || !cpu_has_avx2()) {
-    gemm_int_ref(x, w, bias, y, epilogue);
-    return;
+class Avx2IntLinear final : public CpuLinear {
+ public:
+  Avx2IntLinear(IntWeight w, int threads) : w_(std::move(w)), layout_(pack(w_, threads)) {
+    N = w_.N;
+    K = w_.K;
+    wsigned_ = w_.q.dtype() == DType::I8;
+    w_.q = Tensor();  // one copy of the weight in memory: the packed one
   }
-  const int64_t M = x.rows;
-  const QuantizedTensor xq = quantize_rows(x.materialize(), w.act);
-  std::vector<int16_t> xw(static_cast<size_t>(M * w.avx2.Kp));
-  std::vector<int32_t> rowsum(static_cast<size_t>(M * w.num_blocks));
-  const Ctx c{M, w.N, w.K, w.num_blocks, w.tile_cols, w.avx2.block_padded, w.avx2.Kp, xw.data(), rowsum.data(),
-              &xq, &w, bias, y, epilogue};
-  if (xq.q.dtype() == DType::I8) widen_rows<int8_t>(xq, c, xw.data(), rowsum.data());
-  else widen_rows<uint8_t>(xq, c, xw.data(), rowsum.data());
-  const bool wsigned = w.q.dtype() == DType::I8;
-  const MicroFn full = wsigned ? pick_rows<true>(kMaxMR) : pick_rows<false>(kMaxMR);
-  const int64_t tiles = (w.N + kTile - 1) / kTile, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t t = 0; t < mchunks * tiles; ++t) {
-    const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
-    int64_t m = m0;
-    for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
-    if (m < m1) (wsigned ? pick_rows<true>(static_cast<int>(m1 - m)) : pick_rows<false>(static_cast<int>(m1 - m)))(c, m, tile);
+
+  void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
+    const IntWeight& w = w_;
+    const int64_t M = x.rows;
+    const int threads = ctx.threads;
+    const QuantizedTensor xq = quantize_rows(x.materialize(threads), w.act);
+    std::vector<int16_t> xw(static_cast<size_t>(M * layout_.Kp));
+    std::vector<int32_t> rowsum(static_cast<size_t>(M * w.num_blocks));
+    const Ctx c{M, w.N, w.K, w.num_blocks, w.tile_cols, layout_.block_padded, layout_.Kp, xw.data(), rowsum.data(),
+                &xq, &w, &layout_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
+    if (xq.q.dtype() == DType::I8) widen_rows<int8_t>(xq, c, xw.data(), rowsum.data(), threads);
+    else widen_rows<uint8_t>(xq, c, xw.data(), rowsum.data(), threads);
+    const bool wsigned = wsigned_;
+    const MicroFn full = wsigned ? pick_rows<true>(kMaxMR) : pick_rows<false>(kMaxMR);
+    const int64_t tiles = (w.N + kTile - 1) / kTile, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t t = 0; t < mchunks * tiles; ++t) {
+      const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
+      int64_t m = m0;
+      for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
+      if (m < m1)
+        (wsigned ? pick_rows<true>(static_cast<int>(m1 - m)) : pick_rows<false>(static_cast<int>(m1 - m)))(c, m, tile);
+    }
   }
+
+ private:
+  IntWeight w_;
+  Avx2Layout layout_;
+  bool wsigned_ = true;
+};
+
+std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, int threads) {
+  return std::make_unique<Avx2IntLinear>(std::move(w), threads);
 }
 
-#else  // no x86 build: the reference
+}  // namespace
 
-bool cpu_has_avx2() { return false; }
-void prepare_int_weight_avx2(IntWeight&) {}
-void gemm_int_avx2(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
-  gemm_int_ref(x, w, bias, y, epilogue);
-}
+IntGemmKernel int_gemm_avx2() { return {CpuIsa::Avx2, prepare_avx2}; }
+
+#else  // no x86 build: the entry is never selected (the CPU does not support the level)
+
+IntGemmKernel int_gemm_avx2() { return {CpuIsa::Avx2, nullptr}; }
 
 #endif
 

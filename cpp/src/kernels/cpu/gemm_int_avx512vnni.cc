@@ -24,9 +24,6 @@
 #include "kernels/cpu/act_math_avx512.h"
 #include "kernels/cpu/gemm.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FQ_VNNI_BUILD 1
@@ -36,46 +33,6 @@
 
 namespace finequant {
 namespace kernels {
-
-// ---- dispatch ---------------------------------------------------------------------------------
-namespace {
-Isa g_forced = Isa::Auto;
-}
-
-void force_isa(Isa isa) { g_forced = isa; }
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::Auto: return "auto";
-    case Isa::Ref: return "ref";
-    case Isa::Avx2: return "avx2";
-    case Isa::Avx512Vnni: return "avx512vnni";
-  }
-  return "?";
-}
-
-bool cpu_has_avx512vnni() {
-#if FQ_VNNI_BUILD
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  return has;
-#else
-  return false;
-#endif
-}
-
-Isa active_isa() {
-  Isa want = g_forced;
-  if (want == Isa::Auto) {
-    const char* env = std::getenv("FINEQUANT_ISA");
-    want = Isa::Avx512Vnni;
-    if (env && std::strcmp(env, "ref") == 0) want = Isa::Ref;
-    if (env && std::strcmp(env, "avx2") == 0) want = Isa::Avx2;
-  }
-  if (want == Isa::Avx512Vnni && cpu_has_avx512vnni()) return Isa::Avx512Vnni;
-  if (want != Isa::Ref && cpu_has_avx2()) return Isa::Avx2;
-  return Isa::Ref;
-}
 
 #if FQ_VNNI_BUILD
 
@@ -89,6 +46,32 @@ constexpr int kMaxMR = 6, kMaxMRBlocked = 3;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// ---- the layout -------------------------------------------------------------------------------
+// vpdpbusd multiplies u8 by s8: symmetric activations (s8) take the u8 side's other operand, so the
+// weight is stored as u8; asymmetric activations (u8) get an s8 weight. Either way the stored value
+// is q + wc (wc a constant that moves q into the operand's range: 128 for I8 weights against s8
+// activations, -128 for U8 weights against u8 activations, 8 for signed INT4, else 0), undone
+// exactly in the epilogue through the activation row sums.
+// Tiles of 64 output channels (4 panels of 16, one micro-kernel), N padded to a multiple of 64.
+// Each K-block is padded with zeros to a multiple of 8 (block_padded), Kp = padded total K. A
+// tile is one contiguous stream (separate panel streams alias in L1 when Kp * 16 is a multiple
+// of 4 KiB); with j = channel % 64:
+//   8-bit: packed[(tile * Kp/4 + k/4) * 256 + j * 4 + k%4]
+//   4-bit: packed[(tile * Kp/8 + k/8) * 256 + j * 4 + k%4], k%8 < 4 in the low nibble, else high.
+// Per-column tables are indexed [block * Npad + n], zero for padding channels.
+struct VnniLayout {
+  int64_t N = 0, K = 0, nb = 1, bk = 0;  // bk: K-block length (K when not blocked)
+  int bits = 8;
+  QuantSpec act;
+  bool wsym = true;
+  int32_t wc = 0;
+  int64_t Kp = 0, Npad = 0, block_padded = 0;
+  std::vector<uint8_t> packed;
+  std::vector<float> scale;            // sw of the column's tile
+  std::vector<int32_t> zw_plus_wc;     // zw + wc (asymmetric weights only)
+  std::vector<int32_t> colsum_minus;   // colsum - kb * zw (asymmetric activations only)
+};
+
 // ---- the call's context -----------------------------------------------------------------------
 struct Ctx {
   int64_t M, N, K, nb, bk, bkp, Kp, Npad;
@@ -96,7 +79,7 @@ struct Ctx {
   const int32_t* rowsum;  // [M, nb] sum of the quantized row over each block
   const float* sx;        // [M]
   const int32_t* zx;      // [M] (asymmetric activations)
-  const IntWeight::Vnni* v;
+  const VnniLayout* v;
   bool wsym;
   const float* bias;
   float* y;
@@ -174,7 +157,7 @@ FQ_VNNI inline void store_outputs(const Ctx& c, int64_t m, int64_t n0, __m512 o)
 // the fp32 values go straight to the output (MR <= 6 without spilling).
 template <int MR, bool XU8, bool W4, bool MULTI>
 FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
-  const IntWeight::Vnni& v = *c.v;
+  const VnniLayout& v = *c.v;
   const int64_t panel0 = tile * 4;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   __m512 out[MULTI ? MR : 1][4];  // MULTI: the fp32 sum over blocks, as the reference: 0, then + each
@@ -291,13 +274,17 @@ struct Scratch {
   std::vector<float> sx;
 };
 
-}  // namespace
-
-void prepare_int_weight_avx512vnni(IntWeight& w) {
-  if (!cpu_has_avx512vnni()) return;
-  IntWeight::Vnni& v = w.vnni;
+VnniLayout pack(const IntWeight& w, int threads) {
+  VnniLayout v;
   const int64_t N = w.N, K = w.K, nb = w.num_blocks, bk = w.tile_cols;
   const bool wsym = w.q.dtype() == DType::I8, xu8 = !w.act.symmetric, w4 = w.bits == 4;
+  v.N = N;
+  v.K = K;
+  v.nb = nb;
+  v.bk = bk;
+  v.bits = w.bits;
+  v.act = w.act;
+  v.wsym = wsym;
   v.wc = w4 ? (wsym ? 8 : 0) : (xu8 ? (wsym ? 0 : -128) : (wsym ? 128 : 0));
   v.block_padded = round_up(bk, 8);
   v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, 8);
@@ -310,7 +297,7 @@ void prepare_int_weight_avx512vnni(IntWeight& w) {
   const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
   const int64_t tile_bytes = w4 ? v.Kp * 32 : v.Kp * 64;
   // Channels own disjoint bytes (INT4 nibble pairs run along k), so they pack in parallel.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n) {
     const int64_t tile = n / kTileN, j = n % kTileN, g = n / w.tile_rows;  // j: panel * 16 + lane
     for (int64_t b = 0; b < nb; ++b) {
@@ -333,46 +320,55 @@ void prepare_int_weight_avx512vnni(IntWeight& w) {
       if (xu8) v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
     }
   }
-  v.ready = true;
+  return v;
 }
 
-void gemm_int_avx512vnni(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
-  if (!w.vnni.ready || !cpu_has_avx512vnni()) {
-    gemm_int_ref(x, w, bias, y, epilogue);
-    return;
+class VnniIntLinear final : public CpuLinear {
+ public:
+  VnniIntLinear(const IntWeight& w, int threads) : v_(pack(w, threads)) {
+    N = w.N;
+    K = w.K;
   }
+  void run(const ExecContext& ctx, const RowInput& x, float* y) const override;
+
+ private:
+  VnniLayout v_;  // the only copy of the weight in memory
+};
+
+void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) const {
   const int64_t M = x.rows;
-  const IntWeight::Vnni& v = w.vnni;
-  const bool symmetric = w.act.symmetric;
-  const float qmax = static_cast<float>(quant_max(w.act));
+  const VnniLayout& v = v_;
+  const int threads = ctx.threads;
+  const bool symmetric = v.act.symmetric;
+  const float qmax = static_cast<float>(quant_max(v.act));
   thread_local Scratch scratch;
   scratch.xp.resize(static_cast<size_t>(M * v.Kp));
-  scratch.rowsum.resize(static_cast<size_t>(M * w.num_blocks));
+  scratch.rowsum.resize(static_cast<size_t>(M * v.nb));
   scratch.sx.resize(static_cast<size_t>(M));
   scratch.zx.resize(static_cast<size_t>(M));
-  const bool multi = w.num_blocks > 1;
+  const bool multi = v.nb > 1;
   const int max_mr = multi ? kMaxMRBlocked : kMaxMR;
-  const MicroFn full = pick(max_mr, !symmetric, w.bits == 4, multi);
+  const MicroFn full = pick(max_mr, !symmetric, v.bits == 4, multi);
   // Worker threads must not name `scratch` (thread_local: each would see its own).
   uint8_t* xp = scratch.xp.data();
   int32_t* rowsum = scratch.rowsum.data();
   float* sx = scratch.sx.data();
   int32_t* zx = scratch.zx.data();
-  Ctx c{M, w.N, w.K, w.num_blocks, w.tile_cols, v.block_padded, v.Kp, v.Npad,
+  Ctx c{M, v.N, v.K, v.nb, v.bk, v.block_padded, v.Kp, v.Npad,
         xp, rowsum, sx, zx,
-        &v, w.q.dtype() == DType::I8, bias, y, epilogue};
+        &v, v.wsym, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
 
   // Tasks: row chunks x channel tiles. Decode-sized M is one row chunk, so the weight is read once
   // and the threads split the channels; larger M uses chunks whose rows stay in L2.
   const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tiles = v.Npad / kTileN;
   const int64_t tasks = mchunks * tiles;
   int64_t bad_row = -1;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<float> row_scratch(static_cast<size_t>(w.K));  // a computed row (fused producer), in L1
+    std::vector<float> row_scratch(static_cast<size_t>(v.K));  // a computed row (fused producer), in L1
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
-      if (!quantize_row(x.row(m, row_scratch.data()), c, symmetric, qmax, xp + m * v.Kp, rowsum + m * w.num_blocks,
+      if (!quantize_row(x.row(m, row_scratch.data()), c, symmetric, qmax, xp + m * v.Kp, rowsum + m * v.nb,
                         sx + m, symmetric ? nullptr : zx + m)) {
 #pragma omp critical
         bad_row = std::max(bad_row, m);
@@ -385,12 +381,18 @@ void gemm_int_avx512vnni(const RowSource& x, const IntWeight& w, const float* bi
         const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
         int64_t m = m0;
         for (; m + max_mr <= m1; m += max_mr) full(c, m, tile);
-        if (m < m1) pick(static_cast<int>(m1 - m), !symmetric, w.bits == 4, multi)(c, m, tile);
+        if (m < m1) pick(static_cast<int>(m1 - m), !symmetric, v.bits == 4, multi)(c, m, tile);
       }
     }
   }
   FQ_CHECK_ARG(bad_row < 0, "input contains NaN or Inf (or an unrepresentable range) in row " + std::to_string(bad_row));
 }
+
+std::unique_ptr<CpuLinear> prepare_vnni(IntWeight w, int threads) { return std::make_unique<VnniIntLinear>(w, threads); }
+
+}  // namespace
+
+IntGemmKernel int_gemm_avx512vnni() { return {CpuIsa::Avx512Vnni, prepare_vnni}; }
 
 namespace {
 // vpdpbusd on registers only until `seconds` after `start`; returns the ops done.
@@ -414,7 +416,7 @@ FQ_VNNI double peak_loop(std::chrono::steady_clock::time_point start, double sec
 }  // namespace
 
 double int8_peak_gops(int threads, double seconds) {
-  if (!cpu_has_avx512vnni()) return 0.0;
+  if (!cpu_supports(CpuIsa::Avx512Vnni)) return 0.0;
   double total_ops = 0.0;
   const auto start = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(threads) reduction(+ : total_ops)
@@ -423,12 +425,9 @@ double int8_peak_gops(int threads, double seconds) {
   return total_ops / elapsed / 1e9;
 }
 
-#else  // no x86 build: the reference
+#else  // no x86 build: the entry is never selected (the CPU does not support the level)
 
-void prepare_int_weight_avx512vnni(IntWeight&) {}
-void gemm_int_avx512vnni(const RowSource& x, const IntWeight& w, const float* bias, float* y, Epilogue epilogue) {
-  gemm_int_ref(x, w, bias, y, epilogue);
-}
+IntGemmKernel int_gemm_avx512vnni() { return {CpuIsa::Avx512Vnni, nullptr}; }
 double int8_peak_gops(int, double) { return 0.0; }
 
 #endif

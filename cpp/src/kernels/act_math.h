@@ -1,7 +1,8 @@
 // Activation functions of the GEMM epilogues, written as plain fp32 operation sequences so that
-// the scalar form here and the AVX-512 form in gemm_int_avx512vnni.cc (the same operations in the
-// same order, no FMA contraction) give bit-identical results. std::erf / std::tanh would not:
-// their vector counterparts round differently.
+// the scalar form here, the AVX-512 form (kernels/cpu/act_math_avx512.h) and the CUDA epilogues
+// (the same operations in the same order, no FMA contraction: -ffp-contract=off on the CPU files,
+// -fmad=false on the CUDA integer-GEMM files) give bit-identical results. std::erf / std::tanh would
+// not: their vector and device counterparts round differently. Host and device code (FQ_HD).
 //   exp: Cephes expf (range reduction by ln 2, degree-6 polynomial), relative error ~2e-7.
 //   erf: Abramowitz & Stegun 7.1.26 (as PyTorch's vectorized erf), absolute error <= 1.5e-7.
 //   tanh(u) = 1 - 2 / (exp(2u) + 1).
@@ -14,12 +15,47 @@ namespace finequant {
 namespace kernels {
 namespace actmath {
 
+
 // Always inlined: callers are vectorized loops (a call stops vectorization).
-#if defined(__GNUC__)
+#if defined(__CUDACC__)
+#define FQ_ALWAYS_INLINE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
 #define FQ_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
 #define FQ_ALWAYS_INLINE inline
 #endif
+
+// Round half to even, |x|, copysign and the float with given bits, on the host and the device.
+FQ_ALWAYS_INLINE float round_even(float x) {
+#if defined(__CUDA_ARCH__)
+  return rintf(x);
+#else
+  return std::nearbyint(x);
+#endif
+}
+FQ_ALWAYS_INLINE float abs(float x) {
+#if defined(__CUDA_ARCH__)
+  return fabsf(x);
+#else
+  return std::fabs(x);
+#endif
+}
+FQ_ALWAYS_INLINE float copy_sign(float magnitude, float sign) {
+#if defined(__CUDA_ARCH__)
+  return copysignf(magnitude, sign);
+#else
+  return std::copysign(magnitude, sign);
+#endif
+}
+FQ_ALWAYS_INLINE float float_from_bits(int32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
 
 constexpr float kExpHi = 88.3f, kExpLo = -87.3f;  // 2^n stays a normal float
 constexpr float kLog2e = 1.44269504088896341f;
@@ -35,7 +71,7 @@ FQ_ALWAYS_INLINE float exp(float x) {
   // Ternaries, not std::fmin/fmax: those compile to library calls that stop vectorization.
   x = x < kExpLo ? kExpLo : x;
   x = x > kExpHi ? kExpHi : x;
-  const float n = std::nearbyint(x * kLog2e);
+  const float n = round_even(x * kLog2e);
   float r = x - n * kLn2Hi;
   r = r - n * kLn2Lo;
   float p = kExpP0;
@@ -47,13 +83,11 @@ FQ_ALWAYS_INLINE float exp(float x) {
   p = p * (r * r) + r;
   p = p + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, 4);
-  return p * two_n;
+  return p * float_from_bits(bits);
 }
 
 FQ_ALWAYS_INLINE float erf(float x) {
-  const float ax = std::fabs(x);
+  const float ax = abs(x);
   const float t = 1.0f / (1.0f + kErfP * ax);
   float p = kErfA5;
   p = p * t + kErfA4;
@@ -62,7 +96,7 @@ FQ_ALWAYS_INLINE float erf(float x) {
   p = p * t + kErfA1;
   p = p * t;
   const float y = 1.0f - p * exp(-(ax * ax));
-  return std::copysign(y, x);
+  return copy_sign(y, x);
 }
 
 FQ_ALWAYS_INLINE float gelu_erf(float v) { return 0.5f * v * (1.0f + erf(v * kSqrt1_2)); }

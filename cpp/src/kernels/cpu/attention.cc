@@ -1,10 +1,9 @@
-#include "kernels/cpu/attention_cpu.h"
+#include "kernels/cpu/attention.h"
 
 #include <algorithm>
 #include <limits>
 
-#include "kernels/cpu/act_math.h"
-#include "kernels/cpu/gemm.h"
+#include "kernels/act_math.h"
 #include "kernels/cpu/multiversion.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -18,6 +17,7 @@
 namespace finequant {
 namespace kernels {
 
+// The portable forms (target clones; external linkage as target_clones needs).
 FQ_MULTIVERSION bool attention_softmax_ref(float* p, const uint8_t* valid, int64_t n, float scale) {
   constexpr float kNone = -std::numeric_limits<float>::infinity();
   float mx = kNone;
@@ -65,6 +65,10 @@ FQ_MULTIVERSION void attention_values_ref(const float* p, int64_t ld, int nq, co
       for (int64_t d = 0; d < D; ++d) o[d] += pj * vv[d];
     }
   }
+}
+
+AttentionKernel attention_ref() {
+  return {CpuIsa::Ref, attention_scores_ref, attention_values_ref, attention_softmax_ref};
 }
 
 #if FQ_ATTN_AVX512
@@ -121,8 +125,6 @@ FQ_AVX512 void values_tile(const float* p, int64_t ld, const float* v, int64_t v
   for (int i = 0; i < NQ; ++i)
     for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, mask[c], acc[i][c]);
 }
-
-}  // namespace
 
 FQ_AVX512 bool attention_softmax_avx512(float* p, const uint8_t* valid, int64_t n, float scale) {
   const __m512 none = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vscale = _mm512_set1_ps(scale);
@@ -182,34 +184,86 @@ void attention_values_avx512(const float* p, int64_t ld, int nq, const float* v,
   }
 }
 
-AttnSoftmaxFn select_attention_softmax() {
-  return active_isa() == Isa::Avx512Vnni ? attention_softmax_avx512 : attention_softmax_ref;
-}
-AttnScoresFn select_attention_scores() {
-  return active_isa() == Isa::Avx512Vnni ? attention_scores_avx512 : attention_scores_ref;
-}
-AttnValuesFn select_attention_values() {
-  return active_isa() == Isa::Avx512Vnni ? attention_values_avx512 : attention_values_ref;
+}  // namespace
+
+AttentionKernel attention_avx512() {
+  return {CpuIsa::Avx512Vnni, attention_scores_avx512, attention_values_avx512, attention_softmax_avx512};
 }
 
 #else
 
-void attention_scores_avx512(const float* const* q, int nq, const float* kt, int64_t ld_kt, int64_t nkeys, int64_t D,
-                             float* scores, int64_t ld) {
-  attention_scores_ref(q, nq, kt, ld_kt, nkeys, D, scores, ld);
-}
-void attention_values_avx512(const float* p, int64_t ld, int nq, const float* v, int64_t v_stride, int64_t n,
-                             int64_t D, float* const* out) {
-  attention_values_ref(p, ld, nq, v, v_stride, n, D, out);
-}
-bool attention_softmax_avx512(float* p, const uint8_t* valid, int64_t n, float scale) {
-  return attention_softmax_ref(p, valid, n, scale);
-}
-AttnSoftmaxFn select_attention_softmax() { return attention_softmax_ref; }
-AttnScoresFn select_attention_scores() { return attention_scores_ref; }
-AttnValuesFn select_attention_values() { return attention_values_ref; }
+AttentionKernel attention_avx512() { return {CpuIsa::Avx512Vnni, nullptr, nullptr, nullptr}; }
 
 #endif
+
+// The loops around the inner products (from the original layers/ops.cc attention(), unchanged).
+FQ_MULTIVERSION void attention_loops(const AttentionArgs& a, const AttentionKernel& kernel, int threads) {
+  const HeadView &q = a.q, &k = a.k, &v = a.v;
+  float* out = a.out;
+  const int64_t B = a.B, H = a.H, KVH = a.KVH, Tq = a.Tq, Tk = a.Tk, D = a.D;
+  const uint8_t* key_valid = a.key_valid;
+  const int64_t key_valid_stride = a.key_valid_stride, causal_offset = a.causal_offset;
+  const float scale = a.scale;
+  const int64_t group = H / KVH;
+  const AttnScoresFn scores_fn = kernel.scores;
+  const AttnValuesFn values_fn = kernel.values;
+  const AttnSoftmaxFn softmax_fn = kernel.softmax;
+  // Keys seen by query t: causal ones stop at their own position.
+  auto seen = [&](int64_t t) { return (causal_offset >= 0 ? std::min(Tk - 1, causal_offset + t) : Tk - 1) + 1; };
+  const int64_t Tkp = (Tk + kAttnKeys - 1) / kAttnKeys * kAttnKeys;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kvh = h / group;
+      const uint8_t* valid = key_valid + b * key_valid_stride;
+      // K^T of this head ([D, Tkp], zeros past the keys) and the probabilities of a query block.
+      // Decode (fewer queries than a block): a dot product per cached key beats transposing the
+      // whole cache every step.
+      const bool transposed = Tq >= kAttnQueries;
+      std::vector<float> kt(transposed ? static_cast<size_t>(D * Tkp) : 0, 0.f),
+          probs(static_cast<size_t>(kAttnQueries * Tkp));
+      const int64_t keys = transposed ? seen(Tq - 1) : 0;
+      for (int64_t j = 0; j < keys; ++j) {
+        const float* kv = k.at(b, kvh, j);
+        for (int64_t d = 0; d < D; ++d) kt[d * Tkp + j] = kv[d];
+      }
+      for (int64_t t0 = 0; t0 < Tq; t0 += kAttnQueries) {
+        const int nq = static_cast<int>(std::min<int64_t>(kAttnQueries, Tq - t0));
+        const float* qs[kAttnQueries];
+        float* os[kAttnQueries];
+        for (int i = 0; i < nq; ++i) {
+          qs[i] = q.at(b, h, t0 + i);
+          os[i] = out + (b * Tq + t0 + i) * H * D + h * D;
+        }
+        const int64_t n_block = seen(t0 + nq - 1);
+        if (transposed) {
+          scores_fn(qs, nq, kt.data(), Tkp, (n_block + kAttnKeys - 1) / kAttnKeys * kAttnKeys, D, probs.data(), Tkp);
+        } else {
+          for (int i = 0; i < nq; ++i)
+            for (int64_t j = 0; j < n_block; ++j) {
+              const float* kv = k.at(b, kvh, j);
+              float s = 0.f;
+#pragma omp simd reduction(+ : s)
+              for (int64_t d = 0; d < D; ++d) s += qs[i][d] * kv[d];
+              probs[i * Tkp + j] = s;
+            }
+        }
+        for (int i = 0; i < nq; ++i) {
+          // Softmax over the visible keys; exact zeros elsewhere (masked, or after a causal query).
+          float* p = probs.data() + i * Tkp;
+          const int64_t n = seen(t0 + i);
+          softmax_fn(p, valid, n, scale);
+          std::fill(p + n, p + n_block, 0.f);
+        }
+        values_fn(probs.data(), Tkp, nq, v.at(b, kvh, 0), v.st, n_block, D, os);
+      }
+    }
+  }
+}
+
+void attention(const ExecContext& ctx, const AttentionArgs& args, const AttentionKernel& kernel) {
+  attention_loops(args, kernel, ctx.threads);
+}
 
 }  // namespace kernels
 }  // namespace finequant

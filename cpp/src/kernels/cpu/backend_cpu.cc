@@ -1,0 +1,103 @@
+// The CPU backend: the kernel record of kernels/backend.h over the registered CPU kernels. GEMM
+// weights are prepared by the best integer / FP32 kernel for the active level (cpu_isa.h) and run
+// themselves; attention takes its inner products from the best registered kernel per call.
+#include <string>
+
+#include "kernels/backend.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/gemm.h"
+
+namespace finequant {
+namespace kernels {
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::cpu(); }
+  std::string name() const override { return std::string("cpu (") + isa_name(active_isa()) + ")"; }
+
+  ExecContext context(int threads) const override {
+    ExecContext ctx;
+    ctx.backend = this;
+    ctx.device = Device::cpu();
+    ctx.threads = resolve_threads(threads);
+    return ctx;
+  }
+  void finish(const ExecContext&) const override {}  // CPU kernels report bad input as they run
+
+  std::unique_ptr<PreparedLinear> prepare_linear(const LinearWeights& w, int threads) const override {
+    threads = resolve_threads(threads);
+    const CpuIsa level = active_isa();
+    std::unique_ptr<CpuLinear> p;
+    std::string kernel;
+    if (w.quantized() && w.act.bits != 0) {
+      const IntGemmKernel& k = select_kernel(int_gemm_kernels(), level);
+      p = k.prepare(make_int_weight(w.weight, w.act, threads), threads);
+      kernel = std::string("cpu/") + isa_name(k.level) + " int";
+    } else {
+      const LinearWeights f = w.quantized() ? w.dequantized() : w;
+      const F32GemmKernel& k = select_kernel(f32_gemm_kernels(), level);
+      p = k.prepare(f.weight_f32, threads);
+      kernel = std::string("cpu/") + isa_name(k.level) + " f32";
+    }
+    p->epilogue = w.epilogue;
+    p->bias = w.bias;
+    p->kernel = kernel;
+    return p;
+  }
+
+  void linear(const ExecContext& ctx, const GemmInput& in, const PreparedLinear& w, Tensor& y) const override {
+    const RowInput rows{in.x.data<float>(), in.x.dim(0), in.x.dim(1), in.norm};
+    if (rows.rows == 0) return;
+    static_cast<const CpuLinear&>(w).run(ctx, rows, y.data<float>());
+  }
+
+  void norm(const ExecContext& ctx, const Tensor& x, const NormParams& norm, Tensor& y) const override {
+    const RowInput rows{x.data<float>(), x.dim(0), x.dim(1), &norm};
+    const int64_t M = rows.rows, C = rows.cols;
+    float* out = y.data<float>();
+#pragma omp parallel for schedule(static) num_threads(ctx.threads) if (M * C > 65536)
+    for (int64_t m = 0; m < M; ++m) normalize_row(norm, rows.x + m * C, out + m * C);
+  }
+
+  void add(const ExecContext& ctx, Tensor& x, const Tensor& y) const override {
+    add_inplace(x.data<float>(), y.data<float>(), x.numel(), ctx.threads);
+  }
+
+  void silu_mul(const ExecContext& ctx, const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
+                float* out, int64_t M, int64_t I) const override {
+    kernels::silu_mul(gate, gate_stride, up, up_stride, out, M, I, ctx.threads);
+  }
+
+  void rope(const ExecContext& ctx, float* x, int64_t row_stride, int64_t M, int64_t heads, const Tensor& inv_freq,
+            const Tensor& positions) const override {
+    kernels::rope(x, row_stride, M, heads, inv_freq.data<float>(), inv_freq.numel(), positions.data<int64_t>(),
+                  ctx.threads);
+  }
+
+  void gather_rows(const ExecContext&, const Tensor& table, const Tensor& ids, Tensor& out, bool add) const override {
+    kernels::gather_rows(table.data<float>(), table.dim(1), ids.data<int64_t>(), ids.numel(), out.data<float>(), add);
+  }
+
+  void kv_append(const ExecContext&, const HeadView& k, const HeadView& v, Tensor& k_cache, Tensor& v_cache,
+                 int64_t past, int64_t T) const override {
+    kernels::kv_append(k, v, k_cache.data<float>(), v_cache.data<float>(), k_cache.dim(0), k_cache.dim(1),
+                       k_cache.dim(2), past, T, k_cache.dim(3));
+  }
+
+  void attention(const ExecContext& ctx, const AttentionArgs& args) const override {
+    kernels::attention(ctx, args, select_kernel(attention_kernels(), active_isa()));
+  }
+};
+
+}  // namespace
+
+const Backend& cpu_backend() {
+  static const CpuBackend* backend = new CpuBackend;  // never destroyed: models may outlive statics
+  return *backend;
+}
+
+}  // namespace kernels
+}  // namespace finequant

@@ -1,0 +1,48 @@
+// CPU instruction-set levels (docs/DESIGN.md section 5.4): detection, names and selection in one
+// place. Levels are ordered; each kernel family (integer GEMM, FP32 GEMM, attention) registers
+// implementations at some levels and runs the best one at or below the active level that this CPU
+// supports, so a new level never silently sends a family back to the reference loops.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace finequant {
+namespace kernels {
+
+enum class CpuIsa : int {
+  Ref = 0,         // portable loops (auto-vectorized for x86-64-v2/v3/v4 where it pays: multiversion.h)
+  Avx2 = 1,        // avx2
+  Avx512Vnni = 2,  // avx512f, bw, dq, vl, vnni
+};
+
+struct IsaInfo {
+  CpuIsa level;
+  const char* name;  // what FINEQUANT_ISA, force_isa and Python's set_isa accept
+  bool (*supported)();  // the CPU has every feature of the level
+};
+
+// Every level, lowest first: the one table of names.
+const std::vector<IsaInfo>& isa_table();
+const char* isa_name(CpuIsa isa);
+bool cpu_supports(CpuIsa isa);
+CpuIsa best_supported_isa();
+
+// The active level: the forced one (force_isa), else FINEQUANT_ISA, else the best supported; a level
+// the CPU lacks falls back to the highest supported level below it. Kernel choices follow the active
+// level when a weight is prepared (GEMMs) or when an op runs (attention, norms).
+CpuIsa active_isa();
+// "auto" clears a forced level; throws InvalidArgument naming the known levels for anything else.
+void force_isa(const std::string& name);
+
+// The best entry of a kernel family for the active level: the highest `level` at or below it that
+// the CPU supports. Every family has a Ref entry.
+template <class Kernel>
+const Kernel& select_kernel(const std::vector<Kernel>& family, CpuIsa active) {
+  const Kernel* best = nullptr;
+  for (const Kernel& k : family)
+    if (k.level <= active && cpu_supports(k.level) && (!best || k.level > best->level)) best = &k;
+  return *best;
+}
+
+}  // namespace kernels
+}  // namespace finequant

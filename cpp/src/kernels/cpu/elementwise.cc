@@ -1,0 +1,76 @@
+#include "kernels/cpu/elementwise.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kernels/act_math.h"
+#include "kernels/cpu/multiversion.h"
+
+namespace finequant {
+namespace kernels {
+
+FQ_MULTIVERSION void add_inplace(float* a, const float* b, int64_t n, int threads) {
+#pragma omp parallel for simd schedule(static) num_threads(threads) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) a[i] += b[i];
+}
+
+FQ_MULTIVERSION void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out,
+                              int64_t M, int64_t I, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * I > 65536)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* g = gate + m * gate_stride;
+    const float* u = up + m * up_stride;
+    float* o = out + m * I;
+#pragma omp simd
+    for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + actmath::exp(-g[i])) * u[i];
+  }
+}
+
+void rope(float* xs, int64_t row, int64_t M, int64_t heads, const float* inv_freq, int64_t half,
+          const int64_t* positions, int threads) {
+  const int64_t head_dim = 2 * half;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * row > 65536)
+  for (int64_t m = 0; m < M; ++m) {
+    std::vector<float> cs(half), sn(half);
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(positions[m]) * inv_freq[i];
+      cs[i] = std::cos(angle);
+      sn[i] = std::sin(angle);
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = xs + m * row + h * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
+      }
+    }
+  }
+}
+
+void gather_rows(const float* src, int64_t C, const int64_t* ids, int64_t n, float* dst, bool add) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* r = src + ids[i] * C;
+    float* o = dst + i * C;
+    if (add) {
+      for (int64_t c = 0; c < C; ++c) o[c] += r[c];
+    } else {
+      std::memcpy(o, r, static_cast<size_t>(C) * sizeof(float));
+    }
+  }
+}
+
+void kv_append(const HeadView& k, const HeadView& v, float* kc, float* vc, int64_t B, int64_t KVH, int64_t cap,
+               int64_t past, int64_t T, int64_t D) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < KVH; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const size_t off = static_cast<size_t>(((b * KVH + h) * cap + past + t) * D);
+        std::memcpy(kc + off, k.at(b, h, t), static_cast<size_t>(D) * sizeof(float));
+        std::memcpy(vc + off, v.at(b, h, t), static_cast<size_t>(D) * sizeof(float));
+      }
+}
+
+}  // namespace kernels
+}  // namespace finequant

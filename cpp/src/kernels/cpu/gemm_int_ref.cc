@@ -1,0 +1,124 @@
+// The reference integer GEMM: quantize_rows, then straightforward loops, OpenMP over output
+// channels (each thread owns whole weight rows, the memory that matters for small M). Every
+// integer kernel is tested bit for bit against it. Compiled with -ffp-contract=off.
+#include <algorithm>
+
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/multiversion.h"
+
+namespace finequant {
+namespace kernels {
+
+IntWeight make_int_weight(const QuantizedTensor& qt, QuantSpec act, int threads) {
+  IntWeight w;
+  w.bits = qt.spec.bits;
+  w.act = act;
+  w.N = qt.q.dim(0);
+  w.K = qt.q.dim(1);
+  w.tile_rows = qt.tile.rows;
+  w.tile_cols = qt.tile.cols > 0 ? qt.tile.cols : w.K;
+  w.num_blocks = (w.K + w.tile_cols - 1) / w.tile_cols;
+  w.colsum.assign(static_cast<size_t>(w.N * w.num_blocks), 0);
+  auto sums = [&](const auto* data) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < w.N; ++n)
+      for (int64_t b = 0; b < w.num_blocks; ++b) {
+        const int64_t k0 = b * w.tile_cols, k1 = std::min(w.K, k0 + w.tile_cols);
+        int32_t s = 0;
+        for (int64_t k = k0; k < k1; ++k) s += data[n * w.K + k];
+        w.colsum[n * w.num_blocks + b] = s;
+      }
+  };
+  if (qt.q.dtype() == DType::I8) sums(qt.q.data<int8_t>());
+  else sums(qt.q.data<uint8_t>());
+  w.q = qt.q;
+  w.scale = qt.scale;
+  w.zero_point = qt.zero_point;
+  return w;
+}
+
+namespace {
+
+// TX, TW: int8_t (symmetric) or uint8_t (asymmetric) storage of the integer values.
+template <class TX, class TW>
+FQ_MULTIVERSION void gemm_int_quantized_typed(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
+                                              Epilogue epilogue, int threads) {
+  const int64_t M = x.q.dim(0), K = w.K, N = w.N, nb = w.num_blocks, bk = w.tile_cols;
+  const TX* xq = static_cast<const TX*>(x.q.raw());
+  const TW* wq = static_cast<const TW*>(w.q.raw());
+  const float* sx = x.scale.data<float>();  // [M, 1]
+  const uint8_t* zx = x.zero_point.defined() ? x.zero_point.data<uint8_t>() : nullptr;
+  const float* sw = w.scale.data<float>();  // [N / rows, nb]
+  const uint8_t* zw = w.zero_point.defined() ? w.zero_point.data<uint8_t>() : nullptr;
+
+  // rowsum_x per K-block, computed alongside the quantized activations.
+  std::vector<int32_t> rowsum(static_cast<size_t>(M * nb), 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) rowsum[m * nb + k / bk] += static_cast<int32_t>(xq[m * K + k]);
+
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; ++n) {
+    const TW* wn = wq + n * K;
+    const int64_t g = n / w.tile_rows;  // scale row of this output channel
+    for (int64_t m = 0; m < M; ++m) {
+      const TX* xm = xq + m * K;
+      const int32_t zxm = zx ? zx[m] : 0;
+      float out = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * bk, k1 = std::min(K, k0 + bk);
+        int32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = k0; k < k1; ++k) acc += static_cast<int32_t>(xm[k]) * static_cast<int32_t>(wn[k]);
+        const int32_t zwb = zw ? zw[g * nb + b] : 0;
+        // Exact integer correction (int64 so that no intermediate can overflow), then fp32 scales.
+        const int64_t corrected = int64_t{acc} - int64_t{zxm} * w.colsum[n * nb + b] -
+                                  int64_t{zwb} * rowsum[m * nb + b] + (k1 - k0) * int64_t{zxm} * zwb;
+        out += sx[m] * sw[g * nb + b] * static_cast<float>(corrected);
+      }
+      if (bias) out += bias[n];
+      y[m * N + n] = apply_epilogue(epilogue, out);
+    }
+  }
+}
+
+class RefIntLinear final : public CpuLinear {
+ public:
+  explicit RefIntLinear(IntWeight w) : w_(std::move(w)) {
+    N = w_.N;
+    K = w_.K;
+  }
+  void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
+    const QuantizedTensor xq = quantize_rows(x.materialize(ctx.threads), w_.act);
+    gemm_int_quantized_ref(xq, w_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue, ctx.threads);
+  }
+
+ private:
+  IntWeight w_;
+};
+
+std::unique_ptr<CpuLinear> prepare_ref(IntWeight w, int) { return std::make_unique<RefIntLinear>(std::move(w)); }
+
+}  // namespace
+
+void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
+                            Epilogue epilogue, int threads) {
+  const bool xs = x.q.dtype() == DType::I8, ws = w.q.dtype() == DType::I8;
+  if (xs && ws) gemm_int_quantized_typed<int8_t, int8_t>(x, w, bias, y, epilogue, threads);
+  else if (xs) gemm_int_quantized_typed<int8_t, uint8_t>(x, w, bias, y, epilogue, threads);
+  else if (ws) gemm_int_quantized_typed<uint8_t, int8_t>(x, w, bias, y, epilogue, threads);
+  else gemm_int_quantized_typed<uint8_t, uint8_t>(x, w, bias, y, epilogue, threads);
+}
+
+Tensor RowInput::materialize(int threads) const {
+  if (!norm) return Tensor::borrow(const_cast<float*>(x), DType::F32, {rows, cols});
+  Tensor t = Tensor::empty(DType::F32, {rows, cols});
+  float* out = t.data<float>();
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols > 65536)
+  for (int64_t m = 0; m < rows; ++m) normalize_row(*norm, x + m * cols, out + m * cols);
+  return t;
+}
+
+IntGemmKernel int_gemm_ref() { return {CpuIsa::Ref, prepare_ref}; }
+
+}  // namespace kernels
+}  // namespace finequant
