@@ -3,6 +3,7 @@
 #   make test   set up .venv, build, run pytest and the C++ tests
 #   make bench  install the peers, run bench/ (GEMM, BERT, decode) and write bench/results/RESULTS.md
 #   make study  accuracy of every scheme, PTQ and LKD, on the real models: bench/results/ACCURACY.md
+#   make gpu-check  on a machine with an NVIDIA GPU: build with CUDA, GPU tests, short benchmark
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ PIP := $(PY) -m pip
 JOBS ?= 2
 export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
 
-.PHONY: setup build install demo test test-python test-cpp bench study clean
+.PHONY: setup build install demo test test-python test-cpp bench study gpu-check clean
 
 $(VENV)/.deps: pyproject.toml constraints-dev.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +37,10 @@ demo: install
 test-python: install
 	$(PY) -m pytest -q tests/python
 
+# With nvcc and CUTLASS present the CUDA backend is built too (its host tests run here; the GPU ones
+# skip without a device). ccache, when installed, shares the CUDA objects with the pip build.
 test-cpp: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake -S . -B build/cpp -DFINEQUANT_BUILD_TESTS=ON -DFINEQUANT_CUDA=$${FINEQUANT_CUDA:-OFF} >/dev/null
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake -S . -B build/cpp -DFINEQUANT_BUILD_TESTS=ON -DFINEQUANT_CUDA=$${FINEQUANT_CUDA:-AUTO} >/dev/null
 	cmake --build build/cpp -j $(JOBS)
 	cd build/cpp && ctest --output-on-failure
 
@@ -63,6 +66,9 @@ bench: install $(VENV)/.bench-deps
 STUDY_ARGS ?= --ppl-tokens 16384 --lkd-steps 50 --lkd-samples 32
 study: install
 	$(PY) bench/accuracy_study.py $(STUDY_ARGS)
+
+gpu-check:
+	bash scripts/gpu-check.sh
 
 clean:
 	rm -rf build dist *.egg-info

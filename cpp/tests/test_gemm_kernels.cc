@@ -1,19 +1,20 @@
-// The fast integer GEMMs (AVX512-VNNI, AVX2: each one the CPU has) against the reference
+// Every registered CPU GEMM kernel this CPU supports (kernels/cpu/registry.cc) against the reference
 // (quantize_rows + gemm_int_quantized_ref): the same quantized rows, identical int32 sums and the same
 // fp32 epilogue order, so every output must be bit-identical. Covers sym/asym on both sides, 8/4-bit ranges, K-blocks with a short last
 // block, K not a multiple of 4/8/16, odd N, grouped rows, bias, both GeLUs, M = 1 and M not a
-// multiple of the row block, raw extreme integer weights, and NaN input.
+// multiple of the row block, raw extreme integer weights, NaN input, fused norm rows; the FP32 and
+// attention kernels against their reference forms; the level selection of cpu_isa.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
-#include <tuple>
+#include <string>
 
 #include "check.h"
 #include "finequant/quant.h"
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/gemm.h"
-#include "layers/ops.h"
 
 using namespace finequant;
 using kernels::Epilogue;
@@ -25,41 +26,52 @@ static Tensor random_tensor(int64_t r, int64_t c, std::mt19937& rng, float shift
   return t;
 }
 
-// Runs the reference and every fast kernel this CPU has on the same F32 rows; returns the number of
-// outputs that differ bit-wise from the reference.
-static int64_t compare(const Tensor& x, const kernels::IntWeight& iw, const float* bias, Epilogue e) {
-  const int64_t M = x.dim(0), N = iw.N;
+static ExecContext cpu_context() { return kernels::backend_for(Device::cpu()).context(2); }
+
+// A registered integer kernel's prepared weight with bias and epilogue set.
+static std::unique_ptr<kernels::CpuLinear> prepare_with(const kernels::IntGemmKernel& k, const QuantizedTensor& wq,
+                                                        QuantSpec act, const float* bias, Epilogue e) {
+  std::unique_ptr<kernels::CpuLinear> p = k.prepare(kernels::make_int_weight(wq, act, 2), 2);
+  p->epilogue = e;
+  if (bias) {
+    p->bias = Tensor::empty(DType::F32, {p->N});
+    std::memcpy(p->bias.data<float>(), bias, static_cast<size_t>(p->N) * 4);
+  }
+  return p;
+}
+
+// Runs the reference and every registered kernel this CPU supports on the same rows; returns the
+// number of outputs that differ bit-wise from the reference.
+static int64_t compare(const kernels::RowInput& rows, const QuantizedTensor& wq, QuantSpec act, const float* bias,
+                       Epilogue e) {
+  const int64_t M = rows.rows, N = wq.q.dim(0);
   Tensor y_ref = Tensor::empty(DType::F32, {M, N}), y = Tensor::empty(DType::F32, {M, N});
-  const kernels::StoredRows rows(x.data<float>(), M, x.dim(1));
-  kernels::gemm_int_ref(rows, iw, bias, y_ref.data<float>(), e);
+  kernels::gemm_int_quantized_ref(quantize_rows(rows.materialize(2), act), kernels::make_int_weight(wq, act, 2), bias,
+                                  y_ref.data<float>(), e, 2);
+  const ExecContext ctx = cpu_context();
   int64_t bad = 0;
-  for (auto [name, kernel, has] : {std::make_tuple("vnni", &kernels::gemm_int_avx512vnni, kernels::cpu_has_avx512vnni()),
-                                   std::make_tuple("avx2", &kernels::gemm_int_avx2, kernels::cpu_has_avx2())}) {
-    if (!has) continue;
-    kernel(rows, iw, bias, y.data<float>(), e);
+  for (const kernels::IntGemmKernel& k : kernels::int_gemm_kernels()) {
+    if (!kernels::cpu_supports(k.level)) continue;
+    prepare_with(k, wq, act, bias, e)->run(ctx, rows, y.data<float>());
     for (int64_t i = 0; i < M * N; ++i)
       if (std::memcmp(&y_ref.data<float>()[i], &y.data<float>()[i], 4) != 0) {
         if (bad < 3)
-          std::printf("  %s mismatch at %lld: ref %.9g got %.9g\n", name, static_cast<long long>(i),
-                      y_ref.data<float>()[i], y.data<float>()[i]);
+          std::printf("  %s mismatch at %lld: ref %.9g got %.9g\n", kernels::isa_name(k.level),
+                      static_cast<long long>(i), y_ref.data<float>()[i], y.data<float>()[i]);
         ++bad;
       }
   }
   return bad;
 }
 
-// Both fast layouts (each one the CPU supports).
-static void prepare_fast(kernels::IntWeight& iw) {
-  kernels::prepare_int_weight_avx512vnni(iw);
-  kernels::prepare_int_weight_avx2(iw);
-  CHECK(iw.vnni.ready == kernels::cpu_has_avx512vnni());
-  CHECK(iw.avx2.ready == kernels::cpu_has_avx2());
+static int64_t compare(const Tensor& x, const QuantizedTensor& wq, QuantSpec act, const float* bias, Epilogue e) {
+  return compare(kernels::RowInput{x.data<float>(), x.dim(0), x.dim(1), nullptr}, wq, act, bias, e);
 }
 
-static kernels::IntWeight prepare(const QuantizedTensor& wq, int wbits, Tile tile, QuantSpec act) {
-  kernels::IntWeight iw = kernels::prepare_int_weight(wq.q, wq.scale, wq.zero_point, tile.rows, tile.cols, wbits, act);
-  prepare_fast(iw);
-  return iw;
+static bool have_fast() {
+  if (kernels::best_supported_isa() != kernels::CpuIsa::Ref) return true;
+  std::printf("  note: this CPU runs only the reference kernels (checked against themselves)\n");
+  return true;
 }
 
 static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, int abits, bool asym_act, Tile tile,
@@ -67,10 +79,9 @@ static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, i
   std::mt19937 rng(seed);
   const Tensor x = random_tensor(M, K, rng, 0.3f), w = random_tensor(N, K, rng, -0.2f);
   const QuantizedTensor wq = quantize(w, QuantSpec{wbits, wsym}, tile);
-  const kernels::IntWeight iw = prepare(wq, wbits, tile, QuantSpec{abits, !asym_act});
   std::vector<float> bias(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n) bias[n] = 0.1f * static_cast<float>(n) - 0.7f;
-  const int64_t bad = compare(x, iw, with_bias ? bias.data() : nullptr, e);
+  const int64_t bad = compare(x, wq, QuantSpec{abits, !asym_act}, with_bias ? bias.data() : nullptr, e);
   if (bad)
     std::printf("  case M=%lld N=%lld K=%lld w%d%s a%d%s tile %lldx%lld: %lld mismatches\n", (long long)M,
                 (long long)N, (long long)K, wbits, wsym ? "sym" : "asym", abits, asym_act ? "asym" : "sym",
@@ -78,20 +89,8 @@ static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, i
   return bad;
 }
 
-static bool have_fast() {
-  if (kernels::cpu_has_avx512vnni() || kernels::cpu_has_avx2()) return true;
-  std::printf("  skipped: CPU lacks AVX2 and AVX512-VNNI\n");
-  return false;
-}
-
-static bool have_vnni() {
-  if (kernels::cpu_has_avx512vnni()) return true;
-  std::printf("  skipped: CPU lacks AVX512-VNNI\n");
-  return false;
-}
-
 TEST(all_type_combinations_per_channel) {
-  if (!have_fast()) return;
+  have_fast();
   const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {5, 16, 4}, {9, 48, 128}, {1, 1, 3}, {13, 100, 257}};
   uint32_t seed = 1;
   for (auto& s : shapes)
@@ -106,7 +105,7 @@ TEST(all_type_combinations_per_channel) {
 }
 
 TEST(k_blocks_with_partial_last_block) {
-  if (!have_fast()) return;
+  have_fast();
   uint32_t seed = 100;
   for (int64_t G : {32, 64, 128})
     for (int64_t K : {G * 3 + 10, G * 2, G + 2, G * 5 + G / 2 + 6})
@@ -121,7 +120,7 @@ TEST(k_blocks_with_partial_last_block) {
 }
 
 TEST(grouped_rows_bias_and_gelu) {
-  if (!have_fast()) return;
+  have_fast();
   uint32_t seed = 200;
   for (Epilogue e : {Epilogue::None, Epilogue::GeluErf, Epilogue::GeluTanh})
     for (bool bias : {false, true}) {
@@ -133,7 +132,7 @@ TEST(grouped_rows_bias_and_gelu) {
 }
 
 TEST(larger_shapes_many_tasks) {
-  if (!have_fast()) return;
+  have_fast();
   CHECK_EQ(run_case(130, 200, 576, 8, true, 8, true, Tile{1, 576}, true, Epilogue::GeluTanh, 300), 0);
   CHECK_EQ(run_case(67, 129, 320, 4, false, 8, false, Tile{1, 64}, true, Epilogue::None, 301), 0);
 }
@@ -142,7 +141,7 @@ TEST(larger_shapes_many_tasks) {
 // produces), activation rows that quantize to the extremes, and large K: the int32 operand shifts
 // and corrections must stay exact.
 TEST(extreme_integer_values) {
-  if (!have_fast()) return;
+  have_fast();
   std::mt19937 rng(5);
   const int64_t M = 7, N = 35, K = 4099;
   std::uniform_int_distribution<int> byte(0, 255), pick(0, 3);
@@ -165,25 +164,31 @@ TEST(extreme_integer_values) {
         sw.data<float>()[i] = 1e-4f * (1 + i % 7);
         if (!ws) zw.data<uint8_t>()[i] = static_cast<uint8_t>(byte(rng));
       }
-      kernels::IntWeight iw = kernels::prepare_int_weight(wq, sw, zw, 1, 2052, 8, QuantSpec{8, xs});
-      prepare_fast(iw);
-      CHECK_EQ(compare(x, iw, nullptr, Epilogue::None), 0);
+      QuantizedTensor qt;
+      qt.q = wq;
+      qt.scale = sw;
+      qt.zero_point = zw;
+      qt.spec = QuantSpec{8, ws};
+      qt.tile = Tile{1, 2052};
+      CHECK_EQ(compare(x, qt, QuantSpec{8, xs}, nullptr, Epilogue::None), 0);
     }
 }
 
 TEST(nan_input_is_an_error) {
-  if (!have_vnni()) return;
   std::mt19937 rng(3);
   const Tensor w = random_tensor(20, 40, rng, 0.f);
   const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, 40});
-  for (bool asym : {false, true}) {
-    const kernels::IntWeight iw = prepare(wq, 8, Tile{1, 40}, QuantSpec{8, !asym});
-    Tensor x = random_tensor(3, 40, rng, 0.f);
-    x.data<float>()[1 * 40 + 17] = asym ? INFINITY : NAN;
-    Tensor y = Tensor::empty(DType::F32, {3, 20});
-    CHECK_THROWS_KIND(kernels::gemm_int_avx512vnni(kernels::StoredRows(x.data<float>(), 3, 40), iw, nullptr,
-                                                   y.data<float>(), Epilogue::None),
-                      ErrorKind::InvalidArgument);
+  const ExecContext ctx = cpu_context();
+  for (const kernels::IntGemmKernel& k : kernels::int_gemm_kernels()) {
+    if (!kernels::cpu_supports(k.level)) continue;
+    for (bool asym : {false, true}) {
+      const auto p = prepare_with(k, wq, QuantSpec{8, !asym}, nullptr, Epilogue::None);
+      Tensor x = random_tensor(3, 40, rng, 0.f);
+      x.data<float>()[1 * 40 + 17] = asym ? INFINITY : NAN;
+      Tensor y = Tensor::empty(DType::F32, {3, 20});
+      CHECK_THROWS_KIND(p->run(ctx, kernels::RowInput{x.data<float>(), 3, 40, nullptr}, y.data<float>()),
+                        ErrorKind::InvalidArgument);
+    }
   }
 }
 
@@ -192,84 +197,156 @@ TEST(fused_norm_rows_match_stored_rows) {
   std::mt19937 rng(11);
   const int64_t M = 13, N = 70, K = 96;
   const Tensor x = random_tensor(M, K, rng, 0.5f), w = random_tensor(N, K, rng, 0.f);
-  Norm norm;
-  norm.weight = random_tensor(1, K, rng, 1.f).reshape({K});
-  norm.bias = random_tensor(1, K, rng, 0.f).reshape({K});
-  const Tensor normed = norm.forward(x);
+  const Tensor gain = random_tensor(1, K, rng, 1.f), shift = random_tensor(1, K, rng, 0.f);
+  const kernels::NormParams norm{kernels::NormParams::Kind::LayerNorm, gain.data<float>(), shift.data<float>(), 1e-5f, K};
+  const kernels::RowInput fused{x.data<float>(), M, K, &norm};
+  const Tensor normed = fused.materialize(2);
+  const ExecContext ctx = cpu_context();
   for (bool asym : {false, true}) {
     const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, K});
-    const kernels::IntWeight iw = prepare(wq, 8, Tile{1, K}, QuantSpec{8, !asym});
     Tensor a = Tensor::empty(DType::F32, {M, N}), b = Tensor::empty(DType::F32, {M, N});
-    for (kernels::GemmIntFn kernel : {&kernels::gemm_int_ref, &kernels::gemm_int_avx2, &kernels::gemm_int_avx512vnni}) {
-      kernel(norm.rows(x), iw, nullptr, a.data<float>(), Epilogue::None);
-      kernel(kernels::StoredRows(normed.data<float>(), M, K), iw, nullptr, b.data<float>(), Epilogue::None);
+    for (const kernels::IntGemmKernel& k : kernels::int_gemm_kernels()) {
+      if (!kernels::cpu_supports(k.level)) continue;
+      const auto p = prepare_with(k, wq, QuantSpec{8, !asym}, nullptr, Epilogue::None);
+      p->run(ctx, fused, a.data<float>());
+      p->run(ctx, kernels::RowInput{normed.data<float>(), M, K, nullptr}, b.data<float>());
       CHECK(std::memcmp(a.data<float>(), b.data<float>(), static_cast<size_t>(M * N) * 4) == 0);
     }
   }
 }
 
 TEST(peak_measure_runs) {
-  if (!have_vnni()) return;
+  if (!kernels::cpu_supports(kernels::CpuIsa::Avx512Vnni)) {
+    CHECK(kernels::int8_peak_gops(1, 0.02) == 0.0);
+    return;
+  }
   CHECK(kernels::int8_peak_gops(1, 0.02) > 1.0);
 }
 
-// The AVX-512 FP32 kernel against the reference loops (different summation order: a tolerance).
-TEST(f32_kernel_matches_reference) {
-  if (!have_vnni()) return;
+// Every registered FP32 kernel against the reference loops (different summation order: a tolerance).
+TEST(f32_kernels_match_reference) {
   const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {13, 100, 257}, {1, 1, 3}, {130, 200, 96}, {6, 64, 16}};
+  const ExecContext ctx = cpu_context();
   uint32_t seed = 400;
   for (auto& s : shapes)
     for (Epilogue e : {Epilogue::None, Epilogue::GeluErf, Epilogue::GeluTanh}) {
       std::mt19937 rng(seed++);
       const int64_t M = s[0], N = s[1], K = s[2];
       const Tensor x = random_tensor(M, K, rng, 0.1f), w = random_tensor(N, K, rng, 0.f);
-      std::vector<float> bias(static_cast<size_t>(N));
-      for (int64_t n = 0; n < N; ++n) bias[n] = 0.05f * static_cast<float>(n % 7) - 0.1f;
-      kernels::F32Weight ref;
-      ref.w = w;
-      ref.N = N;
-      ref.K = K;
-      const kernels::F32Weight packed = kernels::prepare_f32_weight(w);
-      CHECK(!packed.packed.empty());
-      Tensor y_ref = Tensor::empty(DType::F32, {M, N}), y = Tensor::empty(DType::F32, {M, N});
-      kernels::gemm_f32_ref(x.data<float>(), M, ref, bias.data(), y_ref.data<float>(), e);
-      kernels::gemm_f32_avx512(x.data<float>(), M, packed, bias.data(), y.data<float>(), e);
-      double worst = 0;
-      for (int64_t i = 0; i < M * N; ++i)
-        worst = std::fmax(worst, std::fabs(y.data<float>()[i] - y_ref.data<float>()[i]) /
-                                     (1.0 + std::fabs(y_ref.data<float>()[i])));
-      CHECK(worst < 1e-5);
+      Tensor bias = Tensor::empty(DType::F32, {N});
+      for (int64_t n = 0; n < N; ++n) bias.data<float>()[n] = 0.05f * static_cast<float>(n % 7) - 0.1f;
+      // The plain double-precision product as the reference of every kernel.
+      std::vector<double> ref(static_cast<size_t>(M * N));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double acc = bias.data<float>()[n];
+          for (int64_t k = 0; k < K; ++k) acc += double(x.data<float>()[m * K + k]) * w.data<float>()[n * K + k];
+          ref[m * N + n] = kernels::apply_epilogue(e, static_cast<float>(acc));
+        }
+      for (const kernels::F32GemmKernel& k : kernels::f32_gemm_kernels()) {
+        if (!kernels::cpu_supports(k.level)) continue;
+        auto p = k.prepare(w, 2);
+        p->bias = bias;
+        p->epilogue = e;
+        Tensor y = Tensor::empty(DType::F32, {M, N});
+        p->run(ctx, kernels::RowInput{x.data<float>(), M, K, nullptr}, y.data<float>());
+        double worst = 0;
+        for (int64_t i = 0; i < M * N; ++i)
+          worst = std::fmax(worst, std::fabs(y.data<float>()[i] - ref[i]) / (1.0 + std::fabs(ref[i])));
+        if (worst >= 1e-5) std::printf("  %s: worst %.3g\n", kernels::isa_name(k.level), worst);
+        CHECK(worst < 1e-5);
+      }
     }
 }
 
-TEST(dispatch_and_forced_reference) {
-  kernels::force_isa(kernels::Isa::Ref);
-  CHECK(kernels::active_isa() == kernels::Isa::Ref);
-  CHECK(kernels::select_gemm_int() == &kernels::gemm_int_ref);
-  {
-    std::mt19937 rng(9);
-    const Tensor w = random_tensor(8, 16, rng, 0.f);
-    const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, 16});
-    const kernels::IntWeight iw = kernels::prepare_int_weight(wq.q, wq.scale, wq.zero_point, 1, 16, 8, QuantSpec{});
-    CHECK(!iw.vnni.ready);  // no packing when the reference is forced
-    CHECK(kernels::prepare_f32_weight(w).packed.empty());
-    CHECK(kernels::select_gemm_f32() == &kernels::gemm_f32_ref);
+// Every registered attention kernel against a plain softmax(q k^T * scale) v per query.
+TEST(attention_kernels_match_reference) {
+  const ExecContext ctx = cpu_context();
+  std::mt19937 rng(21);
+  for (int64_t Tq : {1, 3, 9}) {
+    const int64_t B = 2, H = 4, KVH = 2, D = 24, Tk = Tq == 1 ? 13 : Tq;
+    const int64_t causal = Tq == 1 ? Tk - 1 : 0;
+    const Tensor q = random_tensor(B * H * Tq, D, rng, 0.f), k = random_tensor(B * KVH * Tk, D, rng, 0.f),
+                 v = random_tensor(B * KVH * Tk, D, rng, 0.f);
+    std::vector<uint8_t> valid(static_cast<size_t>(B * Tk), 1);
+    valid[Tk + 1] = 0;  // a masked key in sequence 1
+    kernels::AttentionArgs a;
+    a.q = {q.data<float>(), H * Tq * D, Tq * D, D};
+    a.k = {k.data<float>(), KVH * Tk * D, Tk * D, D};
+    a.v = {v.data<float>(), KVH * Tk * D, Tk * D, D};
+    a.B = B;
+    a.H = H;
+    a.KVH = KVH;
+    a.Tq = Tq;
+    a.Tk = Tk;
+    a.D = D;
+    a.key_valid = valid.data();
+    a.key_valid_stride = Tk;
+    a.causal_offset = causal;
+    a.scale = 0.3f;
+    for (const kernels::AttentionKernel& kern : kernels::attention_kernels()) {
+      if (!kernels::cpu_supports(kern.level)) continue;
+      Tensor out = Tensor::empty(DType::F32, {B * Tq, H * D});
+      a.out = out.data<float>();
+      kernels::attention(ctx, a, kern);
+      double worst = 0;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t t = 0; t < Tq; ++t) {
+            std::vector<double> p;
+            double mx = -1e300, sum = 0;
+            for (int64_t j = 0; j <= std::min(Tk - 1, causal + t); ++j) {
+              double s = -1e300;
+              if (valid[b * Tk + j]) {
+                s = 0;
+                for (int64_t d = 0; d < D; ++d) s += double(a.q.at(b, h, t)[d]) * a.k.at(b, h / 2, j)[d];
+                s *= a.scale;
+              }
+              p.push_back(s);
+              mx = std::max(mx, s);
+            }
+            for (double& s : p) sum += s = s <= -1e299 ? 0 : std::exp(s - mx);
+            for (int64_t d = 0; d < D; ++d) {
+              double o = 0;
+              for (size_t j = 0; j < p.size(); ++j) o += p[j] / sum * a.v.at(b, h / 2, j)[d];
+              worst = std::max(worst, std::fabs(o - out.data<float>()[(b * Tq + t) * H * D + h * D + d]));
+            }
+          }
+      if (worst >= 1e-5) std::printf("  %s: worst %.3g\n", kernels::isa_name(kern.level), worst);
+      CHECK(worst < 1e-5);
+    }
   }
-  kernels::force_isa(kernels::Isa::Avx512Vnni);
-  if (kernels::cpu_has_avx512vnni()) {
-    CHECK(kernels::active_isa() == kernels::Isa::Avx512Vnni);
-    CHECK(kernels::select_gemm_int() == &kernels::gemm_int_avx512vnni);
-  } else {
-    // A missing ISA falls back to the next lower one.
-    CHECK(kernels::active_isa() == (kernels::cpu_has_avx2() ? kernels::Isa::Avx2 : kernels::Isa::Ref));
+}
+
+TEST(isa_levels_and_selection) {
+  const auto& table = kernels::isa_table();
+  for (size_t i = 0; i < table.size(); ++i) CHECK(static_cast<size_t>(table[i].level) == i);  // ordered, one name each
+  kernels::force_isa("ref");
+  CHECK(kernels::active_isa() == kernels::CpuIsa::Ref);
+  CHECK(kernels::select_kernel(kernels::int_gemm_kernels(), kernels::active_isa()).level == kernels::CpuIsa::Ref);
+  const kernels::Backend& cpu = kernels::backend_for(Device::cpu());
+  std::mt19937 rng(9);
+  kernels::LinearWeights lw;
+  lw.weight = quantize(random_tensor(8, 16, rng, 0.f), QuantSpec{8, true}, Tile{1, 16});
+  lw.act = QuantSpec{8, true};
+  CHECK(cpu.prepare_linear(lw, 1)->kernel == "cpu/ref int");
+  for (const kernels::IsaInfo& level : table) {
+    kernels::force_isa(level.name);
+    // A level the CPU lacks falls back to the highest supported level below it.
+    kernels::CpuIsa expect = level.level;
+    while (!kernels::cpu_supports(expect)) expect = static_cast<kernels::CpuIsa>(static_cast<int>(expect) - 1);
+    CHECK(kernels::active_isa() == expect);
+    // Each family takes its best entry at or below the active level: never an unsupported one.
+    CHECK(kernels::select_kernel(kernels::int_gemm_kernels(), expect).level <= expect);
+    CHECK(kernels::cpu_supports(kernels::select_kernel(kernels::f32_gemm_kernels(), expect).level));
+    CHECK(kernels::cpu_supports(kernels::select_kernel(kernels::attention_kernels(), expect).level));
+    CHECK(cpu.prepare_linear(lw, 1)->kernel ==
+          std::string("cpu/") + kernels::isa_name(kernels::select_kernel(kernels::int_gemm_kernels(), expect).level) +
+              " int");
   }
-  kernels::force_isa(kernels::Isa::Avx2);
-  if (kernels::cpu_has_avx2()) {
-    CHECK(kernels::active_isa() == kernels::Isa::Avx2);
-    CHECK(kernels::select_gemm_int() == &kernels::gemm_int_avx2);
-    CHECK(kernels::select_gemm_f32() == &kernels::gemm_f32_ref);
-  }
-  kernels::force_isa(kernels::Isa::Auto);
+  CHECK_THROWS_KIND(kernels::force_isa("sse9"), ErrorKind::InvalidArgument);
+  kernels::force_isa("auto");
+  CHECK(kernels::active_isa() == kernels::best_supported_isa() || std::getenv("FINEQUANT_ISA"));
 }
 
 int main() { return RUN_ALL_TESTS(); }

@@ -10,6 +10,9 @@ from collections import Counter
 PROG = "finequant"
 
 
+_DEVICE_HELP = 'where the engine runs: "cpu" (default), "cuda", "cuda:N" or "auto" (a CUDA device when present, else the CPU)'
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -94,11 +97,13 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=_positive_int)
+    r.add_argument("--device", default="cpu", help=_DEVICE_HELP)
 
     e = sub.add_parser("embed", help="sentence embeddings of an encoder (mean-pooled, normalized)")
     e.add_argument("model", metavar="MODEL", help=model_help)
     e.add_argument("texts", nargs="+", metavar="TEXT")
     e.add_argument("--threads", type=_positive_int)
+    e.add_argument("--device", default="cpu", help=_DEVICE_HELP)
 
     pp = sub.add_parser("ppl", help="perplexity of a decoder on a text file")
     pp.add_argument("model", metavar="MODEL", help=model_help)
@@ -106,6 +111,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--ctx", type=_positive_int, default=512, help="window length in tokens (default 512)")
     pp.add_argument("--max-tokens", type=_positive_int, help="use the first N tokens of the text")
     pp.add_argument("--threads", type=_positive_int)
+    pp.add_argument("--device", default="cpu", help=_DEVICE_HELP)
 
     ev = sub.add_parser("eval", help="quality of one or more models: perplexity (decoders), embedding "
                         "cosine and a linear probe (encoders)")
@@ -123,6 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="train/test split and probe seed (default 0)")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.add_argument("--threads", type=_positive_int)
+    ev.add_argument("--device", default="cpu", help=_DEVICE_HELP)
 
     ins = sub.add_parser("inspect", help="plot per-token activation ranges and per-row weight ranges "
                          "per layer (ZeroQuant figure 1) to a PNG (needs torch and matplotlib)")
@@ -219,7 +226,7 @@ def _cmd_info(args) -> int:
 def _cmd_run(args) -> int:
     from .engine import Engine
 
-    engine = Engine(args.model, threads=args.threads)
+    engine = Engine(args.model, threads=args.threads, device=args.device)
     for piece in engine.stream(args.prompt, max_new_tokens=args.max_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         print(piece, end="", flush=True)
@@ -232,7 +239,7 @@ def _cmd_embed(args) -> int:
 
     from .engine import Engine
 
-    emb = Engine(args.model, threads=args.threads).embed(args.texts)
+    emb = Engine(args.model, threads=args.threads, device=args.device).embed(args.texts)
     for text, row in zip(args.texts, emb):
         print(f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:6])}, ...] (dim {row.shape[0]})")
     if len(args.texts) > 1:
@@ -245,7 +252,7 @@ def _cmd_ppl(args) -> int:
     from .engine import Engine
     from .evaluate import perplexity
 
-    engine = Engine(args.model, threads=args.threads)
+    engine = Engine(args.model, threads=args.threads, device=args.device)
     with open(args.text_file, encoding="utf-8") as f:
         text = f.read()
     r = perplexity(engine, text, ctx=args.ctx, max_tokens=args.max_tokens, progress=True)
@@ -260,7 +267,7 @@ def _cmd_eval(args) -> int:
     from .engine import Engine
     from .evaluate import EncoderEval, perplexity, rotten_tomatoes
 
-    engines = [Engine(m, threads=args.threads) for m in args.models]
+    engines = [Engine(m, threads=args.threads, device=args.device) for m in args.models]
     decoders = [m for m, e in zip(args.models, engines) if e.is_decoder]
     encoders = [m for m, e in zip(args.models, engines) if not e.is_decoder]
     if decoders and not args.text:
@@ -280,8 +287,10 @@ def _cmd_eval(args) -> int:
         else:
             texts, labels = rotten_tomatoes()
             labels = labels if args.probe else None
-    shared = EncoderEval(Engine(args.cosine_vs, threads=args.threads), texts, labels, args.limit, args.seed) \
-        if encoders and args.cosine_vs else None
+    shared = None
+    if encoders and args.cosine_vs:
+        reference = Engine(args.cosine_vs, threads=args.threads, device=args.device)
+        shared = EncoderEval(reference, texts, labels, args.limit, args.seed)
     rows = []
     for model, engine in zip(args.models, engines):
         row = {"model": model, "scheme": engine.scheme}
@@ -336,6 +345,9 @@ def main(argv=None) -> int:
     except (ValueError, NotImplementedError, OSError) as e:  # ModelFileError is a ValueError
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # the engine's runtime failures, e.g. no CUDA device for --device cuda
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -57,9 +57,9 @@ class Engine:
     generate(prompt or ids, ...) -> text or ids (decoders), streaming through `callback` or stream().
     """
 
-    def __init__(self, model_dir: str, threads: Optional[int] = None):
+    def __init__(self, model_dir: str, threads: Optional[int] = None, device: str = "cpu"):
         self.path = resolve_model(model_dir)
-        self._engine = _core._Engine.load(self.path, threads or 0)
+        self._engine = _core._Engine.load(self.path, threads or 0, device)
         folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
         tok = os.path.join(folder, "tokenizer.json")
         self.tokenizer = None
@@ -80,6 +80,8 @@ class Engine:
     hidden_size = property(lambda self: self._engine.hidden_size)
     max_positions = property(lambda self: self._engine.max_positions)
     scheme = property(lambda self: self._engine.scheme)
+    device = property(lambda self: self._engine.device, doc='"cpu" or "cuda:N"')
+    backend = property(lambda self: self._engine.backend, doc='the kernels in use, e.g. "cpu (avx2)"')
 
     @property
     def threads(self) -> int:

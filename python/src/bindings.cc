@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstring>
 #include <string>
 
@@ -293,6 +294,25 @@ PYBIND11_MODULE(_core, m) {
             return float_tensor_to_numpy(std::move(y));
           },
           py::arg("x"), "x float32 [M, K] -> float32 [M, N]")
+      .def(
+          "time_forward",
+          [](const PyLinear& l, const py::array& x, int iterations) {
+            if (iterations < 1) throw py::value_error("iterations must be >= 1");
+            const Borrowed xb = from_numpy(x, "x", {DType::F32}, 2);
+            py::gil_scoped_release nogil;
+            const kernels::Backend& backend = kernels::backend_for(l.device);
+            const ExecContext ctx = backend.context(0);
+            const Tensor xd = xb.tensor.to(l.device);
+            l.linear.forward(ctx, xd);  // warm-up: kernel selection, allocator pools
+            backend.finish(ctx);
+            const auto start = std::chrono::steady_clock::now();
+            for (int i = 0; i < iterations; ++i) l.linear.forward(ctx, xd);
+            backend.finish(ctx);
+            return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iterations;
+          },
+          py::arg("x"), py::arg("iterations") = 10,
+          "Seconds per forward with x already on the Linear's device (activation quantization and epilogue "
+          "included, no host copies): for benchmarks.")
       .def_property_readonly("in_features", [](const PyLinear& l) { return l.linear.in_features(); })
       .def_property_readonly("out_features", [](const PyLinear& l) { return l.linear.out_features(); })
       .def_property_readonly("kernel", [](const PyLinear& l) { return l.linear.kernel(); },

@@ -11,7 +11,7 @@ import pytest
 import finequant
 from finequant import _core
 
-ISAS = ["ref", "avx2", "avx512vnni"]
+ISAS = [name for name, _ in _core.cpu_isas()]  # every level, lowest first (kernels/cpu/cpu_isa.cc)
 
 
 @pytest.fixture(autouse=True)
@@ -98,8 +98,25 @@ def test_linear_rejects_bad_input():
         lin.forward(np.full((2, 8), np.nan, np.float32))
     with pytest.raises(ValueError, match="activation"):
         _core.Linear(np.ones((4, 8), np.float32), activation="relu")
-    with pytest.raises(ValueError, match="isa"):
+    with pytest.raises(ValueError, match="unknown CPU instruction set 'sse9'"):
         _core.set_isa("sse9")
+
+
+def test_float_linear_applies_its_activation_and_names_its_kernel():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((9, 16)).astype(np.float32)
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    plain = _core.Linear(w).forward(x)
+    gelu = _core.Linear(w, activation="gelu").forward(x)
+    np.testing.assert_allclose(gelu, _gelu(plain.astype(np.float64), "gelu"), rtol=1e-5, atol=1e-6)
+    assert _core.Linear(w).kernel == f"cpu/{'avx512vnni' if _core.active_isa() == 'avx512vnni' else 'ref'} f32"
+    assert _core.Linear(w, 8, True, 1, 0, 8).kernel == f"cpu/{_core.active_isa()} int"
+
+
+def test_cpu_isa_table():
+    names = [n for n, _ in _core.cpu_isas()]
+    assert names[0] == "ref" and len(set(names)) == len(names)
+    assert dict(_core.cpu_isas())[_core.active_isa()]
 
 
 def test_peak_measure():

@@ -1,0 +1,122 @@
+// Norms and elementwise ops (kernels.h) with the CPU kernels' math: norm statistics in double,
+// silu through actmath::exp, rope with float angles and accurate sinf / cosf. Products and sums
+// are written with _rn intrinsics where the CPU form has no FMA (nvcc would contract them).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "finequant/error.h"
+#include "kernels.h"
+#include "row_norm.cuh"
+
+namespace finequant {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr unsigned kMaxGridY = 65535;
+
+unsigned blocks_for(int64_t n, int64_t per_block, int64_t cap) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + per_block - 1) / per_block, cap)));
+}
+
+__global__ void __launch_bounds__(kThreads) norm_rows_kernel(const float* x, int64_t C, NormDev norm, float* y) {
+  __shared__ double scratch[32];
+  const int64_t m = blockIdx.x;
+  const float* row = x + m * C;
+  const rownorm::Stats s = rownorm::stats(row, C, norm, scratch);
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) y[m * C + c] = rownorm::apply(row[c], s, norm, c);
+}
+
+__global__ void add_inplace_kernel(float* x, const float* y, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] = __fadd_rn(x[i], y[i]);
+}
+
+// Rows over blockIdx.y (grid-stride), columns over x.
+__global__ void silu_mul_kernel(const float* gate, int64_t gs, const float* up, int64_t us, float* out, int64_t M,
+                                int64_t I) {
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y)
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < I;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const float g = gate[m * gs + i];
+      const float e = kernels::actmath::exp(-g);
+      out[m * I + i] = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.f, e)), up[m * us + i]);
+    }
+}
+
+// One thread per (row, i < half): the angle once, then every head.
+__global__ void rope_kernel(float* x, int64_t row_stride, int64_t M, int64_t heads, int64_t head_dim,
+                            const float* inv_freq, const int64_t* positions) {
+  const int64_t half = head_dim / 2;
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y)
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < half;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const float angle = __fmul_rn(static_cast<float>(positions[m]), inv_freq[i]);
+      float sn, cs;
+      sincosf(angle, &sn, &cs);
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = x + m * row_stride + h * head_dim;
+        const float a = v[i], b = v[i + half];
+        v[i] = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn));
+        v[i + half] = __fadd_rn(__fmul_rn(b, cs), __fmul_rn(a, sn));
+      }
+    }
+}
+
+__global__ void gather_rows_kernel(const float* table, int64_t C, const int64_t* ids, int64_t n, float* out,
+                                   bool add) {
+  for (int64_t r = blockIdx.y; r < n; r += gridDim.y) {
+    const float* src = table + ids[r] * C;
+    float* dst = out + r * C;
+    for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < C;
+         c += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      dst[c] = add ? __fadd_rn(dst[c], src[c]) : src[c];
+  }
+}
+
+}  // namespace
+
+void norm_rows(const float* x, int64_t M, int64_t C, const NormDev& norm, float* y, cudaStream_t stream) {
+  if (M == 0 || C == 0) return;
+  FQ_CHECK_ARG(M <= 0x7fffffff, "norm_rows: too many rows");
+  norm_rows_kernel<<<static_cast<unsigned>(M), kThreads, 0, stream>>>(x, C, norm, y);
+  check_launch("norm_rows");
+}
+
+void add_inplace(float* x, const float* y, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  add_inplace_kernel<<<blocks_for(n, kThreads, 8192), kThreads, 0, stream>>>(x, y, n);
+  check_launch("add_inplace");
+}
+
+void silu_mul(const float* gate, int64_t gs, const float* up, int64_t us, float* out, int64_t M, int64_t I,
+              cudaStream_t stream) {
+  if (M == 0 || I == 0) return;
+  const dim3 grid(blocks_for(I, kThreads, 1024), blocks_for(M, 1, kMaxGridY));
+  silu_mul_kernel<<<grid, kThreads, 0, stream>>>(gate, gs, up, us, out, M, I);
+  check_launch("silu_mul");
+}
+
+void rope(float* x, int64_t row_stride, int64_t M, int64_t heads, int64_t head_dim, const float* inv_freq,
+          const int64_t* positions, cudaStream_t stream) {
+  const int64_t half = head_dim / 2;
+  if (M == 0 || heads == 0 || half == 0) return;
+  constexpr int kRopeThreads = 64;
+  const dim3 grid(blocks_for(half, kRopeThreads, 1024), blocks_for(M, 1, kMaxGridY));
+  rope_kernel<<<grid, kRopeThreads, 0, stream>>>(x, row_stride, M, heads, head_dim, inv_freq, positions);
+  check_launch("rope");
+}
+
+void gather_rows(const float* table, int64_t C, const int64_t* ids, int64_t n, float* out, bool add,
+                 cudaStream_t stream) {
+  if (n == 0 || C == 0) return;
+  const dim3 grid(blocks_for(C, kThreads, 1024), blocks_for(n, 1, kMaxGridY));
+  gather_rows_kernel<<<grid, kThreads, 0, stream>>>(table, C, ids, n, out, add);
+  check_launch("gather_rows");
+}
+
+}  // namespace cuda
+}  // namespace finequant
