@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "cuda/src/evt_functors.h"
+#include "cuda/src/cutlass_run.h"
 #include "cuda/src/kernels.h"
 #include "finequant/error.h"
 
@@ -213,19 +214,7 @@ typename G::Gemm::Arguments gemm_arguments(const IntActsDev& x, const IntWeightD
 template <class G>
 bool launch(const IntActsDev& x, const IntWeightDev& w, const GemmOutDev& out, int device, int sm_count,
             cudaStream_t stream) {
-  using Gemm = typename G::Gemm;
-  const typename Gemm::Arguments args = gemm_arguments<G>(x, w, out, device, sm_count);
-  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return false;
-  if (Gemm::get_workspace_size(args) != 0) return false;
-  Gemm gemm;
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  if (gemm.run(stream) != cutlass::Status::kSuccess)
-    fail(ErrorKind::Runtime, "CUDA error in gemm_int_cutlass_sm90: the kernel launch failed");
-  check_launch("gemm_int_cutlass_sm90");
-  return true;
+  return run_cutlass<typename G::Gemm>(gemm_arguments<G>(x, w, out, device, sm_count), stream, "gemm_int_cutlass_sm90");
 }
 
 }  // namespace
