@@ -216,16 +216,17 @@ class CudaBackend final : public kernels::Backend {
   IntActsDev quantize(const ExecContext& ctx, const GemmInput& in, const CudaIntLinear& q, bool packed4,
                       Tensor& xq) const {
     const int64_t M = in.x.dim(0), K = in.x.dim(1);
-    const int64_t row_bytes = packed4 ? q.kb.Kp / 2 : q.kb.Kp;
-    // One allocation for the rows and their tables (16-byte aligned pieces).
-    const int64_t tables = 16 * ((M * 4 * (2 + q.kb.nb) + 15) / 16);
+    const int64_t row_bytes = packed4 ? q.kb.Kp / 2 : q.kb.Kp;  // a multiple of 16
+    // One allocation for the rows and their tables, each table starting 16-byte aligned (the
+    // kernels load them as vectors): sx [M], zx [M], rs [M, nb], each padded to 4 entries.
+    const int64_t Mp = (M + 3) / 4 * 4, tables = 4 * (2 * Mp + (M * q.kb.nb + 3) / 4 * 4);
     xq = Tensor::empty(DType::U8, {M * row_bytes + tables}, ctx.device);
     uint8_t* base = static_cast<uint8_t*>(xq.raw());
     IntActsDev a;
     a.xq = base;
     a.sx = reinterpret_cast<float*>(base + M * row_bytes);
-    a.zx = reinterpret_cast<int32_t*>(a.sx + M);
-    a.rs = a.zx + M;
+    a.zx = reinterpret_cast<int32_t*>(a.sx + Mp);
+    a.rs = a.zx + Mp;
     a.M = M;
     a.bits = q.act.bits;
     a.symmetric = q.act.symmetric;
