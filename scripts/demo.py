@@ -4,6 +4,7 @@ and print quality and speed against fp32 measured in the same run.
 Per model and scheme: file size, compression vs fp32, the mean relative weight error
 ||W - deq(Q(W))||_F / ||W||_F over the quantized Linears; then, in the engine, SmolLM2's perplexity
 on Austen's Emma and greedy decode speed, MiniLM's embedding cosine to fp32 and throughput.
+The engine runs on a GPU when one is present (FINEQUANT_DEVICE=auto, the default; "cpu" forces the CPU).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ SCHEMES = [
 MODELS = [("minilm", "all-MiniLM-L6-v2"), ("smollm2", "SmolLM2-135M-Instruct")]
 
 
+DEVICE = os.environ.get("FINEQUANT_DEVICE", "auto")
 PPL_TOKENS = 1024  # first tokens of Emma scored (windows of 512): enough to rank the schemes
 PROMPT = "The capital of France is"
 SNIPPETS = 200  # Rotten Tomatoes snippets embedded by MiniLM
@@ -41,13 +43,15 @@ SNIPPETS = 200  # Rotten Tomatoes snippets embedded by MiniLM
 
 def run_engines(key: str, dirs: dict) -> None:
     """Quality and speed of each quantized file in the C++ engine, against fp32 in the same run."""
-    print(f"\n-- {key} in the finequant engine (CPU kernels: {_core.active_isa()})")
+    backend = Engine(next(iter(dirs.values())), device=DEVICE).backend
+    print(f"\n-- {key} in the finequant engine ({backend}; CUDA backend "
+          f"{'built' if _core.cuda_backend_built() else 'not built'}, {_core.cuda_device_count()} GPU(s))")
     if key == "smollm2":
         emma = (prepare_text() / "emma.txt").read_text()
         print(f"{'scheme':<18}{'ppl':>9}{'vs fp32':>9}{'decode tok/s':>14}{'vs fp32':>9}  greedy continuation")
         base = None
         for label, path in dirs.items():
-            engine = Engine(path)
+            engine = Engine(path, device=DEVICE)
             ppl = perplexity(engine, emma, ctx=512, max_tokens=PPL_TOKENS)["perplexity"]
             engine.generate(PROMPT, max_new_tokens=2, stop_tokens=[])  # warm up
             t0 = time.perf_counter()
@@ -61,7 +65,7 @@ def run_engines(key: str, dirs: dict) -> None:
         print(f"{'scheme':<18}{'cosine to fp32 (mean / min)':>30}{'snippets/s':>12}{'vs fp32':>9}")
         base = None
         for label, path in dirs.items():
-            engine = Engine(path)
+            engine = Engine(path, device=DEVICE)
             t0 = time.perf_counter()
             emb = engine.embed(texts)
             rate = len(texts) / (time.perf_counter() - t0)

@@ -3,11 +3,13 @@
 #include <cstdio>
 #include <exception>
 #include <functional>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "finequant/error.h"
+#include "finequant/tensor.h"
 
 namespace fqtest {
 
@@ -26,6 +28,14 @@ inline void report(const char* file, int line, const std::string& what) {
   std::printf("  %s:%d: %s\n", file, line, what.c_str());
   ++state().failures_in_test;
 }
+// An F32 tensor of normal(shift, sd) values.
+inline finequant::Tensor random_tensor(finequant::Shape shape, std::mt19937& rng, float shift = 0.f, float sd = 1.f) {
+  finequant::Tensor t = finequant::Tensor::empty(finequant::DType::F32, std::move(shape));
+  std::normal_distribution<float> nd(shift, sd);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = nd(rng);
+  return t;
+}
+
 inline const char* kind_name(finequant::ErrorKind k) {
   switch (k) {
     case finequant::ErrorKind::InvalidArgument: return "InvalidArgument";

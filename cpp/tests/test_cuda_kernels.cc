@@ -14,19 +14,13 @@
 #include "kernels/backend.h"
 
 using namespace finequant;
+using fqtest::random_tensor;
 using kernels::Epilogue;
 
 namespace {
 
 const kernels::Backend& cpu() { return kernels::backend_for(Device::cpu()); }
 const kernels::Backend& gpu() { return kernels::backend_for(Device::cuda(0)); }
-
-Tensor random_tensor(Shape shape, std::mt19937& rng, float shift = 0.f, float sd = 1.f) {
-  Tensor t = Tensor::empty(DType::F32, shape);
-  std::normal_distribution<float> nd(shift, sd);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = nd(rng);
-  return t;
-}
 
 // Runs `op` on both backends with the tensors moved to each device; returns both results on the host.
 template <class Op>

@@ -17,14 +17,8 @@
 #include "kernels/cpu/gemm.h"
 
 using namespace finequant;
+using fqtest::random_tensor;
 using kernels::Epilogue;
-
-static Tensor random_tensor(int64_t r, int64_t c, std::mt19937& rng, float shift) {
-  Tensor t = Tensor::empty(DType::F32, {r, c});
-  std::normal_distribution<float> nd(shift, 1.f);
-  for (int64_t i = 0; i < r * c; ++i) t.data<float>()[i] = nd(rng);
-  return t;
-}
 
 static ExecContext cpu_context() { return kernels::backend_for(Device::cpu()).context(2); }
 
@@ -77,7 +71,7 @@ static bool have_fast() {
 static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, int abits, bool asym_act, Tile tile,
                         bool with_bias, Epilogue e, uint32_t seed) {
   std::mt19937 rng(seed);
-  const Tensor x = random_tensor(M, K, rng, 0.3f), w = random_tensor(N, K, rng, -0.2f);
+  const Tensor x = random_tensor({M, K}, rng, 0.3f), w = random_tensor({N, K}, rng, -0.2f);
   const QuantizedTensor wq = quantize(w, QuantSpec{wbits, wsym}, tile);
   std::vector<float> bias(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n) bias[n] = 0.1f * static_cast<float>(n) - 0.7f;
@@ -176,14 +170,14 @@ TEST(extreme_integer_values) {
 
 TEST(nan_input_is_an_error) {
   std::mt19937 rng(3);
-  const Tensor w = random_tensor(20, 40, rng, 0.f);
+  const Tensor w = random_tensor({20, 40}, rng, 0.f);
   const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, 40});
   const ExecContext ctx = cpu_context();
   for (const kernels::IntGemmKernel& k : kernels::int_gemm_kernels()) {
     if (!kernels::cpu_supports(k.level)) continue;
     for (bool asym : {false, true}) {
       const auto p = prepare_with(k, wq, QuantSpec{8, !asym}, nullptr, Epilogue::None);
-      Tensor x = random_tensor(3, 40, rng, 0.f);
+      Tensor x = random_tensor({3, 40}, rng, 0.f);
       x.data<float>()[1 * 40 + 17] = asym ? INFINITY : NAN;
       Tensor y = Tensor::empty(DType::F32, {3, 20});
       CHECK_THROWS_KIND(p->run(ctx, kernels::RowInput{x.data<float>(), 3, 40, nullptr}, y.data<float>()),
@@ -196,8 +190,8 @@ TEST(nan_input_is_an_error) {
 TEST(fused_norm_rows_match_stored_rows) {
   std::mt19937 rng(11);
   const int64_t M = 13, N = 70, K = 96;
-  const Tensor x = random_tensor(M, K, rng, 0.5f), w = random_tensor(N, K, rng, 0.f);
-  const Tensor gain = random_tensor(1, K, rng, 1.f), shift = random_tensor(1, K, rng, 0.f);
+  const Tensor x = random_tensor({M, K}, rng, 0.5f), w = random_tensor({N, K}, rng, 0.f);
+  const Tensor gain = random_tensor({1, K}, rng, 1.f), shift = random_tensor({1, K}, rng, 0.f);
   const kernels::NormParams norm{kernels::NormParams::Kind::LayerNorm, gain.data<float>(), shift.data<float>(), 1e-5f, K};
   const kernels::RowInput fused{x.data<float>(), M, K, &norm};
   const Tensor normed = fused.materialize(2);
@@ -232,7 +226,7 @@ TEST(f32_kernels_match_reference) {
     for (Epilogue e : {Epilogue::None, Epilogue::GeluErf, Epilogue::GeluTanh}) {
       std::mt19937 rng(seed++);
       const int64_t M = s[0], N = s[1], K = s[2];
-      const Tensor x = random_tensor(M, K, rng, 0.1f), w = random_tensor(N, K, rng, 0.f);
+      const Tensor x = random_tensor({M, K}, rng, 0.1f), w = random_tensor({N, K}, rng, 0.f);
       Tensor bias = Tensor::empty(DType::F32, {N});
       for (int64_t n = 0; n < N; ++n) bias.data<float>()[n] = 0.05f * static_cast<float>(n % 7) - 0.1f;
       // The plain double-precision product as the reference of every kernel.
@@ -266,8 +260,8 @@ TEST(attention_kernels_match_reference) {
   for (int64_t Tq : {1, 3, 9}) {
     const int64_t B = 2, H = 4, KVH = 2, D = 24, Tk = Tq == 1 ? 13 : Tq;
     const int64_t causal = Tq == 1 ? Tk - 1 : 0;
-    const Tensor q = random_tensor(B * H * Tq, D, rng, 0.f), k = random_tensor(B * KVH * Tk, D, rng, 0.f),
-                 v = random_tensor(B * KVH * Tk, D, rng, 0.f);
+    const Tensor q = random_tensor({B * H * Tq, D}, rng, 0.f), k = random_tensor({B * KVH * Tk, D}, rng, 0.f),
+                 v = random_tensor({B * KVH * Tk, D}, rng, 0.f);
     std::vector<uint8_t> valid(static_cast<size_t>(B * Tk), 1);
     valid[Tk + 1] = 0;  // a masked key in sequence 1
     kernels::AttentionArgs a;
@@ -327,7 +321,7 @@ TEST(isa_levels_and_selection) {
   const kernels::Backend& cpu = kernels::backend_for(Device::cpu());
   std::mt19937 rng(9);
   kernels::LinearWeights lw;
-  lw.weight = quantize(random_tensor(8, 16, rng, 0.f), QuantSpec{8, true}, Tile{1, 16});
+  lw.weight = quantize(random_tensor({8, 16}, rng, 0.f), QuantSpec{8, true}, Tile{1, 16});
   lw.act = QuantSpec{8, true};
   CHECK(cpu.prepare_linear(lw, 1)->kernel == "cpu/ref int");
   for (const kernels::IsaInfo& level : table) {

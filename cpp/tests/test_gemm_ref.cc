@@ -5,24 +5,19 @@
 #include <cstdio>
 #include <random>
 
+#include "check.h"
 #include "finequant/quant.h"
 #include "kernels/cpu/gemm.h"
 
 using namespace finequant;
+using fqtest::random_tensor;
 
 static int failures = 0;
-
-static Tensor random_tensor(int64_t r, int64_t c, std::mt19937& rng, float shift) {
-  Tensor t = Tensor::empty(DType::F32, {r, c});
-  std::normal_distribution<float> nd(shift, 1.f);
-  for (int64_t i = 0; i < r * c; ++i) t.data<float>()[i] = nd(rng);
-  return t;
-}
 
 static void check(int wbits, bool wsym, int abits, bool asym_act, Tile tile, const char* label) {
   std::mt19937 rng(42);
   const int64_t M = 5, N = 12, K = 40;
-  const Tensor x = random_tensor(M, K, rng, 0.3f), w = random_tensor(N, K, rng, -0.2f);
+  const Tensor x = random_tensor({M, K}, rng, 0.3f), w = random_tensor({N, K}, rng, -0.2f);
   const QuantizedTensor wq = quantize(w, QuantSpec{wbits, wsym}, tile);
   const QuantizedTensor xq = quantize_rows(x, QuantSpec{abits, !asym_act});
   const kernels::IntWeight iw = kernels::make_int_weight(wq, QuantSpec{abits, !asym_act}, 1);

@@ -11,19 +11,13 @@
 #include "kernels/cpu/gemm.h"
 
 using namespace finequant;
+using fqtest::random_tensor;
 using kernels::Epilogue;
-
-static Tensor random_tensor(int64_t r, int64_t c, std::mt19937& rng, float shift) {
-  Tensor t = Tensor::empty(DType::F32, {r, c});
-  std::normal_distribution<float> nd(shift, 1.f);
-  for (int64_t i = 0; i < r * c; ++i) t.data<float>()[i] = nd(rng);
-  return t;
-}
 
 static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, int abits, bool asym_act, Tile tile,
                         Epilogue e, bool packed4, uint32_t seed) {
   std::mt19937 rng(seed);
-  const Tensor x = random_tensor(M, K, rng, 0.3f), w = random_tensor(N, K, rng, -0.2f);
+  const Tensor x = random_tensor({M, K}, rng, 0.3f), w = random_tensor({N, K}, rng, -0.2f);
   const QuantizedTensor wq = quantize(w, QuantSpec{wbits, wsym}, tile);
   const QuantSpec act{abits, !asym_act};
   std::vector<float> bias(static_cast<size_t>(N));
@@ -79,7 +73,7 @@ TEST(layout_shapes) {
   CHECK(b.nb == 1 && b.G == 768 && b.Kp == 768);
   CHECK(c.nb == 3 && c.Gp == 32 && c.Kp == 96 && c.length(2) == 14);
   std::mt19937 rng(3);
-  const QuantizedTensor wq = quantize(random_tensor(5, 40, rng, 0.f), QuantSpec{4, false}, Tile{1, 40});
+  const QuantizedTensor wq = quantize(random_tensor({5, 40}, rng, 0.f), QuantSpec{4, false}, Tile{1, 40});
   const cuda::PackedIntWeight p = cuda::pack_int_weight(wq);
   CHECK(p.w.size() == static_cast<size_t>(5 * 64 / 2));  // K padded to 64, two nibbles a byte
   Tensor bad = Tensor::empty(DType::F32, {1, 4});
