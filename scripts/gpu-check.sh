@@ -31,14 +31,18 @@ cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d
 echo "compute capability: sm$cap"
 
 step "CUTLASS headers"
-if [ -z "${CUTLASS_DIR:-}" ] && [ ! -f third_party/cutlass/include/cutlass/cutlass.h ] &&
-   ! $PY -c "import cutlass_library" 2>/dev/null; then
-  wheel=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
-  [ -n "$wheel" ] || { echo "no CUTLASS headers: set CUTLASS_DIR or carry .whl/nvidia_cutlass-4.2.0.0-*.whl"; exit 2; }
-  rm -rf "$BUILD/cutlass" && mkdir -p "$BUILD/cutlass" && $PY -m zipfile -e "$wheel" "$BUILD/cutlass" >/dev/null
-  export CUTLASS_DIR=$BUILD/cutlass/cutlass_library/source
+if [ -z "${CUTLASS_DIR:-}" ] && [ ! -f third_party/cutlass/include/cutlass/cutlass.h ]; then
+  # The pip package of this python, else a carried wheel (CMake would look through the python3 on PATH).
+  CUTLASS_DIR=$($PY -c "import importlib.util as u, os; s = u.find_spec('cutlass_library'); print(os.path.join(s.submodule_search_locations[0], 'source') if s else '')" 2>/dev/null)
+  if [ -z "$CUTLASS_DIR" ]; then
+    wheel=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+    [ -n "$wheel" ] || { echo "no CUTLASS headers: set CUTLASS_DIR or carry .whl/nvidia_cutlass-4.2.0.0-*.whl"; exit 2; }
+    rm -rf "$BUILD/cutlass" && mkdir -p "$BUILD/cutlass" && $PY -m zipfile -e "$wheel" "$BUILD/cutlass" >/dev/null
+    CUTLASS_DIR=$BUILD/cutlass/cutlass_library/source
+  fi
+  export CUTLASS_DIR
 fi
-echo "CUTLASS_DIR=${CUTLASS_DIR:-<found by CMake>}"
+echo "CUTLASS_DIR=${CUTLASS_DIR:-third_party/cutlass}"
 
 step "build (SASS for sm$cap, plus the sm90a kernels)"
 # SASS for this GPU only: a quick build.
@@ -50,7 +54,7 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFINEQUANT_CUDA=ON -
   cmake --build "$BUILD" -j "$JOBS" >"$OUT/build.log" 2>&1
 rc=$?
 echo "build: rc $rc, $(( $(date +%s) - t0 )) s (log: $OUT/build.log)"
-if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
+if [ $rc -ne 0 ]; then tail -40 "$OUT/cmake.log" "$OUT/build.log" 2>/dev/null; exit 1; fi
 # The Python package from the source tree with the freshly built module beside it.
 SITE=$BUILD/site
 rm -rf "$SITE" && mkdir -p "$SITE" && cp -r python/finequant "$SITE/" && cp "$BUILD"/_core*.so "$SITE/finequant/"
@@ -64,7 +68,7 @@ grep -q "skipped: no CUDA device" "$BUILD/Testing/Temporary/LastTest.log" 2>/dev
   echo "FAILED: test_cuda_kernels did not see the GPU"; status=1; }
 
 step "Python GPU tests"
-$PY -m pytest -q -ra -m gpu tests/python/test_gpu.py tests/python/test_devices.py tests/python/test_cuda_sass.py \
+$PY -m pytest -q -ra tests/python/test_gpu.py tests/python/test_devices.py tests/python/test_cuda_sass.py \
   2>&1 | tee "$OUT/pytest.log"
 record "${PIPESTATUS[0]}" "pytest -m gpu"
 grep -qE "SKIPPED .*(no CUDA device|no CUDA backend)" "$OUT/pytest.log" && {
