@@ -196,7 +196,7 @@ AttentionKernel attention_avx512() { return {CpuIsa::Avx512Vnni, nullptr, nullpt
 
 #endif
 
-// The loops around the inner products (from the original layers/ops.cc attention(), unchanged).
+// The loops around the inner products: masking, softmax, GQA head mapping, decode without K^T.
 FQ_MULTIVERSION void attention_loops(const AttentionArgs& a, const AttentionKernel& kernel, int threads) {
   const HeadView &q = a.q, &k = a.k, &v = a.v;
   float* out = a.out;
