@@ -101,9 +101,18 @@ std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions opti
   std::string file_path = path;
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) file_path = path + "/model.safetensors";
-  const Device device = Device::parse(options.device);
+  Device device = Device::parse(options.device);
+  const kernels::Backend* backend = nullptr;
+  try {
+    backend = &kernels::backend_for(device);
+  } catch (const Error& e) {
+    // "auto" means a GPU finequant can use: one it cannot (e.g. older than sm80) leaves the CPU.
+    if (options.device != "auto" || e.kind() != ErrorKind::Unsupported) throw;
+    device = Device::cpu();
+    backend = &kernels::backend_for(device);
+  }
   auto impl = std::make_unique<Impl>(Impl{ModelFile::open(file_path), nullptr, options.threads, device});
-  impl->model = build_model(impl->file, kernels::backend_for(device), impl->threads);
+  impl->model = build_model(impl->file, *backend, impl->threads);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 
