@@ -62,12 +62,6 @@ static int64_t compare(const Tensor& x, const QuantizedTensor& wq, QuantSpec act
   return compare(kernels::RowInput{x.data<float>(), x.dim(0), x.dim(1), nullptr}, wq, act, bias, e);
 }
 
-static bool have_fast() {
-  if (kernels::best_supported_isa() != kernels::CpuIsa::Ref) return true;
-  std::printf("  note: this CPU runs only the reference kernels (checked against themselves)\n");
-  return true;
-}
-
 static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, int abits, bool asym_act, Tile tile,
                         bool with_bias, Epilogue e, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -84,7 +78,6 @@ static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, i
 }
 
 TEST(all_type_combinations_per_channel) {
-  have_fast();
   const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {5, 16, 4}, {9, 48, 128}, {1, 1, 3}, {13, 100, 257}};
   uint32_t seed = 1;
   for (auto& s : shapes)
@@ -99,7 +92,6 @@ TEST(all_type_combinations_per_channel) {
 }
 
 TEST(k_blocks_with_partial_last_block) {
-  have_fast();
   uint32_t seed = 100;
   for (int64_t G : {32, 64, 128})
     for (int64_t K : {G * 3 + 10, G * 2, G + 2, G * 5 + G / 2 + 6})
@@ -114,7 +106,6 @@ TEST(k_blocks_with_partial_last_block) {
 }
 
 TEST(grouped_rows_bias_and_gelu) {
-  have_fast();
   uint32_t seed = 200;
   for (Epilogue e : {Epilogue::None, Epilogue::GeluErf, Epilogue::GeluTanh})
     for (bool bias : {false, true}) {
@@ -126,7 +117,6 @@ TEST(grouped_rows_bias_and_gelu) {
 }
 
 TEST(larger_shapes_many_tasks) {
-  have_fast();
   CHECK_EQ(run_case(130, 200, 576, 8, true, 8, true, Tile{1, 576}, true, Epilogue::GeluTanh, 300), 0);
   CHECK_EQ(run_case(67, 129, 320, 4, false, 8, false, Tile{1, 64}, true, Epilogue::None, 301), 0);
 }
@@ -135,7 +125,6 @@ TEST(larger_shapes_many_tasks) {
 // produces), activation rows that quantize to the extremes, and large K: the int32 operand shifts
 // and corrections must stay exact.
 TEST(extreme_integer_values) {
-  have_fast();
   std::mt19937 rng(5);
   const int64_t M = 7, N = 35, K = 4099;
   std::uniform_int_distribution<int> byte(0, 255), pick(0, 3);

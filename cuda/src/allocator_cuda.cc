@@ -72,8 +72,9 @@ class CudaAllocator final : public Allocator {
     check(cudaSetDevice(device), "cudaSetDevice");
     const cudaStream_t stream = current_stream(device);
     check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream), "cudaMemcpyAsync");
-    // The host side may change or free its buffer as soon as this returns.
-    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    // A host buffer may change or be freed as soon as this returns (or be read by the caller);
+    // device-to-device copies (a clone per pre-LN block) stay asynchronous on the stream.
+    if (dst_device.is_cpu() || src_device.is_cpu()) check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   }
 };
 

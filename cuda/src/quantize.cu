@@ -9,6 +9,7 @@
 #include <string>
 
 #include "finequant/error.h"
+#include "cuda/src/host/layout.h"
 #include "kernels.h"
 #include "row_norm.cuh"
 
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(const QuantPara
     if (s == 0.f) s = 1.f;
     if (!p.symmetric) z = clampf(kernels::actmath::round_even(__fdiv_rn(-lo, s)), 0.f, qmax);
   }
-  const int shift = p.symmetric ? 0 : (p.bits == 8 ? 128 : 8);
+  const int shift = operand_shift(p.bits, p.symmetric);
 
   // Values: warps take aligned 32-k groups of the padded row (Gp % 32 == 0: one K-block each).
   const int64_t Kp = p.Gp * p.nb, groups = Kp / 32;

@@ -13,7 +13,8 @@ class Allocator {
   virtual void* allocate(size_t bytes, int device_index) = 0;  // 64-byte aligned (or better)
   virtual void deallocate(void* p, size_t bytes, int device_index) = 0;
   virtual void fill_zero(void* p, size_t bytes, int device_index) = 0;
-  // dst and src may be on this kind's devices or on the CPU; returns when dst holds the bytes.
+  // dst and src may be on this kind's devices or on the CPU. A copy from or to the host returns when
+  // it is done; one within a device may stay queued on the device's stream (ordered before later work).
   virtual void copy(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes) = 0;
 };
 

@@ -1,7 +1,6 @@
 #include "cuda/src/host/layout.h"
 
 #include <algorithm>
-#include <cmath>
 #include <string>
 
 #include "finequant/error.h"
@@ -80,6 +79,8 @@ PackedIntWeight pack_int_weight(const QuantizedTensor& qt) {
 }
 
 QuantizedActs quantize_rows_emulated(const float* x, int64_t M, int64_t K, QuantSpec act, int64_t G, bool packed4) {
+  // The values are the reference's (quantize_rows); what the kernel adds is their layout.
+  const QuantizedTensor q = quantize_rows(Tensor::borrow(const_cast<float*>(x), DType::F32, {M, K}), act);
   QuantizedActs a;
   a.M = M;
   a.kb = KBlocks::of(K, G);
@@ -88,36 +89,18 @@ QuantizedActs quantize_rows_emulated(const float* x, int64_t M, int64_t K, Quant
   a.packed4 = packed4;
   const KBlocks& kb = a.kb;
   const int32_t shift = operand_shift(act.bits, act.symmetric);
-  const float qmax = static_cast<float>(quant_max(act));
   const int64_t row_bytes = packed4 ? kb.Kp / 2 : kb.Kp;
   a.xq.assign(static_cast<size_t>(M * row_bytes), 0);
-  a.sx.assign(static_cast<size_t>(M), 0.f);
+  a.sx.assign(q.scale.data<float>(), q.scale.data<float>() + M);
   a.zx.assign(static_cast<size_t>(M), 0);
   a.rs.assign(static_cast<size_t>(M * kb.nb), 0);
   for (int64_t m = 0; m < M; ++m) {
-    const float* r = x + m * K;
-    // quantize()'s scale and zero point for one row (the range always includes zero).
-    float lo = 0.f, hi = 0.f, amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      FQ_CHECK_ARG(std::isfinite(r[k]), "input contains NaN or Inf in row " + std::to_string(m));
-      lo = std::min(lo, r[k]);
-      hi = std::max(hi, r[k]);
-      amax = std::max(amax, std::fabs(r[k]));
-    }
-    float s = act.symmetric ? amax / qmax : (hi - lo) / qmax, z = 0.f;
-    FQ_CHECK_ARG(std::isfinite(s), "input range overflows float32 in row " + std::to_string(m));
-    if (s == 0.f) s = 1.f;
-    if (!act.symmetric) z = std::clamp(std::nearbyint(-lo / s), 0.f, qmax);
-    a.sx[m] = s;
-    a.zx[m] = static_cast<int32_t>(z) - shift;
+    if (!act.symmetric) a.zx[m] = static_cast<int32_t>(q.zero_point.data<uint8_t>()[m]) - shift;
     uint8_t* row = a.xq.data() + m * row_bytes;
     for (int64_t b = 0; b < kb.nb; ++b) {
       int32_t sum = 0;
       for (int64_t k = 0; k < kb.length(b); ++k) {
-        const float v = r[b * kb.G + k];
-        const float q = act.symmetric ? std::clamp(std::nearbyint(v / s), -qmax, qmax)
-                                      : std::clamp(std::nearbyint(v / s) + z, 0.f, qmax);
-        const int32_t stored = static_cast<int32_t>(q) - shift;
+        const int32_t stored = value_at(q.q, m * K + b * kb.G + k) - shift;
         store(row, b * kb.Gp + k, stored, packed4 ? 4 : 8);
         sum += stored;
       }

@@ -15,8 +15,9 @@ namespace cuda {
 
 constexpr int64_t kBlockAlign = 32;  // every K-block is padded to a multiple of 32 (one k32 MMA step)
 
-// The constant an asymmetric operand is shifted by so that it is stored signed: q - shift.
-inline int32_t operand_shift(int bits, bool symmetric) { return symmetric ? 0 : (bits == 8 ? 128 : 8); }
+// The constant an asymmetric operand is shifted by so that it is stored signed: q - shift
+// (host and device).
+FQ_ALWAYS_INLINE int32_t operand_shift(int bits, bool symmetric) { return symmetric ? 0 : (bits == 8 ? 128 : 8); }
 
 // K cut into nb blocks of G, each padded to Gp = round_up(G, 32): Kp = nb * Gp.
 struct KBlocks {
@@ -49,8 +50,9 @@ struct QuantizedActs {
   std::vector<int32_t> zx;  // [M]
   std::vector<int32_t> rs;  // [M, nb]
 };
-// What the quantize_rows kernel writes for x [M, K] (already normalized rows). Throws
-// InvalidArgument for NaN/Inf, as the backend does after the kernel flags a row.
+// What the quantize_rows kernel writes for x [M, K] (already normalized rows): the reference's
+// values (quantize_rows) in the layout. Throws InvalidArgument for NaN/Inf, as the backend does
+// after the kernel flags a row.
 QuantizedActs quantize_rows_emulated(const float* x, int64_t M, int64_t K, QuantSpec act, int64_t G, bool packed4);
 
 // What every integer GEMM kernel computes from these operands: y [M, N] (row-major).

@@ -55,11 +55,7 @@ class CpuBackend final : public Backend {
   }
 
   void norm(const ExecContext& ctx, const Tensor& x, const NormParams& norm, Tensor& y) const override {
-    const RowInput rows{x.data<float>(), x.dim(0), x.dim(1), &norm};
-    const int64_t M = rows.rows, C = rows.cols;
-    float* out = y.data<float>();
-#pragma omp parallel for schedule(static) num_threads(ctx.threads) if (M * C > 65536)
-    for (int64_t m = 0; m < M; ++m) normalize_row(norm, rows.x + m * C, out + m * C);
+    normalize_rows(norm, x.data<float>(), x.dim(0), y.data<float>(), ctx.threads);
   }
 
   void add(const ExecContext& ctx, Tensor& x, const Tensor& y) const override {

@@ -17,6 +17,8 @@ namespace kernels {
 
 // One LayerNorm / RMSNorm row (norm.cc): y = normalized x, C = norm.C values.
 void normalize_row(const NormParams& norm, const float* x, float* y);
+// Every row of x [M, C] into y [M, C] (threaded when large).
+void normalize_rows(const NormParams& norm, const float* x, int64_t M, float* y, int threads);
 
 // The input rows of a CPU GEMM: stored F32 rows, normalized on demand when `norm` is set (the
 // fused producer of GemmInput), so that an integer kernel quantizes each row straight from L1.

@@ -112,9 +112,7 @@ void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const 
 Tensor RowInput::materialize(int threads) const {
   if (!norm) return Tensor::borrow(const_cast<float*>(x), DType::F32, {rows, cols});
   Tensor t = Tensor::empty(DType::F32, {rows, cols});
-  float* out = t.data<float>();
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols > 65536)
-  for (int64_t m = 0; m < rows; ++m) normalize_row(*norm, x + m * cols, out + m * cols);
+  normalize_rows(*norm, x, rows, t.data<float>(), threads);
   return t;
 }
 

@@ -30,5 +30,11 @@ FQ_MULTIVERSION void normalize_row(const NormParams& norm, const float* xr, floa
   for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - mu) * inv * w[c] + (b ? b[c] : 0.f);
 }
 
+void normalize_rows(const NormParams& norm, const float* x, int64_t M, float* y, int threads) {
+  const int64_t C = norm.C;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * C > 65536)
+  for (int64_t m = 0; m < M; ++m) normalize_row(norm, x + m * C, y + m * C);
+}
+
 }  // namespace kernels
 }  // namespace finequant
