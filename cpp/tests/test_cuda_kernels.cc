@@ -25,7 +25,7 @@ const kernels::Backend& gpu() { return kernels::backend_for(Device::cuda(0)); }
 // Runs `op` on both backends with the tensors moved to each device; returns both results on the host.
 template <class Op>
 std::pair<Tensor, Tensor> on_both(Op op) {
-  const ExecContext c = cpu().context(2), g = gpu().context(0);
+  const ExecContext c = cpu().context(ThreadPool::shared(2)), g = gpu().context(ThreadPool::shared(0));
   Tensor a = op(c);
   Tensor b = op(g).to(Device::cpu());
   gpu().finish(g);
@@ -229,7 +229,7 @@ TEST(nan_input_is_reported_by_finish) {
   const kernels::LinearWeights w = int_weights(Case{3, 16, 32, 8, true, 8, false, 1, 0}, rng, Epilogue::None);
   Tensor x = random_tensor({3, 32}, rng);
   x.data<float>()[40] = NAN;
-  const ExecContext g = gpu().context(0);
+  const ExecContext g = gpu().context(ThreadPool::shared(0));
   linear_on(g, w, x, nullptr);
   CHECK_THROWS_KIND(gpu().finish(g), ErrorKind::InvalidArgument);
   gpu().finish(g);  // the flag was reset: the next call starts clean

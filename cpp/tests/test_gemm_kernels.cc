@@ -20,12 +20,13 @@ using namespace finequant;
 using fqtest::random_tensor;
 using kernels::Epilogue;
 
-static ExecContext cpu_context() { return kernels::backend_for(Device::cpu()).context(2); }
+static ThreadPool& pool() { return ThreadPool::shared(2); }
+static ExecContext cpu_context() { return kernels::backend_for(Device::cpu()).context(pool()); }
 
 // A registered integer kernel's prepared weight with bias and epilogue set.
 static std::unique_ptr<kernels::CpuLinear> prepare_with(const kernels::IntGemmKernel& k, const QuantizedTensor& wq,
                                                         QuantSpec act, const float* bias, Epilogue e) {
-  std::unique_ptr<kernels::CpuLinear> p = k.prepare(kernels::make_int_weight(wq, act, 2), 2);
+  std::unique_ptr<kernels::CpuLinear> p = k.prepare(kernels::make_int_weight(wq, act, pool()), pool());
   p->epilogue = e;
   if (bias) {
     p->bias = Tensor::empty(DType::F32, {p->N});
@@ -40,8 +41,8 @@ static int64_t compare(const kernels::RowInput& rows, const QuantizedTensor& wq,
                        Epilogue e) {
   const int64_t M = rows.rows, N = wq.q.dim(0);
   Tensor y_ref = Tensor::empty(DType::F32, {M, N}), y = Tensor::empty(DType::F32, {M, N});
-  kernels::gemm_int_quantized_ref(quantize_rows(rows.materialize(2), act), kernels::make_int_weight(wq, act, 2), bias,
-                                  y_ref.data<float>(), e, 2);
+  kernels::gemm_int_quantized_ref(quantize_rows(rows.materialize(pool()), act), kernels::make_int_weight(wq, act, pool()),
+                                  bias, y_ref.data<float>(), e, pool());
   const ExecContext ctx = cpu_context();
   int64_t bad = 0;
   for (const kernels::IntGemmKernel& k : kernels::int_gemm_kernels()) {
@@ -183,7 +184,7 @@ TEST(fused_norm_rows_match_stored_rows) {
   const Tensor gain = random_tensor({1, K}, rng, 1.f), shift = random_tensor({1, K}, rng, 0.f);
   const kernels::NormParams norm{kernels::NormParams::Kind::LayerNorm, gain.data<float>(), shift.data<float>(), 1e-5f, K};
   const kernels::RowInput fused{x.data<float>(), M, K, &norm};
-  const Tensor normed = fused.materialize(2);
+  const Tensor normed = fused.materialize(pool());
   const ExecContext ctx = cpu_context();
   for (bool asym : {false, true}) {
     const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, K});
@@ -228,7 +229,7 @@ TEST(f32_kernels_match_reference) {
         }
       for (const kernels::F32GemmKernel& k : kernels::f32_gemm_kernels()) {
         if (!kernels::cpu_supports(k.level)) continue;
-        auto p = k.prepare(w, 2);
+        auto p = k.prepare(w, pool());
         p->bias = bias;
         p->epilogue = e;
         Tensor y = Tensor::empty(DType::F32, {M, N});

@@ -20,11 +20,11 @@ static void check(int wbits, bool wsym, int abits, bool asym_act, Tile tile, con
   const Tensor x = random_tensor({M, K}, rng, 0.3f), w = random_tensor({N, K}, rng, -0.2f);
   const QuantizedTensor wq = quantize(w, QuantSpec{wbits, wsym}, tile);
   const QuantizedTensor xq = quantize_rows(x, QuantSpec{abits, !asym_act});
-  const kernels::IntWeight iw = kernels::make_int_weight(wq, QuantSpec{abits, !asym_act}, 1);
+  const kernels::IntWeight iw = kernels::make_int_weight(wq, QuantSpec{abits, !asym_act}, ThreadPool::shared(1));
   float bias[N];
   for (int64_t n = 0; n < N; ++n) bias[n] = 0.1f * static_cast<float>(n);
   Tensor y = Tensor::empty(DType::F32, {M, N});
-  kernels::gemm_int_quantized_ref(xq, iw, bias, y.data<float>(), kernels::Epilogue::GeluErf, 1);
+  kernels::gemm_int_quantized_ref(xq, iw, bias, y.data<float>(), kernels::Epilogue::GeluErf, ThreadPool::shared(1));
 
   const Tensor xd = dequantize(xq), wd = dequantize(wq);
   double max_err = 0, max_ref = 0;

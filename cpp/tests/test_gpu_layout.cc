@@ -23,8 +23,9 @@ static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, i
   std::vector<float> bias(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n) bias[n] = 0.1f * static_cast<float>(n % 9) - 0.4f;
   Tensor y_ref = Tensor::empty(DType::F32, {M, N});
-  kernels::gemm_int_quantized_ref(quantize_rows(x, act), kernels::make_int_weight(wq, act, 1), bias.data(),
-                                  y_ref.data<float>(), e, 1);
+  ThreadPool& pool = ThreadPool::shared(1);
+  kernels::gemm_int_quantized_ref(quantize_rows(x, act), kernels::make_int_weight(wq, act, pool), bias.data(),
+                                  y_ref.data<float>(), e, pool);
   const cuda::PackedIntWeight pw = cuda::pack_int_weight(wq);
   const cuda::QuantizedActs qa = cuda::quantize_rows_emulated(x.data<float>(), M, K, act, pw.kb.G, packed4);
   std::vector<float> y(static_cast<size_t>(M * N));

@@ -86,12 +86,12 @@ class CudaBackend final : public kernels::Backend {
   Device device() const override { return Device::cuda(index_); }
   std::string name() const override { return name_; }
 
-  ExecContext context(int threads) const override {
+  ExecContext context(ThreadPool& pool) const override {
     check(cudaSetDevice(index_), "cudaSetDevice");
     ExecContext ctx;
     ctx.backend = this;
     ctx.device = device();
-    ctx.threads = resolve_threads(threads);
+    ctx.pool = &pool;
     ctx.stream = current_stream(index_);
     return ctx;
   }

@@ -287,7 +287,7 @@ PYBIND11_MODULE(_core, m) {
             {
               py::gil_scoped_release nogil;
               const kernels::Backend& backend = kernels::backend_for(l.device);
-              const ExecContext ctx = backend.context(0);
+              const ExecContext ctx = backend.context(ThreadPool::shared(0));
               y = l.linear.forward(ctx, xb.tensor.to(l.device)).to(Device::cpu());
               backend.finish(ctx);
             }
@@ -301,7 +301,7 @@ PYBIND11_MODULE(_core, m) {
             const Borrowed xb = from_numpy(x, "x", {DType::F32}, 2);
             py::gil_scoped_release nogil;
             const kernels::Backend& backend = kernels::backend_for(l.device);
-            const ExecContext ctx = backend.context(0);
+            const ExecContext ctx = backend.context(ThreadPool::shared(0));
             const Tensor xd = xb.tensor.to(l.device);
             l.linear.forward(ctx, xd);  // warm-up: kernel selection, allocator pools
             backend.finish(ctx);
@@ -337,7 +337,7 @@ PYBIND11_MODULE(_core, m) {
         if (n < 1) throw py::value_error("threads must be >= 1");
         set_default_threads(n);
       },
-      py::arg("n"), "Default threads of the CPU kernels for calls that do not name a count (Engine threads=0, Linear).");
+      py::arg("n"), "Default threads of the CPU kernels for work that names no count (Engines made with threads=0 after this, Linear).");
   m.def(
       "int8_peak_gops",
       [](int threads, double seconds) {

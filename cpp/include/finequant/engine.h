@@ -14,7 +14,7 @@
 namespace finequant {
 
 struct EngineOptions {
-  int threads = 0;             // CPU threads per call; 0 keeps the default (OpenMP's)
+  int threads = 0;             // CPU threads of this Engine (its own pool); 0: the default
   std::string device = "cpu";  // "cpu", "cuda", "cuda:N" or "auto" (a CUDA device when present, else the CPU)
 };
 

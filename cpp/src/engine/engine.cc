@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <random>
 
@@ -16,9 +17,20 @@ namespace finequant {
 struct Engine::Impl {
   ModelFile file;  // keeps the mapping alive: weights may borrow it
   std::unique_ptr<Model> model;
-  int threads = 0;
+  int threads = 0;  // as asked (0: default_threads())
   Device device;
+  // This Engine's CPU threads (docs/DESIGN.md section 5.5); replaced whole by set_threads, so a
+  // call that already holds the old pool finishes on it.
+  std::shared_ptr<ThreadPool> pool;
+
+  std::shared_ptr<ThreadPool> current_pool() const { return std::atomic_load(&pool); }
 };
+
+namespace {
+std::shared_ptr<ThreadPool> make_pool(int threads) {
+  return std::make_shared<ThreadPool>(threads > 0 ? threads : default_threads());
+}
+}  // namespace
 
 namespace {
 
@@ -111,7 +123,8 @@ std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions opti
     device = Device::cpu();
     backend = &kernels::backend_for(device);
   }
-  auto impl = std::make_unique<Impl>(Impl{ModelFile::open(file_path), nullptr, options.threads, device});
+  auto impl = std::make_unique<Impl>(Impl{ModelFile::open(file_path), nullptr, options.threads, device,
+                                          make_pool(options.threads)});
   impl->model = build_model(impl->file, *backend, impl->threads);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
@@ -119,7 +132,8 @@ std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions opti
 Tensor Engine::forward(const Tensor& input_ids, const Tensor* attention_mask) const {
   const Batch b = validate(*impl_->model, input_ids, attention_mask);
   const kernels::Backend& backend = impl_->model->backend();
-  const ExecContext ctx = backend.context(impl_->threads);
+  const std::shared_ptr<ThreadPool> pool = impl_->current_pool();
+  const ExecContext ctx = backend.context(*pool);
   Tensor out = impl_->model->forward(ctx, b.ids, b.mask.data(), b.B, b.T).to(Device::cpu());
   backend.finish(ctx);
   return out;
@@ -136,7 +150,8 @@ std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, cons
   const Batch b = validate(*impl_->model, input_ids, attention_mask);
   const auto& decoder = static_cast<const Decoder&>(*impl_->model);
   const kernels::Backend& backend = decoder.backend();
-  const ExecContext ctx = backend.context(impl_->threads);
+  const std::shared_ptr<ThreadPool> pool = impl_->current_pool();
+  const ExecContext ctx = backend.context(*pool);
   // Logits of one step, on the host for sampling (waits for the device's work).
   auto logits_of = [&](Tensor t) {
     Tensor host = t.to(Device::cpu());
@@ -184,6 +199,7 @@ int Engine::threads() const { return impl_->threads; }
 void Engine::set_threads(int threads) {
   FQ_CHECK_ARG(threads >= 0, "threads must be >= 0");
   impl_->threads = threads;
+  std::atomic_store(&impl_->pool, make_pool(threads));
 }
 
 }  // namespace finequant

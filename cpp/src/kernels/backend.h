@@ -92,13 +92,14 @@ class Backend {
   virtual Device device() const = 0;
   virtual std::string name() const = 0;  // e.g. "cpu (avx2)", "cuda:0 NVIDIA H200 (sm90)"
 
-  // The context of one call on the calling thread (CUDA: the thread's stream on this device).
-  virtual ExecContext context(int threads) const = 0;
+  // The context of one call on the calling thread, its CPU work on `pool` (CUDA: the thread's
+  // stream on this device).
+  virtual ExecContext context(ThreadPool& pool) const = 0;
   // Waits for the call's work; throws InvalidArgument if a kernel met NaN/Inf input on the way.
   virtual void finish(const ExecContext& ctx) const = 0;
 
   // ---- GEMM: y [M, N] = epilogue(rows(x) W^T + bias), integer or floating point -----------
-  virtual std::unique_ptr<PreparedLinear> prepare_linear(const LinearWeights& w, int threads) const = 0;
+  virtual std::unique_ptr<PreparedLinear> prepare_linear(const LinearWeights& w, int threads) const = 0;  // threads: packing (0: default)
   virtual void linear(const ExecContext& ctx, const GemmInput& x, const PreparedLinear& w, Tensor& y) const = 0;
 
   // ---- norms and elementwise ops on F32 rows ------------------------------------------------

@@ -197,10 +197,11 @@ AttentionKernel attention_avx512() { return {CpuIsa::Avx512Vnni, nullptr, nullpt
 #endif
 
 // The loops around the inner products: masking, softmax, GQA head mapping, decode without K^T.
-FQ_MULTIVERSION void attention_loops(const AttentionArgs& a, const AttentionKernel& kernel, int threads) {
+// One (sequence, head) pair.
+FQ_MULTIVERSION void attention_head(const AttentionArgs& a, const AttentionKernel& kernel, int64_t b, int64_t h) {
   const HeadView &q = a.q, &k = a.k, &v = a.v;
   float* out = a.out;
-  const int64_t B = a.B, H = a.H, KVH = a.KVH, Tq = a.Tq, Tk = a.Tk, D = a.D;
+  const int64_t H = a.H, KVH = a.KVH, Tq = a.Tq, Tk = a.Tk, D = a.D;
   const uint8_t* key_valid = a.key_valid;
   const int64_t key_valid_stride = a.key_valid_stride, causal_offset = a.causal_offset;
   const float scale = a.scale;
@@ -211,58 +212,53 @@ FQ_MULTIVERSION void attention_loops(const AttentionArgs& a, const AttentionKern
   // Keys seen by query t: causal ones stop at their own position.
   auto seen = [&](int64_t t) { return (causal_offset >= 0 ? std::min(Tk - 1, causal_offset + t) : Tk - 1) + 1; };
   const int64_t Tkp = (Tk + kAttnKeys - 1) / kAttnKeys * kAttnKeys;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t kvh = h / group;
-      const uint8_t* valid = key_valid + b * key_valid_stride;
-      // K^T of this head ([D, Tkp], zeros past the keys) and the probabilities of a query block.
-      // Decode (fewer queries than a block): a dot product per cached key beats transposing the
-      // whole cache every step.
-      const bool transposed = Tq >= kAttnQueries;
-      std::vector<float> kt(transposed ? static_cast<size_t>(D * Tkp) : 0, 0.f),
-          probs(static_cast<size_t>(kAttnQueries * Tkp));
-      const int64_t keys = transposed ? seen(Tq - 1) : 0;
-      for (int64_t j = 0; j < keys; ++j) {
-        const float* kv = k.at(b, kvh, j);
-        for (int64_t d = 0; d < D; ++d) kt[d * Tkp + j] = kv[d];
-      }
-      for (int64_t t0 = 0; t0 < Tq; t0 += kAttnQueries) {
-        const int nq = static_cast<int>(std::min<int64_t>(kAttnQueries, Tq - t0));
-        const float* qs[kAttnQueries];
-        float* os[kAttnQueries];
-        for (int i = 0; i < nq; ++i) {
-          qs[i] = q.at(b, h, t0 + i);
-          os[i] = out + (b * Tq + t0 + i) * H * D + h * D;
-        }
-        const int64_t n_block = seen(t0 + nq - 1);
-        if (transposed) {
-          scores_fn(qs, nq, kt.data(), Tkp, (n_block + kAttnKeys - 1) / kAttnKeys * kAttnKeys, D, probs.data(), Tkp);
-        } else {
-          for (int i = 0; i < nq; ++i)
-            for (int64_t j = 0; j < n_block; ++j) {
-              const float* kv = k.at(b, kvh, j);
-              float s = 0.f;
-#pragma omp simd reduction(+ : s)
-              for (int64_t d = 0; d < D; ++d) s += qs[i][d] * kv[d];
-              probs[i * Tkp + j] = s;
-            }
-        }
-        for (int i = 0; i < nq; ++i) {
-          // Softmax over the visible keys; exact zeros elsewhere (masked, or after a causal query).
-          float* p = probs.data() + i * Tkp;
-          const int64_t n = seen(t0 + i);
-          softmax_fn(p, valid, n, scale);
-          std::fill(p + n, p + n_block, 0.f);
-        }
-        values_fn(probs.data(), Tkp, nq, v.at(b, kvh, 0), v.st, n_block, D, os);
-      }
+  const int64_t kvh = h / group;
+  const uint8_t* valid = key_valid + b * key_valid_stride;
+  // K^T of this head ([D, Tkp], zeros past the keys) and the probabilities of a query block.
+  // Decode (fewer queries than a block): a dot product per cached key beats transposing the
+  // whole cache every step.
+  const bool transposed = Tq >= kAttnQueries;
+  std::vector<float> kt(transposed ? static_cast<size_t>(D * Tkp) : 0, 0.f),
+      probs(static_cast<size_t>(kAttnQueries * Tkp));
+  const int64_t keys = transposed ? seen(Tq - 1) : 0;
+  for (int64_t j = 0; j < keys; ++j) {
+    const float* kv = k.at(b, kvh, j);
+    for (int64_t d = 0; d < D; ++d) kt[d * Tkp + j] = kv[d];
+  }
+  for (int64_t t0 = 0; t0 < Tq; t0 += kAttnQueries) {
+    const int nq = static_cast<int>(std::min<int64_t>(kAttnQueries, Tq - t0));
+    const float* qs[kAttnQueries];
+    float* os[kAttnQueries];
+    for (int i = 0; i < nq; ++i) {
+      qs[i] = q.at(b, h, t0 + i);
+      os[i] = out + (b * Tq + t0 + i) * H * D + h * D;
     }
+    const int64_t n_block = seen(t0 + nq - 1);
+    if (transposed) {
+      scores_fn(qs, nq, kt.data(), Tkp, (n_block + kAttnKeys - 1) / kAttnKeys * kAttnKeys, D, probs.data(), Tkp);
+    } else {
+      for (int i = 0; i < nq; ++i)
+        for (int64_t j = 0; j < n_block; ++j) {
+          const float* kv = k.at(b, kvh, j);
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += qs[i][d] * kv[d];
+          probs[i * Tkp + j] = s;
+        }
+    }
+    for (int i = 0; i < nq; ++i) {
+      // Softmax over the visible keys; exact zeros elsewhere (masked, or after a causal query).
+      float* p = probs.data() + i * Tkp;
+      const int64_t n = seen(t0 + i);
+      softmax_fn(p, valid, n, scale);
+      std::fill(p + n, p + n_block, 0.f);
+    }
+    values_fn(probs.data(), Tkp, nq, v.at(b, kvh, 0), v.st, n_block, D, os);
   }
 }
 
 void attention(const ExecContext& ctx, const AttentionArgs& args, const AttentionKernel& kernel) {
-  attention_loops(args, kernel, ctx.threads);
+  ctx.threads().run(args.B * args.H, [&](int64_t t) { attention_head(args, kernel, t / args.H, t % args.H); });
 }
 
 }  // namespace kernels

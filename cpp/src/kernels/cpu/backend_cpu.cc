@@ -18,28 +18,28 @@ class CpuBackend final : public Backend {
   Device device() const override { return Device::cpu(); }
   std::string name() const override { return std::string("cpu (") + isa_name(active_isa()) + ")"; }
 
-  ExecContext context(int threads) const override {
+  ExecContext context(ThreadPool& pool) const override {
     ExecContext ctx;
     ctx.backend = this;
     ctx.device = Device::cpu();
-    ctx.threads = resolve_threads(threads);
+    ctx.pool = &pool;
     return ctx;
   }
   void finish(const ExecContext&) const override {}  // CPU kernels report bad input as they run
 
   std::unique_ptr<PreparedLinear> prepare_linear(const LinearWeights& w, int threads) const override {
-    threads = resolve_threads(threads);
+    ThreadPool& pool = ThreadPool::shared(threads);
     const CpuIsa level = active_isa();
     std::unique_ptr<CpuLinear> p;
     std::string kernel;
     if (w.quantized() && w.act.bits != 0) {
       const IntGemmKernel& k = select_kernel(int_gemm_kernels(), level);
-      p = k.prepare(make_int_weight(w.weight, w.act, threads), threads);
+      p = k.prepare(make_int_weight(w.weight, w.act, pool), pool);
       kernel = std::string("cpu/") + isa_name(k.level) + " int";
     } else {
       const LinearWeights f = w.quantized() ? w.dequantized() : w;
       const F32GemmKernel& k = select_kernel(f32_gemm_kernels(), level);
-      p = k.prepare(f.weight_f32, threads);
+      p = k.prepare(f.weight_f32, pool);
       kernel = std::string("cpu/") + isa_name(k.level) + " f32";
     }
     p->epilogue = w.epilogue;
@@ -55,22 +55,22 @@ class CpuBackend final : public Backend {
   }
 
   void norm(const ExecContext& ctx, const Tensor& x, const NormParams& norm, Tensor& y) const override {
-    normalize_rows(norm, x.data<float>(), x.dim(0), y.data<float>(), ctx.threads);
+    normalize_rows(norm, x.data<float>(), x.dim(0), y.data<float>(), ctx.threads());
   }
 
   void add(const ExecContext& ctx, Tensor& x, const Tensor& y) const override {
-    add_inplace(x.data<float>(), y.data<float>(), x.numel(), ctx.threads);
+    add_inplace(x.data<float>(), y.data<float>(), x.numel(), ctx.threads());
   }
 
   void silu_mul(const ExecContext& ctx, const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
                 float* out, int64_t M, int64_t I) const override {
-    kernels::silu_mul(gate, gate_stride, up, up_stride, out, M, I, ctx.threads);
+    kernels::silu_mul(gate, gate_stride, up, up_stride, out, M, I, ctx.threads());
   }
 
   void rope(const ExecContext& ctx, float* x, int64_t row_stride, int64_t M, int64_t heads, const Tensor& inv_freq,
             const Tensor& positions) const override {
     kernels::rope(x, row_stride, M, heads, inv_freq.data<float>(), inv_freq.numel(), positions.data<int64_t>(),
-                  ctx.threads);
+                  ctx.threads());
   }
 
   void gather_rows(const ExecContext&, const Tensor& table, const Tensor& ids, Tensor& out, bool add) const override {

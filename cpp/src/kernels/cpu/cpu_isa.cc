@@ -1,7 +1,16 @@
 #include "kernels/cpu/cpu_isa.h"
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "finequant/error.h"
 
@@ -11,6 +20,22 @@ namespace kernels {
 namespace {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// CPUID leaf 7 sub-leaf `sub`: registers {eax, ebx, ecx, edx}.
+std::array<unsigned, 4> cpuid7(unsigned sub) {
+  std::array<unsigned, 4> r{};
+  if (__get_cpuid_max(0, nullptr) < 7) return r;
+  __cpuid_count(7, sub, r[0], r[1], r[2], r[3]);
+  return r;
+}
+// The OS saves the ymm state (XCR0 bits 1, 2): needed before any VEX-256 instruction.
+bool os_saves_ymm() {
+  unsigned a, b, c, d;
+  __cpuid(1, a, b, c, d);
+  if (!(c & (1u << 27))) return false;  // OSXSAVE
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & 0x6) == 0x6;
+}
 bool has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
@@ -21,9 +46,32 @@ bool has_avx512vnni() {
                           __builtin_cpu_supports("avx512vnni");
   return has;
 }
+bool has_avxvnni() {
+  static const bool has = has_avx2() && os_saves_ymm() && (cpuid7(1)[0] & (1u << 4));  // CPUID.(7,1):EAX[4]
+  return has;
+}
+// AMX-TILE and AMX-INT8 (CPUID.(7,0):EDX[24], [25]), and Linux's permission to use tile data
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), asked once per process: a kernel that
+// cannot get it is never selected.
+bool has_amx() {
+  static const bool has = [] {
+    if (!has_avx512vnni()) return false;
+    const unsigned edx = cpuid7(0)[3];
+    if (!(edx & (1u << 24)) || !(edx & (1u << 25))) return false;
+#if defined(__linux__)
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return has;
+}
 #else
 bool has_avx2() { return false; }
+bool has_avxvnni() { return false; }
 bool has_avx512vnni() { return false; }
+bool has_amx() { return false; }
 #endif
 bool always() { return true; }
 
@@ -34,9 +82,12 @@ std::atomic<int> g_forced{-1};
 
 const std::vector<IsaInfo>& isa_table() {
   static const std::vector<IsaInfo> table = {
-      {CpuIsa::Ref, "ref", always},
-      {CpuIsa::Avx2, "avx2", has_avx2},
-      {CpuIsa::Avx512Vnni, "avx512vnni", has_avx512vnni},
+      {CpuIsa::Ref, "ref", always, true},
+      {CpuIsa::Avx2, "avx2", has_avx2, true},
+      // Off until their kernels have run on such a CPU (docs/DESIGN.md section 5.4).
+      {CpuIsa::AvxVnni, "avxvnni", has_avxvnni, false},
+      {CpuIsa::Avx512Vnni, "avx512vnni", has_avx512vnni, true},
+      {CpuIsa::Amx, "amx", has_amx, false},
   };
   return table;
 }
@@ -44,10 +95,15 @@ const std::vector<IsaInfo>& isa_table() {
 const char* isa_name(CpuIsa isa) { return isa_table()[static_cast<size_t>(isa)].name; }
 bool cpu_supports(CpuIsa isa) { return isa_table()[static_cast<size_t>(isa)].supported(); }
 
+bool kernel_eligible(CpuIsa level, CpuIsa active) {
+  const IsaInfo& i = isa_table()[static_cast<size_t>(level)];
+  return level <= active && i.supported() && (i.on_by_default || level == active);
+}
+
 CpuIsa best_supported_isa() {
   CpuIsa best = CpuIsa::Ref;
   for (const IsaInfo& i : isa_table())
-    if (i.supported()) best = i.level;
+    if (i.on_by_default && i.supported()) best = i.level;
   return best;
 }
 

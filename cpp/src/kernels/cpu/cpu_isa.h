@@ -12,35 +12,45 @@ namespace kernels {
 enum class CpuIsa : int {
   Ref = 0,         // portable loops (auto-vectorized for x86-64-v2/v3/v4 where it pays: multiversion.h)
   Avx2 = 1,        // avx2
-  Avx512Vnni = 2,  // avx512f, bw, dq, vl, vnni
+  AvxVnni = 2,     // avx2 + avx-vnni (ymm vpdpbusd/vpdpwssd, VEX): Alder Lake, Zen 5 client, Sierra Forest
+  Avx512Vnni = 3,  // avx512f, bw, dq, vl, vnni
+  Amx = 4,         // the above + amx-tile, amx-int8, and the OS's permission for tile data
 };
 
 struct IsaInfo {
   CpuIsa level;
   const char* name;  // what FINEQUANT_ISA, force_isa and Python's set_isa accept
   bool (*supported)();  // the CPU has every feature of the level
+  // Chosen without being asked for. A level whose kernels have not yet run on a CPU that has it
+  // (so were verified only against the emulation of their instructions) is used only when forced.
+  bool on_by_default;
 };
 
 // Every level, lowest first: the one table of names.
 const std::vector<IsaInfo>& isa_table();
 const char* isa_name(CpuIsa isa);
 bool cpu_supports(CpuIsa isa);
-CpuIsa best_supported_isa();
+CpuIsa best_supported_isa();  // of the levels on by default
 
-// The active level: the forced one (force_isa), else FINEQUANT_ISA, else the best supported; a level
-// the CPU lacks falls back to the highest supported level below it. Kernel choices follow the active
+// The active level: the forced one (force_isa), else FINEQUANT_ISA, else the best supported level
+// that is on by default; a level the CPU lacks falls back to the highest supported level below it. Kernel choices follow the active
 // level when a weight is prepared (GEMMs) or when an op runs (attention, norms).
 CpuIsa active_isa();
 // "auto" clears a forced level; throws InvalidArgument naming the known levels for anything else.
 void force_isa(const std::string& name);
 
-// The best entry of a kernel family for the active level: the highest `level` at or below it that
-// the CPU supports. Every family has a Ref entry.
+// Whether a kernel of `level` may run when `active` is the active level: at or below it, supported
+// by the CPU, and on by default unless it is the active level itself (so that forcing a level
+// tries its kernels, but never another level's unverified ones).
+bool kernel_eligible(CpuIsa level, CpuIsa active);
+
+// The best entry of a kernel family for the active level: the highest eligible `level`. Every
+// family has a Ref entry.
 template <class Kernel>
 const Kernel& select_kernel(const std::vector<Kernel>& family, CpuIsa active) {
   const Kernel* best = nullptr;
   for (const Kernel& k : family)
-    if (k.level <= active && cpu_supports(k.level) && (!best || k.level > best->level)) best = &k;
+    if (kernel_eligible(k.level, active) && (!best || k.level > best->level)) best = &k;
   return *best;
 }
 

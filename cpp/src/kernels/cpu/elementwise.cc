@@ -1,5 +1,6 @@
 #include "kernels/cpu/elementwise.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -10,15 +11,20 @@
 namespace finequant {
 namespace kernels {
 
-FQ_MULTIVERSION void add_inplace(float* a, const float* b, int64_t n, int threads) {
-#pragma omp parallel for simd schedule(static) num_threads(threads) if (n > 65536)
+namespace {
+
+// Below this many elements an op runs on the calling thread: waking workers costs more.
+constexpr int64_t kParallelElements = 65536;
+int64_t rows_grain(int64_t row) { return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(row, 1)); }
+
+FQ_MULTIVERSION void add_range(float* a, const float* b, int64_t n) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) a[i] += b[i];
 }
 
-FQ_MULTIVERSION void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out,
-                              int64_t M, int64_t I, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (M * I > 65536)
-  for (int64_t m = 0; m < M; ++m) {
+FQ_MULTIVERSION void silu_mul_rows(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out,
+                                   int64_t m0, int64_t m1, int64_t I) {
+  for (int64_t m = m0; m < m1; ++m) {
     const float* g = gate + m * gate_stride;
     const float* u = up + m * up_stride;
     float* o = out + m * I;
@@ -27,26 +33,39 @@ FQ_MULTIVERSION void silu_mul(const float* gate, int64_t gate_stride, const floa
   }
 }
 
+}  // namespace
+
+void add_inplace(float* a, const float* b, int64_t n, ThreadPool& pool) {
+  parallel_for(pool, n, kParallelElements, [&](int64_t i0, int64_t i1) { add_range(a + i0, b + i0, i1 - i0); });
+}
+
+void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out, int64_t M,
+              int64_t I, ThreadPool& pool) {
+  parallel_for(pool, M, rows_grain(I),
+               [&](int64_t m0, int64_t m1) { silu_mul_rows(gate, gate_stride, up, up_stride, out, m0, m1, I); });
+}
+
 void rope(float* xs, int64_t row, int64_t M, int64_t heads, const float* inv_freq, int64_t half,
-          const int64_t* positions, int threads) {
+          const int64_t* positions, ThreadPool& pool) {
   const int64_t head_dim = 2 * half;
-#pragma omp parallel for schedule(static) num_threads(threads) if (M * row > 65536)
-  for (int64_t m = 0; m < M; ++m) {
-    std::vector<float> cs(half), sn(half);
-    for (int64_t i = 0; i < half; ++i) {
-      const float angle = static_cast<float>(positions[m]) * inv_freq[i];
-      cs[i] = std::cos(angle);
-      sn[i] = std::sin(angle);
-    }
-    for (int64_t h = 0; h < heads; ++h) {
-      float* v = xs + m * row + h * head_dim;
+  parallel_for(pool, M, rows_grain(row), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      std::vector<float> cs(half), sn(half);
       for (int64_t i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        v[i] = a * cs[i] - b * sn[i];
-        v[i + half] = b * cs[i] + a * sn[i];
+        const float angle = static_cast<float>(positions[m]) * inv_freq[i];
+        cs[i] = std::cos(angle);
+        sn[i] = std::sin(angle);
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = xs + m * row + h * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * cs[i] - b * sn[i];
+          v[i + half] = b * cs[i] + a * sn[i];
+        }
       }
     }
-  }
+  });
 }
 
 void gather_rows(const float* src, int64_t C, const int64_t* ids, int64_t n, float* dst, bool add) {

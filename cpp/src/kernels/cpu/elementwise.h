@@ -7,11 +7,11 @@
 namespace finequant {
 namespace kernels {
 
-void add_inplace(float* x, const float* y, int64_t n, int threads);
+void add_inplace(float* x, const float* y, int64_t n, ThreadPool& pool);
 void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out, int64_t M,
-              int64_t I, int threads);
+              int64_t I, ThreadPool& pool);
 void rope(float* x, int64_t row_stride, int64_t M, int64_t heads, const float* inv_freq, int64_t half,
-          const int64_t* positions, int threads);
+          const int64_t* positions, ThreadPool& pool);
 void gather_rows(const float* table, int64_t C, const int64_t* ids, int64_t n, float* out, bool add);
 void kv_append(const HeadView& k, const HeadView& v, float* k_cache, float* v_cache, int64_t B, int64_t KVH,
                int64_t cap, int64_t past, int64_t T, int64_t D);

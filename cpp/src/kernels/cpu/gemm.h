@@ -18,7 +18,7 @@ namespace kernels {
 // One LayerNorm / RMSNorm row (norm.cc): y = normalized x, C = norm.C values.
 void normalize_row(const NormParams& norm, const float* x, float* y);
 // Every row of x [M, C] into y [M, C] (threaded when large).
-void normalize_rows(const NormParams& norm, const float* x, int64_t M, float* y, int threads);
+void normalize_rows(const NormParams& norm, const float* x, int64_t M, float* y, ThreadPool& pool);
 
 // The input rows of a CPU GEMM: stored F32 rows, normalized on demand when `norm` is set (the
 // fused producer of GemmInput), so that an integer kernel quantizes each row straight from L1.
@@ -34,7 +34,7 @@ struct RowInput {
     return scratch;
   }
   // All rows as one [rows, cols] F32 tensor (stored rows are borrowed, normalized ones computed).
-  Tensor materialize(int threads) const;
+  Tensor materialize(ThreadPool& pool) const;
 };
 
 // A weight prepared for one CPU kernel; runs that kernel (bias and epilogue from PreparedLinear).
@@ -58,21 +58,21 @@ struct IntWeight {
   int64_t num_blocks = 1;
   std::vector<int32_t> colsum;  // [N, num_blocks]: sum_k q[n, k] over each K-block
 };
-IntWeight make_int_weight(const QuantizedTensor& w, QuantSpec act, int threads);
+IntWeight make_int_weight(const QuantizedTensor& w, QuantSpec act, ThreadPool& pool);
 
 struct IntGemmKernel {
   CpuIsa level;
-  std::unique_ptr<CpuLinear> (*prepare)(IntWeight w, int threads);
+  std::unique_ptr<CpuLinear> (*prepare)(IntWeight w, ThreadPool& pool);  // pool: for packing
 };
 // The reference loops on already-quantized rows (quantize_rows semantics): int32 per K-block,
 // exact int64 correction, fp32 epilogue in a fixed order that every kernel reproduces.
 void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
-                            Epilogue epilogue, int threads);
+                            Epilogue epilogue, ThreadPool& pool);
 
 // ---- floating point ---------------------------------------------------------------------------
 struct F32GemmKernel {
   CpuIsa level;
-  std::unique_ptr<CpuLinear> (*prepare)(Tensor w, int threads);  // w: F32 [N, K]
+  std::unique_ptr<CpuLinear> (*prepare)(Tensor w, ThreadPool& pool);  // w: F32 [N, K]
 };
 
 // ---- the registry: one line per ISA (registry.cc) ----------------------------------------------

@@ -88,26 +88,25 @@ class Avx512F32Linear final : public CpuLinear {
   }
 
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
-    const Tensor rows = x.materialize(ctx.threads);
+    const Tensor rows = x.materialize(ctx.threads());
     const int64_t M = x.rows;
     const F32Ctx c{rows.data<float>(), M, N, K, packed_.data(), bias.defined() ? bias.data<float>() : nullptr, y,
                    epilogue};
     const int64_t tiles = (N + kTileN - 1) / kTileN;
     const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tasks = mchunks * tiles;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(ctx.threads)
-    for (int64_t t = 0; t < tasks; ++t) {
+    ctx.threads().run(tasks, [&](int64_t t) {
       const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
       int64_t m = m0;
       for (; m + kMaxMR <= m1; m += kMaxMR) f32_micro<kMaxMR>(c, m, tile);
       if (m < m1) pick_f32(static_cast<int>(m1 - m))(c, m, tile);
-    }
+    });
   }
 
  private:
   std::vector<float> packed_;  // the only copy of the weight in memory
 };
 
-std::unique_ptr<CpuLinear> prepare_avx512(Tensor w, int) { return std::make_unique<Avx512F32Linear>(w); }
+std::unique_ptr<CpuLinear> prepare_avx512(Tensor w, ThreadPool&) { return std::make_unique<Avx512F32Linear>(w); }
 
 }  // namespace
 

@@ -1,4 +1,4 @@
-// The reference FP32 GEMM: a vectorized dot product per output, OpenMP over output channels.
+// The reference FP32 GEMM: a vectorized dot product per output, threads over output channels.
 // Compiled with -ffp-contract=off (outputs must not depend on the target clone's FMA).
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/multiversion.h"
@@ -8,10 +8,10 @@ namespace kernels {
 
 namespace {
 
-FQ_MULTIVERSION void gemm_f32_loops(const float* x, int64_t M, const float* w, int64_t N, int64_t K, const float* bias,
-                                    float* y, Epilogue epilogue, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < N; ++n) {
+// Output channels [n0, n1) of every row.
+FQ_MULTIVERSION void gemm_f32_channels(const float* x, int64_t M, const float* w, int64_t N, int64_t K,
+                                       const float* bias, float* y, Epilogue epilogue, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
     const float* wn = w + n * K;
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * K;
@@ -31,16 +31,18 @@ class RefF32Linear final : public CpuLinear {
     K = w_.dim(1);
   }
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
-    const Tensor rows = x.materialize(ctx.threads);
-    gemm_f32_loops(rows.data<float>(), x.rows, w_.data<float>(), N, K, bias.defined() ? bias.data<float>() : nullptr,
-                   y, epilogue, ctx.threads);
+    const Tensor rows = x.materialize(ctx.threads());
+    parallel_for(ctx.threads(), N, 16, [&](int64_t n0, int64_t n1) {
+      gemm_f32_channels(rows.data<float>(), x.rows, w_.data<float>(), N, K,
+                        bias.defined() ? bias.data<float>() : nullptr, y, epilogue, n0, n1);
+    });
   }
 
  private:
   Tensor w_;  // [N, K]
 };
 
-std::unique_ptr<CpuLinear> prepare_ref(Tensor w, int) { return std::make_unique<RefF32Linear>(std::move(w)); }
+std::unique_ptr<CpuLinear> prepare_ref(Tensor w, ThreadPool&) { return std::make_unique<RefF32Linear>(std::move(w)); }
 
 }  // namespace
 

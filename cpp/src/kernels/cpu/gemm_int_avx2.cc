@@ -123,24 +123,25 @@ MicroFn pick_rows(int mr) {
 
 // Widens the quantized rows into [M, Kp] int16 (zero padded per block) and sums each block.
 template <class TX>
-void widen_rows(const QuantizedTensor& x, const Ctx& c, int16_t* xw, int32_t* rowsum, int threads) {
+void widen_rows(const QuantizedTensor& x, const Ctx& c, int16_t* xw, int32_t* rowsum, ThreadPool& pool) {
   const TX* xq = static_cast<const TX*>(x.q.raw());
-#pragma omp parallel for schedule(static) num_threads(threads) if (c.M > 16)
-  for (int64_t m = 0; m < c.M; ++m) {
-    std::fill(xw + m * c.Kp, xw + (m + 1) * c.Kp, int16_t{0});
-    for (int64_t b = 0; b < c.nb; ++b) {
-      const int64_t k0 = b * c.bk, kb = std::min(c.K, k0 + c.bk) - k0;
-      int32_t s = 0;
-      for (int64_t k = 0; k < kb; ++k) {
-        xw[m * c.Kp + b * c.bkp + k] = static_cast<int16_t>(xq[m * c.K + k0 + k]);
-        s += xq[m * c.K + k0 + k];
+  parallel_for(pool, c.M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      std::fill(xw + m * c.Kp, xw + (m + 1) * c.Kp, int16_t{0});
+      for (int64_t b = 0; b < c.nb; ++b) {
+        const int64_t k0 = b * c.bk, kb = std::min(c.K, k0 + c.bk) - k0;
+        int32_t s = 0;
+        for (int64_t k = 0; k < kb; ++k) {
+          xw[m * c.Kp + b * c.bkp + k] = static_cast<int16_t>(xq[m * c.K + k0 + k]);
+          s += xq[m * c.K + k0 + k];
+        }
+        rowsum[m * c.nb + b] = s;
       }
-      rowsum[m * c.nb + b] = s;
     }
-  }
+  });
 }
 
-Avx2Layout pack(const IntWeight& w, int threads) {
+Avx2Layout pack(const IntWeight& w, ThreadPool& pool) {
   Avx2Layout v;
   const int64_t N = w.N, K = w.K, nb = w.num_blocks, bk = w.tile_cols;
   v.block_padded = round_up(bk, 2);
@@ -148,22 +149,23 @@ Avx2Layout pack(const IntWeight& w, int threads) {
   const int64_t tiles = (N + kTile - 1) / kTile;
   v.packed.assign(static_cast<size_t>(tiles * kTile * v.Kp), 0);
   const uint8_t* q = static_cast<const uint8_t*>(w.q.raw());  // I8 or U8: the bytes as stored
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
-      for (int64_t k = 0; k < kb; ++k) {
-        const int64_t kk = b * v.block_padded + k;  // position in the padded K
-        v.packed[static_cast<size_t>(((n / kTile) * v.Kp + kk - kk % 2) * kTile + (n % kTile) * 2 + kk % 2)] =
-            q[n * K + k0 + k];
+  parallel_for(pool, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
+        for (int64_t k = 0; k < kb; ++k) {
+          const int64_t kk = b * v.block_padded + k;  // position in the padded K
+          v.packed[static_cast<size_t>(((n / kTile) * v.Kp + kk - kk % 2) * kTile + (n % kTile) * 2 + kk % 2)] =
+              q[n * K + k0 + k];
+        }
       }
-    }
+  });
   return v;
 }
 
 class Avx2IntLinear final : public CpuLinear {
  public:
-  Avx2IntLinear(IntWeight w, int threads) : w_(std::move(w)), layout_(pack(w_, threads)) {
+  Avx2IntLinear(IntWeight w, ThreadPool& pool) : w_(std::move(w)), layout_(pack(w_, pool)) {
     N = w_.N;
     K = w_.K;
     wsigned_ = w_.q.dtype() == DType::I8;
@@ -173,25 +175,24 @@ class Avx2IntLinear final : public CpuLinear {
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
     const IntWeight& w = w_;
     const int64_t M = x.rows;
-    const int threads = ctx.threads;
-    const QuantizedTensor xq = quantize_rows(x.materialize(threads), w.act);
+    ThreadPool& pool = ctx.threads();
+    const QuantizedTensor xq = quantize_rows(x.materialize(pool), w.act);
     std::vector<int16_t> xw(static_cast<size_t>(M * layout_.Kp));
     std::vector<int32_t> rowsum(static_cast<size_t>(M * w.num_blocks));
     const Ctx c{M, w.N, w.K, w.num_blocks, w.tile_cols, layout_.block_padded, layout_.Kp, xw.data(), rowsum.data(),
                 &xq, &w, &layout_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
-    if (xq.q.dtype() == DType::I8) widen_rows<int8_t>(xq, c, xw.data(), rowsum.data(), threads);
-    else widen_rows<uint8_t>(xq, c, xw.data(), rowsum.data(), threads);
+    if (xq.q.dtype() == DType::I8) widen_rows<int8_t>(xq, c, xw.data(), rowsum.data(), pool);
+    else widen_rows<uint8_t>(xq, c, xw.data(), rowsum.data(), pool);
     const bool wsigned = wsigned_;
     const MicroFn full = wsigned ? pick_rows<true>(kMaxMR) : pick_rows<false>(kMaxMR);
     const int64_t tiles = (w.N + kTile - 1) / kTile, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t t = 0; t < mchunks * tiles; ++t) {
+    pool.run(mchunks * tiles, [&](int64_t t) {
       const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
       int64_t m = m0;
       for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
       if (m < m1)
         (wsigned ? pick_rows<true>(static_cast<int>(m1 - m)) : pick_rows<false>(static_cast<int>(m1 - m)))(c, m, tile);
-    }
+    });
   }
 
  private:
@@ -200,8 +201,8 @@ class Avx2IntLinear final : public CpuLinear {
   bool wsigned_ = true;
 };
 
-std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, int threads) {
-  return std::make_unique<Avx2IntLinear>(std::move(w), threads);
+std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, ThreadPool& pool) {
+  return std::make_unique<Avx2IntLinear>(std::move(w), pool);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 //   acc' = sum_k x (q + wc) = acc + wc rowsum_x
 //   corrected = acc' - (zw + wc) rowsum_x - zx (colsum_w - kb zw)
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -274,7 +275,7 @@ struct Scratch {
   std::vector<float> sx;
 };
 
-VnniLayout pack(const IntWeight& w, int threads) {
+VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
   VnniLayout v;
   const int64_t N = w.N, K = w.K, nb = w.num_blocks, bk = w.tile_cols;
   const bool wsym = w.q.dtype() == DType::I8, xu8 = !w.act.symmetric, w4 = w.bits == 4;
@@ -297,35 +298,36 @@ VnniLayout pack(const IntWeight& w, int threads) {
   const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
   const int64_t tile_bytes = w4 ? v.Kp * 32 : v.Kp * 64;
   // Channels own disjoint bytes (INT4 nibble pairs run along k), so they pack in parallel.
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t tile = n / kTileN, j = n % kTileN, g = n / w.tile_rows;  // j: panel * 16 + lane
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
-      for (int64_t k = 0; k < kb; ++k) {
-        const int32_t q = wsym ? w.q.data<int8_t>()[n * K + k0 + k] : w.q.data<uint8_t>()[n * K + k0 + k];
-        const uint8_t stored = static_cast<uint8_t>(q + v.wc);  // u8 or s8 bit pattern
-        const int64_t kk = b * v.block_padded + k;              // position in the padded K
-        if (w4) {
-          v.packed[static_cast<size_t>(tile * tile_bytes + kk / 8 * 256 + j * 4 + kk % 4)] |=
-              static_cast<uint8_t>(stored << (kk % 8 < 4 ? 0 : 4));
-        } else {
-          v.packed[static_cast<size_t>(tile * tile_bytes + kk / 4 * 256 + j * 4 + kk % 4)] = stored;
+  parallel_for(pool, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t tile = n / kTileN, j = n % kTileN, g = n / w.tile_rows;  // j: panel * 16 + lane
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
+        for (int64_t k = 0; k < kb; ++k) {
+          const int32_t q = wsym ? w.q.data<int8_t>()[n * K + k0 + k] : w.q.data<uint8_t>()[n * K + k0 + k];
+          const uint8_t stored = static_cast<uint8_t>(q + v.wc);  // u8 or s8 bit pattern
+          const int64_t kk = b * v.block_padded + k;              // position in the padded K
+          if (w4) {
+            v.packed[static_cast<size_t>(tile * tile_bytes + kk / 8 * 256 + j * 4 + kk % 4)] |=
+                static_cast<uint8_t>(stored << (kk % 8 < 4 ? 0 : 4));
+          } else {
+            v.packed[static_cast<size_t>(tile * tile_bytes + kk / 4 * 256 + j * 4 + kk % 4)] = stored;
+          }
         }
+        const size_t col = static_cast<size_t>(b * v.Npad + n);
+        const int32_t z = zw ? zw[g * nb + b] : 0;
+        v.scale[col] = sw[g * nb + b];
+        if (!wsym) v.zw_plus_wc[col] = z + v.wc;
+        if (xu8) v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
       }
-      const size_t col = static_cast<size_t>(b * v.Npad + n);
-      const int32_t z = zw ? zw[g * nb + b] : 0;
-      v.scale[col] = sw[g * nb + b];
-      if (!wsym) v.zw_plus_wc[col] = z + v.wc;
-      if (xu8) v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
     }
-  }
+  });
   return v;
 }
 
 class VnniIntLinear final : public CpuLinear {
  public:
-  VnniIntLinear(const IntWeight& w, int threads) : v_(pack(w, threads)) {
+  VnniIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)) {
     N = w.N;
     K = w.K;
   }
@@ -338,7 +340,7 @@ class VnniIntLinear final : public CpuLinear {
 void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) const {
   const int64_t M = x.rows;
   const VnniLayout& v = v_;
-  const int threads = ctx.threads;
+  ThreadPool& pool = ctx.threads();
   const bool symmetric = v.act.symmetric;
   const float qmax = static_cast<float>(quant_max(v.act));
   thread_local Scratch scratch;
@@ -362,33 +364,28 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
   // and the threads split the channels; larger M uses chunks whose rows stay in L2.
   const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tiles = v.Npad / kTileN;
   const int64_t tasks = mchunks * tiles;
-  int64_t bad_row = -1;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> row_scratch(static_cast<size_t>(v.K));  // a computed row (fused producer), in L1
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
-      if (!quantize_row(x.row(m, row_scratch.data()), c, symmetric, qmax, xp + m * v.Kp, rowsum + m * v.nb,
-                        sx + m, symmetric ? nullptr : zx + m)) {
-#pragma omp critical
-        bad_row = std::max(bad_row, m);
+  std::atomic<int64_t> bad_row{-1};
+  parallel_for(pool, M, 1, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<float> row_scratch;  // a computed row (fused producer), in L1
+    row_scratch.resize(static_cast<size_t>(v.K));
+    for (int64_t m = r0; m < r1; ++m)
+      if (!quantize_row(x.row(m, row_scratch.data()), c, symmetric, qmax, xp + m * v.Kp, rowsum + m * v.nb, sx + m,
+                        symmetric ? nullptr : zx + m)) {
+        int64_t seen = bad_row.load();
+        while (seen < m && !bad_row.compare_exchange_weak(seen, m)) {
+        }
       }
-    }
-    // (implicit barrier)
-    if (bad_row < 0) {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
-        int64_t m = m0;
-        for (; m + max_mr <= m1; m += max_mr) full(c, m, tile);
-        if (m < m1) pick(static_cast<int>(m1 - m), !symmetric, v.bits == 4, multi)(c, m, tile);
-      }
-    }
-  }
+  });
   FQ_CHECK_ARG(bad_row < 0, "input contains NaN or Inf (or an unrepresentable range) in row " + std::to_string(bad_row));
+  pool.run(tasks, [&](int64_t t) {
+    const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
+    int64_t m = m0;
+    for (; m + max_mr <= m1; m += max_mr) full(c, m, tile);
+    if (m < m1) pick(static_cast<int>(m1 - m), !symmetric, v.bits == 4, multi)(c, m, tile);
+  });
 }
 
-std::unique_ptr<CpuLinear> prepare_vnni(IntWeight w, int threads) { return std::make_unique<VnniIntLinear>(w, threads); }
+std::unique_ptr<CpuLinear> prepare_vnni(IntWeight w, ThreadPool& pool) { return std::make_unique<VnniIntLinear>(w, pool); }
 
 }  // namespace
 
@@ -417,12 +414,11 @@ FQ_VNNI double peak_loop(std::chrono::steady_clock::time_point start, double sec
 
 double int8_peak_gops(int threads, double seconds) {
   if (!cpu_supports(CpuIsa::Avx512Vnni)) return 0.0;
-  double total_ops = 0.0;
+  std::atomic<int64_t> total_ops{0};
   const auto start = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(threads) reduction(+ : total_ops)
-  total_ops += peak_loop(start, seconds);
+  ThreadPool::shared(threads).run(threads, [&](int64_t) { total_ops += static_cast<int64_t>(peak_loop(start, seconds)); });
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return total_ops / elapsed / 1e9;
+  return static_cast<double>(total_ops.load()) / elapsed / 1e9;
 }
 
 #else  // no x86 build: the entry is never selected (the CPU does not support the level)

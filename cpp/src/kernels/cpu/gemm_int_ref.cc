@@ -1,4 +1,4 @@
-// The reference integer GEMM: quantize_rows, then straightforward loops, OpenMP over output
+// The reference integer GEMM: quantize_rows, then straightforward loops, threads over output
 // channels (each thread owns whole weight rows, the memory that matters for small M). Every
 // integer kernel is tested bit for bit against it. Compiled with -ffp-contract=off.
 #include <algorithm>
@@ -9,7 +9,7 @@
 namespace finequant {
 namespace kernels {
 
-IntWeight make_int_weight(const QuantizedTensor& qt, QuantSpec act, int threads) {
+IntWeight make_int_weight(const QuantizedTensor& qt, QuantSpec act, ThreadPool& pool) {
   IntWeight w;
   w.bits = qt.spec.bits;
   w.act = act;
@@ -20,14 +20,15 @@ IntWeight make_int_weight(const QuantizedTensor& qt, QuantSpec act, int threads)
   w.num_blocks = (w.K + w.tile_cols - 1) / w.tile_cols;
   w.colsum.assign(static_cast<size_t>(w.N * w.num_blocks), 0);
   auto sums = [&](const auto* data) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < w.N; ++n)
-      for (int64_t b = 0; b < w.num_blocks; ++b) {
-        const int64_t k0 = b * w.tile_cols, k1 = std::min(w.K, k0 + w.tile_cols);
-        int32_t s = 0;
-        for (int64_t k = k0; k < k1; ++k) s += data[n * w.K + k];
-        w.colsum[n * w.num_blocks + b] = s;
-      }
+    parallel_for(pool, w.N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t b = 0; b < w.num_blocks; ++b) {
+          const int64_t k0 = b * w.tile_cols, k1 = std::min(w.K, k0 + w.tile_cols);
+          int32_t s = 0;
+          for (int64_t k = k0; k < k1; ++k) s += data[n * w.K + k];
+          w.colsum[n * w.num_blocks + b] = s;
+        }
+    });
   };
   if (qt.q.dtype() == DType::I8) sums(qt.q.data<int8_t>());
   else sums(qt.q.data<uint8_t>());
@@ -39,10 +40,12 @@ IntWeight make_int_weight(const QuantizedTensor& qt, QuantSpec act, int threads)
 
 namespace {
 
-// TX, TW: int8_t (symmetric) or uint8_t (asymmetric) storage of the integer values.
+// Output channels [n0, n1) of every row. TX, TW: int8_t (symmetric) or uint8_t (asymmetric)
+// storage of the integer values.
 template <class TX, class TW>
-FQ_MULTIVERSION void gemm_int_quantized_typed(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
-                                              Epilogue epilogue, int threads) {
+FQ_MULTIVERSION void gemm_int_quantized_channels(const QuantizedTensor& x, const IntWeight& w, const int32_t* rowsum,
+                                                 const float* bias, float* y, Epilogue epilogue, int64_t n0,
+                                                 int64_t n1) {
   const int64_t M = x.q.dim(0), K = w.K, N = w.N, nb = w.num_blocks, bk = w.tile_cols;
   const TX* xq = static_cast<const TX*>(x.q.raw());
   const TW* wq = static_cast<const TW*>(w.q.raw());
@@ -51,13 +54,7 @@ FQ_MULTIVERSION void gemm_int_quantized_typed(const QuantizedTensor& x, const In
   const float* sw = w.scale.data<float>();  // [N / rows, nb]
   const uint8_t* zw = w.zero_point.defined() ? w.zero_point.data<uint8_t>() : nullptr;
 
-  // rowsum_x per K-block, computed alongside the quantized activations.
-  std::vector<int32_t> rowsum(static_cast<size_t>(M * nb), 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) rowsum[m * nb + k / bk] += static_cast<int32_t>(xq[m * K + k]);
-
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
     const TW* wn = wq + n * K;
     const int64_t g = n / w.tile_rows;  // scale row of this output channel
     for (int64_t m = 0; m < M; ++m) {
@@ -88,31 +85,39 @@ class RefIntLinear final : public CpuLinear {
     K = w_.K;
   }
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
-    const QuantizedTensor xq = quantize_rows(x.materialize(ctx.threads), w_.act);
-    gemm_int_quantized_ref(xq, w_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue, ctx.threads);
+    const QuantizedTensor xq = quantize_rows(x.materialize(ctx.threads()), w_.act);
+    gemm_int_quantized_ref(xq, w_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue, ctx.threads());
   }
 
  private:
   IntWeight w_;
 };
 
-std::unique_ptr<CpuLinear> prepare_ref(IntWeight w, int) { return std::make_unique<RefIntLinear>(std::move(w)); }
+std::unique_ptr<CpuLinear> prepare_ref(IntWeight w, ThreadPool&) { return std::make_unique<RefIntLinear>(std::move(w)); }
 
 }  // namespace
 
 void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const float* bias, float* y,
-                            Epilogue epilogue, int threads) {
+                            Epilogue epilogue, ThreadPool& pool) {
+  // rowsum_x per K-block, computed alongside the quantized activations.
+  const int64_t M = x.q.dim(0), K = w.K, nb = w.num_blocks, bk = w.tile_cols;
+  std::vector<int32_t> rowsum(static_cast<size_t>(M * nb), 0);
+  auto sum_rows = [&](const auto* xq) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) rowsum[m * nb + k / bk] += static_cast<int32_t>(xq[m * K + k]);
+  };
   const bool xs = x.q.dtype() == DType::I8, ws = w.q.dtype() == DType::I8;
-  if (xs && ws) gemm_int_quantized_typed<int8_t, int8_t>(x, w, bias, y, epilogue, threads);
-  else if (xs) gemm_int_quantized_typed<int8_t, uint8_t>(x, w, bias, y, epilogue, threads);
-  else if (ws) gemm_int_quantized_typed<uint8_t, int8_t>(x, w, bias, y, epilogue, threads);
-  else gemm_int_quantized_typed<uint8_t, uint8_t>(x, w, bias, y, epilogue, threads);
+  if (xs) sum_rows(x.q.data<int8_t>());
+  else sum_rows(x.q.data<uint8_t>());
+  auto channels = xs ? (ws ? gemm_int_quantized_channels<int8_t, int8_t> : gemm_int_quantized_channels<int8_t, uint8_t>)
+                     : (ws ? gemm_int_quantized_channels<uint8_t, int8_t> : gemm_int_quantized_channels<uint8_t, uint8_t>);
+  parallel_for(pool, w.N, 4, [&](int64_t n0, int64_t n1) { channels(x, w, rowsum.data(), bias, y, epilogue, n0, n1); });
 }
 
-Tensor RowInput::materialize(int threads) const {
+Tensor RowInput::materialize(ThreadPool& pool) const {
   if (!norm) return Tensor::borrow(const_cast<float*>(x), DType::F32, {rows, cols});
   Tensor t = Tensor::empty(DType::F32, {rows, cols});
-  normalize_rows(*norm, x, rows, t.data<float>(), threads);
+  normalize_rows(*norm, x, rows, t.data<float>(), pool);
   return t;
 }
 

@@ -1,4 +1,5 @@
 // LayerNorm / RMSNorm of one row (the fused producer of the GEMMs and the stand-alone norm).
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/cpu/gemm.h"
@@ -30,10 +31,11 @@ FQ_MULTIVERSION void normalize_row(const NormParams& norm, const float* xr, floa
   for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - mu) * inv * w[c] + (b ? b[c] : 0.f);
 }
 
-void normalize_rows(const NormParams& norm, const float* x, int64_t M, float* y, int threads) {
+void normalize_rows(const NormParams& norm, const float* x, int64_t M, float* y, ThreadPool& pool) {
   const int64_t C = norm.C;
-#pragma omp parallel for schedule(static) num_threads(threads) if (M * C > 65536)
-  for (int64_t m = 0; m < M; ++m) normalize_row(norm, x + m * C, y + m * C);
+  parallel_for(pool, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) normalize_row(norm, x + m * C, y + m * C);
+  });
 }
 
 }  // namespace kernels

@@ -1,0 +1,198 @@
+#include "core/thread_pool.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <map>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace finequant {
+
+namespace {
+
+constexpr int kGenBits = 20, kCountBits = 22;
+constexpr uint64_t kCountMask = (uint64_t{1} << kCountBits) - 1;
+constexpr int64_t kMaxTasks = int64_t{1} << kCountBits;
+
+uint64_t pack_state(uint64_t gen, uint64_t count, uint64_t next) {
+  return (gen << (2 * kCountBits)) | (count << kCountBits) | next;
+}
+uint64_t gen_of(uint64_t s) { return s >> (2 * kCountBits); }
+uint64_t count_of(uint64_t s) { return (s >> kCountBits) & kCountMask; }
+uint64_t next_of(uint64_t s) { return s & kCountMask; }
+bool has_work(uint64_t s) { return next_of(s) < count_of(s); }
+
+// How long an idle thread polls before it sleeps: long enough to bridge the gaps between the ops
+// of one decode step, short enough to give a busy core back soon (FINEQUANT_SPIN_US overrides).
+std::chrono::microseconds spin_time() {
+  static const std::chrono::microseconds t{[] {
+    const char* env = std::getenv("FINEQUANT_SPIN_US");
+    return env ? std::max(0L, std::strtol(env, nullptr, 10)) : 50L;
+  }()};
+  return t;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Polls `ready` for up to spin_time(); true once it holds.
+template <class Pred>
+bool spin_until(Pred ready) {
+  const auto deadline = std::chrono::steady_clock::now() + spin_time();
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (ready()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return ready();
+  }
+}
+
+thread_local bool t_in_task = false;  // this thread is running a pool task (nested work runs inline)
+
+std::atomic<int> g_default_threads{0};
+
+int affinity_cpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+int env_threads(const char* name) {
+  const char* v = std::getenv(name);
+  if (!v) return 0;
+  const long n = std::strtol(v, nullptr, 10);
+  return n > 0 && n < 4096 ? static_cast<int>(n) : 0;
+}
+
+}  // namespace
+
+int default_threads() {
+  if (const int d = g_default_threads.load()) return d;
+  if (const int e = env_threads("FINEQUANT_NUM_THREADS")) return e;
+  if (const int e = env_threads("OMP_NUM_THREADS")) return e;
+  static const int cpus = affinity_cpus();
+  return cpus;
+}
+
+void set_default_threads(int threads) { g_default_threads = std::max(0, threads); }
+
+ThreadPool& ThreadPool::shared(int threads) {
+  static std::mutex mutex;
+  static auto* pools = new std::map<int, ThreadPool*>;  // never destroyed: kernels may run at exit
+  const int n = threads > 0 ? threads : default_threads();
+  std::lock_guard<std::mutex> lock(mutex);
+  ThreadPool*& p = (*pools)[n];
+  if (!p) p = new ThreadPool(n);
+  return *p;
+}
+
+ThreadPool::ThreadPool(int threads) : size_(std::max(1, threads)) {
+  workers_.reserve(static_cast<size_t>(size_ - 1));
+  for (int i = 1; i < size_; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(sleep_mutex_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  for (std::thread& t : workers_) t.join();
+}
+
+bool ThreadPool::claim_and_run(uint64_t s) {
+  if (!has_work(s)) return false;
+  if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) return true;  // raced: look again
+  // Claimed: this job cannot finish (nor fn_ change) before done_ counts this task.
+  const bool nested = t_in_task;
+  t_in_task = true;
+  try {
+    fn_(arg_, static_cast<int64_t>(next_of(s)));
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    if (!failed_.exchange(true)) error_ = std::current_exception();
+  }
+  t_in_task = nested;
+  if (done_.fetch_add(1) + 1 == static_cast<int64_t>(count_of(s)) && caller_sleeping_.load()) {
+    std::lock_guard<std::mutex> lock(sleep_mutex_);
+    done_cv_.notify_one();
+  }
+  return true;
+}
+
+void ThreadPool::worker_loop() {
+  for (;;) {
+    const uint64_t s = state_.load(std::memory_order_acquire);
+    if (claim_and_run(s)) continue;
+    if (spin_until([&] { return stop_.load(std::memory_order_relaxed) || state_.load(std::memory_order_relaxed) != s; })) {
+      if (stop_) return;
+      continue;
+    }
+    std::unique_lock<std::mutex> lock(sleep_mutex_);
+    sleepers_.fetch_add(1);
+    work_cv_.wait(lock, [&] { return stop_.load() || state_.load() != s; });
+    sleepers_.fetch_sub(1);
+    if (stop_) return;
+  }
+}
+
+void ThreadPool::run_tasks(int64_t tasks, TaskFn fn, void* arg) {
+  if (tasks <= 0) return;
+  // Inline: one thread or one task, a task starting work of its own, or the pool busy with
+  // another caller's work (that caller's threads are not ours to wait for).
+  if (size_ == 1 || tasks == 1 || t_in_task || !caller_.try_lock()) {
+    for (int64_t i = 0; i < tasks; ++i) fn(arg, i);
+    return;
+  }
+  std::lock_guard<std::mutex> own(caller_, std::adopt_lock);
+  // Jobs above the task field's range run as several.
+  struct Shifted {
+    TaskFn fn;
+    void* arg;
+    int64_t first;
+    static void call(void* a, int64_t i) {
+      const auto* s = static_cast<const Shifted*>(a);
+      s->fn(s->arg, s->first + i);
+    }
+  };
+  for (int64_t first = 0; first < tasks; first += kMaxTasks - 1) {
+    const int64_t n = std::min<int64_t>(tasks - first, kMaxTasks - 1);
+    Shifted shifted{fn, arg, first};
+    fn_ = first == 0 ? fn : &Shifted::call;
+    arg_ = first == 0 ? arg : &shifted;
+    done_.store(0);
+    failed_.store(false);
+    error_ = nullptr;
+    const uint64_t gen = (gen_of(state_.load()) + 1) & ((uint64_t{1} << kGenBits) - 1);
+    state_.store(pack_state(gen, static_cast<uint64_t>(n), 0));  // publishes fn_, arg_ (seq_cst)
+    if (sleepers_.load() > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      work_cv_.notify_all();
+    }
+    // The caller works too, and then waits only for tasks that others hold.
+    for (uint64_t s = state_.load(std::memory_order_acquire); has_work(s); s = state_.load(std::memory_order_acquire))
+      claim_and_run(s);
+    if (!spin_until([&] { return done_.load(std::memory_order_acquire) == n; })) {
+      std::unique_lock<std::mutex> lock(sleep_mutex_);
+      caller_sleeping_.store(true);
+      done_cv_.wait(lock, [&] { return done_.load() == n; });
+      caller_sleeping_.store(false);
+    }
+    if (failed_.load()) std::rethrow_exception(error_);
+  }
+}
+
+}  // namespace finequant

@@ -1,0 +1,95 @@
+// The CPU thread pool (docs/DESIGN.md section 5.5): persistent workers that take the parallel
+// work of the CPU kernels, in place of an OpenMP fork/join per op.
+//
+// Work is a number of tasks that the caller and the workers claim one at a time (the kernel picks
+// the split: channel tiles, rows, heads). The caller works too and returns when every task has
+// run; it never waits for a thread that has not started, so a worker descheduled by a busy
+// neighbour costs at most the task it holds, and the caller finishes the rest alone. Idle threads
+// spin briefly (the next op of a decode step follows within microseconds), then sleep.
+//
+// One Engine owns one pool (its thread count); work outside an Engine uses ThreadPool::shared. A
+// pool runs one caller's work at a time: a second concurrent caller, or a task that starts work of
+// its own, runs its tasks on its own thread. No pool is ever shared by accident between Engines.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace finequant {
+
+class ThreadPool {
+ public:
+  // `threads` >= 1 threads in all: the caller plus threads - 1 workers.
+  explicit ThreadPool(int threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return size_; }
+
+  // Runs task(i) for every i in [0, tasks) and returns when all have run. Exceptions thrown by a
+  // task are rethrown here (the first one; the other tasks still run).
+  template <class F>
+  void run(int64_t tasks, F&& task) {
+    using Fn = std::remove_reference_t<F>;
+    run_tasks(tasks, [](void* f, int64_t i) { (*static_cast<Fn*>(f))(i); }, const_cast<void*>(static_cast<const void*>(&task)));
+  }
+
+  // The process-wide pool of `threads` threads (0: default_threads()), made on first use and kept.
+  static ThreadPool& shared(int threads);
+
+ private:
+  using TaskFn = void (*)(void*, int64_t);
+  void run_tasks(int64_t tasks, TaskFn fn, void* arg);
+  void worker_loop();
+  bool claim_and_run(uint64_t state);
+
+  int size_;
+  std::vector<std::thread> workers_;
+  std::mutex caller_;  // one caller's work at a time
+
+  // The current job: generation (high 20 bits), task count (22), next unclaimed task (22). Claims
+  // are compare-and-swaps on the whole word, so a thread that wakes late can never claim a task of
+  // a job that has moved on.
+  std::atomic<uint64_t> state_{0};
+  TaskFn fn_ = nullptr;  // of the current job; rewritten only after every task of the last one ran
+  void* arg_ = nullptr;
+  std::atomic<int64_t> done_{0};
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;
+  std::mutex error_mutex_;
+
+  // Sleeping: workers wait for a new generation, the caller for the last task.
+  std::mutex sleep_mutex_;
+  std::condition_variable work_cv_, done_cv_;
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> caller_sleeping_{false};
+  std::atomic<bool> stop_{false};
+};
+
+// Threads of ThreadPool::shared(0): set_default_threads, else FINEQUANT_NUM_THREADS, else
+// OMP_NUM_THREADS, else the CPUs this process may run on.
+int default_threads();
+void set_default_threads(int threads);  // 0 restores the default
+
+// Runs fn(begin, end) over [0, n) split into chunks of at least `grain` items (one chunk, on the
+// caller, when n < 2 * grain or the pool has one thread).
+template <class F>
+void parallel_for(ThreadPool& pool, int64_t n, int64_t grain, F&& fn) {
+  if (n <= 0) return;
+  const int64_t max_chunks = std::max<int64_t>(1, n / std::max<int64_t>(grain, 1));
+  const int64_t chunks = std::min<int64_t>(max_chunks, int64_t{4} * pool.size());
+  if (chunks <= 1 || pool.size() == 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  pool.run(chunks, [&](int64_t c) { fn(n * c / chunks, n * (c + 1) / chunks); });
+}
+
+}  // namespace finequant

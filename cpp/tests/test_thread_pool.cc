@@ -1,0 +1,127 @@
+// The CPU thread pool (core/thread_pool.h): every task runs exactly once, on any pool size, with
+// errors, nested work, concurrent callers and workers that are slow to start.
+#include <atomic>
+#include <chrono>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "check.h"
+#include "core/thread_pool.h"
+
+using namespace finequant;
+
+namespace {
+
+// Runs `tasks` tasks on `pool` and returns how often each ran.
+std::vector<int> counts(ThreadPool& pool, int64_t tasks) {
+  std::vector<std::atomic<int>> hits(static_cast<size_t>(tasks));
+  pool.run(tasks, [&](int64_t i) { hits[static_cast<size_t>(i)].fetch_add(1); });
+  std::vector<int> out;
+  for (auto& h : hits) out.push_back(h.load());
+  return out;
+}
+
+bool all_once(const std::vector<int>& c) {
+  for (int v : c)
+    if (v != 1) return false;
+  return true;
+}
+
+}  // namespace
+
+TEST(every_task_once) {
+  for (int size : {1, 2, 3, 8}) {
+    ThreadPool pool(size);
+    CHECK_EQ(pool.size(), size);
+    for (int64_t tasks : {0, 1, 2, 3, 7, 64, 1000})
+      for (int rep = 0; rep < 20; ++rep) CHECK(all_once(counts(pool, tasks)));
+  }
+}
+
+TEST(parallel_for_covers_the_range) {
+  ThreadPool pool(3);
+  for (int64_t n : {0, 1, 5, 17, 1000, 65537})
+    for (int64_t grain : {1, 7, 1000}) {
+      std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+      parallel_for(pool, n, grain, [&](int64_t b, int64_t e) {
+        CHECK(b < e);
+        for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(i)].fetch_add(1);
+      });
+      for (auto& h : hits) CHECK_EQ(h.load(), 1);
+    }
+}
+
+TEST(errors_reach_the_caller_and_the_pool_goes_on) {
+  ThreadPool pool(2);
+  std::atomic<int> ran{0};
+  CHECK_THROWS_KIND_MSG(pool.run(50,
+                                 [&](int64_t i) {
+                                   ran.fetch_add(1);
+                                   if (i == 17) fail(ErrorKind::InvalidArgument, "task 17 failed");
+                                 }),
+                        ErrorKind::InvalidArgument, "task 17 failed");
+  CHECK_EQ(ran.load(), 50);  // the other tasks still ran
+  CHECK(all_once(counts(pool, 100)));
+}
+
+TEST(nested_work_runs_inline) {
+  ThreadPool pool(2);
+  std::atomic<int> inner{0};
+  pool.run(8, [&](int64_t) { pool.run(5, [&](int64_t) { inner.fetch_add(1); }); });
+  CHECK_EQ(inner.load(), 40);
+}
+
+TEST(concurrent_callers_share_one_pool) {
+  // Two threads give the same pool work at once: one gets the workers, the other runs its own
+  // tasks; neither waits for the other's, and every task runs once.
+  ThreadPool pool(2);
+  std::atomic<bool> ok{true};
+  auto caller = [&] {
+    for (int rep = 0; rep < 200; ++rep)
+      if (!all_once(counts(pool, 33))) ok = false;
+  };
+  std::thread a(caller), b(caller);
+  a.join();
+  b.join();
+  CHECK(ok.load());
+}
+
+TEST(a_slow_task_does_not_stop_the_others) {
+  // One long task on a worker: the caller runs every other task meanwhile.
+  ThreadPool pool(2);
+  std::atomic<int> done{0};
+  const auto start = std::chrono::steady_clock::now();
+  pool.run(200, [&](int64_t i) {
+    if (i == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    done.fetch_add(1);
+  });
+  CHECK_EQ(done.load(), 200);
+  CHECK(std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(50));
+}
+
+TEST(workers_that_sleep_wake_for_new_work) {
+  ThreadPool pool(3);
+  for (int rep = 0; rep < 5; ++rep) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // past the spin: workers sleep
+    std::atomic<int> on_workers{0};
+    const auto me = std::this_thread::get_id();
+    pool.run(64, [&](int64_t) {
+      if (std::this_thread::get_id() != me) on_workers.fetch_add(1);
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    });
+    CHECK(on_workers.load() > 0);
+  }
+}
+
+TEST(shared_pools_by_size) {
+  CHECK(&ThreadPool::shared(2) == &ThreadPool::shared(2));
+  CHECK_EQ(ThreadPool::shared(3).size(), 3);
+  set_default_threads(5);
+  CHECK_EQ(default_threads(), 5);
+  CHECK_EQ(ThreadPool::shared(0).size(), 5);
+  set_default_threads(0);
+  CHECK(default_threads() >= 1);
+}
+
+int main() { return RUN_ALL_TESTS(); }
