@@ -7,7 +7,9 @@ finequant without stop tokens, HF with min_new_tokens, CT2 with min_length), gre
 tokens/s = batch * new tokens / wall time of the whole generate call (prefill included).
 Systems: finequant fp32, w8a8, w4a8 (kblock 32; both with the INT8 LM head); HF transformers fp32 and dynamic int8
 (torch quantize_dynamic of every Linear, GPT-2's Conv1D swapped for Linear first); CTranslate2 int8.
-Goals: finequant w8a8 >= 2x the fastest peer at batch 1; w4a8 >= 1.4x w8a8.
+Goals: finequant w8a8 >= 2x the fastest peer at batch 1; w4a8 >= 1.4x w8a8; and, against the DRAM read
+bandwidth measured in the same run (_core.dram_read_gbps), the weight bytes a decode step reads x
+steps/s >= 80% of it (the memory limit of decode; prefill counts in the wall time, so this is a floor).
 """
 from __future__ import annotations
 
@@ -56,9 +58,11 @@ def build_systems(src: str, threads: int, new: int) -> dict:
 
     import finequant
 
-    systems = {}
+    systems, step_bytes = {}, {}
     for name, (scheme, *extra) in FQ_SCHEMES.items():
-        eng = finequant.Engine(models.finequant_model(src, scheme, *extra), threads=threads)
+        path = models.finequant_model(src, scheme, *extra)
+        step_bytes[name] = bytes_per_step(path)
+        eng = finequant.Engine(path, threads=threads)
         # The C++ engine's generate takes a [B, T] batch (finequant.Engine.generate: one prompt), so
         # call the binding directly: max_new_tokens, temperature 0 (greedy), top_k, top_p, seed, no stops.
         systems[name] = (lambda ids, e=eng._engine: [list(r) for r in e.generate(ids, None, new, 0.0, 0, 1.0, 0,
@@ -95,7 +99,31 @@ def build_systems(src: str, threads: int, new: int) -> dict:
         return [r.sequences_ids[0] for r in out]
 
     systems["CT2 int8"] = ct2_fn
-    return systems
+    return systems, step_bytes
+
+
+EMBEDDING_TABLES = ("wte.weight", "wpe.weight", "embed_tokens.weight")
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
+
+
+def bytes_per_step(model_dir: str) -> int:
+    """Weight bytes one decode step reads: every tensor of the finequant model file but the embedding
+    tables (a step gathers one row of those), plus the word embeddings when the LM head is tied to them."""
+    from safetensors import safe_open
+
+    total, names = 0, []
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "np") as f:
+        for name in f.keys():
+            sl = f.get_slice(name)
+            nbytes = int(np.prod(sl.get_shape())) * DTYPE_BYTES[sl.get_dtype()]
+            names.append(name)
+            if not name.endswith(EMBEDDING_TABLES):
+                total += nbytes
+            elif name.endswith(("wte.weight", "embed_tokens.weight")):
+                word_embeddings = nbytes
+    if not any(n.startswith("lm_head.") for n in names):
+        total += word_embeddings
+    return total
 
 
 def agreement(a: list, b: list) -> float:
@@ -118,6 +146,10 @@ def main() -> int:
     res = common.Results(args.out, "decode", args, {"prompt": prompt, "new_tokens": new})
     print(f"greedy decode, prompt {prompt}, {new} new tokens, threads={args.threads}, repeats={args.repeats}; "
           f"tokens/s median (best); ratio = finequant w8a8 / system tokens/s")
+    from finequant import _core
+
+    dram = _core.dram_read_gbps(args.threads, 64 if args.quick else 1024, 0.3 if args.quick else 2.0)
+    print(f"DRAM read bandwidth, measured now on {args.threads} threads: {dram:.1f} GB/s")
     rng = np.random.default_rng(0)
     for key in args.models.split(","):
         if key == "gpt2":
@@ -126,7 +158,7 @@ def main() -> int:
             src, title = models.smollm2(), "SmolLM2-135M"
         else:
             raise SystemExit(f"unknown model {key!r}")
-        systems = build_systems(src, args.threads, new)
+        systems, step_bytes = build_systems(src, args.threads, new)
         peers = [s for s in systems if not s.startswith("finequant")]
         from transformers import AutoConfig
 
@@ -142,14 +174,23 @@ def main() -> int:
             t = common.measure({s: (lambda fn=fn: fn(ids)) for s, fn in systems.items()}, args.repeats, warmup=0,
                                settle=False)
             tps = {s: batch * new / t[s]["median_s"] for s in systems}
+            # Weight bytes read per second: a step reads the weights once for the whole batch.
+            read_gbps = {s: step_bytes[s] * tps[s] / batch / 1e9 for s in step_bytes}
             for s in systems:
+                extra = {}
+                if s in step_bytes:
+                    extra = dict(bytes_per_step=step_bytes[s], weights_read_gbps=read_gbps[s], dram_read_gbps=dram,
+                                 fraction_of_dram=read_gbps[s] / dram)
                 res.add(model=key, model_dir=os.path.basename(src), batch=batch, system=s, tokens_per_s=tps[s],
-                        tokens_per_s_best=batch * new / t[s]["min_s"], agreement_with_hf_fp32=agree[s], **t[s])
+                        tokens_per_s_best=batch * new / t[s]["min_s"], agreement_with_hf_fp32=agree[s], **extra,
+                        **t[s])
             fastest = max(peers, key=tps.get)
             print(f"\n{title}, batch {batch}: fastest peer {fastest}")
             for s in systems:
+                memory = (f"  {step_bytes[s] / 1e6:6.1f} MB/step -> {read_gbps[s]:5.1f} GB/s = "
+                          f"{read_gbps[s] / dram:4.0%} of DRAM" if s in step_bytes else "")
                 print(f"  {s:<17}{tps[s]:9.1f} ({batch * new / t[s]['min_s']:.1f}) tok/s"
-                      f"  w8a8/this {tps[W8] / tps[s]:5.2f}x  greedy agreement with HF fp32 {agree[s]:.0%}",
+                      f"  w8a8/this {tps[W8] / tps[s]:5.2f}x  greedy agreement with HF fp32 {agree[s]:.0%}{memory}",
                       flush=True)
             r_peer, r_w4 = tps[W8] / tps[fastest], tps[W4] / tps[W8]
             if batch == 1:

@@ -68,7 +68,7 @@ kernels::LinearWeights int_weights(const Case& c, std::mt19937& rng, Epilogue e)
 }
 
 Tensor linear_on(const ExecContext& ctx, const kernels::LinearWeights& w, const Tensor& x, const Tensor* norm_w) {
-  const auto p = ctx.backend->prepare_linear(w, 2);
+  const auto p = ctx.backend->prepare_linear(w, ThreadPool::shared(2));
   const Tensor xd = x.to(ctx.device);
   Tensor y = Tensor::empty(DType::F32, {x.dim(0), w.out_features()}, ctx.device);
   Tensor nw = norm_w ? norm_w->to(ctx.device) : Tensor();

@@ -313,7 +313,7 @@ TEST(isa_levels_and_selection) {
   kernels::LinearWeights lw;
   lw.weight = quantize(random_tensor({8, 16}, rng, 0.f), QuantSpec{8, true}, Tile{1, 16});
   lw.act = QuantSpec{8, true};
-  CHECK(cpu.prepare_linear(lw, 1)->kernel == "cpu/ref int");
+  CHECK(cpu.prepare_linear(lw, ThreadPool::shared(1))->kernel == "cpu/ref int");
   for (const kernels::IsaInfo& level : table) {
     kernels::force_isa(level.name);
     // A level the CPU lacks falls back to the highest supported level below it.
@@ -324,7 +324,7 @@ TEST(isa_levels_and_selection) {
     CHECK(kernels::select_kernel(kernels::int_gemm_kernels(), expect).level <= expect);
     CHECK(kernels::cpu_supports(kernels::select_kernel(kernels::f32_gemm_kernels(), expect).level));
     CHECK(kernels::cpu_supports(kernels::select_kernel(kernels::attention_kernels(), expect).level));
-    CHECK(cpu.prepare_linear(lw, 1)->kernel ==
+    CHECK(cpu.prepare_linear(lw, ThreadPool::shared(1))->kernel ==
           std::string("cpu/") + kernels::isa_name(kernels::select_kernel(kernels::int_gemm_kernels(), expect).level) +
               " int");
   }

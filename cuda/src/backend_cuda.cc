@@ -108,7 +108,7 @@ class CudaBackend final : public kernels::Backend {
     }
   }
 
-  std::unique_ptr<PreparedLinear> prepare_linear(const LinearWeights& lw, int) const override {
+  std::unique_ptr<PreparedLinear> prepare_linear(const LinearWeights& lw, ThreadPool&) const override {
     check(cudaSetDevice(index_), "cudaSetDevice");
     const Device dev = device();
     std::unique_ptr<PreparedLinear> p;

@@ -270,7 +270,7 @@ PYBIND11_MODULE(_core, m) {
              }
              const Device d = Device::parse(device);
              py::gil_scoped_release nogil;
-             return PyLinear{Linear::create(kernels::backend_for(d), lw), d};
+             return PyLinear{Linear::create(kernels::backend_for(d), lw, ThreadPool::shared(0)), d};
            }),
            py::arg("weight"), py::arg("weight_bits") = 0, py::arg("weight_symmetric") = true, py::arg("tile_rows") = 1,
            py::arg("tile_cols") = 0, py::arg("act_bits") = 0, py::arg("act_symmetric") = true,
@@ -334,10 +334,21 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "set_threads",
       [](int n) {
-        if (n < 1) throw py::value_error("threads must be >= 1");
+        if (n < 0) throw py::value_error("threads must be >= 0");
         set_default_threads(n);
       },
-      py::arg("n"), "Default threads of the CPU kernels for work that names no count (Engines made with threads=0 after this, Linear).");
+      py::arg("n"),
+      "Default CPU threads for work that names no count (Engines made with threads=0 after this, Linear); 0 restores "
+      "the default (FINEQUANT_NUM_THREADS, OMP_NUM_THREADS, else the CPUs this process may use).");
+  m.def("default_threads", &default_threads, "CPU threads of work that names no count (see set_threads).");
+  m.def(
+      "dram_read_gbps",
+      [](int threads, double megabytes, double seconds) {
+        py::gil_scoped_release nogil;
+        return kernels::dram_read_gbps(ThreadPool::shared(threads), static_cast<int64_t>(megabytes * 1e6), seconds);
+      },
+      py::arg("threads") = 1, py::arg("megabytes") = 512.0, py::arg("seconds") = 1.0,
+      "The machine's DRAM read bandwidth in GB/s: best sweep of a buffer of `megabytes` on `threads` threads.");
   m.def(
       "int8_peak_gops",
       [](int threads, double seconds) {

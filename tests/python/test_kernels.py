@@ -2,6 +2,7 @@
 is forced): integer GEMMs must be bit-identical across ISAs (same quantized rows, same int32 sums,
 same fp32 epilogue order) and agree with a float computation on the dequantized operands; whole
 integer models agree across ISAs to fp32 rounding (attention sums in a different order)."""
+import os
 import subprocess
 import sys
 
@@ -142,3 +143,14 @@ def test_integer_models_agree_across_isas(tiny_models, tmp_path, family, scheme,
         results.append(finequant.Engine(str(out), threads=2).forward(ids))
     for r in results[1:]:
         assert np.abs(r - results[0]).max() <= 1e-5 * np.abs(results[0]).max()
+
+
+def test_dram_bandwidth_measure():
+    # Any machine reads memory at well over 0.5 GB/s; a sweep that skipped its loads would be absurdly fast.
+    gbps = _core.dram_read_gbps(2, 64, 0.05)
+    assert 0.5 < gbps < 10_000
+
+
+def test_off_by_default_levels_are_not_chosen_unasked():
+    # avxvnni and amx run only when forced, until their kernels have run on such a CPU (DESIGN 5.4).
+    assert _core.active_isa() not in ("avxvnni", "amx") or os.environ.get("FINEQUANT_ISA") in ("avxvnni", "amx")

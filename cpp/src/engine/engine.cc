@@ -125,7 +125,7 @@ std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions opti
   }
   auto impl = std::make_unique<Impl>(Impl{ModelFile::open(file_path), nullptr, options.threads, device,
                                           make_pool(options.threads)});
-  impl->model = build_model(impl->file, *backend, impl->threads);
+  impl->model = build_model(impl->file, *backend, *impl->pool);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 

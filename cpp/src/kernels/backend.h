@@ -99,7 +99,7 @@ class Backend {
   virtual void finish(const ExecContext& ctx) const = 0;
 
   // ---- GEMM: y [M, N] = epilogue(rows(x) W^T + bias), integer or floating point -----------
-  virtual std::unique_ptr<PreparedLinear> prepare_linear(const LinearWeights& w, int threads) const = 0;  // threads: packing (0: default)
+  virtual std::unique_ptr<PreparedLinear> prepare_linear(const LinearWeights& w, ThreadPool& pool) const = 0;  // pool: packing
   virtual void linear(const ExecContext& ctx, const GemmInput& x, const PreparedLinear& w, Tensor& y) const = 0;
 
   // ---- norms and elementwise ops on F32 rows ------------------------------------------------

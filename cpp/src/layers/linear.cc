@@ -60,21 +60,21 @@ LinearWeights stack(const std::vector<LinearWeights>& parts) {
 
 }  // namespace
 
-Linear Linear::create(const kernels::Backend& backend, const LinearWeights& w, int threads) {
+Linear Linear::create(const kernels::Backend& backend, const LinearWeights& w, ThreadPool& pool) {
   Linear l;
-  l.w_ = backend.prepare_linear(w, threads);
+  l.w_ = backend.prepare_linear(w, pool);
   return l;
 }
 
 std::vector<Linear> Linear::create_merged(const kernels::Backend& backend, const std::vector<LinearWeights>& parts,
-                                          int threads) {
+                                          ThreadPool& pool) {
   bool mergeable = true;
   for (const LinearWeights& p : parts) mergeable = mergeable && same_quantization(parts[0], p);
   std::vector<Linear> out;
   if (!mergeable || parts.size() == 1) {
-    for (const LinearWeights& p : parts) out.push_back(create(backend, p, threads));
+    for (const LinearWeights& p : parts) out.push_back(create(backend, p, pool));
   } else {
-    out.push_back(create(backend, stack(parts), threads));
+    out.push_back(create(backend, stack(parts), pool));
   }
   return out;
 }

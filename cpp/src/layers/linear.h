@@ -17,13 +17,13 @@ namespace finequant {
 class Linear {
  public:
   Linear() = default;
-  // Prepares `w` for `backend` (CPU threads used while packing: `threads`, 0 = default).
-  static Linear create(const kernels::Backend& backend, const kernels::LinearWeights& w, int threads = 0);
+  // Prepares `w` for `backend` (CPU work while packing on `pool`).
+  static Linear create(const kernels::Backend& backend, const kernels::LinearWeights& w, ThreadPool& pool);
   // Modules that read the same input (q/k/v, gate/up) as one Linear whose outputs are the parts'
   // outputs side by side, when they quantize identically (one activation quantization, one wider
   // GEMM); otherwise one Linear per module, in order.
   static std::vector<Linear> create_merged(const kernels::Backend& backend,
-                                           const std::vector<kernels::LinearWeights>& parts, int threads = 0);
+                                           const std::vector<kernels::LinearWeights>& parts, ThreadPool& pool);
 
   // x: F32 [M, K] rows (normalized on the way in with x.norm) on the context's device -> F32 [M, N].
   Tensor forward(const ExecContext& ctx, const kernels::GemmInput& x) const;

@@ -5,10 +5,10 @@
 
 namespace finequant {
 
-std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, int threads) {
+std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, ThreadPool& pool) {
   ModelConfig config = ModelConfig::parse(file.architecture, file.config_json);
-  if (config.architecture == "bert") return std::make_unique<Encoder>(file, std::move(config), backend, threads);
-  return std::make_unique<Decoder>(file, std::move(config), backend, threads);
+  if (config.architecture == "bert") return std::make_unique<Encoder>(file, std::move(config), backend, pool);
+  return std::make_unique<Decoder>(file, std::move(config), backend, pool);
 }
 
 std::string Weights::find_prefix(const ModelFile& file, const std::string& probe,
@@ -65,7 +65,7 @@ Linear Weights::linear(const std::string& name, int64_t out, int64_t in, kernels
   FQ_CHECK(w.out_features() == out && w.in_features() == in, ErrorKind::ModelFormat,
            "linear '" + prefix + name + "' is " + shape2(w.out_features(), w.in_features()) + ", expected " +
                shape2(out, in));
-  return Linear::create(backend, w, threads);
+  return Linear::create(backend, w, pool);
 }
 
 std::vector<Linear> Weights::linears(const std::vector<std::string>& names, const std::vector<int64_t>& outs,
@@ -78,7 +78,7 @@ std::vector<Linear> Weights::linears(const std::vector<std::string>& names, cons
              "linear '" + prefix + names[i] + "' is " + shape2(w.out_features(), w.in_features()) + ", expected " +
                  shape2(outs[i], in));
   }
-  return Linear::create_merged(backend, parts, threads);
+  return Linear::create_merged(backend, parts, pool);
 }
 
 Norm Weights::norm(const std::string& name, int64_t size, kernels::NormParams::Kind kind, float eps) const {

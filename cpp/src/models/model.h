@@ -31,7 +31,7 @@ class Model {
 
 class Encoder : public Model {
  public:
-  Encoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, int threads);
+  Encoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool);
   bool is_decoder() const override { return false; }
   Tensor forward(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T) const override;
 
@@ -51,7 +51,7 @@ struct KVCache {
 
 class Decoder : public Model {
  public:
-  Decoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, int threads);
+  Decoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool);
   bool is_decoder() const override { return true; }
   Tensor forward(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T) const override;
 
@@ -73,6 +73,6 @@ class Decoder : public Model {
 };
 
 // Builds the model that matches the file's architecture, its weights prepared for `backend`.
-std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, int threads);
+std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, ThreadPool& pool);
 
 }  // namespace finequant

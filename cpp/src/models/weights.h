@@ -16,7 +16,7 @@ struct Weights {
   const ModelFile& file;
   std::string prefix;
   const kernels::Backend& backend;
-  int threads = 0;  // CPU threads for packing at load
+  ThreadPool& pool;  // CPU threads for packing at load (the Engine's)
 
   // The first candidate prefix p for which p + probe is a tensor of the file.
   static std::string find_prefix(const ModelFile& file, const std::string& probe,

@@ -27,8 +27,7 @@ class CpuBackend final : public Backend {
   }
   void finish(const ExecContext&) const override {}  // CPU kernels report bad input as they run
 
-  std::unique_ptr<PreparedLinear> prepare_linear(const LinearWeights& w, int threads) const override {
-    ThreadPool& pool = ThreadPool::shared(threads);
+  std::unique_ptr<PreparedLinear> prepare_linear(const LinearWeights& w, ThreadPool& pool) const override {
     const CpuIsa level = active_isa();
     std::unique_ptr<CpuLinear> p;
     std::string kernel;

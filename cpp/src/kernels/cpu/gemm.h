@@ -78,11 +78,17 @@ struct F32GemmKernel {
 // ---- the registry: one line per ISA (registry.cc) ----------------------------------------------
 IntGemmKernel int_gemm_ref();
 IntGemmKernel int_gemm_avx2();
+IntGemmKernel int_gemm_avxvnni();  // level off by default (cpu_isa.cc): verified by emulation only
 IntGemmKernel int_gemm_avx512vnni();
+IntGemmKernel int_gemm_amx();  // level off by default (cpu_isa.cc): verified by emulation only
 F32GemmKernel f32_gemm_ref();
 F32GemmKernel f32_gemm_avx512();
 const std::vector<IntGemmKernel>& int_gemm_kernels();
 const std::vector<F32GemmKernel>& f32_gemm_kernels();
+
+// Read bandwidth of a `bytes` buffer (far larger than the caches) swept by every thread of `pool`,
+// best of the sweeps in about `seconds`, in GB/s.
+double dram_read_gbps(ThreadPool& pool, int64_t bytes, double seconds);
 
 // Throughput of a register-resident vpdpbusd loop on `threads` threads for about `seconds`:
 // the machine's INT8 peak in GOPS (2 ops per multiply-add), 0 without AVX512-VNNI.

@@ -7,7 +7,8 @@ namespace finequant {
 namespace kernels {
 
 const std::vector<IntGemmKernel>& int_gemm_kernels() {
-  static const std::vector<IntGemmKernel> kernels = {int_gemm_ref(), int_gemm_avx2(), int_gemm_avx512vnni()};
+  static const std::vector<IntGemmKernel> kernels = {int_gemm_ref(), int_gemm_avx2(), int_gemm_avxvnni(),
+                                                      int_gemm_avx512vnni(), int_gemm_amx()};
   return kernels;
 }
 

@@ -1,0 +1,437 @@
+// AMX-INT8 integer GEMM (tile registers, tdpb[su][su]d: int8 x int8 -> int32 in any sign
+// combination); bit-identical to gemm_int_ref (docs/DESIGN.md sections 2 and 5.4).
+//
+// AMX multiplies s8 or u8 by s8 or u8, so the operands are the quantized integers themselves (no
+// operand shift): A tiles hold 16 activation rows x 64 k, B tiles 64 k x 16 channels in the
+// VNNI-interleaved form (row r = k 4r..4r+3 of the 16 channels), C tiles 16 x 16 int32. One
+// micro-kernel covers up to 32 rows x 32 channels (2 A x 2 B -> 4 C tiles) over one K-block; the C
+// tiles are stored to a small buffer per block and the reference's correction and fp32 accumulation
+// run on it in the reference's order (this file is compiled with -ffp-contract=off).
+//
+// Tile config (palette 1, loaded per pool task and released at its end: ldtilecfg is per thread):
+//   tmm0..3  C[i][j] = tmm(2i + j): 16 rows x 64 bytes (16 int32)
+//   tmm4, 5  A: rows m0..m0+15, m0+16..m0+31, 16 x 64 bytes
+//   tmm6, 7  B: panels of 16 channels, 16 x 64 bytes
+// Every M, decode included, takes the tiles (rows padded with zeros to 16): the weight stream, not
+// the padded tile work, should bound small M. Unmeasured: no AMX machine has run this yet.
+//
+// Every AMX instruction goes through the FQ_TILE_* wrappers below (macros: the intrinsics take tile
+// numbers as literal tokens). With FQ_KERNEL_EMULATE defined (the test build,
+// cpp/tests/gemm_emulated_kernels.cc) they run on thread-local emulated tile registers with the
+// documented semantics, the rest is the same portable code, and the entry is
+// int_gemm_amx_emulated(): everything but the instructions themselves is tested on any CPU.
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "kernels/cpu/gemm.h"
+
+#if FQ_KERNEL_EMULATE
+#define FQ_AMX_BUILD 1
+#define FQ_AMX
+#define FQ_AMX_ENTRY int_gemm_amx_emulated
+#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FQ_AMX_BUILD 1
+#include <immintrin.h>
+// AVX-512 for the code around the tiles (INT4 widening, epilogue): every AMX CPU has it.
+#define FQ_AMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,amx-tile,amx-int8")))
+#define FQ_AMX_ENTRY int_gemm_amx
+#else
+#define FQ_AMX_BUILD 0
+#define FQ_AMX_ENTRY int_gemm_amx
+#endif
+
+namespace finequant {
+namespace kernels {
+
+#if FQ_AMX_BUILD
+
+namespace {
+namespace amx {  // a name of its own: the emulation test compiles this file beside gemm_int_avxvnni.cc
+
+constexpr int64_t kTileRows = 16;   // rows of an A or C tile, k-quads of a B tile
+constexpr int64_t kTileK = 64;      // k of an A or B tile (bytes per row)
+constexpr int64_t kPanel = 16;      // channels of a B or C tile
+constexpr int64_t kBTileBytes = kTileRows * kTileK;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// The 64-byte operand of ldtilecfg, palette 1.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row of tmm0..15 (palette 1 has 8)
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+
+TileConfig tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = kTileK;
+    cfg.rows[t] = kTileRows;
+  }
+  return cfg;
+}
+
+#if FQ_KERNEL_EMULATE
+// Tile registers of this thread with the semantics of the Intel SDM (LDTILECFG, TILELOADD,
+// TILESTORED, TILEZERO, TDPB[SU][SU]D, TILERELEASE), and its #UD conditions raised as errors: a
+// tile used without a loaded config (e.g. a pool task that did not load it), shapes that do not
+// match.
+namespace emulated {
+struct Tiles {
+  bool configured = false;
+  uint16_t colsb[8] = {};
+  uint8_t rows[8] = {};
+  uint8_t reg[8][16][64] = {};
+};
+thread_local Tiles tiles;
+
+void require(bool ok, const char* what) {
+  if (!ok) fail(ErrorKind::Runtime, std::string("emulated AMX: ") + what);
+}
+void check_tile(int t) {
+  require(tiles.configured, "tile instruction without a tile config (ldtilecfg)");
+  require(t >= 0 && t < 8 && tiles.rows[t] > 0, "tile not configured");
+}
+
+void load_config(const void* cfg) {
+  uint8_t b[64];
+  std::memcpy(b, cfg, 64);
+  require(b[0] == 1, "palette must be 1");
+  for (int t = 0; t < 16; ++t) {
+    const uint16_t colsb = static_cast<uint16_t>(b[16 + 2 * t] | (b[17 + 2 * t] << 8));
+    const uint8_t rows = b[48 + t];
+    require(t < 8 ? (colsb <= 64 && rows <= 16 && (colsb == 0) == (rows == 0)) : (colsb == 0 && rows == 0),
+            "invalid tile shape in the config");
+    if (t < 8) {
+      tiles.colsb[t] = colsb;
+      tiles.rows[t] = rows;
+    }
+  }
+  std::memset(tiles.reg, 0, sizeof tiles.reg);  // ldtilecfg zeroes the tile data
+  tiles.configured = true;
+}
+void release() {
+  tiles = Tiles{};
+}
+void zero(int t) {
+  check_tile(t);
+  std::memset(tiles.reg[t], 0, sizeof tiles.reg[t]);
+}
+// Rows beyond the configured rows and bytes beyond colsb read as zero.
+void load(int t, const void* base, int64_t stride) {
+  check_tile(t);
+  std::memset(tiles.reg[t], 0, sizeof tiles.reg[t]);
+  for (int r = 0; r < tiles.rows[t]; ++r)
+    std::memcpy(tiles.reg[t][r], static_cast<const uint8_t*>(base) + r * stride, tiles.colsb[t]);
+}
+void store(int t, void* base, int64_t stride) {
+  check_tile(t);
+  for (int r = 0; r < tiles.rows[t]; ++r)
+    std::memcpy(static_cast<uint8_t*>(base) + r * stride, tiles.reg[t][r], tiles.colsb[t]);
+}
+// C[m].dword[n] += sum_{i<4} A[m].byte[4k + i] * B[k].byte[4n + i] over k < colsb(A) / 4, each
+// byte sign- (S) or zero- (U) extended, wrap-around int32.
+template <bool AU8, bool BU8>
+void dp(int c, int a, int b) {
+  check_tile(c);
+  check_tile(a);
+  check_tile(b);
+  require(c != a && c != b && a != b, "tdpb*d operands must be different tiles");
+  require(tiles.rows[c] == tiles.rows[a] && tiles.colsb[c] == tiles.colsb[b] && tiles.rows[b] * 4 == tiles.colsb[a],
+          "tdpb*d tile shapes do not match");
+  auto ext = [](uint8_t v, bool u8) { return u8 ? int32_t{v} : int32_t{static_cast<int8_t>(v)}; };
+  for (int m = 0; m < tiles.rows[c]; ++m)
+    for (int n = 0; n < tiles.colsb[c] / 4; ++n) {
+      uint32_t sum;
+      std::memcpy(&sum, &tiles.reg[c][m][4 * n], 4);
+      for (int k = 0; k < tiles.colsb[a] / 4; ++k)
+        for (int i = 0; i < 4; ++i)
+          sum += static_cast<uint32_t>(ext(tiles.reg[a][m][4 * k + i], AU8) * ext(tiles.reg[b][k][4 * n + i], BU8));
+      std::memcpy(&tiles.reg[c][m][4 * n], &sum, 4);
+    }
+}
+}  // namespace emulated
+
+#define FQ_TILE_CONFIG(cfg) emulated::load_config(cfg)
+#define FQ_TILE_RELEASE() emulated::release()
+#define FQ_TILE_ZERO(t) emulated::zero(t)
+#define FQ_TILE_LOAD(t, base, stride) emulated::load(t, base, stride)
+#define FQ_TILE_STORE(t, base, stride) emulated::store(t, base, stride)
+#define FQ_TILE_DP(XU8, WU8, c, a, b) emulated::dp<XU8, WU8>(c, a, b)
+
+#else  // the instructions
+// GCC's tile intrinsics are asm statements that declare no memory input (ldtilecfg: 8 bytes of
+// it): without a compiler barrier, stores to a buffer that a tile load reads next (the INT4
+// widening, the config) could be moved past it or dropped.
+#define FQ_COMPILER_BARRIER() __asm__ __volatile__("" ::: "memory")
+#define FQ_TILE_CONFIG(cfg)    \
+  do {                         \
+    FQ_COMPILER_BARRIER();     \
+    _tile_loadconfig(cfg);     \
+  } while (0)
+#define FQ_TILE_RELEASE() _tile_release()
+#define FQ_TILE_ZERO(t) _tile_zero(t)
+#define FQ_TILE_LOAD(t, base, stride) \
+  do {                                \
+    FQ_COMPILER_BARRIER();            \
+    _tile_loadd(t, base, stride);     \
+  } while (0)
+#define FQ_TILE_STORE(t, base, stride) _tile_stored(t, base, stride)
+#define FQ_TILE_DP(XU8, WU8, c, a, b)                 \
+  do {                                                \
+    if constexpr (XU8 && WU8) _tile_dpbuud(c, a, b);  \
+    else if constexpr (XU8) _tile_dpbusd(c, a, b);    \
+    else if constexpr (WU8) _tile_dpbsud(c, a, b);    \
+    else _tile_dpbssd(c, a, b);                       \
+  } while (0)
+#endif
+
+// ---- the layout -------------------------------------------------------------------------------
+// Panels of 16 output channels (N padded to a multiple of 16); each K-block padded with zeros to a
+// multiple of 64 (block_padded), Kp = padded total K, chunks = Kp / 64. One B tile (panel p, chunk
+// c) is contiguous: with j = channel % 16 and kc = k % 64,
+//   8-bit: packed[(p * chunks + c) * 1024 + (kc / 4) * 64 + j * 4 + kc % 4]
+//   4-bit: the same 1024 positions i in 512 bytes: i < 512 in the low nibble of byte i, else the
+//          high nibble of byte i - 512 (two's complement for signed weights), widened to a
+//          1024-byte L1 buffer right before its tile load.
+// Per-column tables [block * Npad + n], zero for padding channels: the scale, zw and
+// colsum - kb zw (correct_block's operands).
+struct Layout {
+  int64_t N = 0, K = 0, nb = 1, bk = 0, Kp = 0, Npad = 0, block_padded = 0;
+  bool w4 = false, wu8 = false;
+  QuantSpec act;
+  std::vector<uint8_t> packed;
+  std::vector<float> scale;
+  std::vector<int32_t> zw, colsum_minus;
+
+  int64_t chunks() const { return Kp / kTileK; }
+  int64_t tile_bytes() const { return w4 ? kBTileBytes / 2 : kBTileBytes; }
+  const uint8_t* b_tile(int64_t panel, int64_t chunk) const {
+    return packed.data() + (panel * chunks() + chunk) * tile_bytes();
+  }
+};
+
+Layout pack(const IntWeight& w, ThreadPool& pool) {
+  Layout v;
+  const int64_t N = w.N, K = w.K, nb = w.num_blocks, bk = w.tile_cols;
+  v.N = N;
+  v.K = K;
+  v.nb = nb;
+  v.bk = bk;
+  v.w4 = w.bits == 4;
+  v.wu8 = w.q.dtype() == DType::U8;
+  v.act = w.act;
+  v.block_padded = round_up(bk, kTileK);
+  v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, kTileK);
+  v.Npad = round_up(N, kPanel);
+  v.packed.assign(static_cast<size_t>((v.Npad / kPanel) * v.chunks() * v.tile_bytes()), 0);
+  v.scale.assign(static_cast<size_t>(nb * v.Npad), 0.f);
+  v.zw.assign(static_cast<size_t>(nb * v.Npad), 0);
+  v.colsum_minus.assign(static_cast<size_t>(nb * v.Npad), 0);
+  const uint8_t* q = static_cast<const uint8_t*>(w.q.raw());  // I8 or U8: the bytes as stored
+  const float* sw = w.scale.data<float>();
+  const uint8_t* zw = v.wu8 ? w.zero_point.data<uint8_t>() : nullptr;
+  // Channels own disjoint bytes (INT4 nibble pairs join rows r and r + 8 of one channel).
+  parallel_for(pool, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t panel = n / kPanel, j = n % kPanel, g = n / w.tile_rows;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
+        for (int64_t k = 0; k < kb; ++k) {
+          const int64_t kk = b * v.block_padded + k, kc = kk % kTileK;  // position in the padded K
+          const int64_t i = (kc / 4) * kTileK + j * 4 + kc % 4;         // position in the B tile
+          uint8_t* tile = v.packed.data() + (panel * v.chunks() + kk / kTileK) * v.tile_bytes();
+          const uint8_t stored = q[n * K + k0 + k];
+          if (!v.w4) tile[i] = stored;
+          else if (i < kBTileBytes / 2) tile[i] |= static_cast<uint8_t>(stored & 0x0f);
+          else tile[i - kBTileBytes / 2] |= static_cast<uint8_t>(stored << 4);
+        }
+        const size_t col = static_cast<size_t>(b * v.Npad + n);
+        const int32_t z = zw ? zw[g * nb + b] : 0;
+        v.scale[col] = sw[g * nb + b];
+        v.zw[col] = z;
+        v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
+      }
+    }
+  });
+  return v;
+}
+
+// One INT4 B tile (512 bytes) widened to its 1024 int8 / uint8 values.
+template <bool WU8>
+FQ_AMX inline void widen_int4(const uint8_t* src, uint8_t* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < kBTileBytes / 2; ++i) {
+    const uint8_t lo = src[i] & 0x0f, hi = static_cast<uint8_t>(src[i] >> 4);
+    dst[i] = WU8 ? lo : static_cast<uint8_t>((lo ^ 8) - 8);  // sign-extended nibble
+    dst[i + kBTileBytes / 2] = WU8 ? hi : static_cast<uint8_t>((hi ^ 8) - 8);
+  }
+}
+
+// ---- one call ---------------------------------------------------------------------------------
+struct Ctx {
+  int64_t M;
+  const uint8_t* xp;      // [round_up(M, 16), Kp] quantized rows (s8 or u8), zero padded
+  const int32_t* rowsum;  // [M, nb]
+  const float* sx;        // [M]
+  const uint8_t* zx;      // [M]; null when symmetric
+  const Layout* v;
+  const TileConfig* cfg;
+  const float* bias;
+  float* y;
+  Epilogue epilogue;
+};
+
+// The quantized rows as A-tile rows: per K-block zero padded to a multiple of 64, with each block's
+// row sum; the rows from M to the next multiple of 16 stay zero.
+template <class TX>
+void lay_out_rows(const QuantizedTensor& xq, const Layout& v, uint8_t* xp, int32_t* rowsum, ThreadPool& pool) {
+  const int64_t M = xq.q.dim(0);
+  const TX* q = static_cast<const TX*>(xq.q.raw());
+  parallel_for(pool, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < v.nb; ++b) {
+        const int64_t k0 = b * v.bk, kb = std::min(v.K, k0 + v.bk) - k0;
+        std::memcpy(xp + m * v.Kp + b * v.block_padded, q + m * v.K + k0, static_cast<size_t>(kb));
+        int32_t s = 0;
+        for (int64_t k = 0; k < kb; ++k) s += q[m * v.K + k0 + k];
+        rowsum[m * v.nb + b] = s;
+      }
+  });
+}
+
+// Rows m0.. (mt row tiles, of which `rows` are real) x channels of panels 2 strip.. (nt panels)
+// over every K-block. The task's thread has the tile config loaded.
+template <bool XU8, bool WU8, bool W4>
+FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt) {
+  const Layout& v = *c.v;
+  const int64_t rows = std::min<int64_t>(mt * kTileRows, c.M - m0), n0 = strip * 2 * kPanel;
+  const int64_t cols = std::min<int64_t>(nt * kPanel, v.N - n0), width = nt * kPanel;
+  alignas(64) int32_t acc[2 * kTileRows][2 * kPanel];  // the C tiles of one block
+  alignas(64) uint8_t wide[2][kBTileBytes];            // INT4: the widened B tiles
+  float out[2 * kTileRows][2 * kPanel] = {};           // the fp32 sums over blocks, as the reference
+  for (int64_t b = 0; b < v.nb; ++b) {
+    const int64_t kb = std::min(v.K, b * v.bk + v.bk) - b * v.bk;
+    const int64_t chunk0 = b * v.block_padded / kTileK, chunk1 = chunk0 + round_up(kb, kTileK) / kTileK;
+    FQ_TILE_ZERO(0);
+    if (nt == 2) FQ_TILE_ZERO(1);
+    if (mt == 2) {
+      FQ_TILE_ZERO(2);
+      if (nt == 2) FQ_TILE_ZERO(3);
+    }
+    for (int64_t ch = chunk0; ch < chunk1; ++ch) {
+      const uint8_t* a = c.xp + m0 * v.Kp + ch * kTileK;
+      FQ_TILE_LOAD(4, a, v.Kp);
+      if (mt == 2) FQ_TILE_LOAD(5, a + kTileRows * v.Kp, v.Kp);
+      const uint8_t* b0 = v.b_tile(2 * strip, ch);
+      const uint8_t* b1 = nt == 2 ? v.b_tile(2 * strip + 1, ch) : nullptr;
+      if (W4) {
+        widen_int4<WU8>(b0, wide[0]);
+        b0 = wide[0];
+        if (nt == 2) {
+          widen_int4<WU8>(b1, wide[1]);
+          b1 = wide[1];
+        }
+      }
+      FQ_TILE_LOAD(6, b0, kTileK);
+      if (nt == 2) FQ_TILE_LOAD(7, b1, kTileK);
+      FQ_TILE_DP(XU8, WU8, 0, 4, 6);
+      if (nt == 2) FQ_TILE_DP(XU8, WU8, 1, 4, 7);
+      if (mt == 2) {
+        FQ_TILE_DP(XU8, WU8, 2, 5, 6);
+        if (nt == 2) FQ_TILE_DP(XU8, WU8, 3, 5, 7);
+      }
+    }
+    constexpr int64_t stride = 2 * kPanel * sizeof(int32_t);
+    FQ_TILE_STORE(0, &acc[0][0], stride);
+    if (nt == 2) FQ_TILE_STORE(1, &acc[0][kPanel], stride);
+    if (mt == 2) {
+      FQ_TILE_STORE(2, &acc[kTileRows][0], stride);
+      if (nt == 2) FQ_TILE_STORE(3, &acc[kTileRows][kPanel], stride);
+    }
+    // The block's exact correction and out += (sx * sw) * float(corrected), per output.
+    const int64_t col = b * v.Npad + n0;  // padding channels read zeros
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t m = m0 + i;
+      const int32_t zxm = c.zx ? c.zx[m] : 0, rs = c.rowsum[m * v.nb + b];
+      const float sxm = c.sx[m];
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j)
+        out[i][j] = accumulate_block(out[i][j], sxm, v.scale[col + j],
+                                     correct_block(acc[i][j], zxm, v.colsum_minus[col + j], v.zw[col + j], rs));
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      c.y[(m0 + i) * v.N + n0 + j] =
+          finish_output(out[i][j], c.bias != nullptr, c.bias ? c.bias[n0 + j] : 0.f, c.epilogue);
+}
+
+using MicroFn = void (*)(const Ctx&, int64_t, int, int64_t, int);
+
+template <bool XU8>
+MicroFn pick_weight(bool wu8, bool w4) {
+  if (wu8) return w4 ? micro_kernel<XU8, true, true> : micro_kernel<XU8, true, false>;
+  return w4 ? micro_kernel<XU8, false, true> : micro_kernel<XU8, false, false>;
+}
+
+// One pool task: its own tile config, released at the end (the thread may next run other code).
+FQ_AMX void run_task(const Ctx& c, MicroFn micro, int64_t m0, int64_t m1, int64_t strip, int nt) {
+  FQ_TILE_CONFIG(c.cfg);
+  for (int64_t m = m0; m < m1; m += 2 * kTileRows) micro(c, m, m1 - m > kTileRows ? 2 : 1, strip, nt);
+  FQ_TILE_RELEASE();
+}
+
+class AmxIntLinear final : public CpuLinear {
+ public:
+  AmxIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)), cfg_(tile_config()) {
+    N = w.N;
+    K = w.K;
+  }
+
+  void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
+    const Layout& v = v_;
+    const int64_t M = x.rows;
+    ThreadPool& pool = ctx.threads();
+    const QuantizedTensor xq = quantize_rows(x.materialize(pool), v.act);  // throws on NaN / Inf rows
+    std::vector<uint8_t> xp(static_cast<size_t>(round_up(M, kTileRows) * v.Kp), 0);
+    std::vector<int32_t> rowsum(static_cast<size_t>(M * v.nb));
+    if (xq.q.dtype() == DType::I8) lay_out_rows<int8_t>(xq, v, xp.data(), rowsum.data(), pool);
+    else lay_out_rows<uint8_t>(xq, v, xp.data(), rowsum.data(), pool);
+    const bool xu8 = !v.act.symmetric;
+    const Ctx c{M, xp.data(), rowsum.data(), xq.scale.data<float>(), xu8 ? xq.zero_point.data<uint8_t>() : nullptr,
+                &v, &cfg_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
+    const MicroFn micro = xu8 ? pick_weight<true>(v.wu8, v.w4) : pick_weight<false>(v.wu8, v.w4);
+    // Row chunks x strips of 32 channels (2 panels; the last strip may have 1). Decode-sized M is
+    // one chunk, so the weight is read once and the threads split the channels.
+    const int64_t panels = v.Npad / kPanel, strips = (panels + 1) / 2;
+    const int64_t mc = M <= 128 ? M : 128, mchunks = (M + mc - 1) / mc;
+    pool.run(mchunks * strips, [&](int64_t t) {
+      const int64_t m0 = (t / strips) * mc, strip = t % strips;
+      run_task(c, micro, m0, std::min(M, m0 + mc), strip, 2 * strip + 1 < panels ? 2 : 1);
+    });
+  }
+
+ private:
+  Layout v_;  // the only copy of the weight in memory
+  TileConfig cfg_;
+};
+
+std::unique_ptr<CpuLinear> prepare(IntWeight w, ThreadPool& pool) { return std::make_unique<AmxIntLinear>(w, pool); }
+
+}  // namespace amx
+}  // namespace
+
+IntGemmKernel FQ_AMX_ENTRY() { return {CpuIsa::Amx, amx::prepare}; }
+
+#else  // no x86 build: the entry is never selected (the CPU does not support the level)
+
+IntGemmKernel FQ_AMX_ENTRY() { return {CpuIsa::Amx, nullptr}; }
+
+#endif
+
+}  // namespace kernels
+}  // namespace finequant

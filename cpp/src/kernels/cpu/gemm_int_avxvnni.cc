@@ -1,0 +1,299 @@
+// AVX-VNNI integer GEMM (VEX ymm vpdpbusd: u8 x s8 -> int32, no saturation) for CPUs with AVX-VNNI
+// but without AVX-512; bit-identical to gemm_int_ref (docs/DESIGN.md sections 2 and 5.4).
+//
+// The operands and their shift are those of gemm_int_avx512vnni.cc at half the width: symmetric
+// activations (s8) meet weights stored as u8, asymmetric activations (u8) weights stored as s8; the
+// stored weight is q + wc (128 for I8 weights against s8 activations, -128 for U8 weights against u8
+// activations, 8 for signed INT4, else 0), undone exactly through the activation row sums:
+//   acc' = sum_k x (q + wc) = acc + wc rowsum_x
+//   corrected = acc' - zx (colsum_w - kb zw) - (zw + wc) rowsum_x          (correct_block)
+// Rows are quantized with quantize_rows (the reference's own values) and laid out per K-block; the
+// micro-kernel accumulates MR rows x 16 channels in int32 over one block, then the block's
+// correction and fp32 accumulation run in the reference's scalar order (this file is compiled with
+// -ffp-contract=off).
+//
+// The only AVX-VNNI instruction goes through dpbusd() below. With FQ_KERNEL_EMULATE defined (the
+// test build, cpp/tests/gemm_emulated_kernels.cc) it is computed exactly with AVX2 and the entry is
+// int_gemm_avxvnni_emulated(): everything but the instruction itself is tested on AVX2 machines.
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/cpu/gemm.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FQ_AVXVNNI_BUILD 1
+#include <immintrin.h>
+#if FQ_KERNEL_EMULATE
+#define FQ_AVXVNNI __attribute__((target("avx2")))
+#else
+#define FQ_AVXVNNI __attribute__((target("avx2,avxvnni")))
+#endif
+#else
+#define FQ_AVXVNNI_BUILD 0
+#endif
+#if FQ_KERNEL_EMULATE
+#define FQ_AVXVNNI_ENTRY int_gemm_avxvnni_emulated
+#else
+#define FQ_AVXVNNI_ENTRY int_gemm_avxvnni
+#endif
+
+namespace finequant {
+namespace kernels {
+
+#if FQ_AVXVNNI_BUILD
+
+namespace {
+namespace avxvnni {  // a name of its own: the emulation test compiles this file beside gemm_int_amx.cc
+
+constexpr int64_t kPanel = 8;           // output channels per ymm of int32
+constexpr int64_t kTileN = 2 * kPanel;  // channels per micro-kernel
+constexpr int kMaxMR = 4;               // rows: 8 accumulators + 2 weights + 1 broadcast of 16 ymm
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Per 32-bit lane: acc + the four products u8[4i + t] * s8[4i + t] (vpdpbusd, wrap-around int32).
+FQ_AVXVNNI inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
+#if FQ_KERNEL_EMULATE
+  alignas(32) uint32_t a[8];
+  alignas(32) uint8_t u[32];
+  alignas(32) int8_t s[32];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a), acc);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(u), u8);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(s), s8);
+  for (int i = 0; i < 8; ++i)
+    for (int t = 0; t < 4; ++t) a[i] += static_cast<uint32_t>(int32_t{u[4 * i + t]} * int32_t{s[4 * i + t]});
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(a));
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u8, s8);
+#endif
+}
+
+// ---- the layout -------------------------------------------------------------------------------
+// Tiles of 16 output channels (2 panels of 8), N padded to a multiple of 16; each K-block padded
+// with zeros to a multiple of 8 (block_padded), Kp = padded total K. With j = channel % 16:
+//   8-bit: packed[(tile * Kp/4 + k/4) * 64 + j * 4 + k%4]
+//   4-bit: packed[(tile * Kp/8 + k/8) * 64 + j * 4 + k%4], k%8 < 4 in the low nibble, else high.
+// Per-column tables [block * Npad + n] (zero for padding channels): the scale, zw + wc and
+// colsum - kb zw, so that the epilogue never divides by the row-group size.
+struct Layout {
+  int64_t N = 0, K = 0, nb = 1, bk = 0, Kp = 0, Npad = 0, block_padded = 0;
+  int bits = 8;
+  QuantSpec act;
+  int32_t wc = 0;
+  std::vector<uint8_t> packed;
+  std::vector<float> scale;
+  std::vector<int32_t> zw_plus_wc, colsum_minus;
+};
+
+Layout pack(const IntWeight& w, ThreadPool& pool) {
+  Layout v;
+  const int64_t N = w.N, K = w.K, nb = w.num_blocks, bk = w.tile_cols;
+  const bool wsym = w.q.dtype() == DType::I8, xu8 = !w.act.symmetric, w4 = w.bits == 4;
+  v.N = N;
+  v.K = K;
+  v.nb = nb;
+  v.bk = bk;
+  v.bits = w.bits;
+  v.act = w.act;
+  v.wc = w4 ? (wsym ? 8 : 0) : (xu8 ? (wsym ? 0 : -128) : (wsym ? 128 : 0));
+  v.block_padded = round_up(bk, 8);
+  v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, 8);
+  v.Npad = round_up(N, kTileN);
+  v.packed.assign(static_cast<size_t>(w4 ? v.Npad * v.Kp / 2 : v.Npad * v.Kp), 0);
+  v.scale.assign(static_cast<size_t>(nb * v.Npad), 0.f);
+  v.zw_plus_wc.assign(static_cast<size_t>(nb * v.Npad), 0);
+  v.colsum_minus.assign(static_cast<size_t>(nb * v.Npad), 0);
+  const float* sw = w.scale.data<float>();
+  const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
+  const int64_t tile_bytes = w4 ? v.Kp * 8 : v.Kp * 16;
+  // Channels own disjoint bytes (INT4 nibble pairs run along k), so they pack in parallel.
+  parallel_for(pool, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t tile = n / kTileN, j = n % kTileN, g = n / w.tile_rows;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
+        for (int64_t k = 0; k < kb; ++k) {
+          const int32_t q = wsym ? w.q.data<int8_t>()[n * K + k0 + k] : w.q.data<uint8_t>()[n * K + k0 + k];
+          const uint8_t stored = static_cast<uint8_t>(q + v.wc);  // u8 or s8 bit pattern
+          const int64_t kk = b * v.block_padded + k;              // position in the padded K
+          if (w4)
+            v.packed[static_cast<size_t>(tile * tile_bytes + kk / 8 * 64 + j * 4 + kk % 4)] |=
+                static_cast<uint8_t>((stored & 0x0f) << (kk % 8 < 4 ? 0 : 4));
+          else
+            v.packed[static_cast<size_t>(tile * tile_bytes + kk / 4 * 64 + j * 4 + kk % 4)] = stored;
+        }
+        const size_t col = static_cast<size_t>(b * v.Npad + n);
+        const int32_t z = zw ? zw[g * nb + b] : 0;
+        v.scale[col] = sw[g * nb + b];
+        v.zw_plus_wc[col] = z + v.wc;
+        v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
+      }
+    }
+  });
+  return v;
+}
+
+// ---- one call ---------------------------------------------------------------------------------
+struct Ctx {
+  int64_t M;
+  const uint8_t* xp;      // [M, Kp] quantized rows (s8 or u8 bytes), zero padded per block
+  const int32_t* rowsum;  // [M, nb]
+  const float* sx;        // [M]
+  const uint8_t* zx;      // [M]; null when symmetric
+  const Layout* v;
+  const float* bias;
+  float* y;
+  Epilogue epilogue;
+};
+
+// The quantized rows laid out per K-block (zero padded), with each block's row sum.
+template <class TX>
+void lay_out_rows(const QuantizedTensor& xq, const Layout& v, uint8_t* xp, int32_t* rowsum, ThreadPool& pool) {
+  const int64_t M = xq.q.dim(0);
+  const TX* q = static_cast<const TX*>(xq.q.raw());
+  parallel_for(pool, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      std::memset(xp + m * v.Kp, 0, static_cast<size_t>(v.Kp));
+      for (int64_t b = 0; b < v.nb; ++b) {
+        const int64_t k0 = b * v.bk, kb = std::min(v.K, k0 + v.bk) - k0;
+        std::memcpy(xp + m * v.Kp + b * v.block_padded, q + m * v.K + k0, static_cast<size_t>(kb));
+        int32_t s = 0;
+        for (int64_t k = 0; k < kb; ++k) s += q[m * v.K + k0 + k];
+        rowsum[m * v.nb + b] = s;
+      }
+    }
+  });
+}
+
+// MR rows x 16 channels over every K-block: int32 sums per block, then the reference's correction
+// and fp32 accumulation per output, then bias and activation.
+template <int MR, bool XU8, bool W4>
+FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
+  const Layout& v = *c.v;
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  float out[MR][kTileN] = {};
+  for (int64_t b = 0; b < v.nb; ++b) {
+    const int64_t kb = std::min(v.K, b * v.bk + v.bk) - b * v.bk;
+    const int64_t s0 = b * v.block_padded / 8, pairs = round_up(kb, 8) / 8;  // pairs of 4-k steps
+    __m256i acc[MR][2];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    // 8 k of a tile: 128 bytes (8-bit: two steps of 2 panels x 32 bytes) or 64 (4-bit: the two
+    // steps share each panel's 32 bytes as low / high nibbles).
+    const int64_t pair_bytes = W4 ? 64 : 128;
+    const uint8_t* wp = v.packed.data() + (tile * (v.Kp / 8) + s0) * pair_bytes;
+    const uint8_t* xr = c.xp + m0 * v.Kp + b * v.block_padded;
+    for (int64_t s = 0; s < 2 * pairs; ++s) {
+      __m256i w[2];
+      const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(s & 1) * 4);  // INT4: low or high nibbles
+#pragma GCC unroll 2
+      for (int j = 0; j < 2; ++j) {
+        if (W4) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (s >> 1) * 64 + j * 32));
+          w[j] = _mm256_and_si256(_mm256_srl_epi16(packed, shift), nibble);
+        } else {
+          w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + s * 64 + j * 32));
+        }
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) {
+        int32_t word;
+        std::memcpy(&word, xr + i * v.Kp + s * 4, 4);
+        const __m256i xb = _mm256_set1_epi32(word);
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; ++j) acc[i][j] = XU8 ? dpbusd(acc[i][j], xb, w[j]) : dpbusd(acc[i][j], w[j], xb);
+      }
+    }
+    alignas(32) int32_t sums[MR][kTileN];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sums[i]), acc[i][0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sums[i] + kPanel), acc[i][1]);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int64_t m = m0 + i;
+      const int32_t zxm = c.zx ? c.zx[m] : 0, rs = c.rowsum[m * v.nb + b];
+      const int64_t col = b * v.Npad + tile * kTileN;  // padding channels read zeros
+      for (int64_t j = 0; j < kTileN; ++j) {
+        const int32_t corrected = correct_block(sums[i][j], zxm, v.colsum_minus[col + j], v.zw_plus_wc[col + j], rs);
+        out[i][j] = accumulate_block(out[i][j], c.sx[m], v.scale[col + j], corrected);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < kTileN; ++j) {
+      const int64_t n = tile * kTileN + j;
+      if (n >= v.N) break;
+      c.y[(m0 + i) * v.N + n] = finish_output(out[i][j], c.bias != nullptr, c.bias ? c.bias[n] : 0.f, c.epilogue);
+    }
+}
+
+using MicroFn = void (*)(const Ctx&, int64_t, int64_t);
+
+template <bool XU8, bool W4>
+MicroFn pick_rows(int mr) {
+  switch (mr) {
+    case 1: return micro_kernel<1, XU8, W4>;
+    case 2: return micro_kernel<2, XU8, W4>;
+    case 3: return micro_kernel<3, XU8, W4>;
+    default: return micro_kernel<4, XU8, W4>;
+  }
+}
+
+MicroFn pick(int mr, bool xu8, bool w4) {
+  if (xu8) return w4 ? pick_rows<true, true>(mr) : pick_rows<true, false>(mr);
+  return w4 ? pick_rows<false, true>(mr) : pick_rows<false, false>(mr);
+}
+
+class AvxVnniIntLinear final : public CpuLinear {
+ public:
+  AvxVnniIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)) {
+    N = w.N;
+    K = w.K;
+  }
+
+  void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
+    const Layout& v = v_;
+    const int64_t M = x.rows;
+    ThreadPool& pool = ctx.threads();
+    const QuantizedTensor xq = quantize_rows(x.materialize(pool), v.act);  // throws on NaN / Inf rows
+    std::vector<uint8_t> xp(static_cast<size_t>(M * v.Kp));
+    std::vector<int32_t> rowsum(static_cast<size_t>(M * v.nb));
+    if (xq.q.dtype() == DType::I8) lay_out_rows<int8_t>(xq, v, xp.data(), rowsum.data(), pool);
+    else lay_out_rows<uint8_t>(xq, v, xp.data(), rowsum.data(), pool);
+    const bool xu8 = !v.act.symmetric, w4 = v.bits == 4;
+    const Ctx c{M, xp.data(), rowsum.data(), xq.scale.data<float>(),
+                xu8 ? xq.zero_point.data<uint8_t>() : nullptr, &v, bias.defined() ? bias.data<float>() : nullptr,
+                y, epilogue};
+    const MicroFn full = pick(kMaxMR, xu8, w4);
+    // Row chunks x channel tiles; decode-sized M is one chunk, so the threads split the channels.
+    const int64_t tiles = v.Npad / kTileN, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
+    pool.run(mchunks * tiles, [&](int64_t t) {
+      const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
+      int64_t m = m0;
+      for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
+      if (m < m1) pick(static_cast<int>(m1 - m), xu8, w4)(c, m, tile);
+    });
+  }
+
+ private:
+  Layout v_;  // the only copy of the weight in memory
+};
+
+std::unique_ptr<CpuLinear> prepare(IntWeight w, ThreadPool& pool) {
+  return std::make_unique<AvxVnniIntLinear>(w, pool);
+}
+
+}  // namespace avxvnni
+}  // namespace
+
+IntGemmKernel FQ_AVXVNNI_ENTRY() { return {CpuIsa::AvxVnni, avxvnni::prepare}; }
+
+#else  // no x86 build: the entry is never selected (the CPU does not support the level)
+
+IntGemmKernel FQ_AVXVNNI_ENTRY() { return {CpuIsa::AvxVnni, nullptr}; }
+
+#endif
+
+}  // namespace kernels
+}  // namespace finequant
