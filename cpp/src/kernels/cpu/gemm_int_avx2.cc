@@ -2,11 +2,13 @@
 //
 // vpmaddubsw would saturate on u8 x s8 pairs, so both operands are widened to int16 and multiplied
 // with vpmaddwd: each int32 lane gets q[n, k] x[k] + q[n, k+1] x[k+1], the exact products of the
-// stored values (no operand shifts to undo). Weights stay one byte each in the packed layout
-// (Avx2IntLinear below) and are widened in registers; the activation rows are quantized with
-// quantize_rows and widened once per call. The integer sums are vectorized; the correction and
-// the fp32 epilogue are the reference's own scalar expressions (this file is compiled with
-// -ffp-contract=off), so the outputs match it bit for bit.
+// stored values. Weights stay one byte each (INT8) or half a byte (INT4: decode reads half the
+// bytes) in the packed layout (Avx2IntLinear below) and are widened in registers; signed INT4 is
+// stored as q + 8 and the 8 taken off after widening, exactly. The activation rows are quantized with
+// quantize_rows and widened once per call. The integer sums are vectorized, and so is each
+// K-block's correction and fp32 accumulation (correct_block, accumulate_block of epilogue.h:
+// wrap-around int32 like the VNNI kernels, then the reference's fp32 operations in its order; this
+// file is compiled with -ffp-contract=off), so the outputs match it bit for bit.
 #include <algorithm>
 #include <cstring>
 
@@ -34,12 +36,18 @@ constexpr int kMaxMR = 4;      // rows: 8 accumulators + 2 weights + 1 broadcast
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // The AVX2 layout: tiles of 16 channels, the stored bytes of q by pairs of k (K-blocks padded to
-// even lengths, Kp = padded total K):
-//   packed[(tile * Kp + k - k%2) * 16 + (channel % 16) * 2 + k%2]
-// plus the canonical scales, zero points and column sums (IntWeight without q).
+// even lengths, Kp = padded total K); with i = (channel % 16) * 2 + k%2, the position in the 32
+// values of a k pair:
+//   8-bit: packed[(tile * Kp + k - k%2) * 16 + i]
+//   4-bit: packed[(tile * Kp + k - k%2) * 8 + i % 16], i < 16 in the low nibble, else the high one
+// Per-column tables [block * Npad + n] (N padded to whole tiles, zeros for padding channels): the
+// scale, zw and colsum - kb zw of the channel's block (correct_block's operands).
 struct Avx2Layout {
-  int64_t Kp = 0, block_padded = 0;
+  int64_t Kp = 0, block_padded = 0, Npad = 0;
+  bool w4 = false;
   std::vector<uint8_t> packed;
+  std::vector<float> scale;
+  std::vector<int32_t> zw, colsum_minus;
 };
 
 struct Ctx {
@@ -47,32 +55,50 @@ struct Ctx {
   const int16_t* xw;       // [M, Kp] widened activation values, zero padded per block
   const int32_t* rowsum;   // [M, nb]
   const QuantizedTensor* x;
-  const IntWeight* w;
   const Avx2Layout* layout;
   const float* bias;
   float* y;
   Epilogue epilogue;
 };
 
-template <int MR, bool WSIGNED>
+// The 32 weights of a k pair widened to int16: channels 0-7 (w0) and 8-15 (w1), each [k, k+1].
+template <bool WSIGNED, bool W4>
+FQ_AVX2 inline void load_pair(const uint8_t* tile_data, int64_t p, __m256i& w0, __m256i& w1) {
+  if constexpr (W4) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile_data + p * 16));
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    w0 = _mm256_cvtepu8_epi16(_mm_and_si128(v, nibble));
+    w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), nibble));
+    if constexpr (WSIGNED) {  // stored q + 8
+      const __m256i eight = _mm256_set1_epi16(8);
+      w0 = _mm256_sub_epi16(w0, eight);
+      w1 = _mm256_sub_epi16(w1, eight);
+    }
+  } else {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile_data + p * 32));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile_data + p * 32 + 16));
+    w0 = WSIGNED ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
+    w1 = WSIGNED ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
+  }
+}
+
+template <int MR, bool WSIGNED, bool W4>
 FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
-  const IntWeight& w = *c.w;
+  const Avx2Layout& v = *c.layout;
   const float* sx = c.x->scale.data<float>();
   const uint8_t* zx = c.x->zero_point.defined() ? c.x->zero_point.data<uint8_t>() : nullptr;
-  const float* sw = w.scale.data<float>();
-  const uint8_t* zw = w.zero_point.defined() ? w.zero_point.data<uint8_t>() : nullptr;
-  float out[MR][kTile] = {};
+  __m256 out[MR][2];  // the fp32 sums over blocks, as the reference: 0, then + each block
+  for (int i = 0; i < MR; ++i) out[i][0] = out[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < c.nb; ++b) {
     const int64_t k0 = b * c.bk, kb = std::min(c.K, k0 + c.bk) - k0, pairs = round_up(kb, 2) / 2;
     __m256i acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-    const uint8_t* wp = c.layout->packed.data() + (tile * c.Kp + b * c.bkp) * kTile;  // 32 bytes per k pair
+    // 32 bytes (INT4: 16) per k pair.
+    const uint8_t* wp = c.layout->packed.data() + (tile * c.Kp + b * c.bkp) * (W4 ? kTile / 2 : kTile);
     const int16_t* xr = c.xw + m0 * c.Kp + b * c.bkp;
     for (int64_t p = 0; p < pairs; ++p) {
-      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + p * 32));
-      const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + p * 32 + 16));
-      const __m256i w0 = WSIGNED ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
-      const __m256i w1 = WSIGNED ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
+      __m256i w0, w1;
+      load_pair<WSIGNED, W4>(wp, p, w0, w1);
       for (int i = 0; i < MR; ++i) {
         int32_t pair;
         std::memcpy(&pair, xr + i * c.Kp + 2 * p, 4);
@@ -81,44 +107,52 @@ FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
         acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(w1, xb));
       }
     }
-    // The reference's correction and fp32 accumulation, channel by channel.
-    for (int i = 0; i < MR; ++i) {
-      alignas(32) int32_t sums[kTile];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(sums), acc[i][0]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(sums + 8), acc[i][1]);
-      const int64_t m = m0 + i;
-      const int32_t zxm = zx ? zx[m] : 0;
-      for (int64_t j = 0; j < kTile; ++j) {
-        const int64_t n = tile * kTile + j;
-        if (n >= c.N) break;
-        const int64_t g = n / w.tile_rows;
-        const int32_t zwb = zw ? zw[g * c.nb + b] : 0;
-        const int64_t corrected = int64_t{sums[j]} - int64_t{zxm} * w.colsum[n * c.nb + b] -
-                                  int64_t{zwb} * c.rowsum[m * c.nb + b] + kb * int64_t{zxm} * zwb;
-        out[i][j] += sx[m] * sw[g * c.nb + b] * static_cast<float>(corrected);
+    // The block's correction_block and accumulate_block, 8 channels a vector:
+    //   corrected = acc - zx (colsum - kb zw) - zw rowsum;  out += (sx * sw) * float(corrected)
+    const int64_t col = b * v.Npad + tile * kTile;
+    for (int j = 0; j < 2; ++j) {
+      const __m256 sw = _mm256_loadu_ps(v.scale.data() + col + 8 * j);
+      const __m256i cm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.colsum_minus.data() + col + 8 * j));
+      const __m256i zw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.zw.data() + col + 8 * j));
+      for (int i = 0; i < MR; ++i) {
+        const int64_t m = m0 + i;
+        const __m256i corrected =
+            _mm256_sub_epi32(_mm256_sub_epi32(acc[i][j], _mm256_mullo_epi32(_mm256_set1_epi32(zx ? zx[m] : 0), cm)),
+                             _mm256_mullo_epi32(zw, _mm256_set1_epi32(c.rowsum[m * c.nb + b])));
+        out[i][j] = _mm256_add_ps(out[i][j], _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(sx[m]), sw),
+                                                           _mm256_cvtepi32_ps(corrected)));
       }
     }
   }
-  for (int i = 0; i < MR; ++i)
+  for (int i = 0; i < MR; ++i) {
+    alignas(32) float sums[kTile];
+    _mm256_store_ps(sums, out[i][0]);
+    _mm256_store_ps(sums + 8, out[i][1]);
     for (int64_t j = 0; j < kTile; ++j) {
       const int64_t n = tile * kTile + j;
       if (n >= c.N) break;
-      float v = out[i][j];
+      float v = sums[j];
       if (c.bias) v += c.bias[n];
       c.y[(m0 + i) * c.N + n] = apply_epilogue(c.epilogue, v);
     }
+  }
 }
 
 using MicroFn = void (*)(const Ctx&, int64_t, int64_t);
 
-template <bool WSIGNED>
+template <bool WSIGNED, bool W4>
 MicroFn pick_rows(int mr) {
   switch (mr) {
-    case 1: return micro_kernel<1, WSIGNED>;
-    case 2: return micro_kernel<2, WSIGNED>;
-    case 3: return micro_kernel<3, WSIGNED>;
-    default: return micro_kernel<4, WSIGNED>;
+    case 1: return micro_kernel<1, WSIGNED, W4>;
+    case 2: return micro_kernel<2, WSIGNED, W4>;
+    case 3: return micro_kernel<3, WSIGNED, W4>;
+    default: return micro_kernel<4, WSIGNED, W4>;
   }
+}
+
+MicroFn pick(int mr, bool wsigned, bool w4) {
+  if (w4) return wsigned ? pick_rows<true, true>(mr) : pick_rows<false, true>(mr);
+  return wsigned ? pick_rows<true, false>(mr) : pick_rows<false, false>(mr);
 }
 
 // Widens the quantized rows into [M, Kp] int16 (zero padded per block) and sums each block.
@@ -147,17 +181,37 @@ Avx2Layout pack(const IntWeight& w, ThreadPool& pool) {
   v.block_padded = round_up(bk, 2);
   v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, 2);
   const int64_t tiles = (N + kTile - 1) / kTile;
-  v.packed.assign(static_cast<size_t>(tiles * kTile * v.Kp), 0);
+  v.Npad = tiles * kTile;
+  v.w4 = w.bits == 4;
+  v.packed.assign(static_cast<size_t>(v.Npad * v.Kp / (v.w4 ? 2 : 1)), 0);
+  v.scale.assign(static_cast<size_t>(nb * v.Npad), 0.f);
+  v.zw.assign(static_cast<size_t>(nb * v.Npad), 0);
+  v.colsum_minus.assign(static_cast<size_t>(nb * v.Npad), 0);
+  const float* sw = w.scale.data<float>();
+  const uint8_t* zw = w.zero_point.defined() ? w.zero_point.data<uint8_t>() : nullptr;
   const uint8_t* q = static_cast<const uint8_t*>(w.q.raw());  // I8 or U8: the bytes as stored
-  parallel_for(pool, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
+  const uint8_t w4_offset = w.q.dtype() == DType::I8 ? 8 : 0;  // signed INT4 stored as q + 8
+  // Whole tiles per thread (INT4: channels n and n + 8 of a tile share bytes).
+  parallel_for(pool, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t n = t0 * kTile; n < std::min(N, t1 * kTile); ++n)
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
         for (int64_t k = 0; k < kb; ++k) {
-          const int64_t kk = b * v.block_padded + k;  // position in the padded K
-          v.packed[static_cast<size_t>(((n / kTile) * v.Kp + kk - kk % 2) * kTile + (n % kTile) * 2 + kk % 2)] =
-              q[n * K + k0 + k];
+          const int64_t kk = b * v.block_padded + k;              // position in the padded K
+          const int64_t pair = (n / kTile) * v.Kp + kk - kk % 2, i = (n % kTile) * 2 + kk % 2;  // i < 32
+          if (v.w4) {
+            const uint8_t nib = static_cast<uint8_t>((q[n * K + k0 + k] + w4_offset) & 0x0f);
+            v.packed[static_cast<size_t>(pair * kTile / 2 + i % 16)] |= static_cast<uint8_t>(i < 16 ? nib : nib << 4);
+          } else {
+            v.packed[static_cast<size_t>(pair * kTile + i)] = q[n * K + k0 + k];
+          }
         }
+        const size_t col = static_cast<size_t>(b * v.Npad + n);
+        const int64_t g = n / w.tile_rows;
+        const int32_t z = zw ? zw[g * nb + b] : 0;
+        v.scale[col] = sw[g * nb + b];
+        v.zw[col] = z;
+        v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
       }
   });
   return v;
@@ -165,45 +219,41 @@ Avx2Layout pack(const IntWeight& w, ThreadPool& pool) {
 
 class Avx2IntLinear final : public CpuLinear {
  public:
-  Avx2IntLinear(IntWeight w, ThreadPool& pool) : w_(std::move(w)), layout_(pack(w_, pool)) {
-    N = w_.N;
-    K = w_.K;
-    wsigned_ = w_.q.dtype() == DType::I8;
-    w_.q = Tensor();  // one copy of the weight in memory: the packed one
+  Avx2IntLinear(const IntWeight& w, ThreadPool& pool)
+      : layout_(pack(w, pool)), act_(w.act), nb_(w.num_blocks), bk_(w.tile_cols), wsigned_(w.q.dtype() == DType::I8) {
+    N = w.N;
+    K = w.K;
   }
 
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
-    const IntWeight& w = w_;
     const int64_t M = x.rows;
     ThreadPool& pool = ctx.threads();
-    const QuantizedTensor xq = quantize_rows(x.materialize(pool), w.act);
+    const QuantizedTensor xq = quantize_rows(x.materialize(pool), act_);
     std::vector<int16_t> xw(static_cast<size_t>(M * layout_.Kp));
-    std::vector<int32_t> rowsum(static_cast<size_t>(M * w.num_blocks));
-    const Ctx c{M, w.N, w.K, w.num_blocks, w.tile_cols, layout_.block_padded, layout_.Kp, xw.data(), rowsum.data(),
-                &xq, &w, &layout_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
+    std::vector<int32_t> rowsum(static_cast<size_t>(M * nb_));
+    const Ctx c{M, N, K, nb_, bk_, layout_.block_padded, layout_.Kp, xw.data(), rowsum.data(),
+                &xq, &layout_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
     if (xq.q.dtype() == DType::I8) widen_rows<int8_t>(xq, c, xw.data(), rowsum.data(), pool);
     else widen_rows<uint8_t>(xq, c, xw.data(), rowsum.data(), pool);
-    const bool wsigned = wsigned_;
-    const MicroFn full = wsigned ? pick_rows<true>(kMaxMR) : pick_rows<false>(kMaxMR);
-    const int64_t tiles = (w.N + kTile - 1) / kTile, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
+    const bool wsigned = wsigned_, w4 = layout_.w4;
+    const MicroFn full = pick(kMaxMR, wsigned, w4);
+    const int64_t tiles = layout_.Npad / kTile, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
     pool.run(mchunks * tiles, [&](int64_t t) {
       const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
       int64_t m = m0;
       for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
-      if (m < m1)
-        (wsigned ? pick_rows<true>(static_cast<int>(m1 - m)) : pick_rows<false>(static_cast<int>(m1 - m)))(c, m, tile);
+      if (m < m1) pick(static_cast<int>(m1 - m), wsigned, w4)(c, m, tile);
     });
   }
 
  private:
-  IntWeight w_;
-  Avx2Layout layout_;
-  bool wsigned_ = true;
+  Avx2Layout layout_;  // the only copy of the weight in memory
+  QuantSpec act_;
+  int64_t nb_, bk_;
+  bool wsigned_;
 };
 
-std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, ThreadPool& pool) {
-  return std::make_unique<Avx2IntLinear>(std::move(w), pool);
-}
+std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, ThreadPool& pool) { return std::make_unique<Avx2IntLinear>(w, pool); }
 
 }  // namespace
 
