@@ -78,6 +78,7 @@ struct F32GemmKernel {
 // ---- the registry: one line per ISA (registry.cc) ----------------------------------------------
 IntGemmKernel int_gemm_ref();
 IntGemmKernel int_gemm_avx2();
+IntGemmKernel int_gemm_avx2_int4();  // INT4 weights only: int_gemm_avx2's prepare hands them on
 IntGemmKernel int_gemm_avxvnni();  // level off by default (cpu_isa.cc): verified by emulation only
 IntGemmKernel int_gemm_avx512vnni();
 IntGemmKernel int_gemm_amx();  // level off by default (cpu_isa.cc): verified by emulation only

@@ -197,7 +197,8 @@ void dp(int c, int a, int b) {
 //   4-bit: the same 1024 positions i in 512 bytes: i < 512 in the low nibble of byte i, else the
 //          high nibble of byte i - 512 (two's complement for signed weights), widened to a
 //          1024-byte L1 buffer right before its tile load.
-// Per-column tables [block * Npad + n], zero for padding channels: the scale, zw and
+// Per-column tables [(strip * nb + block) * 32 + n % 32] (strips of 2 panels, zero for padding
+// channels; strip-major so that a task reads its blocks' values as one stream): the scale, zw and
 // colsum - kb zw (correct_block's operands).
 struct Layout {
   int64_t N = 0, K = 0, nb = 1, bk = 0, Kp = 0, Npad = 0, block_padded = 0;
@@ -228,9 +229,10 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
   v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, kTileK);
   v.Npad = round_up(N, kPanel);
   v.packed.assign(static_cast<size_t>((v.Npad / kPanel) * v.chunks() * v.tile_bytes()), 0);
-  v.scale.assign(static_cast<size_t>(nb * v.Npad), 0.f);
-  v.zw.assign(static_cast<size_t>(nb * v.Npad), 0);
-  v.colsum_minus.assign(static_cast<size_t>(nb * v.Npad), 0);
+  const int64_t table = nb * round_up(N, 2 * kPanel);
+  v.scale.assign(static_cast<size_t>(table), 0.f);
+  v.zw.assign(static_cast<size_t>(table), 0);
+  v.colsum_minus.assign(static_cast<size_t>(table), 0);
   const uint8_t* q = static_cast<const uint8_t*>(w.q.raw());  // I8 or U8: the bytes as stored
   const float* sw = w.scale.data<float>();
   const uint8_t* zw = v.wu8 ? w.zero_point.data<uint8_t>() : nullptr;
@@ -249,7 +251,7 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
           else if (i < kBTileBytes / 2) tile[i] |= static_cast<uint8_t>(stored & 0x0f);
           else tile[i - kBTileBytes / 2] |= static_cast<uint8_t>(stored << 4);
         }
-        const size_t col = static_cast<size_t>(b * v.Npad + n);
+        const size_t col = static_cast<size_t>(((n / (2 * kPanel)) * nb + b) * 2 * kPanel + n % (2 * kPanel));
         const int32_t z = zw ? zw[g * nb + b] : 0;
         v.scale[col] = sw[g * nb + b];
         v.zw[col] = z;
@@ -353,7 +355,7 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
       if (nt == 2) FQ_TILE_STORE(3, &acc[kTileRows][kPanel], stride);
     }
     // The block's exact correction and out += (sx * sw) * float(corrected), per output.
-    const int64_t col = b * v.Npad + n0;  // padding channels read zeros
+    const int64_t col = (strip * v.nb + b) * 2 * kPanel;  // padding channels read zeros
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t m = m0 + i;
       const int32_t zxm = c.zx ? c.zx[m] : 0, rs = c.rowsum[m * v.nb + b];

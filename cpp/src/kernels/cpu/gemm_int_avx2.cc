@@ -1,10 +1,10 @@
-// AVX2 integer GEMM for CPUs without AVX512-VNNI; bit-identical to gemm_int_ref.
+// AVX2 integer GEMM for CPUs without AVX512-VNNI, 8-bit weights; bit-identical to gemm_int_ref.
+// INT4 weights go to gemm_int_avx2_int4.cc (vpmaddubsw is exact for them, not for INT8).
 //
 // vpmaddubsw would saturate on u8 x s8 pairs, so both operands are widened to int16 and multiplied
 // with vpmaddwd: each int32 lane gets q[n, k] x[k] + q[n, k+1] x[k+1], the exact products of the
-// stored values. Weights stay one byte each (INT8) or half a byte (INT4: decode reads half the
-// bytes) in the packed layout (Avx2IntLinear below) and are widened in registers; signed INT4 is
-// stored as q + 8 and the 8 taken off after widening, exactly. The activation rows are quantized with
+// stored values. Weights stay one byte each in the packed layout (Avx2IntLinear below) and are
+// widened in registers. The activation rows are quantized with
 // quantize_rows and widened once per call. The integer sums are vectorized, and so is each
 // K-block's correction and fp32 accumulation (correct_block, accumulate_block of epilogue.h:
 // wrap-around int32 like the VNNI kernels, then the reference's fp32 operations in its order; this
@@ -38,13 +38,13 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // The AVX2 layout: tiles of 16 channels, the stored bytes of q by pairs of k (K-blocks padded to
 // even lengths, Kp = padded total K); with i = (channel % 16) * 2 + k%2, the position in the 32
 // values of a k pair:
-//   8-bit: packed[(tile * Kp + k - k%2) * 16 + i]
-//   4-bit: packed[(tile * Kp + k - k%2) * 8 + i % 16], i < 16 in the low nibble, else the high one
-// Per-column tables [block * Npad + n] (N padded to whole tiles, zeros for padding channels): the
-// scale, zw and colsum - kb zw of the channel's block (correct_block's operands).
+//   packed[(tile * Kp + k - k%2) * 16 + i]
+// Per-column tables [(tile * nb + block) * 16 + channel % 16] (zeros for padding channels): the
+// scale, zw and colsum - kb zw of the channel's block (correct_block's operands). Tile-major, so a
+// tile reads its blocks' values as one stream: block-major tables of a wide layer (the LM head,
+// 50k channels) cost a TLB miss per block and table, measured 4.5x slower decode at K-blocks of 32.
 struct Avx2Layout {
   int64_t Kp = 0, block_padded = 0, Npad = 0;
-  bool w4 = false;
   std::vector<uint8_t> packed;
   std::vector<float> scale;
   std::vector<int32_t> zw, colsum_minus;
@@ -61,28 +61,7 @@ struct Ctx {
   Epilogue epilogue;
 };
 
-// The 32 weights of a k pair widened to int16: channels 0-7 (w0) and 8-15 (w1), each [k, k+1].
-template <bool WSIGNED, bool W4>
-FQ_AVX2 inline void load_pair(const uint8_t* tile_data, int64_t p, __m256i& w0, __m256i& w1) {
-  if constexpr (W4) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile_data + p * 16));
-    const __m128i nibble = _mm_set1_epi8(0x0f);
-    w0 = _mm256_cvtepu8_epi16(_mm_and_si128(v, nibble));
-    w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), nibble));
-    if constexpr (WSIGNED) {  // stored q + 8
-      const __m256i eight = _mm256_set1_epi16(8);
-      w0 = _mm256_sub_epi16(w0, eight);
-      w1 = _mm256_sub_epi16(w1, eight);
-    }
-  } else {
-    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile_data + p * 32));
-    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile_data + p * 32 + 16));
-    w0 = WSIGNED ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
-    w1 = WSIGNED ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
-  }
-}
-
-template <int MR, bool WSIGNED, bool W4>
+template <int MR, bool WSIGNED>
 FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
   const Avx2Layout& v = *c.layout;
   const float* sx = c.x->scale.data<float>();
@@ -93,12 +72,13 @@ FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
     const int64_t k0 = b * c.bk, kb = std::min(c.K, k0 + c.bk) - k0, pairs = round_up(kb, 2) / 2;
     __m256i acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-    // 32 bytes (INT4: 16) per k pair.
-    const uint8_t* wp = c.layout->packed.data() + (tile * c.Kp + b * c.bkp) * (W4 ? kTile / 2 : kTile);
+    const uint8_t* wp = c.layout->packed.data() + (tile * c.Kp + b * c.bkp) * kTile;  // 32 bytes per k pair
     const int16_t* xr = c.xw + m0 * c.Kp + b * c.bkp;
     for (int64_t p = 0; p < pairs; ++p) {
-      __m256i w0, w1;
-      load_pair<WSIGNED, W4>(wp, p, w0, w1);
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + p * 32));
+      const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + p * 32 + 16));
+      const __m256i w0 = WSIGNED ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
+      const __m256i w1 = WSIGNED ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
       for (int i = 0; i < MR; ++i) {
         int32_t pair;
         std::memcpy(&pair, xr + i * c.Kp + 2 * p, 4);
@@ -109,7 +89,7 @@ FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
     }
     // The block's correction_block and accumulate_block, 8 channels a vector:
     //   corrected = acc - zx (colsum - kb zw) - zw rowsum;  out += (sx * sw) * float(corrected)
-    const int64_t col = b * v.Npad + tile * kTile;
+    const int64_t col = (tile * c.nb + b) * kTile;
     for (int j = 0; j < 2; ++j) {
       const __m256 sw = _mm256_loadu_ps(v.scale.data() + col + 8 * j);
       const __m256i cm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.colsum_minus.data() + col + 8 * j));
@@ -140,20 +120,17 @@ FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
 
 using MicroFn = void (*)(const Ctx&, int64_t, int64_t);
 
-template <bool WSIGNED, bool W4>
+template <bool WSIGNED>
 MicroFn pick_rows(int mr) {
   switch (mr) {
-    case 1: return micro_kernel<1, WSIGNED, W4>;
-    case 2: return micro_kernel<2, WSIGNED, W4>;
-    case 3: return micro_kernel<3, WSIGNED, W4>;
-    default: return micro_kernel<4, WSIGNED, W4>;
+    case 1: return micro_kernel<1, WSIGNED>;
+    case 2: return micro_kernel<2, WSIGNED>;
+    case 3: return micro_kernel<3, WSIGNED>;
+    default: return micro_kernel<4, WSIGNED>;
   }
 }
 
-MicroFn pick(int mr, bool wsigned, bool w4) {
-  if (w4) return wsigned ? pick_rows<true, true>(mr) : pick_rows<false, true>(mr);
-  return wsigned ? pick_rows<true, false>(mr) : pick_rows<false, false>(mr);
-}
+MicroFn pick(int mr, bool wsigned) { return wsigned ? pick_rows<true>(mr) : pick_rows<false>(mr); }
 
 // Widens the quantized rows into [M, Kp] int16 (zero padded per block) and sums each block.
 template <class TX>
@@ -182,31 +159,23 @@ Avx2Layout pack(const IntWeight& w, ThreadPool& pool) {
   v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, 2);
   const int64_t tiles = (N + kTile - 1) / kTile;
   v.Npad = tiles * kTile;
-  v.w4 = w.bits == 4;
-  v.packed.assign(static_cast<size_t>(v.Npad * v.Kp / (v.w4 ? 2 : 1)), 0);
+  v.packed.assign(static_cast<size_t>(v.Npad * v.Kp), 0);
   v.scale.assign(static_cast<size_t>(nb * v.Npad), 0.f);
   v.zw.assign(static_cast<size_t>(nb * v.Npad), 0);
   v.colsum_minus.assign(static_cast<size_t>(nb * v.Npad), 0);
   const float* sw = w.scale.data<float>();
   const uint8_t* zw = w.zero_point.defined() ? w.zero_point.data<uint8_t>() : nullptr;
   const uint8_t* q = static_cast<const uint8_t*>(w.q.raw());  // I8 or U8: the bytes as stored
-  const uint8_t w4_offset = w.q.dtype() == DType::I8 ? 8 : 0;  // signed INT4 stored as q + 8
-  // Whole tiles per thread (INT4: channels n and n + 8 of a tile share bytes).
   parallel_for(pool, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t n = t0 * kTile; n < std::min(N, t1 * kTile); ++n)
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
         for (int64_t k = 0; k < kb; ++k) {
-          const int64_t kk = b * v.block_padded + k;              // position in the padded K
-          const int64_t pair = (n / kTile) * v.Kp + kk - kk % 2, i = (n % kTile) * 2 + kk % 2;  // i < 32
-          if (v.w4) {
-            const uint8_t nib = static_cast<uint8_t>((q[n * K + k0 + k] + w4_offset) & 0x0f);
-            v.packed[static_cast<size_t>(pair * kTile / 2 + i % 16)] |= static_cast<uint8_t>(i < 16 ? nib : nib << 4);
-          } else {
-            v.packed[static_cast<size_t>(pair * kTile + i)] = q[n * K + k0 + k];
-          }
+          const int64_t kk = b * v.block_padded + k;  // position in the padded K
+          v.packed[static_cast<size_t>(((n / kTile) * v.Kp + kk - kk % 2) * kTile + (n % kTile) * 2 + kk % 2)] =
+              q[n * K + k0 + k];
         }
-        const size_t col = static_cast<size_t>(b * v.Npad + n);
+        const size_t col = static_cast<size_t>(((n / kTile) * nb + b) * kTile + n % kTile);
         const int64_t g = n / w.tile_rows;
         const int32_t z = zw ? zw[g * nb + b] : 0;
         v.scale[col] = sw[g * nb + b];
@@ -235,14 +204,14 @@ class Avx2IntLinear final : public CpuLinear {
                 &xq, &layout_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
     if (xq.q.dtype() == DType::I8) widen_rows<int8_t>(xq, c, xw.data(), rowsum.data(), pool);
     else widen_rows<uint8_t>(xq, c, xw.data(), rowsum.data(), pool);
-    const bool wsigned = wsigned_, w4 = layout_.w4;
-    const MicroFn full = pick(kMaxMR, wsigned, w4);
+    const bool wsigned = wsigned_;
+    const MicroFn full = pick(kMaxMR, wsigned);
     const int64_t tiles = layout_.Npad / kTile, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
     pool.run(mchunks * tiles, [&](int64_t t) {
       const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
       int64_t m = m0;
       for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
-      if (m < m1) pick(static_cast<int>(m1 - m), wsigned, w4)(c, m, tile);
+      if (m < m1) pick(static_cast<int>(m1 - m), wsigned)(c, m, tile);
     });
   }
 
@@ -253,7 +222,10 @@ class Avx2IntLinear final : public CpuLinear {
   bool wsigned_;
 };
 
-std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, ThreadPool& pool) { return std::make_unique<Avx2IntLinear>(w, pool); }
+std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, ThreadPool& pool) {
+  if (w.bits == 4) return int_gemm_avx2_int4().prepare(std::move(w), pool);
+  return std::make_unique<Avx2IntLinear>(w, pool);
+}
 
 }  // namespace
 

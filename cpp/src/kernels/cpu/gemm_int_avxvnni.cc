@@ -23,7 +23,7 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FQ_AVXVNNI_BUILD 1
 #include <immintrin.h>
-#if FQ_KERNEL_EMULATE
+#if FQ_KERNEL_EMULATE || FQ_AVX2_MADDUBS
 #define FQ_AVXVNNI __attribute__((target("avx2")))
 #else
 #define FQ_AVXVNNI __attribute__((target("avx2,avxvnni")))
@@ -33,8 +33,13 @@
 #endif
 #if FQ_KERNEL_EMULATE
 #define FQ_AVXVNNI_ENTRY int_gemm_avxvnni_emulated
+#define FQ_AVXVNNI_LEVEL CpuIsa::AvxVnni
+#elif FQ_AVX2_MADDUBS
+#define FQ_AVXVNNI_ENTRY int_gemm_avx2_int4
+#define FQ_AVXVNNI_LEVEL CpuIsa::Avx2
 #else
 #define FQ_AVXVNNI_ENTRY int_gemm_avxvnni
+#define FQ_AVXVNNI_LEVEL CpuIsa::AvxVnni
 #endif
 
 namespace finequant {
@@ -63,6 +68,10 @@ FQ_AVXVNNI inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
   for (int i = 0; i < 8; ++i)
     for (int t = 0; t < 4; ++t) a[i] += static_cast<uint32_t>(int32_t{u[4 * i + t]} * int32_t{s[4 * i + t]});
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(a));
+#elif FQ_AVX2_MADDUBS
+  // vpmaddubsw saturates a pair of products to int16: exact only for INT4 weights (|pair| <=
+  // 2 x 255 x 15), which is all this build takes (int_gemm_avx2_int4, prepare checks).
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), _mm256_set1_epi16(1)));
 #else
   return _mm256_dpbusd_avx_epi32(acc, u8, s8);
 #endif
@@ -73,8 +82,10 @@ FQ_AVXVNNI inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
 // with zeros to a multiple of 8 (block_padded), Kp = padded total K. With j = channel % 16:
 //   8-bit: packed[(tile * Kp/4 + k/4) * 64 + j * 4 + k%4]
 //   4-bit: packed[(tile * Kp/8 + k/8) * 64 + j * 4 + k%4], k%8 < 4 in the low nibble, else high.
-// Per-column tables [block * Npad + n] (zero for padding channels): the scale, zw + wc and
-// colsum - kb zw, so that the epilogue never divides by the row-group size.
+// Per-column tables [(tile * nb + block) * 16 + j] (zero for padding channels): the scale, zw + wc
+// and colsum - kb zw, so that the epilogue never divides by the row-group size; tile-major, so a
+// tile reads its blocks' values as one stream (block-major tables of the LM head cost a TLB miss
+// per block and table: measured 4.5x slower decode with the AVX2 kernel at K-blocks of 32).
 struct Layout {
   int64_t N = 0, K = 0, nb = 1, bk = 0, Kp = 0, Npad = 0, block_padded = 0;
   int bits = 8;
@@ -82,7 +93,8 @@ struct Layout {
   int32_t wc = 0;
   std::vector<uint8_t> packed;
   std::vector<float> scale;
-  std::vector<int32_t> zw_plus_wc, colsum_minus;
+  std::vector<int32_t> zw_plus_wc;    // empty for symmetric weights (zw + wc = wc)
+  std::vector<int32_t> colsum_minus;  // empty for symmetric activations (zx = 0 multiplies it)
 };
 
 Layout pack(const IntWeight& w, ThreadPool& pool) {
@@ -101,8 +113,10 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
   v.Npad = round_up(N, kTileN);
   v.packed.assign(static_cast<size_t>(w4 ? v.Npad * v.Kp / 2 : v.Npad * v.Kp), 0);
   v.scale.assign(static_cast<size_t>(nb * v.Npad), 0.f);
-  v.zw_plus_wc.assign(static_cast<size_t>(nb * v.Npad), 0);
-  v.colsum_minus.assign(static_cast<size_t>(nb * v.Npad), 0);
+  // Only the tables the scheme needs: at K-blocks of 32 each costs 1/8 byte per weight, a quarter
+  // of the INT4 weight's own bytes (decode reads them all).
+  v.zw_plus_wc.assign(wsym ? 0 : static_cast<size_t>(nb * v.Npad), 0);
+  v.colsum_minus.assign(xu8 ? static_cast<size_t>(nb * v.Npad) : 0, 0);
   const float* sw = w.scale.data<float>();
   const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
   const int64_t tile_bytes = w4 ? v.Kp * 8 : v.Kp * 16;
@@ -122,11 +136,11 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
           else
             v.packed[static_cast<size_t>(tile * tile_bytes + kk / 4 * 64 + j * 4 + kk % 4)] = stored;
         }
-        const size_t col = static_cast<size_t>(b * v.Npad + n);
+        const size_t col = static_cast<size_t>((tile * nb + b) * kTileN + j);
         const int32_t z = zw ? zw[g * nb + b] : 0;
         v.scale[col] = sw[g * nb + b];
-        v.zw_plus_wc[col] = z + v.wc;
-        v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
+        if (!wsym) v.zw_plus_wc[col] = z + v.wc;
+        if (xu8) v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
       }
     }
   });
@@ -213,9 +227,10 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
     for (int i = 0; i < MR; ++i) {
       const int64_t m = m0 + i;
       const int32_t zxm = c.zx ? c.zx[m] : 0, rs = c.rowsum[m * v.nb + b];
-      const int64_t col = b * v.Npad + tile * kTileN;  // padding channels read zeros
+      const int64_t col = (tile * v.nb + b) * kTileN;  // padding channels read zeros
       for (int64_t j = 0; j < kTileN; ++j) {
-        const int32_t corrected = correct_block(sums[i][j], zxm, v.colsum_minus[col + j], v.zw_plus_wc[col + j], rs);
+        const int32_t corrected = correct_block(sums[i][j], zxm, XU8 ? v.colsum_minus[col + j] : 0,
+                                                v.zw_plus_wc.empty() ? v.wc : v.zw_plus_wc[col + j], rs);
         out[i][j] = accumulate_block(out[i][j], c.sx[m], v.scale[col + j], corrected);
       }
     }
@@ -281,17 +296,20 @@ class AvxVnniIntLinear final : public CpuLinear {
 };
 
 std::unique_ptr<CpuLinear> prepare(IntWeight w, ThreadPool& pool) {
+#if FQ_AVX2_MADDUBS
+  FQ_CHECK(w.bits == 4, ErrorKind::Runtime, "the AVX2 maddubs kernel takes INT4 weights only");
+#endif
   return std::make_unique<AvxVnniIntLinear>(w, pool);
 }
 
 }  // namespace avxvnni
 }  // namespace
 
-IntGemmKernel FQ_AVXVNNI_ENTRY() { return {CpuIsa::AvxVnni, avxvnni::prepare}; }
+IntGemmKernel FQ_AVXVNNI_ENTRY() { return {FQ_AVXVNNI_LEVEL, avxvnni::prepare}; }
 
 #else  // no x86 build: the entry is never selected (the CPU does not support the level)
 
-IntGemmKernel FQ_AVXVNNI_ENTRY() { return {CpuIsa::AvxVnni, nullptr}; }
+IntGemmKernel FQ_AVXVNNI_ENTRY() { return {FQ_AVXVNNI_LEVEL, nullptr}; }
 
 #endif
 
