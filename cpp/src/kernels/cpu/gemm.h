@@ -78,7 +78,11 @@ struct F32GemmKernel {
 // ---- the registry: one line per ISA (registry.cc) ----------------------------------------------
 IntGemmKernel int_gemm_ref();
 IntGemmKernel int_gemm_avx2();
-IntGemmKernel int_gemm_avx2_int4();  // INT4 weights only: int_gemm_avx2's prepare hands them on
+// The schemes int_gemm_avx2 hands to int_gemm_avx2_maddubs (vpmaddubsw exact for them).
+inline bool avx2_maddubs_exact(const IntWeight& w) {
+  return w.bits == 4 || (w.q.dtype() == DType::I8 && w.act.symmetric);
+}
+IntGemmKernel int_gemm_avx2_maddubs();
 IntGemmKernel int_gemm_avxvnni();  // level off by default (cpu_isa.cc): verified by emulation only
 IntGemmKernel int_gemm_avx512vnni();
 IntGemmKernel int_gemm_amx();  // level off by default (cpu_isa.cc): verified by emulation only

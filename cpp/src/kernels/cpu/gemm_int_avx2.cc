@@ -1,5 +1,6 @@
-// AVX2 integer GEMM for CPUs without AVX512-VNNI, 8-bit weights; bit-identical to gemm_int_ref.
-// INT4 weights go to gemm_int_avx2_int4.cc (vpmaddubsw is exact for them, not for INT8).
+// AVX2 integer GEMM for CPUs without AVX512-VNNI; bit-identical to gemm_int_ref. This file's
+// widening path takes INT8 weights with an asymmetric side; the rest goes to
+// gemm_int_avx2_maddubs.cc, where vpmaddubsw is exact (avx2_maddubs_exact).
 //
 // vpmaddubsw would saturate on u8 x s8 pairs, so both operands are widened to int16 and multiplied
 // with vpmaddwd: each int32 lane gets q[n, k] x[k] + q[n, k+1] x[k+1], the exact products of the
@@ -223,7 +224,7 @@ class Avx2IntLinear final : public CpuLinear {
 };
 
 std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, ThreadPool& pool) {
-  if (w.bits == 4) return int_gemm_avx2_int4().prepare(std::move(w), pool);
+  if (avx2_maddubs_exact(w)) return int_gemm_avx2_maddubs().prepare(std::move(w), pool);
   return std::make_unique<Avx2IntLinear>(w, pool);
 }
 

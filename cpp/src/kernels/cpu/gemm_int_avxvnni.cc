@@ -35,7 +35,7 @@
 #define FQ_AVXVNNI_ENTRY int_gemm_avxvnni_emulated
 #define FQ_AVXVNNI_LEVEL CpuIsa::AvxVnni
 #elif FQ_AVX2_MADDUBS
-#define FQ_AVXVNNI_ENTRY int_gemm_avx2_int4
+#define FQ_AVXVNNI_ENTRY int_gemm_avx2_maddubs
 #define FQ_AVXVNNI_LEVEL CpuIsa::Avx2
 #else
 #define FQ_AVXVNNI_ENTRY int_gemm_avxvnni
@@ -70,12 +70,26 @@ FQ_AVXVNNI inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(a));
 #elif FQ_AVX2_MADDUBS
   // vpmaddubsw saturates a pair of products to int16: exact only for INT4 weights (|pair| <=
-  // 2 x 255 x 15), which is all this build takes (int_gemm_avx2_int4, prepare checks).
+  // 2 x 255 x 15), the only ones this build sends here (int_gemm_avx2_maddubs, prepare checks).
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), _mm256_set1_epi16(1)));
 #else
   return _mm256_dpbusd_avx_epi32(acc, u8, s8);
 #endif
 }
+
+#if FQ_AVX2_MADDUBS
+constexpr bool kMaddubs = true;
+// acc + the four products s8 w x s8 x per lane, for symmetric INT8 weights and activations (stored
+// without a shift): |w| x (x with w's sign), so that vpmaddubsw's pairs stay within int16
+// (|pair| <= 2 x 128 x 127: quantized activations never reach -128).
+FQ_AVXVNNI inline __m256i dp_s8s8(__m256i acc, __m256i w, __m256i x) {
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#else
+constexpr bool kMaddubs = false;
+FQ_AVXVNNI inline __m256i dp_s8s8(__m256i acc, __m256i, __m256i) { return acc; }  // never called
+#endif
 
 // ---- the layout -------------------------------------------------------------------------------
 // Tiles of 16 output channels (2 panels of 8), N padded to a multiple of 16; each K-block padded
@@ -107,7 +121,7 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
   v.bk = bk;
   v.bits = w.bits;
   v.act = w.act;
-  v.wc = w4 ? (wsym ? 8 : 0) : (xu8 ? (wsym ? 0 : -128) : (wsym ? 128 : 0));
+  v.wc = w4 ? (wsym ? 8 : 0) : (xu8 ? (wsym ? 0 : -128) : (wsym ? (kMaddubs ? 0 : 128) : 0));  // kMaddubs: dp_s8s8
   v.block_padded = round_up(bk, 8);
   v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, 8);
   v.Npad = round_up(N, kTileN);
@@ -215,7 +229,10 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
         std::memcpy(&word, xr + i * v.Kp + s * 4, 4);
         const __m256i xb = _mm256_set1_epi32(word);
 #pragma GCC unroll 2
-        for (int j = 0; j < 2; ++j) acc[i][j] = XU8 ? dpbusd(acc[i][j], xb, w[j]) : dpbusd(acc[i][j], w[j], xb);
+        for (int j = 0; j < 2; ++j) {
+          if constexpr (kMaddubs && !XU8 && !W4) acc[i][j] = dp_s8s8(acc[i][j], w[j], xb);
+          else acc[i][j] = XU8 ? dpbusd(acc[i][j], xb, w[j]) : dpbusd(acc[i][j], w[j], xb);
+        }
       }
     }
     alignas(32) int32_t sums[MR][kTileN];
@@ -297,7 +314,7 @@ class AvxVnniIntLinear final : public CpuLinear {
 
 std::unique_ptr<CpuLinear> prepare(IntWeight w, ThreadPool& pool) {
 #if FQ_AVX2_MADDUBS
-  FQ_CHECK(w.bits == 4, ErrorKind::Runtime, "the AVX2 maddubs kernel takes INT4 weights only");
+  FQ_CHECK(avx2_maddubs_exact(w), ErrorKind::Runtime, "the AVX2 maddubs kernel cannot take this scheme exactly");
 #endif
   return std::make_unique<AvxVnniIntLinear>(w, pool);
 }
