@@ -298,13 +298,18 @@ class AvxVnniIntLinear final : public CpuLinear {
                 xu8 ? xq.zero_point.data<uint8_t>() : nullptr, &v, bias.defined() ? bias.data<float>() : nullptr,
                 y, epilogue};
     const MicroFn full = pick(kMaxMR, xu8, w4);
-    // Row chunks x channel tiles; decode-sized M is one chunk, so the threads split the channels.
+    // Row chunks x runs of adjacent channel tiles; decode-sized M is one chunk, so the threads
+    // split the channels. A run is one contiguous weight stream (about 8 runs per thread): tile by
+    // tile, two threads interleaved 12 KiB pieces and decode read DRAM at half the speed.
     const int64_t tiles = v.Npad / kTileN, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
-    pool.run(mchunks * tiles, [&](int64_t t) {
-      const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
-      int64_t m = m0;
-      for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
-      if (m < m1) pick(static_cast<int>(m1 - m), xu8, w4)(c, m, tile);
+    const int64_t run = std::max<int64_t>(1, tiles / (8 * pool.size())), runs = (tiles + run - 1) / run;
+    pool.run(mchunks * runs, [&](int64_t t) {
+      const int64_t m0 = (t / runs) * mc, m1 = std::min(M, m0 + mc), first = (t % runs) * run;
+      for (int64_t tile = first; tile < std::min(tiles, first + run); ++tile) {
+        int64_t m = m0;
+        for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
+        if (m < m1) pick(static_cast<int>(m1 - m), xu8, w4)(c, m, tile);
+      }
     });
   }
 
