@@ -58,6 +58,7 @@ bench: install $(VENV)/.bench-deps
 	$(PY) bench/bench_gemm.py $(BENCH_ARGS)
 	$(PY) bench/bench_bert.py $(BENCH_ARGS)
 	$(PY) bench/bench_decode.py $(BENCH_ARGS)
+	$(PY) bench/bench_neighbour.py $(BENCH_ARGS)
 	$(PY) bench/report.py $(filter --quick,$(BENCH_ARGS))
 
 # The budget of the committed bench/results/ACCURACY.md: ~2 h on 2 cores (STUDY_ARGS="--reduced": ~1 h;

@@ -98,7 +98,8 @@ def main() -> int:
         print(f"{b:<16}{statistics.median(quiet):>11.1f} ({max(quiet):5.1f}){statistics.median(busy):>13.1f} "
               f"({max(busy):5.1f}){kept:>8.2f}")
         res.add(build=b, quiet_tok_s=statistics.median(quiet), quiet_best=max(quiet), busy_tok_s=statistics.median(busy),
-                busy_best=max(busy), kept=kept, goal=GOAL)
+                busy_best=max(busy), kept=kept, goal=GOAL, samples_s=samples[(b, False)],
+                busy_samples_s=samples[(b, True)])
     print(f"tok/s: median (best); kept = median beside the spinner / median quiet (goal >= {GOAL:.2f})")
     return 0
 

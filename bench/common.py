@@ -107,16 +107,28 @@ def machine_info(threads: int) -> dict:
     import torch
 
     cpu = platform.processor() or ""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first CPU is enough
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+    cpu = fields.get("model name", cpu)
+    if "cpu family" in fields:  # "AMD EPYC" alone names Zen 3 and Zen 4 alike
+        cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version()}
+    try:
+        from finequant import _core
+
+        info["isa"] = _core.active_isa()
+    except ImportError:
+        pass
+    return info
 
 
 class Results:
