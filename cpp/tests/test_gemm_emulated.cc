@@ -2,19 +2,9 @@
 // (gemm_emulated_kernels.cc) against the reference (quantize_rows + gemm_int_quantized_ref), bit for
 // bit, on any CPU: their layouts, packing, INT4 widening, K-block handling, operand shifts,
 // corrections, threading and epilogues. The real instructions are tested by test_gemm_kernels on
-// CPUs that have them. Covers the scheme and shape matrix of test_gemm_kernels: sym/asym on both
-// sides, 8/4-bit weights and activations, K-blocks (32, 48, 64, 128, odd lengths, a short last
-// block), K not a multiple of 4/8/64, odd N, grouped rows, bias, both GeLUs, M = 1, M across row
-// tiles and row chunks, raw extreme integer weights, NaN input, fused norm rows.
-#include <cmath>
-#include <cstdio>
-#include <cstring>
-#include <random>
-#include <string>
-
-#include "check.h"
-#include "finequant/quant.h"
-#include "kernels/cpu/gemm.h"
+// CPUs that have them. The case matrix is int_gemm_cases.h, shared with test_gemm_kernels, plus
+// fused norm rows.
+#include "int_gemm_cases.h"
 
 namespace finequant {
 namespace kernels {
@@ -22,13 +12,6 @@ IntGemmKernel int_gemm_avxvnni_emulated();
 IntGemmKernel int_gemm_amx_emulated();
 }  // namespace kernels
 }  // namespace finequant
-
-using namespace finequant;
-using fqtest::random_tensor;
-using kernels::Epilogue;
-
-static ThreadPool& pool() { return ThreadPool::shared(2); }
-static ExecContext cpu_context() { return kernels::backend_for(Device::cpu()).context(pool()); }
 
 struct Emulated {
   const char* name;
@@ -46,55 +29,14 @@ static const std::vector<Emulated>& emulated_kernels() {
   return list;
 }
 
-static std::unique_ptr<kernels::CpuLinear> prepare_with(const kernels::IntGemmKernel& k, const QuantizedTensor& wq,
-                                                        QuantSpec act, const float* bias, Epilogue e) {
-  std::unique_ptr<kernels::CpuLinear> p = k.prepare(kernels::make_int_weight(wq, act, pool()), pool());
-  p->epilogue = e;
-  if (bias) {
-    p->bias = Tensor::empty(DType::F32, {p->N});
-    std::memcpy(p->bias.data<float>(), bias, static_cast<size_t>(p->N) * 4);
-  }
-  return p;
-}
-
-// Outputs of every emulated kernel that differ bit-wise from the reference.
-static int64_t compare(const kernels::RowInput& rows, const QuantizedTensor& wq, QuantSpec act, const float* bias,
-                       Epilogue e) {
-  const int64_t M = rows.rows, N = wq.q.dim(0);
-  Tensor y_ref = Tensor::empty(DType::F32, {M, N}), y = Tensor::empty(DType::F32, {M, N});
-  kernels::gemm_int_quantized_ref(quantize_rows(rows.materialize(pool()), act), kernels::make_int_weight(wq, act, pool()),
-                                  bias, y_ref.data<float>(), e, pool());
-  const ExecContext ctx = cpu_context();
-  int64_t bad = 0;
-  for (const Emulated& k : emulated_kernels()) {
-    if (!k.runs_here) continue;
-    std::memset(y.data<float>(), 0xff, static_cast<size_t>(M * N) * 4);  // NaN: every output must be written
-    prepare_with(k.kernel, wq, act, bias, e)->run(ctx, rows, y.data<float>());
-    for (int64_t i = 0; i < M * N; ++i)
-      if (std::memcmp(&y_ref.data<float>()[i], &y.data<float>()[i], 4) != 0) {
-        if (bad < 3)
-          std::printf("  %s mismatch at %lld: ref %.9g got %.9g\n", k.name, static_cast<long long>(i),
-                      y_ref.data<float>()[i], y.data<float>()[i]);
-        ++bad;
-      }
-  }
-  return bad;
-}
-
-static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, int abits, bool asym_act, Tile tile,
-                        bool with_bias, Epilogue e, uint32_t seed) {
-  std::mt19937 rng(seed);
-  const Tensor x = random_tensor({M, K}, rng, 0.3f), w = random_tensor({N, K}, rng, -0.2f);
-  const QuantizedTensor wq = quantize(w, QuantSpec{wbits, wsym}, tile);
-  std::vector<float> bias(static_cast<size_t>(N));
-  for (int64_t n = 0; n < N; ++n) bias[n] = 0.1f * static_cast<float>(n) - 0.7f;
-  const int64_t bad = compare(kernels::RowInput{x.data<float>(), M, K, nullptr}, wq, QuantSpec{abits, !asym_act},
-                              with_bias ? bias.data() : nullptr, e);
-  if (bad)
-    std::printf("  case M=%lld N=%lld K=%lld w%d%s a%d%s tile %lldx%lld: %lld mismatches\n", (long long)M,
-                (long long)N, (long long)K, wbits, wsym ? "sym" : "asym", abits, asym_act ? "asym" : "sym",
-                (long long)tile.rows, (long long)tile.cols, (long long)bad);
-  return bad;
+const std::vector<KernelUnderTest>& kernels_under_test() {
+  static const std::vector<KernelUnderTest> list = [] {
+    std::vector<KernelUnderTest> out;
+    for (const Emulated& k : emulated_kernels())
+      if (k.runs_here) out.push_back({k.name, k.kernel});
+    return out;
+  }();
+  return list;
 }
 
 TEST(emulation_runs_here) {
@@ -102,110 +44,6 @@ TEST(emulation_runs_here) {
 #if defined(__x86_64__)
   if (kernels::cpu_supports(kernels::CpuIsa::Avx2)) CHECK(emulated_kernels()[0].runs_here);
 #endif
-}
-
-TEST(all_type_combinations_per_channel) {
-  const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {5, 16, 4}, {9, 48, 128}, {1, 1, 3}, {13, 100, 257}, {17, 17, 130}};
-  uint32_t seed = 1;
-  for (auto& s : shapes)
-    for (int wb : {8, 4})
-      for (int ab : {8, 4})
-        for (bool wsym : {true, false})
-          for (bool aasym : {false, true}) {
-            int64_t K = s[2];
-            if (wb == 4 && K % 2) ++K;  // INT4 weights come with even K (pack_int4)
-            CHECK_EQ(run_case(s[0], s[1], K, wb, wsym, ab, aasym, Tile{1, K}, true, Epilogue::None, seed++), 0);
-          }
-}
-
-TEST(k_blocks_with_partial_last_block) {
-  uint32_t seed = 100;
-  for (int64_t G : {32, 48, 64, 128})
-    for (int64_t K : {G * 3 + 10, G * 2, G + 2, G * 5 + G / 2 + 6})
-      for (bool wsym : {true, false})
-        for (bool aasym : {false, true}) {
-          CHECK_EQ(run_case(7, 45, K, 4, wsym, 8, aasym, Tile{1, G}, true, Epilogue::None, seed++), 0);
-          CHECK_EQ(run_case(1, 67, K, 4, wsym, 8, aasym, Tile{1, G}, false, Epilogue::GeluErf, seed++), 0);
-          CHECK_EQ(run_case(3, 19, K, 8, wsym, 4, aasym, Tile{1, G}, true, Epilogue::GeluTanh, seed++), 0);
-        }
-  // Block lengths that are not a multiple of 4 (every block padded separately).
-  CHECK_EQ(run_case(6, 20, 50, 8, true, 8, false, Tile{1, 18}, true, Epilogue::None, 7), 0);
-  CHECK_EQ(run_case(6, 20, 50, 8, false, 8, true, Tile{1, 15}, true, Epilogue::None, 8), 0);
-  CHECK_EQ(run_case(5, 21, 70, 4, true, 4, true, Tile{1, 22}, true, Epilogue::None, 9), 0);
-}
-
-TEST(grouped_rows_bias_and_gelu) {
-  uint32_t seed = 200;
-  for (Epilogue e : {Epilogue::None, Epilogue::GeluErf, Epilogue::GeluTanh})
-    for (bool bias : {false, true}) {
-      CHECK_EQ(run_case(11, 48, 96, 8, true, 8, true, Tile{3, 96}, bias, e, seed++), 0);
-      CHECK_EQ(run_case(4, 40, 96, 8, false, 8, false, Tile{8, 96}, bias, e, seed++), 0);
-      CHECK_EQ(run_case(3, 42, 96, 4, false, 8, true, Tile{2, 32}, bias, e, seed++), 0);
-      CHECK_EQ(run_case(1, 50, 100, 8, false, 8, true, Tile{50, 100}, bias, e, seed++), 0);  // per-tensor
-    }
-}
-
-// Several row tiles, row chunks and channel tiles / strips per call (the AMX kernel: 32-row
-// blocks, a 1-row last block, 128-row chunks, a last strip of one panel).
-TEST(larger_shapes_many_tasks) {
-  CHECK_EQ(run_case(130, 200, 576, 8, true, 8, true, Tile{1, 576}, true, Epilogue::GeluTanh, 300), 0);
-  CHECK_EQ(run_case(67, 129, 320, 4, false, 8, false, Tile{1, 64}, true, Epilogue::None, 301), 0);
-  CHECK_EQ(run_case(33, 16, 192, 4, true, 8, false, Tile{1, 64}, false, Epilogue::GeluErf, 302), 0);
-  CHECK_EQ(run_case(258, 40, 100, 8, false, 4, true, Tile{1, 100}, true, Epilogue::None, 303), 0);
-}
-
-// Raw weight integers over the full storage ranges (including -128, which quantize() never
-// produces), activation rows that quantize to the extremes, and large K: the operand shifts and
-// the int32 corrections must stay exact.
-TEST(extreme_integer_values) {
-  std::mt19937 rng(5);
-  const int64_t M = 7, N = 35, K = 4099;
-  std::uniform_int_distribution<int> byte(0, 255), pick(0, 3);
-  auto val = [&]() {  // mostly the extremes
-    const int p = pick(rng);
-    return p == 0 ? 0 : p == 1 ? 255 : p == 2 ? 128 : byte(rng);
-  };
-  Tensor x = Tensor::empty(DType::F32, {M, K});
-  for (int64_t i = 0; i < M * K; ++i) {
-    const int p = pick(rng);
-    x.data<float>()[i] = p == 0 ? -3.f : p == 1 ? 3.f : p == 2 ? 0.f : 0.01f * static_cast<float>(byte(rng) - 128);
-  }
-  for (bool ws : {true, false})
-    for (bool xs : {true, false}) {
-      Tensor wq = Tensor::empty(ws ? DType::I8 : DType::U8, {N, K});
-      Tensor sw = Tensor::empty(DType::F32, {N, 2}), zw;
-      if (!ws) zw = Tensor::empty(DType::U8, {N, 2});
-      for (int64_t i = 0; i < N * K; ++i) static_cast<uint8_t*>(wq.raw())[i] = static_cast<uint8_t>(val());
-      for (int64_t i = 0; i < N * 2; ++i) {
-        sw.data<float>()[i] = 1e-4f * (1 + i % 7);
-        if (!ws) zw.data<uint8_t>()[i] = static_cast<uint8_t>(byte(rng));
-      }
-      QuantizedTensor qt;
-      qt.q = wq;
-      qt.scale = sw;
-      qt.zero_point = zw;
-      qt.spec = QuantSpec{8, ws};
-      qt.tile = Tile{1, 2052};
-      CHECK_EQ(compare(kernels::RowInput{x.data<float>(), M, K, nullptr}, qt, QuantSpec{8, xs}, nullptr, Epilogue::None), 0);
-    }
-}
-
-TEST(nan_input_is_an_error) {
-  std::mt19937 rng(3);
-  const Tensor w = random_tensor({20, 40}, rng, 0.f);
-  const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, 40});
-  const ExecContext ctx = cpu_context();
-  for (const Emulated& k : emulated_kernels()) {
-    if (!k.runs_here) continue;
-    for (bool asym : {false, true}) {
-      const auto p = prepare_with(k.kernel, wq, QuantSpec{8, !asym}, nullptr, Epilogue::None);
-      Tensor x = random_tensor({3, 40}, rng, 0.f);
-      x.data<float>()[1 * 40 + 17] = asym ? INFINITY : NAN;
-      Tensor y = Tensor::empty(DType::F32, {3, 20});
-      CHECK_THROWS_KIND(p->run(ctx, kernels::RowInput{x.data<float>(), 3, 40, nullptr}, y.data<float>()),
-                        ErrorKind::InvalidArgument);
-    }
-  }
 }
 
 // A fused producer (LayerNorm rows) against the reference on its stored output.
