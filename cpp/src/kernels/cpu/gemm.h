@@ -60,6 +60,12 @@ struct IntWeight {
 };
 IntWeight make_int_weight(const QuantizedTensor& w, QuantSpec act, ThreadPool& pool);
 
+// Quantized rows (I8 or U8 values) laid out for a kernel: per K-block of bk values, each block zero
+// padded to block_padded bytes (the last to the row's end, Kp bytes in all), with each block's row
+// sum ([M, num_blocks]); the activation operand of the AVX-VNNI and AMX kernels.
+void lay_out_rows(const QuantizedTensor& xq, int64_t bk, int64_t block_padded, int64_t Kp, uint8_t* xp,
+                  int32_t* rowsum, ThreadPool& pool);
+
 struct IntGemmKernel {
   CpuIsa level;
   std::unique_ptr<CpuLinear> (*prepare)(IntWeight w, ThreadPool& pool);  // pool: for packing

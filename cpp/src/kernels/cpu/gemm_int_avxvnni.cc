@@ -174,25 +174,6 @@ struct Ctx {
   Epilogue epilogue;
 };
 
-// The quantized rows laid out per K-block (zero padded), with each block's row sum.
-template <class TX>
-void lay_out_rows(const QuantizedTensor& xq, const Layout& v, uint8_t* xp, int32_t* rowsum, ThreadPool& pool) {
-  const int64_t M = xq.q.dim(0);
-  const TX* q = static_cast<const TX*>(xq.q.raw());
-  parallel_for(pool, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      std::memset(xp + m * v.Kp, 0, static_cast<size_t>(v.Kp));
-      for (int64_t b = 0; b < v.nb; ++b) {
-        const int64_t k0 = b * v.bk, kb = std::min(v.K, k0 + v.bk) - k0;
-        std::memcpy(xp + m * v.Kp + b * v.block_padded, q + m * v.K + k0, static_cast<size_t>(kb));
-        int32_t s = 0;
-        for (int64_t k = 0; k < kb; ++k) s += q[m * v.K + k0 + k];
-        rowsum[m * v.nb + b] = s;
-      }
-    }
-  });
-}
-
 // MR rows x 16 channels over every K-block: int32 sums per block, then the reference's correction
 // and fp32 accumulation per output, then bias and activation.
 template <int MR, bool XU8, bool W4>
@@ -291,8 +272,7 @@ class AvxVnniIntLinear final : public CpuLinear {
     const QuantizedTensor xq = quantize_rows(x.materialize(pool), v.act);  // throws on NaN / Inf rows
     std::vector<uint8_t> xp(static_cast<size_t>(M * v.Kp));
     std::vector<int32_t> rowsum(static_cast<size_t>(M * v.nb));
-    if (xq.q.dtype() == DType::I8) lay_out_rows<int8_t>(xq, v, xp.data(), rowsum.data(), pool);
-    else lay_out_rows<uint8_t>(xq, v, xp.data(), rowsum.data(), pool);
+    lay_out_rows(xq, v.bk, v.block_padded, v.Kp, xp.data(), rowsum.data(), pool);
     const bool xu8 = !v.act.symmetric, w4 = v.bits == 4;
     const Ctx c{M, xp.data(), rowsum.data(), xq.scale.data<float>(),
                 xu8 ? xq.zero_point.data<uint8_t>() : nullptr, &v, bias.defined() ? bias.data<float>() : nullptr,

@@ -2,6 +2,7 @@
 // channels (each thread owns whole weight rows, the memory that matters for small M). Every
 // integer kernel is tested bit for bit against it. Compiled with -ffp-contract=off.
 #include <algorithm>
+#include <cstring>
 
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/multiversion.h"
@@ -112,6 +113,27 @@ void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const 
   auto channels = xs ? (ws ? gemm_int_quantized_channels<int8_t, int8_t> : gemm_int_quantized_channels<int8_t, uint8_t>)
                      : (ws ? gemm_int_quantized_channels<uint8_t, int8_t> : gemm_int_quantized_channels<uint8_t, uint8_t>);
   parallel_for(pool, w.N, 4, [&](int64_t n0, int64_t n1) { channels(x, w, rowsum.data(), bias, y, epilogue, n0, n1); });
+}
+
+void lay_out_rows(const QuantizedTensor& xq, int64_t bk, int64_t block_padded, int64_t Kp, uint8_t* xp,
+                  int32_t* rowsum, ThreadPool& pool) {
+  const int64_t M = xq.q.dim(0), K = xq.q.dim(1), nb = (K + bk - 1) / bk;
+  auto rows = [&](const auto* q) {
+    parallel_for(pool, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        std::memset(xp + m * Kp, 0, static_cast<size_t>(Kp));
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
+          std::memcpy(xp + m * Kp + b * block_padded, q + m * K + k0, static_cast<size_t>(kb));  // the bytes as stored
+          int32_t s = 0;
+          for (int64_t k = 0; k < kb; ++k) s += q[m * K + k0 + k];
+          rowsum[m * nb + b] = s;
+        }
+      }
+    });
+  };
+  if (xq.q.dtype() == DType::I8) rows(xq.q.data<int8_t>());
+  else rows(xq.q.data<uint8_t>());
 }
 
 Tensor RowInput::materialize(ThreadPool& pool) const {
