@@ -6,6 +6,9 @@
 #include <thread>
 #include <vector>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "check.h"
 #include "core/thread_pool.h"
 
@@ -112,6 +115,26 @@ TEST(workers_that_sleep_wake_for_new_work) {
     });
     CHECK(on_workers.load() > 0);
   }
+}
+
+TEST(a_fork_child_runs_its_pools_inline) {
+  // The parent's workers sleep on the pool's condition variable; in the child they do not exist:
+  // the child's work runs on its own thread and destroying the pool must not wait for them.
+  auto* pool = new ThreadPool(3);
+  CHECK(all_once(counts(*pool, 50)));
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));  // past the spin: the workers sleep
+  const pid_t pid = fork();
+  if (pid == 0) {
+    alarm(20);  // a hang fails the test instead of stalling it
+    const bool ok = all_once(counts(*pool, 64)) && all_once(counts(*pool, 3));
+    delete pool;
+    _exit(ok ? 0 : 3);
+  }
+  int status = 0;
+  CHECK(waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  CHECK(all_once(counts(*pool, 64)));  // the parent's pool goes on
+  delete pool;
 }
 
 TEST(shared_pools_by_size) {

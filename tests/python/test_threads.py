@@ -4,6 +4,8 @@ same time from two Python threads neither share nor disturb each other's threads
 those of serial runs)."""
 import gc
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -92,3 +94,28 @@ def test_default_threads_follow_set_threads(gpt2_dir):
     finally:
         _core.set_threads(0)
     assert _core.default_threads() >= 1
+
+
+def test_engine_in_a_fork_child(gpt2_dir):
+    # multiprocessing's fork start method: an Engine made in the parent keeps working in the child
+    # (on the child's one thread: the parent's workers do not exist there), and deleting it there
+    # must not wait for them.
+    script = f"""
+import os, time, numpy as np
+from finequant import Engine
+eng = Engine({gpt2_dir!r}, threads=2)
+ids = np.arange(20, dtype=np.int64).reshape(2, 10) % 64
+want = eng.forward(ids)
+time.sleep(0.2)  # the workers sleep
+pid = os.fork()
+if pid == 0:
+    ok = np.array_equal(eng.forward(ids), want)
+    del eng
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+assert np.array_equal(eng.forward(ids), want)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <map>
 
+#include <pthread.h>
 #if defined(__linux__)
 #include <sched.h>
 #endif
@@ -60,6 +61,14 @@ bool spin_until(Pred ready) {
 
 thread_local bool t_in_task = false;  // this thread is running a pool task (nested work runs inline)
 
+// Counts fork() children: a pool made before the fork sees another epoch in the child.
+std::atomic<unsigned> g_fork_epoch{0};
+unsigned fork_epoch() {
+  static std::once_flag once;
+  std::call_once(once, [] { pthread_atfork(nullptr, nullptr, [] { g_fork_epoch.fetch_add(1); }); });
+  return g_fork_epoch.load();
+}
+
 std::atomic<int> g_default_threads{0};
 
 int affinity_cpus() {
@@ -99,17 +108,25 @@ ThreadPool& ThreadPool::shared(int threads) {
   return *p;
 }
 
-ThreadPool::ThreadPool(int threads) : size_(std::max(1, threads)) {
+ThreadPool::ThreadPool(int threads)
+    : size_(std::max(1, threads)), fork_epoch_(fork_epoch()), sleep_(std::make_unique<Sleep>()) {
   workers_.reserve(static_cast<size_t>(size_ - 1));
   for (int i = 1; i < size_; ++i) workers_.emplace_back([this] { worker_loop(); });
 }
 
+bool ThreadPool::forked() const { return fork_epoch_ != g_fork_epoch.load(std::memory_order_relaxed); }
+
 ThreadPool::~ThreadPool() {
+  if (forked()) {  // the workers are the parent's: nothing to stop or join here
+    new std::vector<std::thread>(std::move(workers_));  // leaked: a joinable std::thread must not be destroyed
+    (void)sleep_.release();
+    return;
+  }
   {
-    std::lock_guard<std::mutex> lock(sleep_mutex_);
+    std::lock_guard<std::mutex> lock(sleep_->mutex);
     stop_ = true;
   }
-  work_cv_.notify_all();
+  sleep_->work.notify_all();
   for (std::thread& t : workers_) t.join();
 }
 
@@ -127,8 +144,8 @@ bool ThreadPool::claim_and_run(uint64_t s) {
   }
   t_in_task = nested;
   if (done_.fetch_add(1) + 1 == static_cast<int64_t>(count_of(s)) && caller_sleeping_.load()) {
-    std::lock_guard<std::mutex> lock(sleep_mutex_);
-    done_cv_.notify_one();
+    std::lock_guard<std::mutex> lock(sleep_->mutex);
+    sleep_->done.notify_one();
   }
   return true;
 }
@@ -141,9 +158,9 @@ void ThreadPool::worker_loop() {
       if (stop_) return;
       continue;
     }
-    std::unique_lock<std::mutex> lock(sleep_mutex_);
+    std::unique_lock<std::mutex> lock(sleep_->mutex);
     sleepers_.fetch_add(1);
-    work_cv_.wait(lock, [&] { return stop_.load() || state_.load() != s; });
+    sleep_->work.wait(lock, [&] { return stop_.load() || state_.load() != s; });
     sleepers_.fetch_sub(1);
     if (stop_) return;
   }
@@ -151,9 +168,9 @@ void ThreadPool::worker_loop() {
 
 void ThreadPool::run_tasks(int64_t tasks, TaskFn fn, void* arg) {
   if (tasks <= 0) return;
-  // Inline: one thread or one task, a task starting work of its own, or the pool busy with
-  // another caller's work (that caller's threads are not ours to wait for).
-  if (size_ == 1 || tasks == 1 || t_in_task || !caller_.try_lock()) {
+  // Inline: one thread or one task, a task starting work of its own, a fork() child (no workers),
+  // or the pool busy with another caller's work (that caller's threads are not ours to wait for).
+  if (size_ == 1 || tasks == 1 || t_in_task || forked() || !caller_.try_lock()) {
     for (int64_t i = 0; i < tasks; ++i) fn(arg, i);
     return;
   }
@@ -179,16 +196,16 @@ void ThreadPool::run_tasks(int64_t tasks, TaskFn fn, void* arg) {
     const uint64_t gen = (gen_of(state_.load()) + 1) & ((uint64_t{1} << kGenBits) - 1);
     state_.store(pack_state(gen, static_cast<uint64_t>(n), 0));  // publishes fn_, arg_ (seq_cst)
     if (sleepers_.load() > 0) {
-      std::lock_guard<std::mutex> lock(sleep_mutex_);
-      work_cv_.notify_all();
+      std::lock_guard<std::mutex> lock(sleep_->mutex);
+      sleep_->work.notify_all();
     }
     // The caller works too, and then waits only for tasks that others hold.
     for (uint64_t s = state_.load(std::memory_order_acquire); has_work(s); s = state_.load(std::memory_order_acquire))
       claim_and_run(s);
     if (!spin_until([&] { return done_.load(std::memory_order_acquire) == n; })) {
-      std::unique_lock<std::mutex> lock(sleep_mutex_);
+      std::unique_lock<std::mutex> lock(sleep_->mutex);
       caller_sleeping_.store(true);
-      done_cv_.wait(lock, [&] { return done_.load() == n; });
+      sleep_->done.wait(lock, [&] { return done_.load() == n; });
       caller_sleeping_.store(false);
     }
     if (failed_.load()) std::rethrow_exception(error_);

@@ -9,13 +9,15 @@
 //
 // One Engine owns one pool (its thread count); work outside an Engine uses ThreadPool::shared. A
 // pool runs one caller's work at a time: a second concurrent caller, or a task that starts work of
-// its own, runs its tasks on its own thread. No pool is ever shared by accident between Engines.
+// its own, runs its tasks on its own thread. No pool is ever shared by accident between Engines. In
+// a child process after fork() the workers do not exist: its pools run everything on the caller.
 #pragma once
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -49,8 +51,10 @@ class ThreadPool {
   void run_tasks(int64_t tasks, TaskFn fn, void* arg);
   void worker_loop();
   bool claim_and_run(uint64_t state);
+  bool forked() const;  // this process is a fork() child of the one that started the workers
 
   int size_;
+  unsigned fork_epoch_;
   std::vector<std::thread> workers_;
   std::mutex caller_;  // one caller's work at a time
 
@@ -65,9 +69,14 @@ class ThreadPool {
   std::exception_ptr error_;
   std::mutex error_mutex_;
 
-  // Sleeping: workers wait for a new generation, the caller for the last task.
-  std::mutex sleep_mutex_;
-  std::condition_variable work_cv_, done_cv_;
+  // Sleeping: workers wait for a new generation, the caller for the last task. On the heap, so that
+  // a fork() child can leak it instead of destroying condition variables that the parent's workers
+  // wait on (glibc would wait for those waiters forever).
+  struct Sleep {
+    std::mutex mutex;
+    std::condition_variable work, done;
+  };
+  std::unique_ptr<Sleep> sleep_;
   std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_sleeping_{false};
   std::atomic<bool> stop_{false};
