@@ -42,8 +42,8 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 //   packed[(tile * Kp + k - k%2) * 16 + i]
 // Per-column tables [(tile * nb + block) * 16 + channel % 16] (zeros for padding channels): the
 // scale, zw and colsum - kb zw of the channel's block (correct_block's operands). Tile-major, so a
-// tile reads its blocks' values as one stream: block-major tables of a wide layer (the LM head,
-// 50k channels) cost a TLB miss per block and table, measured 4.5x slower decode at K-blocks of 32.
+// tile reads its blocks' values as one stream: block-major tables of a wide layer cost a TLB miss
+// per block and table (the 50257 x 768 LM head GEMM at K-blocks of 32, M = 1: 8.5 ms instead of 2.1).
 struct Avx2Layout {
   int64_t Kp = 0, block_padded = 0, Npad = 0;
   std::vector<uint8_t> packed;
