@@ -351,12 +351,14 @@ PYBIND11_MODULE(_core, m) {
       "The machine's DRAM read bandwidth in GB/s: best sweep of a buffer of `megabytes` on `threads` threads.");
   m.def(
       "int8_peak_gops",
-      [](int threads, double seconds) {
+      [](int threads, double seconds, const std::string& unit) {
+        if (unit != "vnni" && unit != "amx") throw py::value_error("unit must be 'vnni' or 'amx', got '" + unit + "'");
         py::gil_scoped_release nogil;
-        return kernels::int8_peak_gops(threads, seconds);
+        return unit == "amx" ? kernels::amx_int8_peak_gops(threads, seconds) : kernels::int8_peak_gops(threads, seconds);
       },
-      py::arg("threads") = 1, py::arg("seconds") = 0.5,
-      "Measured vpdpbusd throughput (GOPS, 2 ops per multiply-add) on register operands: the INT8 peak.");
+      py::arg("threads") = 1, py::arg("seconds") = 0.5, py::arg("unit") = "vnni",
+      "Measured INT8 throughput (GOPS, 2 ops per multiply-add) on register operands: the peak of vpdpbusd "
+      "(unit='vnni', AVX512-VNNI) or of tdpbssd (unit='amx'); 0 where the CPU lacks the unit.");
 
   // ---- runtime info -------------------------------------------------------------------------------
   m.def("cuda_backend_built", &cuda_backend_built);

@@ -110,7 +110,10 @@ def test_float_linear_applies_its_activation_and_names_its_kernel():
     plain = _core.Linear(w).forward(x)
     gelu = _core.Linear(w, activation="gelu").forward(x)
     np.testing.assert_allclose(gelu, _gelu(plain.astype(np.float64), "gelu"), rtol=1e-5, atol=1e-6)
-    assert _core.Linear(w).kernel == f"cpu/{'avx512vnni' if _core.active_isa() == 'avx512vnni' else 'ref'} f32"
+    # The FP32 kernels' best level is avx512vnni: it serves amx too (the best level at or below the active one).
+    levels = [name for name, _ in _core.cpu_isas()]
+    best = "avx512vnni" if levels.index(_core.active_isa()) >= levels.index("avx512vnni") else "ref"
+    assert _core.Linear(w).kernel == f"cpu/{best} f32"
     assert _core.Linear(w, 8, True, 1, 0, 8).kernel == f"cpu/{_core.active_isa()} int"
 
 
@@ -151,6 +154,18 @@ def test_dram_bandwidth_measure():
     assert 0.5 < gbps < 10_000
 
 
-def test_off_by_default_levels_are_not_chosen_unasked():
-    # avxvnni and amx run only when forced, until their kernels have run on such a CPU (DESIGN 5.4).
-    assert _core.active_isa() not in ("avxvnni", "amx") or os.environ.get("FINEQUANT_ISA") in ("avxvnni", "amx")
+def test_default_level_is_the_best_the_cpu_has():
+    # Every level is on by default now (DESIGN 5.4): unforced, the active level is the highest supported one.
+    if os.environ.get("FINEQUANT_ISA"):
+        pytest.skip("FINEQUANT_ISA forces the level")
+    supported = [name for name, ok in _core.cpu_isas() if ok]
+    assert _core.active_isa() == supported[-1]
+
+
+def test_peak_measures():
+    names = dict(_core.cpu_isas())
+    for unit, level in (("vnni", "avx512vnni"), ("amx", "amx")):
+        gops = _core.int8_peak_gops(1, 0.02, unit)
+        assert (gops > 1.0) if names[level] else gops == 0.0
+    with pytest.raises(ValueError, match="unit"):
+        _core.int8_peak_gops(1, 0.02, "avx")

@@ -60,11 +60,50 @@ struct IntWeight {
 };
 IntWeight make_int_weight(const QuantizedTensor& w, QuantSpec act, ThreadPool& pool);
 
-// Quantized rows (I8 or U8 values) laid out for a kernel: per K-block of bk values, each block zero
-// padded to block_padded bytes (the last to the row's end, Kp bytes in all), with each block's row
-// sum ([M, num_blocks]); the activation operand of the AVX-VNNI and AMX kernels.
-void lay_out_rows(const QuantizedTensor& xq, int64_t bk, int64_t block_padded, int64_t Kp, uint8_t* xp,
-                  int32_t* rowsum, ThreadPool& pool);
+// Where a kernel wants its quantized activation rows: each K-block of bk values zero padded to
+// block_padded bytes (the last block to the row's end), Kp padded positions per row; group_rows
+// rows interleaved per 64-byte k-chunk (16: whole AMX A tiles, [m/16][kk/64][m%16][kk%64], with
+// Kp and block_padded multiples of 64; 1: plain rows, [m][kk]).
+struct RowLayout {
+  int64_t K = 0, nb = 1, bk = 0, block_padded = 0, Kp = 0, group_rows = 1;
+
+  // Byte offset of padded position kk of row m: row_offset(m) + chunk_offset(kk).
+  int64_t row_offset(int64_t m) const { return (m / group_rows) * group_rows * Kp + (m % group_rows) * 64; }
+  int64_t chunk_offset(int64_t kk) const { return (kk >> 6) * 64 * group_rows + (kk & 63); }
+};
+// One call's quantized rows, in the caller's buffers: xp (rows x Kp bytes in the RowLayout; I8 or
+// U8 values as stored),
+// rowsum [rows, nb] (each block's sum of the values), sx [rows], zx [rows] (asymmetric only).
+struct QuantizedRows {
+  uint8_t* xp;
+  int32_t* rowsum;
+  float* sx;
+  int32_t* zx;
+};
+// Buffers for QuantizedRows, reused across calls (thread_local in a kernel: no page faults per GEMM;
+// worker threads must be handed the pointers, not the thread_local).
+struct RowScratch {
+  std::vector<uint8_t> xp;
+  std::vector<int32_t> rowsum, zx;
+  std::vector<float> sx;
+  // Room for `rows` rows (a kernel may round rows up, e.g. to whole AMX tiles; the extra rows hold
+  // stale bytes whose results are never stored).
+  QuantizedRows resize(int64_t rows, const RowLayout& l) {
+    xp.resize(static_cast<size_t>(rows * l.Kp));
+    rowsum.resize(static_cast<size_t>(rows * l.nb));
+    sx.resize(static_cast<size_t>(rows));
+    zx.resize(static_cast<size_t>(rows));
+    return {xp.data(), rowsum.data(), sx.data(), zx.data()};
+  }
+};
+// The values of quantize_rows (token-wise, DESIGN section 2) written into `out` in layout `l`;
+// rows of a fused producer are computed on the way. Throws on a row with NaN / Inf.
+// Portable (quantize_rows, then laid out: the AVX-VNNI kernel and the emulated AMX one):
+void quantize_rows_into(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
+                        ThreadPool& pool);
+// AVX-512 (the AVX512-VNNI and AMX kernels): each row quantized straight from L1, in one pass.
+void quantize_rows_into_avx512(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
+                               ThreadPool& pool);
 
 struct IntGemmKernel {
   CpuIsa level;
@@ -89,9 +128,9 @@ inline bool avx2_maddubs_exact(const IntWeight& w) {
   return w.bits == 4 || (w.q.dtype() == DType::I8 && w.act.symmetric);
 }
 IntGemmKernel int_gemm_avx2_maddubs();
-IntGemmKernel int_gemm_avxvnni();  // level off by default (cpu_isa.cc): verified by emulation only
+IntGemmKernel int_gemm_avxvnni();
 IntGemmKernel int_gemm_avx512vnni();
-IntGemmKernel int_gemm_amx();  // level off by default (cpu_isa.cc): verified by emulation only
+IntGemmKernel int_gemm_amx();  // short K-blocks (< 64) go to int_gemm_avx512vnni
 F32GemmKernel f32_gemm_ref();
 F32GemmKernel f32_gemm_avx512();
 const std::vector<IntGemmKernel>& int_gemm_kernels();
@@ -104,6 +143,8 @@ double dram_read_gbps(ThreadPool& pool, int64_t bytes, double seconds);
 // Throughput of a register-resident vpdpbusd loop on `threads` threads for about `seconds`:
 // the machine's INT8 peak in GOPS (2 ops per multiply-add), 0 without AVX512-VNNI.
 double int8_peak_gops(int threads, double seconds);
+// The same for AMX-INT8 (tdpbssd on tile registers), 0 without AMX.
+double amx_int8_peak_gops(int threads, double seconds);
 
 }  // namespace kernels
 }  // namespace finequant

@@ -10,10 +10,10 @@
 //
 // Tile config (palette 1, loaded per pool task and released at its end: ldtilecfg is per thread):
 //   tmm0..3  C[i][j] = tmm(2i + j): 16 rows x 64 bytes (16 int32)
-//   tmm4, 5  A: rows m0..m0+15, m0+16..m0+31, 16 x 64 bytes
+//   tmm4, 5  A: rows m0..m0+15, m0+16..m0+31, 16 x 64 bytes (each a contiguous 1 KiB: RowLayout)
 //   tmm6, 7  B: panels of 16 channels, 16 x 64 bytes
-// Every M, decode included, takes the tiles (rows padded with zeros to 16): the weight stream, not
-// the padded tile work, should bound small M. Unmeasured: no AMX machine has run this yet.
+// Calls of at most kVnniMaxRows rows run vpdpbusd on the same B tiles instead; weights with
+// K-blocks under 64 go to the AVX512-VNNI kernel (prepare). Measurements: docs/DESIGN.md 5.4.
 //
 // Every AMX instruction goes through the FQ_TILE_* wrappers below (macros: the intrinsics take tile
 // numbers as literal tokens). With FQ_KERNEL_EMULATE defined (the test build,
@@ -33,6 +33,11 @@
 #elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FQ_AMX_BUILD 1
 #include <immintrin.h>
+
+#include <atomic>
+#include <chrono>
+
+#include "kernels/cpu/act_math_avx512.h"
 // AVX-512 for the code around the tiles (INT4 widening, epilogue): every AMX CPU has it.
 #define FQ_AMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,amx-tile,amx-int8")))
 #define FQ_AMX_ENTRY int_gemm_amx
@@ -53,6 +58,9 @@ constexpr int64_t kTileRows = 16;   // rows of an A or C tile, k-quads of a B ti
 constexpr int64_t kTileK = 64;      // k of an A or B tile (bytes per row)
 constexpr int64_t kPanel = 16;      // channels of a B or C tile
 constexpr int64_t kBTileBytes = kTileRows * kTileK;
+// Calls with at most this many rows take vpdpbusd instead of the tiles (GPT-2 sizes, 2 threads: the
+// tiles were slower at M <= 4 and level at 5-8).
+constexpr int64_t kVnniMaxRows = 4;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -276,10 +284,10 @@ FQ_AMX inline void widen_int4(const uint8_t* src, uint8_t* dst) {
 // ---- one call ---------------------------------------------------------------------------------
 struct Ctx {
   int64_t M;
-  const uint8_t* xp;      // [round_up(M, 16), Kp] quantized rows (s8 or u8), zero padded
+  const uint8_t* xp;      // quantized rows (s8 or u8) as A tiles, [M/16][Kp/64][16][64]; rows >= M stale
   const int32_t* rowsum;  // [M, nb]
   const float* sx;        // [M]
-  const uint8_t* zx;      // [M]; null when symmetric
+  const int32_t* zx;      // [M]; null when symmetric
   const Layout* v;
   const TileConfig* cfg;
   const float* bias;
@@ -287,19 +295,162 @@ struct Ctx {
   Epilogue epilogue;
 };
 
+// ---- the epilogue of one 32 x 32 tile ----------------------------------------------------------
+// acc: one K-block's int32 sums of rows x (16 nt) outputs; out: the fp32 sums over the blocks so
+// far. Per output, the block's exact correction, then out += (sx * sw) * float(corrected): the
+// reference's operations in its order (correct_block, accumulate_block).
+using TileI32 = int32_t[2 * kTileRows][2 * kPanel];
+using TileF32 = float[2 * kTileRows][2 * kPanel];
+
+#if FQ_KERNEL_EMULATE
+template <bool XU8, bool WU8>
+inline void accumulate_tile(const Ctx& c, int64_t m0, int64_t rows, int nt, int64_t strip, int64_t b,
+                            const TileI32& acc, TileF32& out) {
+  const Layout& v = *c.v;
+  const int64_t col = (strip * v.nb + b) * 2 * kPanel;  // padding channels read zeros
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t m = m0 + i;
+    const int32_t zxm = c.zx ? c.zx[m] : 0, rs = c.rowsum[m * v.nb + b];
+    for (int64_t j = 0; j < nt * kPanel; ++j)
+      out[i][j] = accumulate_block(out[i][j], c.sx[m], v.scale[col + j],
+                                   correct_block(acc[i][j], zxm, v.colsum_minus[col + j], v.zw[col + j], rs));
+  }
+}
+// y = act(out + bias) for the real rows x cols outputs (finish_output).
+inline void store_tile(const Ctx& c, int64_t m0, int64_t rows, int64_t n0, int64_t cols, const TileF32& out) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      c.y[(m0 + i) * c.v->N + n0 + j] =
+          finish_output(out[i][j], c.bias != nullptr, c.bias ? c.bias[n0 + j] : 0.f, c.epilogue);
+}
+#else
+// The same operations, 16 channels per zmm (act_math_avx512.h rounds like act_math.h).
+// The terms of a symmetric side are zero (zx = 0, zw = 0) and skipped.
+template <bool XU8, bool WU8>
+FQ_AMX inline void accumulate_tile(const Ctx& c, int64_t m0, int64_t rows, int nt, int64_t strip, int64_t b,
+                                   const TileI32& acc, TileF32& out) {
+  const Layout& v = *c.v;
+  const int64_t col = (strip * v.nb + b) * 2 * kPanel;  // padding channels read zeros
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t m = m0 + i;
+    const __m512i zx = _mm512_set1_epi32(XU8 ? c.zx[m] : 0), rs = _mm512_set1_epi32(c.rowsum[m * v.nb + b]);
+    const __m512 sx = _mm512_set1_ps(c.sx[m]);
+    for (int j = 0; j < nt; ++j) {
+      const int64_t t = col + j * kPanel;
+      __m512i corr = _mm512_load_si512(&acc[i][j * kPanel]);
+      if (XU8) corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(zx, _mm512_loadu_si512(v.colsum_minus.data() + t)));
+      if (WU8) corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_loadu_si512(v.zw.data() + t), rs));
+      const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(sx, _mm512_loadu_ps(v.scale.data() + t)), _mm512_cvtepi32_ps(corr));
+      _mm512_store_ps(&out[i][j * kPanel], _mm512_add_ps(_mm512_load_ps(&out[i][j * kPanel]), scaled));
+    }
+  }
+}
+FQ_AMX inline void store_tile(const Ctx& c, int64_t m0, int64_t rows, int64_t n0, int64_t cols, const TileF32& out) {
+  for (int64_t j = 0; j < cols; j += kPanel) {
+    const int64_t n = std::min<int64_t>(kPanel, cols - j);
+    const __mmask16 mask = n == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+    const __m512 bias = c.bias ? _mm512_maskz_loadu_ps(mask, c.bias + n0 + j) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < rows; ++i) {
+      __m512 o = _mm512_loadu_ps(&out[i][j]);
+      if (c.bias) o = _mm512_add_ps(o, bias);
+      _mm512_mask_storeu_ps(c.y + (m0 + i) * c.v->N + n0 + j, mask, activation_v(c.epilogue, o));
+    }
+  }
+}
+#endif
+
+#if !FQ_KERNEL_EMULATE
+// ---- decode-sized M: vpdpbusd on the same B tiles ----------------------------------------------
+// A B tile's 64-byte row r is one zmm: 16 channels x k 4r..4r+3, what vpdpbusd multiplies with a
+// broadcast quad of one activation row; a tile row holds 1 useful row of 16 at M = 1, vpdpbusd
+// wastes nothing. vpdpbusd takes u8 x s8: with x and w of the same
+// signedness w is moved to the other range (w ^ 0x80 = w + 128 as u8, or w - 128 as s8) and the
+// exact sums restored by -+ 128 rowsum. The int32 sums equal the tile path's, so the epilogue is
+// shared. Rows m0.. (R of them, within one A tile) x the strip's channels, one K-block.
+template <int R, bool XU8, bool WU8, bool W4>
+FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b, int64_t chunk0, int64_t chunk1,
+                      int32_t (*acc_out)[2 * kPanel]) {
+  const Layout& v = *c.v;
+  constexpr bool flip = XU8 == WU8;
+  const __m512i nibble = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8), high = _mm512_set1_epi8(-128);
+  __m512i acc[R][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+  const uint8_t* rows = c.xp + (m0 / kTileRows) * kTileRows * v.Kp + (m0 % kTileRows) * kTileK;
+  const int64_t panel1 = nt == 2 ? 2 * strip + 1 : 2 * strip;  // a lone last panel: computed twice, stored once
+  for (int64_t ch = chunk0; ch < chunk1; ++ch) {
+    const uint8_t* bt[2] = {v.b_tile(2 * strip, ch), v.b_tile(panel1, ch)};
+    const uint8_t* a = rows + ch * kBTileBytes;
+#pragma GCC unroll 2
+    for (int r = 0; r < kTileRows; ++r) {
+      __m512i w[2];
+#pragma GCC unroll 2
+      for (int j = 0; j < 2; ++j) {
+        if (W4) {  // tile rows 0..7 in the low nibbles of the 512 bytes, 8..15 in the high ones
+          const __m512i raw = _mm512_loadu_si512(bt[j] + (r & 7) * kTileK);
+          w[j] = _mm512_and_si512(r < 8 ? raw : _mm512_srli_epi16(raw, 4), nibble);
+          if (!WU8) w[j] = _mm512_sub_epi8(_mm512_xor_si512(w[j], eight), eight);  // sign-extended nibble
+        } else {
+          w[j] = _mm512_loadu_si512(bt[j] + r * kTileK);
+        }
+        if (flip) w[j] = _mm512_xor_si512(w[j], high);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        int32_t quad;
+        std::memcpy(&quad, a + i * kTileK + r * 4, 4);
+        const __m512i x = _mm512_set1_epi32(quad);
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; ++j)
+          acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], x, w[j]) : _mm512_dpbusd_epi32(acc[i][j], w[j], x);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    const __m512i fix = _mm512_set1_epi32(static_cast<int32_t>(128u * static_cast<uint32_t>(c.rowsum[(m0 + i) * v.nb + b])));
+#pragma GCC unroll 2
+    for (int j = 0; j < 2; ++j) {
+      __m512i sum = acc[i][j];
+      if (flip) sum = XU8 ? _mm512_add_epi32(sum, fix) : _mm512_sub_epi32(sum, fix);
+      _mm512_storeu_si512(&acc_out[i][j * kPanel], sum);
+    }
+  }
+}
+
+template <bool XU8, bool WU8, bool W4>
+FQ_AMX void vnni_block(const Ctx& c, int64_t m0, int64_t rows, int64_t strip, int nt, int64_t b, int64_t chunk0,
+                       int64_t chunk1, TileI32& acc) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) vnni_rows<4, XU8, WU8, W4>(c, m0 + i, strip, nt, b, chunk0, chunk1, acc + i);
+  if (i + 2 <= rows) {
+    vnni_rows<2, XU8, WU8, W4>(c, m0 + i, strip, nt, b, chunk0, chunk1, acc + i);
+    i += 2;
+  }
+  if (i < rows) vnni_rows<1, XU8, WU8, W4>(c, m0 + i, strip, nt, b, chunk0, chunk1, acc + i);
+}
+#endif
+
 // Rows m0.. (mt row tiles, of which `rows` are real) x channels of panels 2 strip.. (nt panels)
 // over every K-block. The task's thread has the tile config loaded.
 template <bool XU8, bool WU8, bool W4>
 FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt) {
   const Layout& v = *c.v;
   const int64_t rows = std::min<int64_t>(mt * kTileRows, c.M - m0), n0 = strip * 2 * kPanel;
-  const int64_t cols = std::min<int64_t>(nt * kPanel, v.N - n0), width = nt * kPanel;
-  alignas(64) int32_t acc[2 * kTileRows][2 * kPanel];  // the C tiles of one block
-  alignas(64) uint8_t wide[2][kBTileBytes];            // INT4: the widened B tiles
-  float out[2 * kTileRows][2 * kPanel] = {};           // the fp32 sums over blocks, as the reference
+  const int64_t cols = std::min<int64_t>(nt * kPanel, v.N - n0);
+  alignas(64) TileI32 acc;                  // the C tiles of one block
+  alignas(64) uint8_t wide[2][kBTileBytes];  // INT4: the widened B tiles
+  alignas(64) TileF32 out = {};              // the fp32 sums over blocks, as the reference
   for (int64_t b = 0; b < v.nb; ++b) {
     const int64_t kb = std::min(v.K, b * v.bk + v.bk) - b * v.bk;
     const int64_t chunk0 = b * v.block_padded / kTileK, chunk1 = chunk0 + round_up(kb, kTileK) / kTileK;
+#if !FQ_KERNEL_EMULATE
+    if (c.M <= kVnniMaxRows) {
+      vnni_block<XU8, WU8, W4>(c, m0, rows, strip, nt, b, chunk0, chunk1, acc);
+      accumulate_tile<XU8, WU8>(c, m0, rows, nt, strip, b, acc, out);
+      continue;
+    }
+#endif
     FQ_TILE_ZERO(0);
     if (nt == 2) FQ_TILE_ZERO(1);
     if (mt == 2) {
@@ -307,9 +458,9 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
       if (nt == 2) FQ_TILE_ZERO(3);
     }
     for (int64_t ch = chunk0; ch < chunk1; ++ch) {
-      const uint8_t* a = c.xp + m0 * v.Kp + ch * kTileK;
-      FQ_TILE_LOAD(4, a, v.Kp);
-      if (mt == 2) FQ_TILE_LOAD(5, a + kTileRows * v.Kp, v.Kp);
+      const uint8_t* a = c.xp + m0 * v.Kp + ch * kBTileBytes;  // the A tile (m0 / 16, ch)
+      FQ_TILE_LOAD(4, a, kTileK);
+      if (mt == 2) FQ_TILE_LOAD(5, a + kTileRows * v.Kp, kTileK);
       const uint8_t* b0 = v.b_tile(2 * strip, ch);
       const uint8_t* b1 = nt == 2 ? v.b_tile(2 * strip + 1, ch) : nullptr;
       if (W4) {
@@ -336,22 +487,9 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
       FQ_TILE_STORE(2, &acc[kTileRows][0], stride);
       if (nt == 2) FQ_TILE_STORE(3, &acc[kTileRows][kPanel], stride);
     }
-    // The block's exact correction and out += (sx * sw) * float(corrected), per output.
-    const int64_t col = (strip * v.nb + b) * 2 * kPanel;  // padding channels read zeros
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t m = m0 + i;
-      const int32_t zxm = c.zx ? c.zx[m] : 0, rs = c.rowsum[m * v.nb + b];
-      const float sxm = c.sx[m];
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j)
-        out[i][j] = accumulate_block(out[i][j], sxm, v.scale[col + j],
-                                     correct_block(acc[i][j], zxm, v.colsum_minus[col + j], v.zw[col + j], rs));
-    }
+    accumulate_tile<XU8, WU8>(c, m0, rows, nt, strip, b, acc, out);
   }
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j)
-      c.y[(m0 + i) * v.N + n0 + j] =
-          finish_output(out[i][j], c.bias != nullptr, c.bias ? c.bias[n0 + j] : 0.f, c.epilogue);
+  store_tile(c, m0, rows, n0, cols, out);
 }
 
 using MicroFn = void (*)(const Ctx&, int64_t, int, int64_t, int);
@@ -380,12 +518,16 @@ class AmxIntLinear final : public CpuLinear {
     const Layout& v = v_;
     const int64_t M = x.rows;
     ThreadPool& pool = ctx.threads();
-    const QuantizedTensor xq = quantize_rows(x.materialize(pool), v.act);  // throws on NaN / Inf rows
-    std::vector<uint8_t> xp(static_cast<size_t>(round_up(M, kTileRows) * v.Kp), 0);
-    std::vector<int32_t> rowsum(static_cast<size_t>(M * v.nb));
-    lay_out_rows(xq, v.bk, v.block_padded, v.Kp, xp.data(), rowsum.data(), pool);
+    const RowLayout rows{v.K, v.nb, v.bk, v.block_padded, v.Kp, kTileRows};  // A tiles: 1 KiB each, contiguous
+    thread_local RowScratch scratch;
+    const QuantizedRows q = scratch.resize(round_up(M, kTileRows), rows);  // whole A tiles
+#if FQ_KERNEL_EMULATE
+    quantize_rows_into(x, rows, v.act, q, pool);
+#else
+    quantize_rows_into_avx512(x, rows, v.act, q, pool);
+#endif
     const bool xu8 = !v.act.symmetric;
-    const Ctx c{M, xp.data(), rowsum.data(), xq.scale.data<float>(), xu8 ? xq.zero_point.data<uint8_t>() : nullptr,
+    const Ctx c{M, q.xp, q.rowsum, q.sx, xu8 ? q.zx : nullptr,
                 &v, &cfg_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
     const MicroFn micro = xu8 ? pick_weight<true>(v.wu8, v.w4) : pick_weight<false>(v.wu8, v.w4);
     // Row chunks x strips of 32 channels (2 panels; the last strip may have 1). Decode-sized M is
@@ -403,16 +545,66 @@ class AmxIntLinear final : public CpuLinear {
   TileConfig cfg_;
 };
 
-std::unique_ptr<CpuLinear> prepare(IntWeight w, ThreadPool& pool) { return std::make_unique<AmxIntLinear>(w, pool); }
+std::unique_ptr<CpuLinear> prepare(IntWeight w, ThreadPool& pool) {
+#if !FQ_KERNEL_EMULATE
+  // K-blocks shorter than a tile's 64 k would be zero padded to 64: twice the tile work for the
+  // default 32 (W4A8 measured 0.6x the AVX512-VNNI kernel in GPT-2 decode), so such weights take
+  // that kernel (every AMX CPU has AVX512-VNNI).
+  if (w.num_blocks > 1 && w.tile_cols < kTileK) return int_gemm_avx512vnni().prepare(std::move(w), pool);
+#endif
+  return std::make_unique<AmxIntLinear>(w, pool);
+}
 
 }  // namespace amx
 }  // namespace
 
 IntGemmKernel FQ_AMX_ENTRY() { return {CpuIsa::Amx, amx::prepare}; }
 
+#if !FQ_KERNEL_EMULATE
+namespace {
+// tdpbssd on 4 independent C tiles from 4 loaded operand tiles, until `seconds` after `start`;
+// returns the ops done (2 per multiply-add).
+FQ_AMX double amx_peak_loop(std::chrono::steady_clock::time_point start, double seconds) {
+  const amx::TileConfig cfg = amx::tile_config();
+  alignas(64) static const uint8_t operand[amx::kBTileBytes] = {};
+  FQ_TILE_CONFIG(&cfg);
+  FQ_TILE_LOAD(4, operand, amx::kTileK);
+  FQ_TILE_LOAD(5, operand, amx::kTileK);
+  FQ_TILE_LOAD(6, operand, amx::kTileK);
+  FQ_TILE_LOAD(7, operand, amx::kTileK);
+  FQ_TILE_ZERO(0);
+  FQ_TILE_ZERO(1);
+  FQ_TILE_ZERO(2);
+  FQ_TILE_ZERO(3);
+  int64_t iters = 0;
+  while (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < seconds) {
+    for (int r = 0; r < 1024; ++r) {
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+    iters += 1024;
+  }
+  FQ_TILE_RELEASE();
+  return static_cast<double>(iters) * 4 * (amx::kTileRows * amx::kPanel * amx::kTileK) * 2;
+}
+}  // namespace
+
+double amx_int8_peak_gops(int threads, double seconds) {
+  if (!cpu_supports(CpuIsa::Amx)) return 0.0;
+  std::atomic<int64_t> total_ops{0};
+  const auto start = std::chrono::steady_clock::now();
+  ThreadPool::shared(threads).run(threads, [&](int64_t) { total_ops += static_cast<int64_t>(amx_peak_loop(start, seconds)); });
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return static_cast<double>(total_ops.load()) / elapsed / 1e9;
+}
+#endif
+
 #else  // no x86 build: the entry is never selected (the CPU does not support the level)
 
 IntGemmKernel FQ_AMX_ENTRY() { return {CpuIsa::Amx, nullptr}; }
+double amx_int8_peak_gops(int, double) { return 0.0; }
 
 #endif
 

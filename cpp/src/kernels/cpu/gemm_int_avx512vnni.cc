@@ -88,9 +88,10 @@ struct Ctx {
 };
 
 // ---- 1. token-wise quantization into the kernel layout ----------------------------------------
-// Returns false if the row holds NaN/Inf (or, asymmetric, a range that overflows fp32).
-FQ_VNNI bool quantize_row(const float* x, const Ctx& c, bool symmetric, float qmax, uint8_t* dst, int32_t* rowsum,
-                          float* scale, int32_t* zero_point) {
+// dst: the row's first byte (RowLayout::row_offset). Returns false if the row holds NaN/Inf (or,
+// asymmetric, a range that overflows fp32).
+FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, float qmax, uint8_t* dst,
+                          int32_t* rowsum, float* scale, int32_t* zero_point) {
   const int64_t K = c.K;
   __m512 vmin = _mm512_setzero_ps(), vmax = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
   int64_t k = 0;
@@ -127,7 +128,7 @@ FQ_VNNI bool quantize_row(const float* x, const Ctx& c, bool symmetric, float qm
   const __m512 qlo = _mm512_set1_ps(symmetric ? -qmax : 0.0f), qhi = _mm512_set1_ps(qmax);
   for (int64_t b = 0; b < c.nb; ++b) {
     const int64_t k0 = b * c.bk, kb = std::min(K, k0 + c.bk) - k0;
-    uint8_t* d = dst + b * c.bkp;
+    const int64_t kk0 = b * c.block_padded;  // the block's first padded position
     __m512i sum = _mm512_setzero_si512();
     for (int64_t i = 0; i < kb; i += 16) {
       const __mmask16 m = kb - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (kb - i)) - 1);
@@ -136,10 +137,16 @@ FQ_VNNI bool quantize_row(const float* x, const Ctx& c, bool symmetric, float qm
       if (!symmetric) q = _mm512_add_ps(q, vz);
       const __m512i qi = _mm512_maskz_cvtps_epi32(m, _mm512_min_ps(_mm512_max_ps(q, qlo), qhi));
       sum = _mm512_add_epi32(sum, qi);
-      _mm_mask_storeu_epi8(d + i, m, _mm512_cvtepi32_epi8(qi));  // the low byte: s8 or u8 as stored
+      // The low byte (s8 or u8 as stored); 16 values never cross a 64-byte chunk (block_padded is a
+      // multiple of 64 when rows are grouped).
+      _mm_mask_storeu_epi8(dst + c.chunk_offset(kk0 + i), m, _mm512_cvtepi32_epi8(qi));
     }
-    const int64_t padded = (b + 1 < c.nb) ? c.bkp : c.Kp - b * c.bkp;
-    std::memset(d + kb, 0, static_cast<size_t>(padded - kb));
+    const int64_t padded = (b + 1 < c.nb) ? c.block_padded : c.Kp - kk0;
+    for (int64_t kk = kk0 + kb; kk < kk0 + padded;) {  // zeros up to each chunk's end
+      const int64_t n = std::min(kk0 + padded, (kk | 63) + 1) - kk;
+      std::memset(dst + c.chunk_offset(kk), 0, static_cast<size_t>(n));
+      kk += n;
+    }
     rowsum[b] = _mm512_reduce_add_epi32(sum);
   }
   return true;
@@ -268,13 +275,6 @@ MicroFn pick(int mr, bool xu8, bool w4, bool multi) {
   return w4 ? pick_rows<false, true>(mr, multi) : pick_rows<false, false>(mr, multi);
 }
 
-// Scratch for the quantized rows, reused across calls (no page faults per GEMM).
-struct Scratch {
-  std::vector<uint8_t> xp;
-  std::vector<int32_t> rowsum, zx;
-  std::vector<float> sx;
-};
-
 VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
   VnniLayout v;
   const int64_t N = w.N, K = w.K, nb = w.num_blocks, bk = w.tile_cols;
@@ -341,47 +341,26 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
   const int64_t M = x.rows;
   const VnniLayout& v = v_;
   ThreadPool& pool = ctx.threads();
-  const bool symmetric = v.act.symmetric;
-  const float qmax = static_cast<float>(quant_max(v.act));
-  thread_local Scratch scratch;
-  scratch.xp.resize(static_cast<size_t>(M * v.Kp));
-  scratch.rowsum.resize(static_cast<size_t>(M * v.nb));
-  scratch.sx.resize(static_cast<size_t>(M));
-  scratch.zx.resize(static_cast<size_t>(M));
+  const RowLayout rows{v.K, v.nb, v.bk, v.block_padded, v.Kp};
+  thread_local RowScratch scratch;
+  const QuantizedRows q = scratch.resize(M, rows);
+  quantize_rows_into_avx512(x, rows, v.act, q, pool);
   const bool multi = v.nb > 1;
   const int max_mr = multi ? kMaxMRBlocked : kMaxMR;
-  const MicroFn full = pick(max_mr, !symmetric, v.bits == 4, multi);
-  // Worker threads must not name `scratch` (thread_local: each would see its own).
-  uint8_t* xp = scratch.xp.data();
-  int32_t* rowsum = scratch.rowsum.data();
-  float* sx = scratch.sx.data();
-  int32_t* zx = scratch.zx.data();
+  const bool xu8 = !v.act.symmetric;
+  const MicroFn full = pick(max_mr, xu8, v.bits == 4, multi);
   Ctx c{M, v.N, v.K, v.nb, v.bk, v.block_padded, v.Kp, v.Npad,
-        xp, rowsum, sx, zx,
+        q.xp, q.rowsum, q.sx, q.zx,
         &v, v.wsym, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
 
   // Tasks: row chunks x channel tiles. Decode-sized M is one row chunk, so the weight is read once
   // and the threads split the channels; larger M uses chunks whose rows stay in L2.
   const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tiles = v.Npad / kTileN;
-  const int64_t tasks = mchunks * tiles;
-  std::atomic<int64_t> bad_row{-1};
-  parallel_for(pool, M, 1, [&](int64_t r0, int64_t r1) {
-    thread_local std::vector<float> row_scratch;  // a computed row (fused producer), in L1
-    row_scratch.resize(static_cast<size_t>(v.K));
-    for (int64_t m = r0; m < r1; ++m)
-      if (!quantize_row(x.row(m, row_scratch.data()), c, symmetric, qmax, xp + m * v.Kp, rowsum + m * v.nb, sx + m,
-                        symmetric ? nullptr : zx + m)) {
-        int64_t seen = bad_row.load();
-        while (seen < m && !bad_row.compare_exchange_weak(seen, m)) {
-        }
-      }
-  });
-  FQ_CHECK_ARG(bad_row < 0, "input contains NaN or Inf (or an unrepresentable range) in row " + std::to_string(bad_row));
-  pool.run(tasks, [&](int64_t t) {
+  pool.run(mchunks * tiles, [&](int64_t t) {
     const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
     int64_t m = m0;
     for (; m + max_mr <= m1; m += max_mr) full(c, m, tile);
-    if (m < m1) pick(static_cast<int>(m1 - m), !symmetric, v.bits == 4, multi)(c, m, tile);
+    if (m < m1) pick(static_cast<int>(m1 - m), xu8, v.bits == 4, multi)(c, m, tile);
   });
 }
 
@@ -390,6 +369,24 @@ std::unique_ptr<CpuLinear> prepare_vnni(IntWeight w, ThreadPool& pool) { return 
 }  // namespace
 
 IntGemmKernel int_gemm_avx512vnni() { return {CpuIsa::Avx512Vnni, prepare_vnni}; }
+
+void quantize_rows_into_avx512(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
+                               ThreadPool& pool) {
+  const float qmax = static_cast<float>(quant_max(act));
+  std::atomic<int64_t> bad_row{-1};
+  parallel_for(pool, x.rows, 1, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<float> row_scratch;  // a computed row (fused producer), in L1
+    row_scratch.resize(static_cast<size_t>(l.K));
+    for (int64_t m = r0; m < r1; ++m)
+      if (!quantize_row(x.row(m, row_scratch.data()), l, act.symmetric, qmax, out.xp + l.row_offset(m),
+                        out.rowsum + m * l.nb, out.sx + m, act.symmetric ? nullptr : out.zx + m)) {
+        int64_t seen = bad_row.load();
+        while (seen < m && !bad_row.compare_exchange_weak(seen, m)) {
+        }
+      }
+  });
+  FQ_CHECK_ARG(bad_row < 0, "input contains NaN or Inf (or an unrepresentable range) in row " + std::to_string(bad_row));
+}
 
 namespace {
 // vpdpbusd on registers only until `seconds` after `start`; returns the ops done.
@@ -424,6 +421,10 @@ double int8_peak_gops(int threads, double seconds) {
 #else  // no x86 build: the entry is never selected (the CPU does not support the level)
 
 IntGemmKernel int_gemm_avx512vnni() { return {CpuIsa::Avx512Vnni, nullptr}; }
+void quantize_rows_into_avx512(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
+                               ThreadPool& pool) {
+  quantize_rows_into(x, l, act, out, pool);
+}
 double int8_peak_gops(int, double) { return 0.0; }
 
 #endif

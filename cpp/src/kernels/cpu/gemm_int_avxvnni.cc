@@ -167,7 +167,7 @@ struct Ctx {
   const uint8_t* xp;      // [M, Kp] quantized rows (s8 or u8 bytes), zero padded per block
   const int32_t* rowsum;  // [M, nb]
   const float* sx;        // [M]
-  const uint8_t* zx;      // [M]; null when symmetric
+  const int32_t* zx;      // [M]; null when symmetric
   const Layout* v;
   const float* bias;
   float* y;
@@ -271,13 +271,12 @@ class AvxVnniIntLinear final : public CpuLinear {
     const Layout& v = v_;
     const int64_t M = x.rows;
     ThreadPool& pool = ctx.threads();
-    const QuantizedTensor xq = quantize_rows(x.materialize(pool), v.act);  // throws on NaN / Inf rows
-    std::vector<uint8_t> xp(static_cast<size_t>(M * v.Kp));
-    std::vector<int32_t> rowsum(static_cast<size_t>(M * v.nb));
-    lay_out_rows(xq, v.bk, v.block_padded, v.Kp, xp.data(), rowsum.data(), pool);
+    const RowLayout rows{v.K, v.nb, v.bk, v.block_padded, v.Kp};
+    thread_local RowScratch scratch;
+    const QuantizedRows q = scratch.resize(M, rows);
+    quantize_rows_into(x, rows, v.act, q, pool);
     const bool xu8 = !v.act.symmetric, w4 = v.bits == 4;
-    const Ctx c{M, xp.data(), rowsum.data(), xq.scale.data<float>(),
-                xu8 ? xq.zero_point.data<uint8_t>() : nullptr, &v, bias.defined() ? bias.data<float>() : nullptr,
+    const Ctx c{M, q.xp, q.rowsum, q.sx, xu8 ? q.zx : nullptr, &v, bias.defined() ? bias.data<float>() : nullptr,
                 y, epilogue};
     const MicroFn full = pick(kMaxMR, xu8, w4);
     // Row chunks x runs of adjacent channel tiles; decode-sized M is one chunk, so the threads

@@ -115,20 +115,26 @@ void gemm_int_quantized_ref(const QuantizedTensor& x, const IntWeight& w, const 
   parallel_for(pool, w.N, 4, [&](int64_t n0, int64_t n1) { channels(x, w, rowsum.data(), bias, y, epilogue, n0, n1); });
 }
 
-void lay_out_rows(const QuantizedTensor& xq, int64_t bk, int64_t block_padded, int64_t Kp, uint8_t* xp,
-                  int32_t* rowsum, ThreadPool& pool) {
-  const int64_t M = xq.q.dim(0), K = xq.q.dim(1), nb = (K + bk - 1) / bk;
+void quantize_rows_into(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
+                        ThreadPool& pool) {
+  const QuantizedTensor xq = quantize_rows(x.materialize(pool), act);  // throws on NaN / Inf rows
+  const int64_t M = x.rows, K = l.K;
   auto rows = [&](const auto* q) {
     parallel_for(pool, M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
-        std::memset(xp + m * Kp, 0, static_cast<size_t>(Kp));
-        for (int64_t b = 0; b < nb; ++b) {
-          const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
-          std::memcpy(xp + m * Kp + b * block_padded, q + m * K + k0, static_cast<size_t>(kb));  // the bytes as stored
+        uint8_t* xp = out.xp + l.row_offset(m);
+        for (int64_t kk = 0; kk < l.Kp; kk += 64)
+          std::memset(xp + l.chunk_offset(kk), 0, static_cast<size_t>(std::min<int64_t>(64, l.Kp - kk)));
+        for (int64_t b = 0; b < l.nb; ++b) {
+          const int64_t k0 = b * l.bk, kb = std::min(K, k0 + l.bk) - k0;
+          for (int64_t k = 0; k < kb; ++k)  // the bytes as stored
+            xp[l.chunk_offset(b * l.block_padded + k)] = static_cast<uint8_t>(q[m * K + k0 + k]);
           int32_t s = 0;
           for (int64_t k = 0; k < kb; ++k) s += q[m * K + k0 + k];
-          rowsum[m * nb + b] = s;
+          out.rowsum[m * l.nb + b] = s;
         }
+        out.sx[m] = xq.scale.data<float>()[m];
+        if (!act.symmetric) out.zx[m] = xq.zero_point.data<uint8_t>()[m];
       }
     });
   };
