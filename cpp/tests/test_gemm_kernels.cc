@@ -86,6 +86,50 @@ TEST(f32_kernels_match_reference) {
     }
 }
 
+// The bf16 kernel (FloatPrecision::BF16) against the double-precision product of the bf16-rounded
+// operands: bf16 products are exact in fp32, so only the fp32 summation order differs.
+TEST(bf16_kernel_matches_rounded_reference) {
+  if (!kernels::cpu_has_avx512_bf16()) {
+    std::printf("  (no AVX512-BF16: bf16 kernel not run)\n");
+    return;
+  }
+  CHECK(kernels::bf16_to_float(kernels::float_to_bf16(1.0f + 1.0f / 256)) == 1.0f);  // a tie: to even
+  CHECK(kernels::bf16_to_float(kernels::float_to_bf16(1.0f + 3.0f / 256)) == 1.0f + 4.0f / 256);
+  const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {13, 100, 257}, {1, 1, 3}, {130, 200, 96}, {6, 64, 32}};
+  const ExecContext ctx = cpu_context();
+  uint32_t seed = 500;
+  for (auto& s : shapes)
+    for (Epilogue e : {Epilogue::None, Epilogue::GeluErf}) {
+      std::mt19937 rng(seed++);
+      const int64_t M = s[0], N = s[1], K = s[2];
+      const Tensor x = random_tensor({M, K}, rng, 0.1f), w = random_tensor({N, K}, rng, 0.f);
+      Tensor bias = Tensor::empty(DType::F32, {N});
+      for (int64_t n = 0; n < N; ++n) bias.data<float>()[n] = 0.05f * static_cast<float>(n % 7) - 0.1f;
+      auto p = kernels::f32_gemm_bf16_avx512().prepare(w, pool());
+      p->bias = bias;
+      p->epilogue = e;
+      Tensor y = Tensor::empty(DType::F32, {M, N});
+      p->run(ctx, kernels::RowInput{x.data<float>(), M, K, nullptr}, y.data<float>());
+      double worst = 0, worst_f32 = 0;
+      auto r = [](float v) { return double(kernels::bf16_to_float(kernels::float_to_bf16(v))); };
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double acc = bias.data<float>()[n], exact = acc, mag = 1.0;
+          for (int64_t k = 0; k < K; ++k) {
+            acc += r(x.data<float>()[m * K + k]) * r(w.data<float>()[n * K + k]);
+            exact += double(x.data<float>()[m * K + k]) * w.data<float>()[n * K + k];
+            mag += std::fabs(double(x.data<float>()[m * K + k]) * w.data<float>()[n * K + k]);
+          }
+          const double got = y.data<float>()[m * N + n];
+          worst = std::fmax(worst, std::fabs(got - kernels::apply_epilogue(e, static_cast<float>(acc))) / mag);
+          worst_f32 = std::fmax(worst_f32, std::fabs(got - kernels::apply_epilogue(e, static_cast<float>(exact))) / mag);
+        }
+      if (worst >= 2e-6) std::printf("  bf16 M=%lld N=%lld K=%lld: worst %.3g\n", (long long)M, (long long)N, (long long)K, worst);
+      CHECK(worst < 2e-6);
+      CHECK(worst_f32 < 1e-2);  // bf16 keeps 8 mantissa bits: the documented cost of the choice
+    }
+}
+
 // Every registered attention kernel against a plain softmax(q k^T * scale) v per query.
 TEST(attention_kernels_match_reference) {
   const ExecContext ctx = cpu_context();

@@ -10,6 +10,9 @@ from collections import Counter
 PROG = "finequant"
 
 
+_FLOAT_HELP = ("how Linears with floating-point inputs (fp32 models, weight-only schemes, an unquantized LM "
+               "head) multiply: fp32 (default, exact) or bf16 (bf16 weights and inputs, fp32 sums; CPUs with "
+               "AVX512-BF16)")
 _DEVICE_HELP = 'where the engine runs: "cpu" (default), "cuda", "cuda:N" or "auto" (a CUDA device when present, else the CPU)'
 
 
@@ -98,12 +101,14 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=_positive_int)
     r.add_argument("--device", default="cpu", help=_DEVICE_HELP)
+    r.add_argument("--float-precision", choices=("fp32", "bf16"), default="fp32", help=_FLOAT_HELP)
 
     e = sub.add_parser("embed", help="sentence embeddings of an encoder (mean-pooled, normalized)")
     e.add_argument("model", metavar="MODEL", help=model_help)
     e.add_argument("texts", nargs="+", metavar="TEXT")
     e.add_argument("--threads", type=_positive_int)
     e.add_argument("--device", default="cpu", help=_DEVICE_HELP)
+    e.add_argument("--float-precision", choices=("fp32", "bf16"), default="fp32", help=_FLOAT_HELP)
 
     pp = sub.add_parser("ppl", help="perplexity of a decoder on a text file")
     pp.add_argument("model", metavar="MODEL", help=model_help)
@@ -112,6 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-tokens", type=_positive_int, help="use the first N tokens of the text")
     pp.add_argument("--threads", type=_positive_int)
     pp.add_argument("--device", default="cpu", help=_DEVICE_HELP)
+    pp.add_argument("--float-precision", choices=("fp32", "bf16"), default="fp32", help=_FLOAT_HELP)
 
     ev = sub.add_parser("eval", help="quality of one or more models: perplexity (decoders), embedding "
                         "cosine and a linear probe (encoders)")
@@ -130,6 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.add_argument("--threads", type=_positive_int)
     ev.add_argument("--device", default="cpu", help=_DEVICE_HELP)
+    ev.add_argument("--float-precision", choices=("fp32", "bf16"), default="fp32", help=_FLOAT_HELP)
 
     ins = sub.add_parser("inspect", help="plot per-token activation ranges and per-row weight ranges "
                          "per layer (ZeroQuant figure 1) to a PNG (needs torch and matplotlib)")
@@ -226,7 +233,7 @@ def _cmd_info(args) -> int:
 def _cmd_run(args) -> int:
     from .engine import Engine
 
-    engine = Engine(args.model, threads=args.threads, device=args.device)
+    engine = Engine(args.model, threads=args.threads, device=args.device, float_precision=args.float_precision)
     for piece in engine.stream(args.prompt, max_new_tokens=args.max_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         print(piece, end="", flush=True)
@@ -239,7 +246,8 @@ def _cmd_embed(args) -> int:
 
     from .engine import Engine
 
-    emb = Engine(args.model, threads=args.threads, device=args.device).embed(args.texts)
+    emb = Engine(args.model, threads=args.threads, device=args.device,
+                 float_precision=args.float_precision).embed(args.texts)
     for text, row in zip(args.texts, emb):
         print(f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:6])}, ...] (dim {row.shape[0]})")
     if len(args.texts) > 1:
@@ -252,7 +260,7 @@ def _cmd_ppl(args) -> int:
     from .engine import Engine
     from .evaluate import perplexity
 
-    engine = Engine(args.model, threads=args.threads, device=args.device)
+    engine = Engine(args.model, threads=args.threads, device=args.device, float_precision=args.float_precision)
     with open(args.text_file, encoding="utf-8") as f:
         text = f.read()
     r = perplexity(engine, text, ctx=args.ctx, max_tokens=args.max_tokens, progress=True)
@@ -267,7 +275,8 @@ def _cmd_eval(args) -> int:
     from .engine import Engine
     from .evaluate import EncoderEval, perplexity, rotten_tomatoes
 
-    engines = [Engine(m, threads=args.threads, device=args.device) for m in args.models]
+    engines = [Engine(m, threads=args.threads, device=args.device, float_precision=args.float_precision)
+               for m in args.models]
     decoders = [m for m, e in zip(args.models, engines) if e.is_decoder]
     encoders = [m for m, e in zip(args.models, engines) if not e.is_decoder]
     if decoders and not args.text:
@@ -289,7 +298,8 @@ def _cmd_eval(args) -> int:
             labels = labels if args.probe else None
     shared = None
     if encoders and args.cosine_vs:
-        reference = Engine(args.cosine_vs, threads=args.threads, device=args.device)
+        reference = Engine(args.cosine_vs, threads=args.threads, device=args.device,
+                           float_precision=args.float_precision)
         shared = EncoderEval(reference, texts, labels, args.limit, args.seed)
     rows = []
     for model, engine in zip(args.models, engines):

@@ -57,9 +57,15 @@ class Engine:
     generate(prompt or ids, ...) -> text or ids (decoders), streaming through `callback` or stream().
     """
 
-    def __init__(self, model_dir: str, threads: Optional[int] = None, device: str = "cpu"):
+    def __init__(self, model_dir: str, threads: Optional[int] = None, device: str = "cpu",
+                 float_precision: str = "fp32"):
+        """float_precision: how Linears with floating-point inputs (fp32 models, weight-only schemes,
+        an unquantized LM head) multiply. "fp32": exact fp32 products. "bf16": the weight stored as
+        bf16 (half its memory and of the bytes a decode step reads), the inputs rounded to bf16, fp32
+        sums; used on CPUs with AVX512-BF16, elsewhere (and on CUDA) those Linears stay fp32."""
         self.path = resolve_model(model_dir)
-        self._engine = _core._Engine.load(self.path, threads or 0, device)
+        self._engine = _core._Engine.load(self.path, threads or 0, device, float_precision)
+        self.float_precision = float_precision
         folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
         tok = os.path.join(folder, "tokenizer.json")
         self.tokenizer = None

@@ -61,14 +61,15 @@ void bind_engine(py::module_& m) {
   py::class_<Engine>(m, "_Engine", "The C++ inference engine (see finequant.Engine for the Python API).")
       .def_static(
           "load",
-          [](const std::string& path, int threads, const std::string& device) {
+          [](const std::string& path, int threads, const std::string& device, const std::string& float_precision) {
             finequant::EngineOptions options;
             options.threads = threads;
             options.device = device;
+            options.float_precision = float_precision;
             py::gil_scoped_release release;
             return Engine::load(path, options);
           },
-          py::arg("path"), py::arg("threads") = 0, py::arg("device") = "cpu")
+          py::arg("path"), py::arg("threads") = 0, py::arg("device") = "cpu", py::arg("float_precision") = "fp32")
       .def(
           "forward",
           [](const Engine& e, const py::array& ids, std::optional<py::array> mask) {

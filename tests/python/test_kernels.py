@@ -169,3 +169,33 @@ def test_peak_measures():
         assert (gops > 1.0) if names[level] else gops == 0.0
     with pytest.raises(ValueError, match="unit"):
         _core.int8_peak_gops(1, 0.02, "avx")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_bf16_float_precision(tiny_models, family):
+    # An explicit choice: fp32 Linears multiply bf16 operands with fp32 sums where the CPU has AVX512-BF16
+    # (DESIGN 5.4); elsewhere the Engine stays exact fp32.
+    ids = np.random.RandomState(2).randint(0, 64, size=(2, 9)).astype(np.int64)
+    exact = finequant.Engine(str(tiny_models[family]), threads=2).forward(ids)
+    engine = finequant.Engine(str(tiny_models[family]), threads=2, float_precision="bf16")
+    assert engine.float_precision == "bf16"
+    rounded = engine.forward(ids)
+    err = np.abs(rounded - exact).max() / np.abs(exact).max()
+    has_bf16 = "avx512" in _core.active_isa() or _core.active_isa() == "amx"
+    if has_bf16 and _bf16_cpu():
+        assert 0 < err < 3e-2  # different (bf16 ran) and close (8 mantissa bits)
+    else:
+        assert err == 0
+
+
+def _bf16_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def test_float_precision_rejects_unknown_values(tiny_models):
+    with pytest.raises(ValueError, match="float_precision"):
+        finequant.Engine(str(tiny_models["gpt2"]), float_precision="fp16")

@@ -16,6 +16,11 @@ namespace finequant {
 struct EngineOptions {
   int threads = 0;             // CPU threads of this Engine (its own pool); 0: the default
   std::string device = "cpu";  // "cpu", "cuda", "cuda:N" or "auto" (a CUDA device when present, else the CPU)
+  // How Linears with floating-point inputs (fp32 models, weight-only schemes, an unquantized LM
+  // head) multiply: "fp32" (exact fp32 products), or "bf16": the weight stored as bf16 (half the
+  // memory and bytes per decode step), inputs rounded to bf16 per call, fp32 sums; on a CPU with
+  // AVX512-BF16, elsewhere (and on CUDA) these Linears stay fp32. An explicit precision choice.
+  std::string float_precision = "fp32";
 };
 
 struct GenerationOptions {

@@ -110,6 +110,10 @@ Engine::~Engine() = default;
 
 std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions options) {
   FQ_CHECK_ARG(options.threads >= 0, "threads must be >= 0");
+  FQ_CHECK_ARG(options.float_precision == "fp32" || options.float_precision == "bf16",
+               "float_precision must be 'fp32' or 'bf16', got '" + options.float_precision + "'");
+  const kernels::FloatPrecision precision =
+      options.float_precision == "bf16" ? kernels::FloatPrecision::BF16 : kernels::FloatPrecision::F32;
   std::string file_path = path;
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) file_path = path + "/model.safetensors";
@@ -125,7 +129,7 @@ std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions opti
   }
   auto impl = std::make_unique<Impl>(Impl{ModelFile::open(file_path), nullptr, options.threads, device,
                                           make_pool(options.threads)});
-  impl->model = build_model(impl->file, *backend, *impl->pool);
+  impl->model = build_model(impl->file, *backend, *impl->pool, precision);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 

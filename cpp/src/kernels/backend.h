@@ -19,12 +19,18 @@ namespace kernels {
 
 // A Linear as the model file stores it (host memory, canonical layout): an integer weight
 // (weight.q defined, INT4 unpacked to one value per element) or a floating-point one.
+// How Linears with floating-point inputs multiply (EngineOptions::float_precision, docs/DESIGN.md
+// 5.4): exact fp32 products, or bf16 operands (the weight stored as bf16, the inputs rounded per
+// call) with fp32 sums where the backend has such a kernel (CPU: AVX512-BF16), else fp32.
+enum class FloatPrecision { F32, BF16 };
+
 struct LinearWeights {
   QuantizedTensor weight;  // integer weight, or undefined
   Tensor weight_f32;       // F32 [N, K] when weight.q is undefined
   Tensor bias;             // F32 [N] or undefined
   QuantSpec act{0, true};  // token-wise activation quantization; bits 0: floating-point inputs
   Epilogue epilogue = Epilogue::None;
+  FloatPrecision precision = FloatPrecision::F32;  // for floating-point inputs (act.bits == 0)
 
   bool quantized() const { return weight.q.defined(); }
   int64_t out_features() const { return quantized() ? weight.q.dim(0) : weight_f32.dim(0); }

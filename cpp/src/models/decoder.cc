@@ -5,7 +5,8 @@
 
 namespace finequant {
 
-Decoder::Decoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool) {
+Decoder::Decoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool,
+                 kernels::FloatPrecision precision) {
   config_ = std::move(config);
   backend_ = &backend;
   const ModelConfig& c = config_;
@@ -15,7 +16,7 @@ Decoder::Decoder(const ModelFile& file, ModelConfig config, const kernels::Backe
   using Kind = kernels::NormParams::Kind;
   Tensor embed_host;
   if (gpt2_) {
-    const Weights w{file, Weights::find_prefix(file, "wte.weight", {"", "transformer."}), backend, pool};
+    const Weights w{file, Weights::find_prefix(file, "wte.weight", {"", "transformer."}), backend, pool, precision};
     embed_host = w.host_tensor("wte.weight", {V, C});
     position_ = w.tensor("wpe.weight", {c.max_positions, C});
     const kernels::Epilogue act = activation_epilogue(c.hidden_act);
@@ -35,7 +36,7 @@ Decoder::Decoder(const ModelFile& file, ModelConfig config, const kernels::Backe
     }
     final_norm_ = w.norm("ln_f", C, Kind::LayerNorm, c.norm_eps);
   } else {
-    const Weights w{file, Weights::find_prefix(file, "embed_tokens.weight", {"model.", ""}), backend, pool};
+    const Weights w{file, Weights::find_prefix(file, "embed_tokens.weight", {"model.", ""}), backend, pool, precision};
     embed_host = w.host_tensor("embed_tokens.weight", {V, C});
     rope_ = Rope(c.head_dim, c.rope_theta, backend.device());
     for (int64_t i = 0; i < c.num_layers; ++i) {
@@ -60,10 +61,11 @@ Decoder::Decoder(const ModelFile& file, ModelConfig config, const kernels::Backe
   embed_ = embed_host.to(backend.device());
   // LM head: its own weight when the file has one (untied Llama), else tied to the embedding.
   if (file.file.has("lm_head.weight")) {
-    head_ = Weights{file, "", backend, pool}.linear("lm_head", V, C);
+    head_ = Weights{file, "", backend, pool, precision}.linear("lm_head", V, C);
   } else {
     kernels::LinearWeights tied;
     tied.weight_f32 = embed_host;
+    tied.precision = precision;
     head_ = Linear::create(backend, tied, pool);
   }
 }

@@ -5,10 +5,11 @@
 
 namespace finequant {
 
-std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, ThreadPool& pool) {
+std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, ThreadPool& pool,
+                                   kernels::FloatPrecision precision) {
   ModelConfig config = ModelConfig::parse(file.architecture, file.config_json);
-  if (config.architecture == "bert") return std::make_unique<Encoder>(file, std::move(config), backend, pool);
-  return std::make_unique<Decoder>(file, std::move(config), backend, pool);
+  if (config.architecture == "bert") return std::make_unique<Encoder>(file, std::move(config), backend, pool, precision);
+  return std::make_unique<Decoder>(file, std::move(config), backend, pool, precision);
 }
 
 std::string Weights::find_prefix(const ModelFile& file, const std::string& probe,
@@ -35,6 +36,7 @@ kernels::LinearWeights Weights::linear_weights(const std::string& module, kernel
   const std::string name = prefix + module;
   kernels::LinearWeights w;
   w.epilogue = epilogue;
+  w.precision = precision;
   if (f.has(name + ".bias")) w.bias = to_f32(f.tensor(name + ".bias"));
   auto it = file.linears.find(name);
   if (it == file.linears.end() || it->second.weight_bits == 0) {

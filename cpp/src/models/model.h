@@ -31,7 +31,8 @@ class Model {
 
 class Encoder : public Model {
  public:
-  Encoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool);
+  Encoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool,
+          kernels::FloatPrecision precision);
   bool is_decoder() const override { return false; }
   Tensor forward(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T) const override;
 
@@ -51,7 +52,8 @@ struct KVCache {
 
 class Decoder : public Model {
  public:
-  Decoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool);
+  Decoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool,
+          kernels::FloatPrecision precision);
   bool is_decoder() const override { return true; }
   Tensor forward(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T) const override;
 
@@ -72,7 +74,9 @@ class Decoder : public Model {
   Linear head_;
 };
 
-// Builds the model that matches the file's architecture, its weights prepared for `backend`.
-std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, ThreadPool& pool);
+// Builds the model that matches the file's architecture, its weights prepared for `backend`; its
+// floating-point Linears multiply at `precision` (EngineOptions::float_precision).
+std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, ThreadPool& pool,
+                                   kernels::FloatPrecision precision = kernels::FloatPrecision::F32);
 
 }  // namespace finequant

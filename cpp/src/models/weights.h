@@ -17,6 +17,7 @@ struct Weights {
   std::string prefix;
   const kernels::Backend& backend;
   ThreadPool& pool;  // CPU threads for packing at load (the Engine's)
+  kernels::FloatPrecision precision = kernels::FloatPrecision::F32;  // of its floating-point Linears
 
   // The first candidate prefix p for which p + probe is a tensor of the file.
   static std::string find_prefix(const ModelFile& file, const std::string& probe,

@@ -37,9 +37,14 @@ class CpuBackend final : public Backend {
       kernel = std::string("cpu/") + isa_name(k.level) + " int";
     } else {
       const LinearWeights f = w.quantized() ? w.dequantized() : w;
-      const F32GemmKernel& k = select_kernel(f32_gemm_kernels(), level);
-      p = k.prepare(f.weight_f32, pool);
-      kernel = std::string("cpu/") + isa_name(k.level) + " f32";
+      if (w.precision == FloatPrecision::BF16 && cpu_has_avx512_bf16() && kernel_eligible(CpuIsa::Avx512Vnni, level)) {
+        p = f32_gemm_bf16_avx512().prepare(f.weight_f32, pool);
+        kernel = "cpu/avx512bf16 bf16";
+      } else {
+        const F32GemmKernel& k = select_kernel(f32_gemm_kernels(), level);
+        p = k.prepare(f.weight_f32, pool);
+        kernel = std::string("cpu/") + isa_name(k.level) + " f32";
+      }
     }
     p->epilogue = w.epilogue;
     p->bias = w.bias;

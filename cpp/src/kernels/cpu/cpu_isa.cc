@@ -50,6 +50,10 @@ bool has_avxvnni() {
   static const bool has = has_avx2() && os_saves_ymm() && (cpuid7(1)[0] & (1u << 4));  // CPUID.(7,1):EAX[4]
   return has;
 }
+bool has_avx512bf16() {
+  static const bool has = has_avx512vnni() && (cpuid7(1)[0] & (1u << 5));  // CPUID.(7,1):EAX[5]
+  return has;
+}
 // AMX-TILE and AMX-INT8 (CPUID.(7,0):EDX[24], [25]), and Linux's permission to use tile data
 // (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), asked once per process: a kernel that
 // cannot get it is never selected.
@@ -71,6 +75,7 @@ bool has_amx() {
 bool has_avx2() { return false; }
 bool has_avxvnni() { return false; }
 bool has_avx512vnni() { return false; }
+bool has_avx512bf16() { return false; }
 bool has_amx() { return false; }
 #endif
 bool always() { return true; }
@@ -92,6 +97,8 @@ const std::vector<IsaInfo>& isa_table() {
   };
   return table;
 }
+
+bool cpu_has_avx512_bf16() { return has_avx512bf16(); }
 
 const char* isa_name(CpuIsa isa) { return isa_table()[static_cast<size_t>(isa)].name; }
 bool cpu_supports(CpuIsa isa) { return isa_table()[static_cast<size_t>(isa)].supported(); }

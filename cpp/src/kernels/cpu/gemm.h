@@ -133,6 +133,11 @@ IntGemmKernel int_gemm_avx512vnni();
 IntGemmKernel int_gemm_amx();  // short K-blocks (< 64) go to int_gemm_avx512vnni
 F32GemmKernel f32_gemm_ref();
 F32GemmKernel f32_gemm_avx512();
+// BF16 products, FP32 sums (gemm_f32_bf16.cc): not a level of the FP32 family but the kernel of
+// FloatPrecision::BF16, where cpu_has_avx512_bf16() and the active level reaches avx512vnni.
+F32GemmKernel f32_gemm_bf16_avx512();
+uint16_t float_to_bf16(float v);  // round to nearest even, NaN kept
+float bf16_to_float(uint16_t v);
 const std::vector<IntGemmKernel>& int_gemm_kernels();
 const std::vector<F32GemmKernel>& f32_gemm_kernels();
 

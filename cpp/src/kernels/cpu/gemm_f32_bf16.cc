@@ -1,0 +1,180 @@
+// BF16 products with FP32 sums, for Linears with floating-point inputs when the Engine asks for it
+// (EngineOptions::float_precision = "bf16", docs/DESIGN.md section 5.4): an explicit precision
+// choice, never made silently. The weight is stored once as bf16 (round to nearest even: half the
+// bytes of fp32, what a decode step reads), each call rounds its input rows to bf16
+// (vcvtne2ps2bf16), and vdpbf16ps (AVX512-BF16) adds pairs of exact bf16 products to fp32 sums.
+//
+// Layout: panels of 16 output channels x chunks of 32 k, one contiguous 1 KiB tile each (the form
+// of an AMX-BF16 B tile: row r holds k pair 2r, 2r + 1 of the 16 channels):
+//   packed[((panel * chunks + c) * 16 + r) * 32 + j * 2 + i] = bf16(W[panel * 16 + j, c * 32 + 2 r + i])
+// K padded with zeros to a multiple of 32, N to a multiple of 64 (4 panels per micro-kernel). A
+// micro-kernel holds MR rows x 64 channels in 24 zmm; per k pair it loads 4 weight vectors and
+// broadcasts MR input pairs.
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/cpu/act_math_avx512.h"
+#include "kernels/cpu/gemm.h"
+
+namespace finequant {
+namespace kernels {
+
+uint16_t float_to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+
+#define FQ_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512bf16")))
+
+namespace {
+
+constexpr int64_t kPanel = 16, kChunk = 32, kTileN = 4 * kPanel, kTileWords = kPanel * kChunk;
+constexpr int kMaxMR = 6;
+
+struct Bf16Ctx {
+  const uint16_t* x;  // [M, Kp] the input rows as bf16, zero padded
+  int64_t M, N, Kp;
+  const uint16_t* packed;
+  const float* bias;
+  float* y;
+  Epilogue epilogue;
+};
+
+template <int MR>
+FQ_BF16 void bf16_micro(const Bf16Ctx& c, int64_t m0, int64_t tile) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t chunks = c.Kp / kChunk;
+  const uint16_t* panel0 = c.packed + tile * 4 * chunks * kTileWords;
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const uint16_t* xr = c.x + m0 * c.Kp + ch * kChunk;
+    for (int r = 0; r < kChunk / 2; ++r) {
+      __m512bh w[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j)
+        w[j] = (__m512bh)_mm512_loadu_si512(panel0 + (j * chunks + ch) * kTileWords + r * 2 * kPanel);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, xr + i * c.Kp + 2 * r, 4);
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xb, w[j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n0 = tile * kTileN + j * kPanel;
+      if (n0 >= c.N) continue;  // padding channels
+      const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
+      const __mmask16 mask = cols == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
+      __m512 out = acc[i][j];
+      if (c.bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, c.bias + n0));
+      _mm512_mask_storeu_ps(c.y + (m0 + i) * c.N + n0, mask, activation_v(c.epilogue, out));
+    }
+  }
+}
+
+using Bf16MicroFn = void (*)(const Bf16Ctx&, int64_t, int64_t);
+
+Bf16MicroFn pick_bf16(int mr) {
+  switch (mr) {
+    case 1: return bf16_micro<1>;
+    case 2: return bf16_micro<2>;
+    case 3: return bf16_micro<3>;
+    case 4: return bf16_micro<4>;
+    case 5: return bf16_micro<5>;
+    default: return bf16_micro<6>;
+  }
+}
+
+// Row m of x (a fused norm computed on the way) as bf16 into dst, Kp values, zero padded.
+FQ_BF16 void round_row(const RowInput& x, int64_t m, float* scratch, uint16_t* dst, int64_t Kp) {
+  const float* row = x.row(m, scratch);
+  const int64_t K = x.cols;
+  for (int64_t k = 0; k < Kp; k += 32) {
+    const __mmask16 lo = k >= K ? 0 : (K - k >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (K - k)) - 1));
+    const __mmask16 hi = k + 16 >= K ? 0 : (K - k - 16 >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (K - k - 16)) - 1));
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, row + k + 16), _mm512_maskz_loadu_ps(lo, row + k));
+    _mm512_storeu_si512(dst + k, (__m512i)v);
+  }
+}
+
+class Bf16Linear final : public CpuLinear {
+ public:
+  Bf16Linear(const Tensor& w, ThreadPool& pool) {
+    N = w.dim(0);
+    K = w.dim(1);
+    Kp_ = (K + kChunk - 1) / kChunk * kChunk;
+    const int64_t tiles = (N + kTileN - 1) / kTileN, chunks = Kp_ / kChunk;
+    packed_.assign(static_cast<size_t>(tiles * kTileN * Kp_), 0);
+    const float* src = w.data<float>();
+    parallel_for(pool, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t panel = n / kPanel, j = n % kPanel;
+        for (int64_t k = 0; k < K; ++k)
+          packed_[static_cast<size_t>(((panel * chunks + k / kChunk) * (kChunk / 2) + (k % kChunk) / 2) * 2 * kPanel +
+                                      j * 2 + k % 2)] = float_to_bf16(src[n * K + k]);
+      }
+    });
+  }
+
+  void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
+    const int64_t M = x.rows;
+    ThreadPool& pool = ctx.threads();
+    thread_local std::vector<uint16_t> rows_bf16;
+    rows_bf16.resize(static_cast<size_t>(M * Kp_));
+    uint16_t* xb = rows_bf16.data();  // worker threads must not name the thread_local
+    parallel_for(pool, M, 1, [&](int64_t r0, int64_t r1) {
+      thread_local std::vector<float> scratch;  // a computed row (fused producer)
+      scratch.resize(static_cast<size_t>(K));
+      for (int64_t m = r0; m < r1; ++m) round_row(x, m, scratch.data(), xb + m * Kp_, Kp_);
+    });
+    const Bf16Ctx c{xb, M, N, Kp_, packed_.data(), bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
+    const int64_t tiles = (N + kTileN - 1) / kTileN;
+    const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc;
+    pool.run(mchunks * tiles, [&](int64_t t) {
+      const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
+      int64_t m = m0;
+      for (; m + kMaxMR <= m1; m += kMaxMR) bf16_micro<kMaxMR>(c, m, tile);
+      if (m < m1) pick_bf16(static_cast<int>(m1 - m))(c, m, tile);
+    });
+  }
+
+ private:
+  int64_t Kp_ = 0;
+  std::vector<uint16_t> packed_;  // the only copy of the weight in memory
+};
+
+std::unique_ptr<CpuLinear> prepare_bf16(Tensor w, ThreadPool& pool) { return std::make_unique<Bf16Linear>(w, pool); }
+
+}  // namespace
+
+F32GemmKernel f32_gemm_bf16_avx512() { return {CpuIsa::Avx512Vnni, prepare_bf16}; }
+
+#else
+
+F32GemmKernel f32_gemm_bf16_avx512() { return {CpuIsa::Avx512Vnni, nullptr}; }
+
+#endif
+
+}  // namespace kernels
+}  // namespace finequant
