@@ -95,7 +95,9 @@ TEST(bf16_kernel_matches_rounded_reference) {
   }
   CHECK(kernels::bf16_to_float(kernels::float_to_bf16(1.0f + 1.0f / 256)) == 1.0f);  // a tie: to even
   CHECK(kernels::bf16_to_float(kernels::float_to_bf16(1.0f + 3.0f / 256)) == 1.0f + 4.0f / 256);
-  const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {13, 100, 257}, {1, 1, 3}, {130, 200, 96}, {6, 64, 32}};
+  // M >= 16 takes AMX-BF16 tiles where the CPU has them: partial A tiles (17, 33), a lone last panel (N = 200, 45).
+  const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {13, 100, 257}, {1, 1, 3},  {130, 200, 96},
+                               {6, 64, 32}, {17, 45, 70}, {33, 16, 32}, {64, 130, 1000}};
   const ExecContext ctx = cpu_context();
   uint32_t seed = 500;
   for (auto& s : shapes)

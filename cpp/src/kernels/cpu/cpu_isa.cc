@@ -99,6 +99,14 @@ const std::vector<IsaInfo>& isa_table() {
 }
 
 bool cpu_has_avx512_bf16() { return has_avx512bf16(); }
+bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = has_amx() && has_avx512bf16() && (cpuid7(0)[3] & (1u << 22));
+  return has;
+#else
+  return false;
+#endif
+}
 
 const char* isa_name(CpuIsa isa) { return isa_table()[static_cast<size_t>(isa)].name; }
 bool cpu_supports(CpuIsa isa) { return isa_table()[static_cast<size_t>(isa)].supported(); }

@@ -35,6 +35,8 @@ CpuIsa best_supported_isa();  // of the levels on by default
 // AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16: CPUID.(7,1):EAX[5]) with AVX512-VNNI: the bf16 FP32-path
 // kernel's features (a precision option, not a level).
 bool cpu_has_avx512_bf16();
+// AMX-BF16 (tdpbf16ps: CPUID.(7,0):EDX[22]) on a CPU with the amx level (tile data permitted).
+bool cpu_has_amx_bf16();
 
 // The active level: the forced one (force_isa), else FINEQUANT_ISA, else the best supported level
 // that is on by default; a level the CPU lacks falls back to the highest supported level below it. Kernel choices follow the active

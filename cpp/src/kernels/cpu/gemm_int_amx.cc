@@ -24,6 +24,7 @@
 #include <cstring>
 #include <string>
 
+#include "kernels/cpu/amx_tiles.h"
 #include "kernels/cpu/gemm.h"
 
 #if FQ_KERNEL_EMULATE
@@ -65,23 +66,7 @@ constexpr int64_t kPrefetchChunks = 2;  // B tiles prefetched this many 64-k chu
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// The 64-byte operand of ldtilecfg, palette 1.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};  // bytes per row of tmm0..15 (palette 1 has 8)
-  uint8_t rows[16] = {};
-};
-static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
-
-TileConfig tile_config() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = kTileK;
-    cfg.rows[t] = kTileRows;
-  }
-  return cfg;
-}
+static_assert(kTileRows == 16 && kTileK == 64, "full_tile_config (amx_tiles.h) shapes every tile 16 x 64 bytes");
 
 #if FQ_KERNEL_EMULATE
 // Tile registers of this thread with the semantics of the Intel SDM (LDTILECFG, TILELOADD,
@@ -520,7 +505,7 @@ FQ_AMX void run_task(const Ctx& c, MicroFn micro, int64_t m0, int64_t m1, int64_
 
 class AmxIntLinear final : public CpuLinear {
  public:
-  AmxIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)), cfg_(tile_config()) {
+  AmxIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)), cfg_(full_tile_config()) {
     N = w.N;
     K = w.K;
   }
@@ -576,7 +561,7 @@ namespace {
 // tdpbssd on 4 independent C tiles from 4 loaded operand tiles, until `seconds` after `start`;
 // returns the ops done (2 per multiply-add).
 FQ_AMX double amx_peak_loop(std::chrono::steady_clock::time_point start, double seconds) {
-  const amx::TileConfig cfg = amx::tile_config();
+  const TileConfig cfg = full_tile_config();
   alignas(64) static const uint8_t operand[amx::kBTileBytes] = {};
   FQ_TILE_CONFIG(&cfg);
   FQ_TILE_LOAD(4, operand, amx::kTileK);
