@@ -497,10 +497,19 @@ MicroFn pick_weight(bool wu8, bool w4) {
 }
 
 // One pool task: its own tile config, released at the end (the thread may next run other code).
-FQ_AMX void run_task(const Ctx& c, MicroFn micro, int64_t m0, int64_t m1, int64_t strip, int nt) {
-  FQ_TILE_CONFIG(c.cfg);
-  for (int64_t m = m0; m < m1; m += 2 * kTileRows) micro(c, m, m1 - m > kTileRows ? 2 : 1, strip, nt);
-  FQ_TILE_RELEASE();
+// Rows [m0, m1) x strips [s0, s1); calls that take vpdpbusd need no tile config.
+FQ_AMX void run_task(const Ctx& c, MicroFn micro, int64_t m0, int64_t m1, int64_t s0, int64_t s1) {
+  const int64_t panels = c.v->Npad / kPanel;
+#if FQ_KERNEL_EMULATE
+  const bool tiles = true;  // the emulation runs the tiles at every M
+#else
+  const bool tiles = c.M > kVnniMaxRows;
+#endif
+  if (tiles) FQ_TILE_CONFIG(c.cfg);
+  for (int64_t strip = s0; strip < s1; ++strip)
+    for (int64_t m = m0; m < m1; m += 2 * kTileRows)
+      micro(c, m, m1 - m > kTileRows ? 2 : 1, strip, 2 * strip + 1 < panels ? 2 : 1);
+  if (tiles) FQ_TILE_RELEASE();
 }
 
 class AmxIntLinear final : public CpuLinear {
@@ -526,13 +535,15 @@ class AmxIntLinear final : public CpuLinear {
     const Ctx c{M, q.xp, q.rowsum, q.sx, xu8 ? q.zx : nullptr,
                 &v, &cfg_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
     const MicroFn micro = xu8 ? pick_weight<true>(v.wu8, v.w4) : pick_weight<false>(v.wu8, v.w4);
-    // Row chunks x strips of 32 channels (2 panels; the last strip may have 1). Decode-sized M is
-    // one chunk, so the weight is read once and the threads split the channels.
-    const int64_t panels = v.Npad / kPanel, strips = (panels + 1) / 2;
+    // Row chunks x runs of strips of 32 channels (2 panels; the last strip may have 1). Decode-sized
+    // M is one chunk, so the weight is read once and the threads split the channels, in runs of
+    // 4 strips (a pool task per strip cost GPT-2 decode ~5%).
+    const int64_t strips = (v.Npad / kPanel + 1) / 2, run = M <= kVnniMaxRows ? 4 : 1;
+    const int64_t runs = (strips + run - 1) / run;
     const int64_t mc = M <= 128 ? M : 128, mchunks = (M + mc - 1) / mc;
-    pool.run(mchunks * strips, [&](int64_t t) {
-      const int64_t m0 = (t / strips) * mc, strip = t % strips;
-      run_task(c, micro, m0, std::min(M, m0 + mc), strip, 2 * strip + 1 < panels ? 2 : 1);
+    pool.run(mchunks * runs, [&](int64_t t) {
+      const int64_t m0 = (t / runs) * mc, s0 = (t % runs) * run;
+      run_task(c, micro, m0, std::min(M, m0 + mc), s0, std::min(strips, s0 + run));
     });
   }
 
