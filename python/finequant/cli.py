@@ -68,6 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--parts", metavar="LIST",
                    help="comma-separated GEMMs to quantize: qkv,attn_out,fc1,fc2 (the default), plus head "
                         "for a decoder's LM head (INT8)")
+    q.add_argument("--head-bits", type=int, choices=(4, 8), default=8,
+                   help="with head in --parts: the LM head's weight bits (8: per channel, the default; 4: grouped "
+                        "like the INT4 weights, K-blocks of 32 unless --kblock/--group/... say otherwise)")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     lkd = q.add_argument_group("layer-by-layer distillation (ZeroQuant LKD; needs torch)")
     lkd.add_argument("--lkd", action="store_true",
@@ -173,7 +176,7 @@ def _cmd_quantize(args) -> int:
         grouping = ("kblock", args.kblock)
     scheme = parse_scheme(args.scheme, weight_symmetric=not (args.asym or args.w_asym),
                           act_symmetric=not (args.asym or args.a_asym), grouping=grouping,
-                          parts=args.parts)
+                          parts=args.parts, head_bits=args.head_bits)
     given = {field: getattr(args, opt) for opt, field in _LKD_OPTIONS.items()
              if getattr(args, opt) not in (None, False)}
     if given and not args.lkd:

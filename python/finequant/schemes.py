@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 PARTS = ("qkv", "attn_out", "fc1", "fc2")  # the block GEMMs, quantized by default
-HEAD = "head"  # a decoder's LM head: opt-in (it sees every logit), always INT8 weights per channel
+HEAD = "head"  # a decoder's LM head: opt-in (it sees every logit); INT8 per channel, or INT4 (head_bits=4)
 KNOWN_PARTS = PARTS + (HEAD,)
 ATTENTION_PARTS = ("qkv", "attn_out")
 MLP_PARTS = ("fc1", "fc2")
@@ -81,6 +81,7 @@ class QuantScheme:
     grouping: Grouping = None
     parts: Tuple[str, ...] = PARTS
     float_dtype: str = "fp32"  # storage of the floating-point tensors: "fp32" or "bf16"
+    head_bits: int = 8  # the LM head's weight bits when "head" is in parts: 8 (per channel) or 4 (grouping)
 
     @property
     def is_quantized(self) -> bool:
@@ -112,9 +113,10 @@ class QuantScheme:
         bits = self.attn_weight_bits if part in ATTENTION_PARTS else self.mlp_weight_bits
         if not bits or part not in self.parts:
             return LinearQuant(part=part)
-        if part == HEAD:  # INT8 per channel, INT8 tokens whenever activations are quantized
-            return LinearQuant(part=part, weight_bits=8, weight_symmetric=self.weight_symmetric, tile=(1, k),
-                               act_bits=8 if self.act_bits else 0, act_symmetric=self.act_symmetric)
+        if part == HEAD:  # INT8 per channel (or INT4 as the scheme groups it), INT8 tokens when quantized
+            tile = (1, k) if self.head_bits == 8 else self._tile(4, n, k, part)
+            return LinearQuant(part=part, weight_bits=self.head_bits, weight_symmetric=self.weight_symmetric,
+                               tile=tile, act_bits=8 if self.act_bits else 0, act_symmetric=self.act_symmetric)
         return LinearQuant(part=part, weight_bits=bits, weight_symmetric=self.weight_symmetric,
                            tile=self._tile(bits, n, k, part), act_bits=self.act_bits,
                            act_symmetric=self.act_symmetric)
@@ -138,16 +140,20 @@ class QuantScheme:
                 words.append(f"{'group' if g[0] == 'rows' else 'kblock'}={g[1]}")
             if tuple(self.parts) != PARTS:
                 words.append("parts=" + ",".join(self.parts))
+            if HEAD in self.parts and self.head_bits != 8:
+                words.append(f"head=int{self.head_bits}")
         return " ".join(words)
 
 
 def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: bool = True,
-                 grouping: Grouping = None, parts=None) -> QuantScheme:
+                 grouping: Grouping = None, parts=None, head_bits: int = 8) -> QuantScheme:
     """Parse a scheme name (see SCHEME_NAMES; generally w(4|8)[/(4|8)]a(4|8|16|32)).
 
     "wA/B" gives the MLP (fc1, fc2) A-bit weights and the attention (qkv, attn_out) B-bit weights.
     `parts` names the GEMMs to quantize (default PARTS; the others stay floating point); adding
-    "head" also quantizes a decoder's LM head (INT8 weights per channel, INT8 tokens).
+    "head" also quantizes a decoder's LM head (INT8 weights per channel, INT8 tokens); head_bits=4
+    makes its weights INT4, grouped like the scheme's INT4 weights (default K-blocks of 32): half the
+    bytes of the largest GEMM of a small model's decode step.
     """
     key = name.strip().lower()
     if parts is None:
@@ -163,6 +169,10 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
             raise ValueError("parts must name at least one of " + ", ".join(KNOWN_PARTS))
         parts = tuple(p for p in KNOWN_PARTS if p in parts)  # canonical order, no duplicates
     grouping = _check_grouping(grouping)
+    if head_bits not in (4, 8):
+        raise ValueError(f"head_bits must be 4 or 8, got {head_bits!r}")
+    if head_bits != 8 and HEAD not in parts:
+        raise ValueError("head_bits applies to the LM head: add 'head' to parts")
     if key in ("fp32", "bf16"):
         return QuantScheme(name=key, float_dtype=key)
     m = _NAME_RE.match(key)
@@ -174,4 +184,4 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
     act = int(m.group(3))
     return QuantScheme(name=key, attn_weight_bits=attn_bits, mlp_weight_bits=mlp_bits,
                        act_bits=act if act in (4, 8) else 0, weight_symmetric=weight_symmetric,
-                       act_symmetric=act_symmetric, grouping=grouping, parts=parts)
+                       act_symmetric=act_symmetric, grouping=grouping, parts=parts, head_bits=head_bits)

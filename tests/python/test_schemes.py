@@ -101,3 +101,16 @@ def test_head_part_is_opt_in_and_int8():
     assert (lq.weight_bits, lq.tile, lq.act_bits) == (8, (1, 8), 8)  # never INT4 / A4 on the logits
     assert parse_scheme("w4a16", parts="head").for_linear("head", 10, 8).act_bits == 0
     assert parse_scheme("w8a8", parts="head,qkv").describe() == "w8a8 parts=qkv,head"
+
+
+def test_int4_head_is_explicit_and_grouped_like_int4_weights():
+    parts = "qkv,attn_out,fc1,fc2,head"
+    lq = parse_scheme("w4a8", parts=parts, head_bits=4).for_linear("head", 50, 96)
+    assert (lq.weight_bits, lq.tile, lq.act_bits) == (4, (1, 32), 8)  # default K-blocks of 32
+    lq = parse_scheme("w4a8", parts=parts, head_bits=4, grouping=("kblock", 48)).for_linear("head", 50, 96)
+    assert lq.tile == (1, 48)
+    assert parse_scheme("w4a8", parts=parts, head_bits=4).describe().endswith("head=int4")
+    with pytest.raises(ValueError, match="add 'head'"):
+        parse_scheme("w4a8", head_bits=4)
+    with pytest.raises(ValueError, match="head_bits"):
+        parse_scheme("w4a8", parts=parts, head_bits=2)
