@@ -5,7 +5,8 @@
 Per model and batch (1 and 8): a random 32-token prompt per row, 64 new tokens forced (no early stop:
 finequant without stop tokens, HF with min_new_tokens, CT2 with min_length), greedy everywhere.
 tokens/s = batch * new tokens / wall time of the whole generate call (prefill included).
-Systems: finequant fp32, w8a8, w4a8 (kblock 32; both with the INT8 LM head); HF transformers fp32 and dynamic int8
+Systems: finequant fp32, fp32 with float_precision="bf16", w8a8, w4a8 (kblock 32; both with the INT8 LM head); HF
+transformers fp32 and dynamic int8
 (torch quantize_dynamic of every Linear, GPT-2's Conv1D swapped for Linear first); CTranslate2 int8.
 Goals: finequant w8a8 >= 2x the fastest peer at batch 1; w4a8 >= 1.4x w8a8; and, against the DRAM read
 bandwidth measured in the same run (_core.dram_read_gbps), the weight bytes a decode step reads x
@@ -28,8 +29,10 @@ PROMPT, NEW, BATCHES = 32, 64, (1, 8)
 QUICK_PROMPT, QUICK_NEW, QUICK_BATCHES = 8, 4, (1, 2)
 # The quantized finequant models quantize the LM head too (INT8), as the int8 peers do.
 WITH_HEAD = ("--parts", "qkv,attn_out,fc1,fc2,head")
-FQ_SCHEMES = {"finequant fp32": ("fp32",), "finequant w8a8": ("w8a8", *WITH_HEAD),
-              "finequant w4a8": ("w4a8", "--kblock", "32", *WITH_HEAD)}
+# name -> (float_precision, scheme, quantize options)
+FQ_SCHEMES = {"finequant fp32": ("fp32", "fp32"), "finequant fp32 bf16": ("bf16", "fp32"),
+              "finequant w8a8": ("fp32", "w8a8", *WITH_HEAD),
+              "finequant w4a8": ("fp32", "w4a8", "--kblock", "32", *WITH_HEAD)}
 W8, W4 = "finequant w8a8", "finequant w4a8"
 PEER_GOAL, W4_GOAL = 2.0, 1.4
 
@@ -59,10 +62,11 @@ def build_systems(src: str, threads: int, new: int) -> dict:
     import finequant
 
     systems, step_bytes = {}, {}
-    for name, (scheme, *extra) in FQ_SCHEMES.items():
+    for name, (precision, scheme, *extra) in FQ_SCHEMES.items():
         path = models.finequant_model(src, scheme, *extra)
-        step_bytes[name] = bytes_per_step(path)
-        eng = finequant.Engine(path, threads=threads)
+        # bf16: the engine keeps the fp32 file's Linear weights as bf16 (where the CPU has AVX512-BF16).
+        step_bytes[name] = bytes_per_step(path) // (2 if precision == "bf16" else 1)
+        eng = finequant.Engine(path, threads=threads, float_precision=precision)
         # The C++ engine's generate takes a [B, T] batch (finequant.Engine.generate: one prompt), so
         # call the binding directly: max_new_tokens, temperature 0 (greedy), top_k, top_p, seed, no stops.
         systems[name] = (lambda ids, e=eng._engine: [list(r) for r in e.generate(ids, None, new, 0.0, 0, 1.0, 0,

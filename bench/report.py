@@ -22,7 +22,8 @@ import common  # noqa: E402
 
 GEMM_SYSTEMS = ["finequant w8a8", "torch._int_mm", "torch int8 e2e", "torch fp32", "finequant w4a8"]
 BERT_SYSTEMS = ["finequant w8a8", "torch fp32", "torch dynamic int8", "ORT int8", "CT2 int8"]
-DECODE_SYSTEMS = ["finequant fp32", "finequant w8a8", "finequant w4a8", "HF fp32", "HF dynamic int8", "CT2 int8"]
+DECODE_SYSTEMS = ["finequant fp32", "finequant fp32 bf16", "finequant w8a8", "finequant w4a8", "HF fp32",
+                  "HF dynamic int8", "CT2 int8"]
 PEAK_GOAL, BERT_GOAL, PEER_GOAL, W4_GOAL = 0.85, 0.6, 2.0, 1.4
 
 
