@@ -291,7 +291,7 @@ using TileF32 = float[2 * kTileRows][2 * kPanel];
 #if FQ_KERNEL_EMULATE
 template <bool XU8, bool WU8>
 inline void accumulate_tile(const Ctx& c, int64_t m0, int64_t rows, int nt, int64_t strip, int64_t b,
-                            const TileI32& acc, TileF32& out) {
+                            const int32_t (*acc)[2 * kPanel], TileF32& out) {
   const Layout& v = *c.v;
   const int64_t col = (strip * v.nb + b) * 2 * kPanel;  // padding channels read zeros
   for (int64_t i = 0; i < rows; ++i) {
@@ -314,7 +314,7 @@ inline void store_tile(const Ctx& c, int64_t m0, int64_t rows, int64_t n0, int64
 // The terms of a symmetric side are zero (zx = 0, zw = 0) and skipped.
 template <bool XU8, bool WU8>
 FQ_AMX inline void accumulate_tile(const Ctx& c, int64_t m0, int64_t rows, int nt, int64_t strip, int64_t b,
-                                   const TileI32& acc, TileF32& out) {
+                                   const int32_t (*acc)[2 * kPanel], TileF32& out) {
   const Layout& v = *c.v;
   const int64_t col = (strip * v.nb + b) * 2 * kPanel;  // padding channels read zeros
   for (int64_t i = 0; i < rows; ++i) {
@@ -407,7 +407,7 @@ FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b
 
 template <bool XU8, bool WU8, bool W4>
 FQ_AMX void vnni_block(const Ctx& c, int64_t m0, int64_t rows, int64_t strip, int nt, int64_t b, int64_t chunk0,
-                       int64_t chunk1, TileI32& acc) {
+                       int64_t chunk1, int32_t (*acc)[2 * kPanel]) {
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) vnni_rows<4, XU8, WU8, W4>(c, m0 + i, strip, nt, b, chunk0, chunk1, acc + i);
   if (i + 2 <= rows) {
@@ -418,14 +418,34 @@ FQ_AMX void vnni_block(const Ctx& c, int64_t m0, int64_t rows, int64_t strip, in
 }
 #endif
 
+// A single-block tile's int32 sums waiting for their epilogue: run_task keeps two, so that each
+// tile loop's drain (the last tdpb*d results before the tile stores) overlaps the previous tile's
+// epilogue instead of stalling it.
+struct PendingTile {
+  int64_t m0 = -1, strip = 0;
+  int nt = 0, mt = 0;
+  alignas(64) TileI32 acc;
+};
+
+template <bool XU8, bool WU8>
+FQ_AMX void finish_pending(const Ctx& c, const PendingTile& p) {
+  const int64_t rows = std::min<int64_t>(p.mt * kTileRows, c.M - p.m0), n0 = p.strip * 2 * kPanel;
+  alignas(64) TileF32 out;
+  accumulate_tile<XU8, WU8>(c, p.m0, rows, p.nt, p.strip, 0, p.acc, out);
+  store_tile(c, p.m0, rows, n0, std::min<int64_t>(p.nt * kPanel, c.v->N - n0), out);
+}
+
 // Rows m0.. (mt row tiles, of which `rows` are real) x channels of panels 2 strip.. (nt panels)
-// over every K-block. The task's thread has the tile config loaded.
+// over every K-block. The task's thread has the tile config loaded. With `next` (single-block
+// weights on the tiles) the sums go there and wait; `prev`'s pending tile, if any, is finished.
 template <bool XU8, bool WU8, bool W4>
-FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt) {
+FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt, PendingTile* next,
+                         PendingTile* prev) {
   const Layout& v = *c.v;
   const int64_t rows = std::min<int64_t>(mt * kTileRows, c.M - m0), n0 = strip * 2 * kPanel;
   const int64_t cols = std::min<int64_t>(nt * kPanel, v.N - n0);
-  alignas(64) TileI32 acc;                  // the C tiles of one block
+  alignas(64) TileI32 own;                   // the C tiles of one block
+  int32_t(*acc)[2 * kPanel] = next ? next->acc : own;
   alignas(64) uint8_t wide[2][kBTileBytes];  // INT4: the widened B tiles
   alignas(64) TileF32 out;                   // the fp32 sums over blocks (block 0 adds to 0, as the reference)
   for (int64_t b = 0; b < v.nb; ++b) {
@@ -483,12 +503,21 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
       FQ_TILE_STORE(2, &acc[kTileRows][0], stride);
       if (nt == 2) FQ_TILE_STORE(3, &acc[kTileRows][kPanel], stride);
     }
+    if (next) {  // finish the previous tile while this one drains; this one becomes pending
+      if (prev->m0 >= 0) finish_pending<XU8, WU8>(c, *prev);
+      next->m0 = m0;
+      next->strip = strip;
+      next->nt = nt;
+      next->mt = mt;
+      return;
+    }
     accumulate_tile<XU8, WU8>(c, m0, rows, nt, strip, b, acc, out);
   }
   store_tile(c, m0, rows, n0, cols, out);
 }
 
-using MicroFn = void (*)(const Ctx&, int64_t, int, int64_t, int);
+using MicroFn = void (*)(const Ctx&, int64_t, int, int64_t, int, PendingTile*, PendingTile*);
+using FinishFn = void (*)(const Ctx&, const PendingTile&);
 
 template <bool XU8>
 MicroFn pick_weight(bool wu8, bool w4) {
@@ -496,20 +525,31 @@ MicroFn pick_weight(bool wu8, bool w4) {
   return w4 ? micro_kernel<XU8, false, true> : micro_kernel<XU8, false, false>;
 }
 
+FinishFn pick_finish(bool xu8, bool wu8) {
+  if (xu8) return wu8 ? finish_pending<true, true> : finish_pending<true, false>;
+  return wu8 ? finish_pending<false, true> : finish_pending<false, false>;
+}
+
 // One pool task: its own tile config, released at the end (the thread may next run other code).
 // Rows [m0, m1) x strips [s0, s1); calls that take vpdpbusd need no tile config.
-FQ_AMX void run_task(const Ctx& c, MicroFn micro, int64_t m0, int64_t m1, int64_t s0, int64_t s1) {
+FQ_AMX void run_task(const Ctx& c, MicroFn micro, FinishFn finish, int64_t m0, int64_t m1, int64_t s0,
+                     int64_t s1) {
   const int64_t panels = c.v->Npad / kPanel;
 #if FQ_KERNEL_EMULATE
   const bool tiles = true;  // the emulation runs the tiles at every M
 #else
   const bool tiles = c.M > kVnniMaxRows;
 #endif
+  const bool defer = tiles && c.v->nb == 1;
+  PendingTile pending[2];
+  int slot = 0;
   if (tiles) FQ_TILE_CONFIG(c.cfg);
   for (int64_t strip = s0; strip < s1; ++strip)
-    for (int64_t m = m0; m < m1; m += 2 * kTileRows)
-      micro(c, m, m1 - m > kTileRows ? 2 : 1, strip, 2 * strip + 1 < panels ? 2 : 1);
+    for (int64_t m = m0; m < m1; m += 2 * kTileRows, slot ^= 1)
+      micro(c, m, m1 - m > kTileRows ? 2 : 1, strip, 2 * strip + 1 < panels ? 2 : 1,
+            defer ? &pending[slot] : nullptr, &pending[slot ^ 1]);
   if (tiles) FQ_TILE_RELEASE();
+  if (defer && pending[slot ^ 1].m0 >= 0) finish(c, pending[slot ^ 1]);  // the last tile
 }
 
 class AmxIntLinear final : public CpuLinear {
@@ -535,6 +575,7 @@ class AmxIntLinear final : public CpuLinear {
     const Ctx c{M, q.xp, q.rowsum, q.sx, xu8 ? q.zx : nullptr,
                 &v, &cfg_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
     const MicroFn micro = xu8 ? pick_weight<true>(v.wu8, v.w4) : pick_weight<false>(v.wu8, v.w4);
+    const FinishFn finish = pick_finish(xu8, v.wu8);
     // Row chunks x runs of strips of 32 channels (2 panels; the last strip may have 1). Decode-sized
     // M is one chunk, so the weight is read once and the threads split the channels. Runs of up to
     // 4 strips, at least 4 runs per thread: a pool task per strip cost 5% in GPT-2 decode and 10-25%
@@ -545,7 +586,7 @@ class AmxIntLinear final : public CpuLinear {
     const int64_t mc = M <= 128 ? M : 128, mchunks = (M + mc - 1) / mc;
     pool.run(mchunks * runs, [&](int64_t t) {
       const int64_t m0 = (t / runs) * mc, s0 = (t % runs) * run;
-      run_task(c, micro, m0, std::min(M, m0 + mc), s0, std::min(strips, s0 + run));
+      run_task(c, micro, finish, m0, std::min(M, m0 + mc), s0, std::min(strips, s0 + run));
     });
   }
 
