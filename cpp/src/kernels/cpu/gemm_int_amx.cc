@@ -418,26 +418,31 @@ FQ_AMX void vnni_block(const Ctx& c, int64_t m0, int64_t rows, int64_t strip, in
 }
 #endif
 
-// A single-block tile's int32 sums waiting for their epilogue: run_task keeps two, so that each
-// tile loop's drain (the last tdpb*d results before the tile stores) overlaps the previous tile's
-// epilogue instead of stalling it.
+// A single-block tile's int32 sums waiting for their epilogue: run_task keeps two, and the next
+// tile loop finishes the previous tile a few rows per 64-k chunk, so the epilogue's vector work
+// runs beside the tile instructions and the drain (the last tdpb*d results before the tile
+// stores) no longer stalls it.
 struct PendingTile {
   int64_t m0 = -1, strip = 0;
   int nt = 0, mt = 0;
   alignas(64) TileI32 acc;
 };
 
+// Rows [r0, r1) of a pending tile (clamped to its real rows): epilogue and store.
 template <bool XU8, bool WU8>
-FQ_AMX void finish_pending(const Ctx& c, const PendingTile& p) {
-  const int64_t rows = std::min<int64_t>(p.mt * kTileRows, c.M - p.m0), n0 = p.strip * 2 * kPanel;
+FQ_AMX void finish_pending(const Ctx& c, const PendingTile& p, int64_t r0, int64_t r1) {
+  r1 = std::min<int64_t>(r1, std::min<int64_t>(p.mt * kTileRows, c.M - p.m0));
+  if (r0 >= r1) return;
+  const int64_t n0 = p.strip * 2 * kPanel;
   alignas(64) TileF32 out;
-  accumulate_tile<XU8, WU8>(c, p.m0, rows, p.nt, p.strip, 0, p.acc, out);
-  store_tile(c, p.m0, rows, n0, std::min<int64_t>(p.nt * kPanel, c.v->N - n0), out);
+  accumulate_tile<XU8, WU8>(c, p.m0 + r0, r1 - r0, p.nt, p.strip, 0, p.acc + r0, out);
+  store_tile(c, p.m0 + r0, r1 - r0, n0, std::min<int64_t>(p.nt * kPanel, c.v->N - n0), out);
 }
 
 // Rows m0.. (mt row tiles, of which `rows` are real) x channels of panels 2 strip.. (nt panels)
 // over every K-block. The task's thread has the tile config loaded. With `next` (single-block
-// weights on the tiles) the sums go there and wait; `prev`'s pending tile, if any, is finished.
+// weights on the tiles) the sums go there and wait; `prev`'s pending tile, if any, is finished
+// on the way.
 template <bool XU8, bool WU8, bool W4>
 FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt, PendingTile* next,
                          PendingTile* prev) {
@@ -464,6 +469,8 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
       FQ_TILE_ZERO(2);
       if (nt == 2) FQ_TILE_ZERO(3);
     }
+    const bool overlap = next && prev->m0 >= 0;
+    const int64_t slice = (2 * kTileRows + (chunk1 - chunk0) - 1) / (chunk1 - chunk0);  // rows per chunk
     for (int64_t ch = chunk0; ch < chunk1; ++ch) {
       const uint8_t* a = c.xp + m0 * v.Kp + ch * kBTileBytes;  // the A tile (m0 / 16, ch)
       FQ_TILE_LOAD(4, a, kTileK);
@@ -495,6 +502,7 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
         FQ_TILE_DP(XU8, WU8, 2, 5, 6);
         if (nt == 2) FQ_TILE_DP(XU8, WU8, 3, 5, 7);
       }
+      if (overlap) finish_pending<XU8, WU8>(c, *prev, (ch - chunk0) * slice, (ch - chunk0 + 1) * slice);
     }
     constexpr int64_t stride = 2 * kPanel * sizeof(int32_t);
     FQ_TILE_STORE(0, &acc[0][0], stride);
@@ -503,8 +511,7 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
       FQ_TILE_STORE(2, &acc[kTileRows][0], stride);
       if (nt == 2) FQ_TILE_STORE(3, &acc[kTileRows][kPanel], stride);
     }
-    if (next) {  // finish the previous tile while this one drains; this one becomes pending
-      if (prev->m0 >= 0) finish_pending<XU8, WU8>(c, *prev);
+    if (next) {  // this tile becomes pending (the previous one is finished)
       next->m0 = m0;
       next->strip = strip;
       next->nt = nt;
@@ -517,7 +524,7 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
 }
 
 using MicroFn = void (*)(const Ctx&, int64_t, int, int64_t, int, PendingTile*, PendingTile*);
-using FinishFn = void (*)(const Ctx&, const PendingTile&);
+using FinishFn = void (*)(const Ctx&, const PendingTile&, int64_t, int64_t);
 
 template <bool XU8>
 MicroFn pick_weight(bool wu8, bool w4) {
@@ -549,7 +556,7 @@ FQ_AMX void run_task(const Ctx& c, MicroFn micro, FinishFn finish, int64_t m0, i
       micro(c, m, m1 - m > kTileRows ? 2 : 1, strip, 2 * strip + 1 < panels ? 2 : 1,
             defer ? &pending[slot] : nullptr, &pending[slot ^ 1]);
   if (tiles) FQ_TILE_RELEASE();
-  if (defer && pending[slot ^ 1].m0 >= 0) finish(c, pending[slot ^ 1]);  // the last tile
+  if (defer && pending[slot ^ 1].m0 >= 0) finish(c, pending[slot ^ 1], 0, 2 * kTileRows);  // the last tile
 }
 
 class AmxIntLinear final : public CpuLinear {
