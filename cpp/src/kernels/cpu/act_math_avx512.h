@@ -67,6 +67,14 @@ FQ_VNNI inline __m512 activation_v(Epilogue e, __m512 v) {
   return v;
 }
 
+// y[0, cols) = act(out + bias[0, cols)) for cols <= 16 (bias optional): the store of the AVX-512
+// GEMM kernels' outputs (finish_output's operations).
+FQ_VNNI inline void store_activated(float* y, const float* bias, int64_t cols, __m512 out, Epilogue e) {
+  const __mmask16 mask = cols >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
+  if (bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, bias));
+  _mm512_mask_storeu_ps(y, mask, activation_v(e, out));
+}
+
 }  // namespace
 }  // namespace kernels
 }  // namespace finequant

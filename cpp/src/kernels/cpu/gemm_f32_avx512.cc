@@ -52,11 +52,7 @@ FQ_VNNI void f32_micro(const F32Ctx& c, int64_t m0, int64_t tile) {
     for (int j = 0; j < 4; ++j) {
       const int64_t n0 = tile * kTileN + j * 16;
       if (n0 >= c.N) continue;  // padding channels
-      const int64_t cols = std::min<int64_t>(16, c.N - n0);
-      const __mmask16 mask = cols == 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
-      __m512 out = acc[i][j];
-      if (c.bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, c.bias + n0));
-      _mm512_mask_storeu_ps(c.y + (m0 + i) * c.N + n0, mask, activation_v(c.epilogue, out));
+      store_activated(c.y + (m0 + i) * c.N + n0, c.bias ? c.bias + n0 : nullptr, c.N - n0, acc[i][j], c.epilogue);
     }
   }
 }

@@ -91,11 +91,7 @@ FQ_BF16 void bf16_micro(const Bf16Ctx& c, int64_t m0, int64_t tile) {
     for (int j = 0; j < 4; ++j) {
       const int64_t n0 = tile * kTileN + j * kPanel;
       if (n0 >= c.N) continue;  // padding channels
-      const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
-      const __mmask16 mask = cols == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
-      __m512 out = acc[i][j];
-      if (c.bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, c.bias + n0));
-      _mm512_mask_storeu_ps(c.y + (m0 + i) * c.N + n0, mask, activation_v(c.epilogue, out));
+      store_activated(c.y + (m0 + i) * c.N + n0, c.bias ? c.bias + n0 : nullptr, c.N - n0, acc[i][j], c.epilogue);
     }
   }
 }
@@ -146,14 +142,9 @@ FQ_AMX_BF16 void amx_micro(const Bf16Ctx& c, int64_t m0, int mt, int64_t strip, 
   for (int j = 0; j < nt; ++j) {
     const int64_t n = n0 + j * kPanel;
     if (n >= c.N) break;  // a padding panel
-    const int64_t cols = std::min<int64_t>(kPanel, c.N - n);
-    const __mmask16 mask = cols == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
-    const __m512 bias = c.bias ? _mm512_maskz_loadu_ps(mask, c.bias + n) : _mm512_setzero_ps();
-    for (int64_t i = 0; i < rows; ++i) {
-      __m512 out = _mm512_load_ps(&acc[i][j * kPanel]);
-      if (c.bias) out = _mm512_add_ps(out, bias);
-      _mm512_mask_storeu_ps(c.y + (m0 + i) * c.N + n, mask, activation_v(c.epilogue, out));
-    }
+    for (int64_t i = 0; i < rows; ++i)
+      store_activated(c.y + (m0 + i) * c.N + n, c.bias ? c.bias + n : nullptr, c.N - n, _mm512_load_ps(&acc[i][j * kPanel]),
+                      c.epilogue);
   }
 }
 

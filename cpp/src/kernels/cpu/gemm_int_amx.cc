@@ -333,16 +333,10 @@ FQ_AMX inline void accumulate_tile(const Ctx& c, int64_t m0, int64_t rows, int n
   }
 }
 FQ_AMX inline void store_tile(const Ctx& c, int64_t m0, int64_t rows, int64_t n0, int64_t cols, const TileF32& out) {
-  for (int64_t j = 0; j < cols; j += kPanel) {
-    const int64_t n = std::min<int64_t>(kPanel, cols - j);
-    const __mmask16 mask = n == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1);
-    const __m512 bias = c.bias ? _mm512_maskz_loadu_ps(mask, c.bias + n0 + j) : _mm512_setzero_ps();
-    for (int64_t i = 0; i < rows; ++i) {
-      __m512 o = _mm512_loadu_ps(&out[i][j]);
-      if (c.bias) o = _mm512_add_ps(o, bias);
-      _mm512_mask_storeu_ps(c.y + (m0 + i) * c.v->N + n0 + j, mask, activation_v(c.epilogue, o));
-    }
-  }
+  for (int64_t j = 0; j < cols; j += kPanel)
+    for (int64_t i = 0; i < rows; ++i)
+      store_activated(c.y + (m0 + i) * c.v->N + n0 + j, c.bias ? c.bias + n0 + j : nullptr, cols - j,
+                      _mm512_load_ps(&out[i][j]), c.epilogue);
 }
 #endif
 

@@ -155,10 +155,7 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
 // ---- 2 + 3. micro-kernel: MR rows x 64 channels over all blocks --------------------------------
 // Bias, activation and masked store of 16 outputs of row m starting at channel n0 (< N).
 FQ_VNNI inline void store_outputs(const Ctx& c, int64_t m, int64_t n0, __m512 o) {
-  const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
-  const __mmask16 mask = cols == kPanel ? __mmask16(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
-  if (c.bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, c.bias + n0));
-  _mm512_mask_storeu_ps(c.y + m * c.N + n0, mask, activation_v(c.epilogue, o));
+  store_activated(c.y + m * c.N + n0, c.bias ? c.bias + n0 : nullptr, c.N - n0, o, c.epilogue);
 }
 
 // MULTI: several K-blocks, whose fp32 sums stay in registers (so MR <= 3); otherwise one block and
