@@ -67,6 +67,16 @@ constexpr int64_t kPrefetchChunks = 2;  // B tiles prefetched this many 64-k chu
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 static_assert(kTileRows == 16 && kTileK == 64, "full_tile_config (amx_tiles.h) shapes every tile 16 x 64 bytes");
+// Steps of 64 k: every tile 16 x 64 bytes; of 32 k (half tiles): A tiles 16 rows x 32 bytes, B tiles
+// 8 rows (k quads) x 64 bytes.
+TileConfig tile_config(int64_t unit) {
+  TileConfig cfg = full_tile_config();
+  if (unit != kTileK) {
+    cfg.colsb[4] = cfg.colsb[5] = static_cast<uint16_t>(unit);
+    cfg.rows[6] = cfg.rows[7] = static_cast<uint8_t>(unit / 4);
+  }
+  return cfg;
+}
 
 #if FQ_KERNEL_EMULATE
 // Tile registers of this thread with the semantics of the Intel SDM (LDTILECFG, TILELOADD,
@@ -196,6 +206,7 @@ void dp(int c, int a, int b) {
 // colsum - kb zw (correct_block's operands).
 struct Layout {
   int64_t N = 0, K = 0, nb = 1, bk = 0, Kp = 0, Npad = 0, block_padded = 0;
+  int64_t unit = kTileK;  // k per tile step: 64, or 32 (half tiles) where that pads the K-blocks less
   bool w4 = false, wu8 = false;
   QuantSpec act;
   std::vector<uint8_t> packed;
@@ -219,8 +230,13 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
   v.w4 = w.bits == 4;
   v.wu8 = w.q.dtype() == DType::U8;
   v.act = w.act;
-  v.block_padded = round_up(bk, kTileK);
-  v.Kp = (nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, kTileK);
+  // K-blocks that would be padded by more than 32 (e.g. 96) take half tiles of 32 k. A half step reads
+  // half of each 64-byte A tile row and rows 0-7 or 8-15 of a B tile, so the layouts are the same;
+  // it costs more per product than a full step (one block of K = 800: 1,498 GOPS against 1,758
+  // padded to 832), so a single block is padded to 64 instead.
+  v.unit = nb > 1 && round_up(bk, kTileK / 2) < round_up(bk, kTileK) ? kTileK / 2 : kTileK;
+  v.block_padded = round_up(bk, v.unit);
+  v.Kp = round_up((nb - 1) * v.block_padded + round_up(K - (nb - 1) * bk, v.unit), kTileK);
   v.Npad = round_up(N, kPanel);
   v.packed.assign(static_cast<size_t>((v.Npad / kPanel) * v.chunks() * v.tile_bytes()), 0);
   const int64_t table = nb * round_up(N, 2 * kPanel);
@@ -264,6 +280,16 @@ FQ_AMX inline void widen_int4(const uint8_t* src, uint8_t* dst) {
     const uint8_t lo = src[i] & 0x0f, hi = static_cast<uint8_t>(src[i] >> 4);
     dst[i] = WU8 ? lo : static_cast<uint8_t>((lo ^ 8) - 8);  // sign-extended nibble
     dst[i + kBTileBytes / 2] = WU8 ? hi : static_cast<uint8_t>((hi ^ 8) - 8);
+  }
+}
+// Half of it: rows 0-7 (the low nibbles, half 0) or 8-15 (the high ones) into 512 bytes.
+template <bool WU8>
+FQ_AMX inline void widen_int4_half(const uint8_t* src, int half, uint8_t* dst) {
+  const int shift = 4 * half;
+#pragma omp simd
+  for (int64_t i = 0; i < kBTileBytes / 2; ++i) {
+    const uint8_t n = static_cast<uint8_t>(src[i] >> shift) & 0x0f;
+    dst[i] = WU8 ? n : static_cast<uint8_t>((n ^ 8) - 8);
   }
 }
 
@@ -349,7 +375,7 @@ FQ_AMX inline void store_tile(const Ctx& c, int64_t m0, int64_t rows, int64_t n0
 // exact sums restored by -+ 128 rowsum. The int32 sums equal the tile path's, so the epilogue is
 // shared. Rows m0.. (R of them, within one A tile) x the strip's channels, one K-block.
 template <int R, bool XU8, bool WU8, bool W4>
-FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b, int64_t chunk0, int64_t chunk1,
+FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b, int64_t kk0, int64_t kk1,
                       int32_t (*acc_out)[2 * kPanel]) {
   const Layout& v = *c.v;
   constexpr bool flip = XU8 == WU8;
@@ -359,11 +385,13 @@ FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
   const uint8_t* rows = c.xp + (m0 / kTileRows) * kTileRows * v.Kp + (m0 % kTileRows) * kTileK;
   const int64_t panel1 = nt == 2 ? 2 * strip + 1 : 2 * strip;  // a lone last panel: computed twice, stored once
-  for (int64_t ch = chunk0; ch < chunk1; ++ch) {
+  // Quads of the padded positions [kk0, kk1): quad q is row q % 16 of the tiles of chunk q / 16.
+  for (int64_t q = kk0 / 4; q < kk1 / 4; ++q) {
+    const int64_t ch = q / kTileRows;
+    const int r = static_cast<int>(q % kTileRows);
     const uint8_t* bt[2] = {v.b_tile(2 * strip, ch), v.b_tile(panel1, ch)};
     const uint8_t* a = rows + ch * kBTileBytes;
-#pragma GCC unroll 2
-    for (int r = 0; r < kTileRows; ++r) {
+    {
       __m512i w[2];
 #pragma GCC unroll 2
       for (int j = 0; j < 2; ++j) {
@@ -400,15 +428,15 @@ FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b
 }
 
 template <bool XU8, bool WU8, bool W4>
-FQ_AMX void vnni_block(const Ctx& c, int64_t m0, int64_t rows, int64_t strip, int nt, int64_t b, int64_t chunk0,
-                       int64_t chunk1, int32_t (*acc)[2 * kPanel]) {
+FQ_AMX void vnni_block(const Ctx& c, int64_t m0, int64_t rows, int64_t strip, int nt, int64_t b, int64_t kk0,
+                       int64_t kk1, int32_t (*acc)[2 * kPanel]) {
   int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) vnni_rows<4, XU8, WU8, W4>(c, m0 + i, strip, nt, b, chunk0, chunk1, acc + i);
+  for (; i + 4 <= rows; i += 4) vnni_rows<4, XU8, WU8, W4>(c, m0 + i, strip, nt, b, kk0, kk1, acc + i);
   if (i + 2 <= rows) {
-    vnni_rows<2, XU8, WU8, W4>(c, m0 + i, strip, nt, b, chunk0, chunk1, acc + i);
+    vnni_rows<2, XU8, WU8, W4>(c, m0 + i, strip, nt, b, kk0, kk1, acc + i);
     i += 2;
   }
-  if (i < rows) vnni_rows<1, XU8, WU8, W4>(c, m0 + i, strip, nt, b, chunk0, chunk1, acc + i);
+  if (i < rows) vnni_rows<1, XU8, WU8, W4>(c, m0 + i, strip, nt, b, kk0, kk1, acc + i);
 }
 #endif
 
@@ -443,20 +471,25 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
   const Layout& v = *c.v;
   const int64_t rows = std::min<int64_t>(mt * kTileRows, c.M - m0), n0 = strip * 2 * kPanel;
   const int64_t cols = std::min<int64_t>(nt * kPanel, v.N - n0);
-  alignas(64) TileI32 own;                   // the C tiles of one block
-  int32_t(*acc)[2 * kPanel] = next ? next->acc : own;
+  // The C tiles of a block; with several blocks, block b's epilogue runs while block b + 1's tile
+  // instructions are in flight (the sums of two blocks are alive).
+  alignas(64) TileI32 own[2];
   alignas(64) uint8_t wide[2][kBTileBytes];  // INT4: the widened B tiles
   alignas(64) TileF32 out;                   // the fp32 sums over blocks (block 0 adds to 0, as the reference)
+  const int64_t unit = v.unit, step_bytes = unit * kPanel;  // B bytes (8-bit) per panel and tile step
+  bool tiled = false;
   for (int64_t b = 0; b < v.nb; ++b) {
+    int32_t(*acc)[2 * kPanel] = next ? next->acc : own[b & 1];
     const int64_t kb = std::min(v.K, b * v.bk + v.bk) - b * v.bk;
-    const int64_t chunk0 = b * v.block_padded / kTileK, chunk1 = chunk0 + round_up(kb, kTileK) / kTileK;
+    const int64_t kk0 = b * v.block_padded, kk1 = kk0 + round_up(kb, unit);  // padded positions
 #if !FQ_KERNEL_EMULATE
     if (c.M <= kVnniMaxRows) {
-      vnni_block<XU8, WU8, W4>(c, m0, rows, strip, nt, b, chunk0, chunk1, acc);
+      vnni_block<XU8, WU8, W4>(c, m0, rows, strip, nt, b, kk0, kk1, acc);
       accumulate_tile<XU8, WU8>(c, m0, rows, nt, strip, b, acc, out);
       continue;
     }
 #endif
+    tiled = true;
     FQ_TILE_ZERO(0);
     if (nt == 2) FQ_TILE_ZERO(1);
     if (mt == 2) {
@@ -464,29 +497,36 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
       if (nt == 2) FQ_TILE_ZERO(3);
     }
     const bool overlap = next && prev->m0 >= 0;
-    const int64_t slice = (2 * kTileRows + (chunk1 - chunk0) - 1) / (chunk1 - chunk0);  // rows per chunk
-    for (int64_t ch = chunk0; ch < chunk1; ++ch) {
-      const uint8_t* a = c.xp + m0 * v.Kp + ch * kBTileBytes;  // the A tile (m0 / 16, ch)
+    const int64_t steps = (kk1 - kk0) / unit, slice = (2 * kTileRows + steps - 1) / steps;  // rows per step
+    for (int64_t kk = kk0; kk < kk1; kk += unit) {
+      const int64_t ch = kk / kTileK, half = (kk % kTileK) / (kTileK / 2);  // half: of a 64-k tile
+      const uint8_t* a = c.xp + m0 * v.Kp + ch * kBTileBytes + half * (kTileK / 2);  // A tile (m0 / 16, ch)
       FQ_TILE_LOAD(4, a, kTileK);
       if (mt == 2) FQ_TILE_LOAD(5, a + kTileRows * v.Kp, kTileK);
       const uint8_t* b0 = v.b_tile(2 * strip, ch);
       const uint8_t* b1 = nt == 2 ? v.b_tile(2 * strip + 1, ch) : nullptr;
 #if !FQ_KERNEL_EMULATE
-      // The next B tiles from L2/L3 into L1 ahead of their loads (a strip's tiles are a sequential
-      // stream per panel): 10-16% at 2 threads on the BERT shapes; prefetching A tiles lost.
-      if (ch + kPrefetchChunks < chunk1)
+      // The B tiles 2 chunks ahead from L2/L3 into L1 (a strip's tiles are a sequential stream per
+      // panel): 10-16% at 2 threads on the BERT shapes; prefetching A tiles lost.
+      if (half == 0 && kk + kPrefetchChunks * kTileK < kk1)
         for (int64_t l = 0; l < v.tile_bytes(); l += 64) {
           _mm_prefetch(reinterpret_cast<const char*>(b0 + kPrefetchChunks * v.tile_bytes() + l), _MM_HINT_T0);
           if (nt == 2) _mm_prefetch(reinterpret_cast<const char*>(b1 + kPrefetchChunks * v.tile_bytes() + l), _MM_HINT_T0);
         }
 #endif
       if (W4) {
-        widen_int4<WU8>(b0, wide[0]);
-        b0 = wide[0];
-        if (nt == 2) {
-          widen_int4<WU8>(b1, wide[1]);
-          b1 = wide[1];
+        if (unit == kTileK) {
+          widen_int4<WU8>(b0, wide[0]);
+          if (nt == 2) widen_int4<WU8>(b1, wide[1]);
+        } else {
+          widen_int4_half<WU8>(b0, static_cast<int>(half), wide[0]);
+          if (nt == 2) widen_int4_half<WU8>(b1, static_cast<int>(half), wide[1]);
         }
+        b0 = wide[0];
+        b1 = wide[1];
+      } else {
+        b0 += half * step_bytes;  // rows 8-15 of the tile
+        b1 = nt == 2 ? b1 + half * step_bytes : nullptr;
       }
       FQ_TILE_LOAD(6, b0, kTileK);
       if (nt == 2) FQ_TILE_LOAD(7, b1, kTileK);
@@ -496,8 +536,12 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
         FQ_TILE_DP(XU8, WU8, 2, 5, 6);
         if (nt == 2) FQ_TILE_DP(XU8, WU8, 3, 5, 7);
       }
-      if (overlap) finish_pending<XU8, WU8>(c, *prev, (ch - chunk0) * slice, (ch - chunk0 + 1) * slice);
+      if (overlap) {
+        const int64_t i = (kk - kk0) / unit;
+        finish_pending<XU8, WU8>(c, *prev, i * slice, (i + 1) * slice);
+      }
     }
+    if (b > 0 && !next) accumulate_tile<XU8, WU8>(c, m0, rows, nt, strip, b - 1, own[(b - 1) & 1], out);
     constexpr int64_t stride = 2 * kPanel * sizeof(int32_t);
     FQ_TILE_STORE(0, &acc[0][0], stride);
     if (nt == 2) FQ_TILE_STORE(1, &acc[0][kPanel], stride);
@@ -512,8 +556,8 @@ FQ_AMX void micro_kernel(const Ctx& c, int64_t m0, int mt, int64_t strip, int nt
       next->mt = mt;
       return;
     }
-    accumulate_tile<XU8, WU8>(c, m0, rows, nt, strip, b, acc, out);
   }
+  if (tiled) accumulate_tile<XU8, WU8>(c, m0, rows, nt, strip, v.nb - 1, own[(v.nb - 1) & 1], out);
   store_tile(c, m0, rows, n0, cols, out);
 }
 
@@ -555,7 +599,7 @@ FQ_AMX void run_task(const Ctx& c, MicroFn micro, FinishFn finish, int64_t m0, i
 
 class AmxIntLinear final : public CpuLinear {
  public:
-  AmxIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)), cfg_(full_tile_config()) {
+  AmxIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)), cfg_(tile_config(v_.unit)) {
     N = w.N;
     K = w.K;
   }
@@ -598,9 +642,9 @@ class AmxIntLinear final : public CpuLinear {
 
 std::unique_ptr<CpuLinear> prepare(IntWeight w, ThreadPool& pool) {
 #if !FQ_KERNEL_EMULATE
-  // K-blocks shorter than a tile's 64 k would be zero padded to 64: twice the tile work for the
-  // default 32 (W4A8 measured 0.6x the AVX512-VNNI kernel in GPT-2 decode), so such weights take
-  // that kernel (every AMX CPU has AVX512-VNNI).
+  // K-blocks shorter than 64 (the INT4 default of 32) go to the AVX512-VNNI kernel (every AMX CPU has
+  // it): on half tiles a block's epilogue outweighs its tile work, 1.3-1.4x the VNNI kernel at M >= 32
+  // but 0.5-0.8x at M <= 8, i.e. in decode (W4A8 kb32, 2 threads; DESIGN 5.4).
   if (w.num_blocks > 1 && w.tile_cols < kTileK) return int_gemm_avx512vnni().prepare(std::move(w), pool);
 #endif
   return std::make_unique<AmxIntLinear>(w, pool);
