@@ -115,6 +115,8 @@ def test_float_linear_applies_its_activation_and_names_its_kernel():
     best = "avx512vnni" if levels.index(_core.active_isa()) >= levels.index("avx512vnni") else "ref"
     assert _core.Linear(w).kernel == f"cpu/{best} f32"
     assert _core.Linear(w, 8, True, 1, 0, 8).kernel == f"cpu/{_core.active_isa()} int"
+    if _core.active_isa() == "amx":  # K-blocks under 64 are handed to the AVX512-VNNI kernel (DESIGN 5.4)
+        assert _core.Linear(w, 4, True, 1, 8, 8).kernel == "cpu/avx512vnni int"
 
 
 def test_cpu_isa_table():

@@ -48,7 +48,7 @@ class CpuBackend final : public Backend {
     }
     p->epilogue = w.epilogue;
     p->bias = w.bias;
-    p->kernel = kernel;
+    if (p->kernel.empty()) p->kernel = kernel;  // a kernel that handed the weight on names the one that runs it
     return p;
   }
 

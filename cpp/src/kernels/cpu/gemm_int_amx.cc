@@ -645,7 +645,11 @@ std::unique_ptr<CpuLinear> prepare(IntWeight w, ThreadPool& pool) {
   // K-blocks shorter than 64 (the INT4 default of 32) go to the AVX512-VNNI kernel (every AMX CPU has
   // it): on half tiles a block's epilogue outweighs its tile work, 1.3-1.4x the VNNI kernel at M >= 32
   // but 0.5-0.8x at M <= 8, i.e. in decode (W4A8 kb32, 2 threads; DESIGN 5.4).
-  if (w.num_blocks > 1 && w.tile_cols < kTileK) return int_gemm_avx512vnni().prepare(std::move(w), pool);
+  if (w.num_blocks > 1 && w.tile_cols < kTileK) {
+    std::unique_ptr<CpuLinear> p = int_gemm_avx512vnni().prepare(std::move(w), pool);
+    p->kernel = "cpu/avx512vnni int";
+    return p;
+  }
 #endif
   return std::make_unique<AmxIntLinear>(w, pool);
 }
