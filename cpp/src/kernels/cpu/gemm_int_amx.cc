@@ -369,11 +369,11 @@ FQ_AMX inline void store_tile(const Ctx& c, int64_t m0, int64_t rows, int64_t n0
 #if !FQ_KERNEL_EMULATE
 // ---- decode-sized M: vpdpbusd on the same B tiles ----------------------------------------------
 // A B tile's 64-byte row r is one zmm: 16 channels x k 4r..4r+3, what vpdpbusd multiplies with a
-// broadcast quad of one activation row; a tile row holds 1 useful row of 16 at M = 1, vpdpbusd
-// wastes nothing. vpdpbusd takes u8 x s8: with x and w of the same
-// signedness w is moved to the other range (w ^ 0x80 = w + 128 as u8, or w - 128 as s8) and the
-// exact sums restored by -+ 128 rowsum. The int32 sums equal the tile path's, so the epilogue is
-// shared. Rows m0.. (R of them, within one A tile) x the strip's channels, one K-block.
+// broadcast quad of one activation row (an A tile would carry 15 zero rows at M = 1). vpdpbusd takes
+// u8 x s8: with x and w of the same signedness, w is moved to the other range (w ^ 0x80 = w + 128
+// as u8, or w - 128 as s8) and the exact sums restored by -+ 128 rowsum. The int32 sums equal the
+// tile path's, so the epilogue is shared. Rows m0.. (R of them, within one A tile) x the strip's
+// channels, the padded positions [kk0, kk1) of block b.
 template <int R, bool XU8, bool WU8, bool W4>
 FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b, int64_t kk0, int64_t kk1,
                       int32_t (*acc_out)[2 * kPanel]) {
