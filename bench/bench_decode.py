@@ -60,12 +60,14 @@ def build_systems(src: str, threads: int, new: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     import finequant
+    from finequant import _core
 
     systems, step_bytes = {}, {}
     for name, (precision, scheme, *extra) in FQ_SCHEMES.items():
         path = models.finequant_model(src, scheme, *extra)
-        # bf16: the engine keeps the fp32 file's Linear weights as bf16 (where the CPU has AVX512-BF16).
-        step_bytes[name] = bytes_per_step(path) // (2 if precision == "bf16" else 1)
+        # bf16: the engine keeps the fp32 file's Linear weights as bf16 where the CPU can (else fp32).
+        halved = precision == "bf16" and _core.bf16_available()
+        step_bytes[name] = bytes_per_step(path) // (2 if halved else 1)
         eng = finequant.Engine(path, threads=threads, float_precision=precision)
         # The C++ engine's generate takes a [B, T] batch (finequant.Engine.generate: one prompt), so
         # call the binding directly: max_new_tokens, temperature 0 (greedy), top_k, top_p, seed, no stops.

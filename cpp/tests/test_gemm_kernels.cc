@@ -5,6 +5,7 @@
 // forms; the level selection of cpu_isa.
 #include <cstdlib>
 
+#include "core/convert.h"
 #include "int_gemm_cases.h"
 #include "kernels/cpu/attention.h"
 
@@ -93,8 +94,8 @@ TEST(bf16_kernel_matches_rounded_reference) {
     std::printf("  (no AVX512-BF16: bf16 kernel not run)\n");
     return;
   }
-  CHECK(kernels::bf16_to_float(kernels::float_to_bf16(1.0f + 1.0f / 256)) == 1.0f);  // a tie: to even
-  CHECK(kernels::bf16_to_float(kernels::float_to_bf16(1.0f + 3.0f / 256)) == 1.0f + 4.0f / 256);
+  CHECK(bf16_to_float(float_to_bf16(1.0f + 1.0f / 256)) == 1.0f);  // a tie: to even
+  CHECK(bf16_to_float(float_to_bf16(1.0f + 3.0f / 256)) == 1.0f + 4.0f / 256);
   // M >= 16 takes AMX-BF16 tiles where the CPU has them: partial A tiles (17, 33), a lone last panel (N = 200, 45).
   const int64_t shapes[][3] = {{1, 37, 70}, {7, 33, 61}, {13, 100, 257}, {1, 1, 3},  {130, 200, 96},
                                {6, 64, 32}, {17, 45, 70}, {33, 16, 32}, {64, 130, 1000}};
@@ -113,7 +114,7 @@ TEST(bf16_kernel_matches_rounded_reference) {
       Tensor y = Tensor::empty(DType::F32, {M, N});
       p->run(ctx, kernels::RowInput{x.data<float>(), M, K, nullptr}, y.data<float>());
       double worst = 0, worst_f32 = 0;
-      auto r = [](float v) { return double(kernels::bf16_to_float(kernels::float_to_bf16(v))); };
+      auto r = [](float v) { return double(bf16_to_float(float_to_bf16(v))); };
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) {
           double acc = bias.data<float>()[n], exact = acc, mag = 1.0;

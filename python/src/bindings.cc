@@ -324,6 +324,10 @@ PYBIND11_MODULE(_core, m) {
       "restores the default; a level the CPU lacks falls back to the next lower one).");
   m.def("active_isa", []() { return std::string(kernels::isa_name(kernels::active_isa())); });
   m.def(
+      "bf16_available", []() { return kernels::bf16_kernel_eligible(kernels::active_isa()); },
+      "Whether Engine(..., float_precision='bf16') multiplies in bf16 on the CPU at the active level (AVX512-BF16); "
+      "where not, its floating-point Linears stay fp32.");
+  m.def(
       "cpu_isas",
       []() {
         py::list out;

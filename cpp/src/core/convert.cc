@@ -30,6 +30,21 @@ float half_to_float(uint16_t h) {
 
 }  // namespace
 
+uint16_t float_to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
 Tensor to_f32(const Tensor& t) {
   if (t.dtype() == DType::F32) return t;
   FQ_CHECK(t.dtype() == DType::BF16 || t.dtype() == DType::F16, ErrorKind::ModelFormat,
@@ -39,12 +54,7 @@ Tensor to_f32(const Tensor& t) {
   float* dst = out.data<float>();
   const int64_t n = t.numel();
   for (int64_t i = 0; i < n; ++i) {
-    if (t.dtype() == DType::BF16) {
-      const uint32_t bits = uint32_t{src[i]} << 16;
-      std::memcpy(&dst[i], &bits, 4);
-    } else {
-      dst[i] = half_to_float(src[i]);
-    }
+    dst[i] = t.dtype() == DType::BF16 ? bf16_to_float(src[i]) : half_to_float(src[i]);
   }
   return out;
 }

@@ -8,4 +8,7 @@ namespace finequant {
 // throws ModelFormat for any other dtype.
 Tensor to_f32(const Tensor& t);
 
+uint16_t float_to_bf16(float v);  // round to nearest even, NaN kept (a quiet NaN)
+float bf16_to_float(uint16_t v);   // exact
+
 }  // namespace finequant

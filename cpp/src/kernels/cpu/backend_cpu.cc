@@ -37,7 +37,7 @@ class CpuBackend final : public Backend {
       kernel = std::string("cpu/") + isa_name(k.level) + " int";
     } else {
       const LinearWeights f = w.quantized() ? w.dequantized() : w;
-      if (w.precision == FloatPrecision::BF16 && cpu_has_avx512_bf16() && kernel_eligible(CpuIsa::Avx512Vnni, level)) {
+      if (w.precision == FloatPrecision::BF16 && bf16_kernel_eligible(level)) {
         p = f32_gemm_bf16_avx512().prepare(f.weight_f32, pool);
         kernel = "cpu/avx512bf16 bf16";
       } else {

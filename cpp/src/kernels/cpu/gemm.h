@@ -63,7 +63,7 @@ IntWeight make_int_weight(const QuantizedTensor& w, QuantSpec act, ThreadPool& p
 // Where a kernel wants its quantized activation rows: each K-block of bk values zero padded to
 // block_padded bytes (the last block to the row's end), Kp padded positions per row; group_rows
 // rows interleaved per 64-byte k-chunk (16: whole AMX A tiles, [m/16][kk/64][m%16][kk%64], with
-// Kp and block_padded multiples of 64; 1: plain rows, [m][kk]).
+// Kp a multiple of 64 and block_padded of 16; 1: plain rows, [m][kk]).
 struct RowLayout {
   int64_t K = 0, nb = 1, bk = 0, block_padded = 0, Kp = 0, group_rows = 1;
 
@@ -72,8 +72,8 @@ struct RowLayout {
   int64_t chunk_offset(int64_t kk) const { return (kk >> 6) * 64 * group_rows + (kk & 63); }
 };
 // One call's quantized rows, in the caller's buffers: xp (rows x Kp bytes in the RowLayout; I8 or
-// U8 values as stored),
-// rowsum [rows, nb] (each block's sum of the values), sx [rows], zx [rows] (asymmetric only).
+// U8 values as stored), rowsum [rows, nb] (each block's sum of the values), sx [rows], zx [rows]
+// (asymmetric only).
 struct QuantizedRows {
   uint8_t* xp;
   int32_t* rowsum;
@@ -134,10 +134,11 @@ IntGemmKernel int_gemm_amx();  // short K-blocks (< 64) go to int_gemm_avx512vnn
 F32GemmKernel f32_gemm_ref();
 F32GemmKernel f32_gemm_avx512();
 // BF16 products, FP32 sums (gemm_f32_bf16.cc): not a level of the FP32 family but the kernel of
-// FloatPrecision::BF16, where cpu_has_avx512_bf16() and the active level reaches avx512vnni.
-F32GemmKernel f32_gemm_bf16_avx512();
-uint16_t float_to_bf16(float v);  // round to nearest even, NaN kept
-float bf16_to_float(uint16_t v);
+// FloatPrecision::BF16, where bf16_kernel_eligible (elsewhere such Linears stay fp32).
+F32GemmKernel f32_gemm_bf16_avx512();  // weights rounded by float_to_bf16 (core/convert.h)
+inline bool bf16_kernel_eligible(CpuIsa active) {
+  return cpu_has_avx512_bf16() && kernel_eligible(CpuIsa::Avx512Vnni, active);
+}
 const std::vector<IntGemmKernel>& int_gemm_kernels();
 const std::vector<F32GemmKernel>& f32_gemm_kernels();
 

@@ -16,27 +16,13 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/convert.h"
 #include "kernels/cpu/act_math_avx512.h"
 #include "kernels/cpu/amx_tiles.h"
 #include "kernels/cpu/gemm.h"
 
 namespace finequant {
 namespace kernels {
-
-uint16_t float_to_bf16(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays quiet NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-float bf16_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 

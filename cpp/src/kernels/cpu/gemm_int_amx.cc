@@ -309,8 +309,9 @@ struct Ctx {
 
 // ---- the epilogue of one 32 x 32 tile ----------------------------------------------------------
 // acc: one K-block's int32 sums of rows x (16 nt) outputs; out: the fp32 sums over the blocks so
-// far (not read for block 0: the sum starts at 0). Per output, the block's exact correction, then out += (sx * sw) * float(corrected): the
-// reference's operations in its order (correct_block, accumulate_block).
+// far (not read for block 0: the sum starts at 0). Per output, the block's exact correction, then
+// out += (sx * sw) * float(corrected): the reference's operations in its order (correct_block,
+// accumulate_block).
 using TileI32 = int32_t[2 * kTileRows][2 * kPanel];
 using TileF32 = float[2 * kTileRows][2 * kPanel];
 
@@ -391,28 +392,26 @@ FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b
     const int r = static_cast<int>(q % kTileRows);
     const uint8_t* bt[2] = {v.b_tile(2 * strip, ch), v.b_tile(panel1, ch)};
     const uint8_t* a = rows + ch * kBTileBytes;
-    {
-      __m512i w[2];
+    __m512i w[2];
 #pragma GCC unroll 2
-      for (int j = 0; j < 2; ++j) {
-        if (W4) {  // tile rows 0..7 in the low nibbles of the 512 bytes, 8..15 in the high ones
-          const __m512i raw = _mm512_loadu_si512(bt[j] + (r & 7) * kTileK);
-          w[j] = _mm512_and_si512(r < 8 ? raw : _mm512_srli_epi16(raw, 4), nibble);
-          if (!WU8) w[j] = _mm512_sub_epi8(_mm512_xor_si512(w[j], eight), eight);  // sign-extended nibble
-        } else {
-          w[j] = _mm512_loadu_si512(bt[j] + r * kTileK);
-        }
-        if (flip) w[j] = _mm512_xor_si512(w[j], high);
+    for (int j = 0; j < 2; ++j) {
+      if (W4) {  // tile rows 0..7 in the low nibbles of the 512 bytes, 8..15 in the high ones
+        const __m512i raw = _mm512_loadu_si512(bt[j] + (r & 7) * kTileK);
+        w[j] = _mm512_and_si512(r < 8 ? raw : _mm512_srli_epi16(raw, 4), nibble);
+        if (!WU8) w[j] = _mm512_sub_epi8(_mm512_xor_si512(w[j], eight), eight);  // sign-extended nibble
+      } else {
+        w[j] = _mm512_loadu_si512(bt[j] + r * kTileK);
       }
+      if (flip) w[j] = _mm512_xor_si512(w[j], high);
+    }
 #pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) {
-        int32_t quad;
-        std::memcpy(&quad, a + i * kTileK + r * 4, 4);
-        const __m512i x = _mm512_set1_epi32(quad);
+    for (int i = 0; i < R; ++i) {
+      int32_t quad;
+      std::memcpy(&quad, a + i * kTileK + r * 4, 4);
+      const __m512i x = _mm512_set1_epi32(quad);
 #pragma GCC unroll 2
-        for (int j = 0; j < 2; ++j)
-          acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], x, w[j]) : _mm512_dpbusd_epi32(acc[i][j], w[j], x);
-      }
+      for (int j = 0; j < 2; ++j)
+        acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], x, w[j]) : _mm512_dpbusd_epi32(acc[i][j], w[j], x);
     }
   }
 #pragma GCC unroll 8

@@ -138,7 +138,7 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
       const __m512i qi = _mm512_maskz_cvtps_epi32(m, _mm512_min_ps(_mm512_max_ps(q, qlo), qhi));
       sum = _mm512_add_epi32(sum, qi);
       // The low byte (s8 or u8 as stored); 16 values never cross a 64-byte chunk (block_padded is a
-      // multiple of 64 when rows are grouped).
+      // multiple of 16 when rows are grouped).
       _mm_mask_storeu_epi8(dst + c.chunk_offset(kk0 + i), m, _mm512_cvtepi32_epi8(qi));
     }
     const int64_t padded = (b + 1 < c.nb) ? c.block_padded : c.Kp - kk0;

@@ -127,8 +127,11 @@ void quantize_rows_into(const RowInput& x, const RowLayout& l, QuantSpec act, co
           std::memset(xp + l.chunk_offset(kk), 0, static_cast<size_t>(std::min<int64_t>(64, l.Kp - kk)));
         for (int64_t b = 0; b < l.nb; ++b) {
           const int64_t k0 = b * l.bk, kb = std::min(K, k0 + l.bk) - k0;
-          for (int64_t k = 0; k < kb; ++k)  // the bytes as stored
-            xp[l.chunk_offset(b * l.block_padded + k)] = static_cast<uint8_t>(q[m * K + k0 + k]);
+          for (int64_t k = 0; k < kb;) {  // the bytes as stored, in runs up to each 64-byte chunk's end
+            const int64_t kk = b * l.block_padded + k, n = std::min(kb - k, 64 - (kk & 63));
+            std::memcpy(xp + l.chunk_offset(kk), q + m * K + k0 + k, static_cast<size_t>(n));
+            k += n;
+          }
           int32_t s = 0;
           for (int64_t k = 0; k < kb; ++k) s += q[m * K + k0 + k];
           out.rowsum[m * l.nb + b] = s;
