@@ -371,58 +371,102 @@ FQ_AMX inline void store_tile(const Ctx& c, int64_t m0, int64_t rows, int64_t n0
 // ---- decode-sized M: vpdpbusd on the same B tiles ----------------------------------------------
 // A B tile's 64-byte row r is one zmm: 16 channels x k 4r..4r+3, what vpdpbusd multiplies with a
 // broadcast quad of one activation row (an A tile would carry 15 zero rows at M = 1). vpdpbusd takes
-// u8 x s8: with x and w of the same signedness, w is moved to the other range (w ^ 0x80 = w + 128
-// as u8, or w - 128 as s8) and the exact sums restored by -+ 128 rowsum. The int32 sums equal the
-// tile path's, so the epilogue is shared. Rows m0.. (R of them, within one A tile) x the strip's
-// channels, the padded positions [kk0, kk1) of block b.
+// u8 x s8, so the weight operand is moved into the range the activations leave free:
+//   8-bit, x and w of the same signedness: w ^ 0x80 (= w + 128 as u8, or w - 128 as s8);
+//   INT4: the nibble as stored (unsigned weights: already in [0, 15], a valid u8 and s8) or, for
+//         signed weights, nibble ^ 8 = w + 8 in [0, 15]; one 64-byte load serves tile rows r and
+//         r + 8 (low and high nibbles).
+// The exact sums are restored by -+ offset * rowsum, so they equal the tile path's and the epilogue
+// is shared. Rows m0.. (R of them, within one A tile) x the strip's channels, the padded positions
+// [kk0, kk1) of block b. Decode streams the weight once: the B tiles are prefetched a few chunks
+// ahead, as in the tile loop.
+// acc += x . w with the activations on their side of vpdpbusd (u8 x s8).
+template <bool XU8>
+FQ_AMX inline __m512i dot(__m512i acc, __m512i x, __m512i w) {
+  return XU8 ? _mm512_dpbusd_epi32(acc, x, w) : _mm512_dpbusd_epi32(acc, w, x);
+}
+// Quad r (k 4r..4r+3) of row i of the A tile at a, in every lane.
+FQ_AMX inline __m512i quad(const uint8_t* a, int i, int r) {
+  int32_t q;
+  std::memcpy(&q, a + i * kTileK + r * 4, 4);
+  return _mm512_set1_epi32(q);
+}
+
 template <int R, bool XU8, bool WU8, bool W4>
 FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b, int64_t kk0, int64_t kk1,
                       int32_t (*acc_out)[2 * kPanel]) {
   const Layout& v = *c.v;
-  constexpr bool flip = XU8 == WU8;
+  // offset: what the operand adds to each weight; sign: +1 if the u8 side is the weight.
+  constexpr int32_t offset = W4 ? (WU8 ? 0 : 8) : (XU8 == WU8 ? (XU8 ? -128 : 128) : 0);
   const __m512i nibble = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8), high = _mm512_set1_epi8(-128);
   __m512i acc[R][2];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
   const uint8_t* rows = c.xp + (m0 / kTileRows) * kTileRows * v.Kp + (m0 % kTileRows) * kTileK;
   const int64_t panel1 = nt == 2 ? 2 * strip + 1 : 2 * strip;  // a lone last panel: computed twice, stored once
-  // Quads of the padded positions [kk0, kk1): quad q is row q % 16 of the tiles of chunk q / 16.
-  for (int64_t q = kk0 / 4; q < kk1 / 4; ++q) {
-    const int64_t ch = q / kTileRows;
-    const int r = static_cast<int>(q % kTileRows);
+  // Chunk by chunk (64 padded positions, 16 quads: quad r of a chunk is row r of its tiles).
+  for (int64_t ch = kk0 / kTileK; ch * kTileK < kk1; ++ch) {
+    const int r0 = static_cast<int>(std::max<int64_t>(kk0 - ch * kTileK, 0) / 4);
+    const int r1 = static_cast<int>(std::min<int64_t>(kk1 - ch * kTileK, kTileK) / 4);
     const uint8_t* bt[2] = {v.b_tile(2 * strip, ch), v.b_tile(panel1, ch)};
     const uint8_t* a = rows + ch * kBTileBytes;
-    __m512i w[2];
-#pragma GCC unroll 2
-    for (int j = 0; j < 2; ++j) {
-      if (W4) {  // tile rows 0..7 in the low nibbles of the 512 bytes, 8..15 in the high ones
-        const __m512i raw = _mm512_loadu_si512(bt[j] + (r & 7) * kTileK);
-        w[j] = _mm512_and_si512(r < 8 ? raw : _mm512_srli_epi16(raw, 4), nibble);
-        if (!WU8) w[j] = _mm512_sub_epi8(_mm512_xor_si512(w[j], eight), eight);  // sign-extended nibble
-      } else {
-        w[j] = _mm512_loadu_si512(bt[j] + r * kTileK);
+    if (r0 == 0)  // this chunk's first visit: the tiles kPrefetchChunks ahead (may run into the next panel)
+      for (int64_t l = 0; l < v.tile_bytes(); l += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(bt[0] + kPrefetchChunks * v.tile_bytes() + l), _MM_HINT_T0);
+        if (nt == 2) _mm_prefetch(reinterpret_cast<const char*>(bt[1] + kPrefetchChunks * v.tile_bytes() + l), _MM_HINT_T0);
       }
-      if (flip) w[j] = _mm512_xor_si512(w[j], high);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      int32_t quad;
-      std::memcpy(&quad, a + i * kTileK + r * 4, 4);
-      const __m512i x = _mm512_set1_epi32(quad);
+    if (W4) {
+      // Rows r (low nibbles) and r + 8 (high) of one load; a half-tile block covers rows 0-7 or 8-15.
+      const bool lo = r0 < 8, hi = r1 > 8;
+      for (int r = r0 & 7; r < ((r1 - 1) & 7) + 1; ++r) {
+        __m512i wl[2], wh[2];
 #pragma GCC unroll 2
-      for (int j = 0; j < 2; ++j)
-        acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], x, w[j]) : _mm512_dpbusd_epi32(acc[i][j], w[j], x);
+        for (int j = 0; j < 2; ++j) {
+          const __m512i raw = _mm512_loadu_si512(bt[j] + r * kTileK);
+          wl[j] = _mm512_and_si512(raw, nibble);
+          wh[j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+          if (!WU8) {
+            wl[j] = _mm512_xor_si512(wl[j], eight);
+            wh[j] = _mm512_xor_si512(wh[j], eight);
+          }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+          if (lo) {
+            const __m512i x = quad(a, i, r);
+            acc[i][0] = dot<XU8>(acc[i][0], x, wl[0]);
+            acc[i][1] = dot<XU8>(acc[i][1], x, wl[1]);
+          }
+          if (hi) {
+            const __m512i x = quad(a, i, r + 8);
+            acc[i][0] = dot<XU8>(acc[i][0], x, wh[0]);
+            acc[i][1] = dot<XU8>(acc[i][1], x, wh[1]);
+          }
+        }
+      }
+    } else {
+      for (int r = r0; r < r1; ++r) {
+        __m512i w[2];
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; ++j) {
+          w[j] = _mm512_loadu_si512(bt[j] + r * kTileK);
+          if (offset != 0) w[j] = _mm512_xor_si512(w[j], high);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+          const __m512i x = quad(a, i, r);
+          acc[i][0] = dot<XU8>(acc[i][0], x, w[0]);
+          acc[i][1] = dot<XU8>(acc[i][1], x, w[1]);
+        }
+      }
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-    const __m512i fix = _mm512_set1_epi32(static_cast<int32_t>(128u * static_cast<uint32_t>(c.rowsum[(m0 + i) * v.nb + b])));
+    const __m512i fix = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset) *
+                                                               static_cast<uint32_t>(c.rowsum[(m0 + i) * v.nb + b])));
 #pragma GCC unroll 2
-    for (int j = 0; j < 2; ++j) {
-      __m512i sum = acc[i][j];
-      if (flip) sum = XU8 ? _mm512_add_epi32(sum, fix) : _mm512_sub_epi32(sum, fix);
-      _mm512_storeu_si512(&acc_out[i][j * kPanel], sum);
-    }
+    for (int j = 0; j < 2; ++j) _mm512_storeu_si512(&acc_out[i][j * kPanel], _mm512_sub_epi32(acc[i][j], fix));
   }
 }
 
