@@ -53,6 +53,7 @@ namespace avxvnni {  // a name of its own: the emulation test compiles this file
 constexpr int64_t kPanel = 8;           // output channels per ymm of int32
 constexpr int64_t kTileN = 2 * kPanel;  // channels per micro-kernel
 constexpr int kMaxMR = 4;               // rows: 8 accumulators + 2 weights + 1 broadcast of 16 ymm
+constexpr int64_t kPrefetchBytes = 2048;  // software prefetch distance in a tile's weight stream
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -196,6 +197,9 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
     for (int64_t s = 0; s < 2 * pairs; ++s) {
       __m256i w[2], w_abs[2];
       const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(s & 1) * 4);  // INT4: low or high nibbles
+      // The weight stream kPrefetchBytes ahead (decode reads it once, from DRAM): a line per 64 bytes.
+      if (W4 ? (s & 1) == 0 : true)
+        _mm_prefetch(reinterpret_cast<const char*>(wp + (W4 ? (s >> 1) : s) * 64 + kPrefetchBytes), _MM_HINT_T0);
 #pragma GCC unroll 2
       for (int j = 0; j < 2; ++j) {
         if (W4) {
