@@ -5,7 +5,10 @@
 #include <cstdio>
 #include <random>
 
+#include <cstring>
+
 #include "check.h"
+#include "kernels/act_math.h"
 #include "finequant/quant.h"
 #include "kernels/cpu/gemm.h"
 
@@ -41,7 +44,66 @@ static void check(int wbits, bool wsym, int abits, bool asym_act, Tile tile, con
   if (!ok) ++failures;
 }
 
+// actmath::erf clamps |x| at kErfSaturate and gelu_tanh its tanh argument at kTanhSaturate (no denormal intermediates): the formula without the
+// clamp must give the same value for every argument beyond it (1.0f), and the clamp must not move
+// any value below it.
+static float erf_unclamped(float x) {
+  using namespace kernels::actmath;
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (1.0f + kErfP * ax);
+  float p = kErfA5;
+  p = p * t + kErfA4;
+  p = p * t + kErfA3;
+  p = p * t + kErfA2;
+  p = p * t + kErfA1;
+  p = p * t;
+  return std::copysign(1.0f - p * kernels::actmath::exp(-(ax * ax)), x);
+}
+
+static float gelu_tanh_unclamped(float v) {
+  using namespace kernels::actmath;
+  const float u = kSqrt2OverPi * (v + kGeluTanhC * (v * v * v));
+  const float th = 1.0f - 2.0f / (kernels::actmath::exp(2.0f * u) + 1.0f);
+  return 0.5f * v * (1.0f + th);
+}
+
+static void check_erf_saturation() {
+  int bad = 0;
+  int64_t n = 0;
+  // Every 61st float from 3.0 to FLT_MAX, both signs, and every float in [3.999, 4.001] (gelu_tanh
+  // clamps u = 10 at |v| ~ 7.3, inside the first range).
+  const auto scan = [&](uint32_t from, uint32_t to, uint32_t step) {
+    for (uint32_t bits = from; bits <= to && bits >= from; bits += step) {
+      float x;
+      std::memcpy(&x, &bits, 4);
+      for (float v : {x, -x}) {
+        ++n;
+        const float got = kernels::actmath::erf(v), want = erf_unclamped(v);
+        if (std::memcmp(&got, &want, 4) != 0 || (std::fabs(v) >= kernels::actmath::kErfSaturate && std::fabs(got) != 1.0f)) {
+          if (bad++ < 5) std::printf("erf(%.9g): %.9g, unclamped %.9g\n", v, got, want);
+        }
+        const float g = kernels::actmath::gelu_tanh(v), g_want = gelu_tanh_unclamped(v);
+        if (std::memcmp(&g, &g_want, 4) != 0 && !(std::isnan(g) && std::isnan(g_want))) {
+          if (bad++ < 5) std::printf("gelu_tanh(%.9g): %.9g, unclamped %.9g\n", v, g, g_want);
+        }
+      }
+    }
+  };
+  uint32_t b3, bmax = 0x7f7fffffu, lo, hi;
+  const float three = 3.0f, l = 3.999f, h = 4.001f;
+  std::memcpy(&b3, &three, 4);
+  std::memcpy(&lo, &l, 4);
+  std::memcpy(&hi, &h, 4);
+  scan(b3, bmax, 61);
+  scan(lo, hi, 1);
+  const float nan = kernels::actmath::erf(std::nanf(""));
+  if (!std::isnan(nan)) ++bad;
+  std::printf("%-40s %lld values  %s\n", "erf / tanh saturation (clamps)", (long long)n, bad ? "FAIL" : "ok");
+  if (bad) ++failures;
+}
+
 int main() {
+  check_erf_saturation();
   check(8, true, 8, false, Tile{1, 40}, "w8 sym per-channel, a8 sym");
   check(8, false, 8, true, Tile{1, 40}, "w8 asym per-channel, a8 asym");
   check(8, true, 8, true, Tile{3, 40}, "w8 sym groups rows=3, a8 asym");

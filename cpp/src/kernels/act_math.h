@@ -86,8 +86,15 @@ FQ_ALWAYS_INLINE float exp(float x) {
   return p * float_from_bits(bits);
 }
 
+// erf saturates: with this formula erf(4) = 1 - 1.55e-8 already rounds to 1.0f (under half an ulp),
+// and so does every larger argument. Clamping |x| there keeps exp's result and p * exp normal:
+// denormal products cost microcode assists (an M=128 N=3072 K=768 GEMM with GeLU on outputs of
+// magnitude ~30: 1.14 ms instead of 0.26 on an AMX Xeon) and give the same 1.0f.
+constexpr float kErfSaturate = 4.0f;
+
 FQ_ALWAYS_INLINE float erf(float x) {
-  const float ax = abs(x);
+  float ax = abs(x);
+  ax = ax > kErfSaturate ? kErfSaturate : ax;  // NaN stays NaN
   const float t = 1.0f / (1.0f + kErfP * ax);
   float p = kErfA5;
   p = p * t + kErfA4;
@@ -101,8 +108,14 @@ FQ_ALWAYS_INLINE float erf(float x) {
 
 FQ_ALWAYS_INLINE float gelu_erf(float v) { return 0.5f * v * (1.0f + erf(v * kSqrt1_2)); }
 
+// tanh(u) = 1 - 2 / (exp(2u) + 1) is exactly -1.0f for u <= -10 (exp(2u) + 1 rounds to 1) and
+// 1.0f for u >= 10 (2 / (exp(2u) + 1) < 2^-25); clamped there, 2 / (exp(2u) + 1) never goes
+// denormal (exp saturates at 2^127), with the same results (see erf).
+constexpr float kTanhSaturate = 10.0f;
+
 FQ_ALWAYS_INLINE float gelu_tanh(float v) {
-  const float u = kSqrt2OverPi * (v + kGeluTanhC * (v * v * v));
+  float u = kSqrt2OverPi * (v + kGeluTanhC * (v * v * v));
+  u = u > kTanhSaturate ? kTanhSaturate : (u < -kTanhSaturate ? -kTanhSaturate : u);  // NaN stays NaN
   const float th = 1.0f - 2.0f / (exp(2.0f * u) + 1.0f);
   return 0.5f * v * (1.0f + th);
 }

@@ -40,7 +40,7 @@ FQ_VNNI inline __m512 exp_v(__m512 x) {
 FQ_VNNI inline __m512 erf_v(__m512 x) {
   using namespace actmath;
   const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
-  const __m512 ax = _mm512_andnot_ps(sign, x);
+  const __m512 ax = _mm512_min_ps(_mm512_set1_ps(kErfSaturate), _mm512_andnot_ps(sign, x));  // NaN: the 2nd operand
   const __m512 t = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(kErfP), ax)));
   __m512 p = _mm512_set1_ps(kErfA5);
   p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA4));
@@ -60,7 +60,8 @@ FQ_VNNI inline __m512 activation_v(Epilogue e, __m512 v) {
   if (e == Epilogue::GeluTanh) {
     const __m512 two = _mm512_set1_ps(2.0f);
     const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(kGeluTanhC), cube)));
+    __m512 u = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(kGeluTanhC), cube)));
+    u = _mm512_min_ps(_mm512_set1_ps(kTanhSaturate), _mm512_max_ps(_mm512_set1_ps(-kTanhSaturate), u));  // NaN: the 2nd operand
     const __m512 th = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp_v(_mm512_mul_ps(two, u)), one)));
     return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, th));
   }
