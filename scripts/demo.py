@@ -18,14 +18,20 @@ from prepare_models import cache_dir, prepare  # noqa: E402
 from prepare_text import prepare as prepare_text  # noqa: E402
 from prepare_text import rotten_tomatoes  # noqa: E402
 
-from finequant import Engine, _core, hf  # noqa: E402
+import copy  # noqa: E402
+
+from finequant import Engine, _core, hf, smooth  # noqa: E402
+from finequant.lkd import load_torch_model  # noqa: E402
 from finequant.evaluate import cosine_agreement, perplexity  # noqa: E402
 from finequant.modelfile import load_info, quantize_model, save  # noqa: E402
 from finequant.schemes import parse_scheme  # noqa: E402
 
-# (label, scheme name, options for parse_scheme)
+# (label, scheme name, options for parse_scheme); DEFAULT is what `finequant quantize SRC -o OUT` makes:
+# outlier smoothing first (finequant.smooth), then w8a8 with asymmetric activations.
+DEFAULT = "w8a8 default"
 SCHEMES = [
     ("fp32", "fp32", {}),
+    (DEFAULT, "w8a8", {"act_symmetric": False}),
     ("w8a8", "w8a8", {}),
     ("w8a8 asym", "w8a8", {"weight_symmetric": False, "act_symmetric": False}),
     ("w4a8 kblock=32", "w4a8", {"grouping": ("kblock", 32)}),
@@ -86,13 +92,17 @@ def main() -> int:
         for label, name, opts in SCHEMES:
             scheme = parse_scheme(name, **opts)
             errors: dict = {}
-            tensors, metadata = quantize_model(model, scheme, errors=errors)
+            quantized = model
+            if label == DEFAULT:
+                quantized = copy.deepcopy(model)
+                smooth.smooth_model(quantized, scheme, load_torch_model(src, model.family))
+            tensors, metadata = quantize_model(quantized, scheme, errors=errors)
             out = os.path.join(out_root, key, label.replace(" ", "_").replace("/", "-"))
             save(out, tensors, metadata, tokenizer_src=src)
             dirs[label] = out
             info = load_info(out)
             err = sum(errors.values()) / len(errors) if errors else 0.0
-            print(f"{metadata['scheme']:<18}{info['file_size'] / 2**20:>10.1f}"
+            print(f"{label:<18}{info['file_size'] / 2**20:>10.1f}"
                   f"{info['compression']:>9.2f}x{err:>12.4f}")
         print(f"({time.time() - t0:.0f} s; model files under {os.path.join(out_root, key)})")
         run_engines(key, dirs)

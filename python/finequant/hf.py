@@ -158,6 +158,21 @@ def canonicalize(family: str, config: dict, raw: Dict[str, torch.Tensor]) -> Dic
     return out
 
 
+def copy_into_torch(model: HFModel, torch_model) -> None:
+    """Write model.tensors back into the transformers model it was read from (the inverse of
+    canonicalize: GPT-2's Conv1D weights transposed again), e.g. after a transform of the tensors."""
+    state = torch_model.state_dict()
+    with torch.no_grad():
+        for name, t in state.items():
+            cname = _canonical_name(model.family, name)
+            if cname is None or cname not in model.tensors:
+                continue
+            src = model.tensors[cname]
+            if model.family == "gpt2" and cname.endswith(_GPT2_CONV1D) and src.dim() == 2:
+                src = src.t()
+            t.copy_(src.to(t.dtype))
+
+
 def load(folder: str) -> HFModel:
     """Read a Hugging Face folder (config.json + weights) into an HFModel."""
     folder = os.fspath(folder)

@@ -485,15 +485,18 @@ def distill(model: nn.Module, family: str, config: dict, scheme: QuantScheme, op
     return stats
 
 
-def apply(model: hf.HFModel, scheme: QuantScheme, options: LKDOptions):
+def apply(model: hf.HFModel, scheme: QuantScheme, options: LKDOptions, torch_model: Optional[nn.Module] = None):
     """LKD on a loaded HFModel: replaces its block tensors by the trained fp32 weights, ready for
-    modelfile.quantize_model. Returns (the trained transformers model, per-block stats)."""
+    modelfile.quantize_model. `torch_model`: the transformers model holding model.tensors (e.g. after
+    smoothing); loaded from model.folder when not given. Returns (the trained transformers model,
+    per-block stats)."""
     if not model.folder:
         raise ValueError("LKD needs the model's Hugging Face folder")
     if not scheme.is_quantized:
         raise ValueError(f"LKD needs a quantized scheme, not {scheme.name}")
     options.check(_max_positions(model.config))  # before the slow part
-    torch_model = load_torch_model(model.folder, model.family)
+    if torch_model is None:
+        torch_model = load_torch_model(model.folder, model.family)
     stats = distill(torch_model, model.family, model.config, scheme, options, folder=model.folder)
     for name, t in hf.canonicalize(model.family, model.config, torch_model.state_dict()).items():
         if name in model.tensors:

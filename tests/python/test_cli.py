@@ -21,6 +21,8 @@ CASES = [
     ("bf16", []),
     ("w8a8", []),
     ("w8a8", ["--asym"]),
+    ("w8a8", ["--sym"]),
+    ("w8a8", ["--w-asym", "--a-sym"]),
     ("w8a16", ["--w-asym", "--group", "2"]),
     ("w4a8", ["--kblock", "16"]),
     ("w4/8a8", ["--a-asym"]),
@@ -41,7 +43,7 @@ def _scheme_from_args(name, opts):
         grouping = "tensor"
     parts = opts[opts.index("--parts") + 1] if "--parts" in opts else None
     return parse_scheme(name, weight_symmetric=not ({"--asym", "--w-asym"} & set(opts)),
-                        act_symmetric=not ({"--asym", "--a-asym"} & set(opts)),
+                        act_symmetric=bool({"--sym", "--a-sym"} & set(opts)),  # the CLI's default: asymmetric
                         grouping=grouping, parts=parts)
 
 
@@ -70,7 +72,8 @@ def _dequantize_stored(f, module, entry):
 def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
     src = tiny_models[family]
     out = tmp_path / "out"
-    assert main(["quantize", str(src), "-o", str(out), "--scheme", name, "--quiet"] + opts) == 0
+    # --no-smooth: the stored weights must be the fake-quantized source weights (smoothing: test_smooth.py)
+    assert main(["quantize", str(src), "-o", str(out), "--scheme", name, "--quiet", "--no-smooth"] + opts) == 0
     path = out / "model.safetensors"
     scheme = _scheme_from_args(name, opts)
     model = hf.load(src)
@@ -129,7 +132,7 @@ def test_info(tiny_models, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "architecture:  llama" in text and "layers:        2" in text
     assert "w4/8a8" in text and "compression:" in text and "x vs fp32" in text
-    assert "fc1       x4    w4 sym tile 1x32, a8 sym" in text
+    assert "fc1       x4    w4 sym tile 1x32, a8 asym" in text
     ratio = float(text.split("compression:")[1].split("x")[0])
     assert ratio > 1.0
     fp = tmp_path / "fp"
@@ -171,6 +174,10 @@ def test_corrupt_source_clean_error(tiny_models, tmp_path, capsys):
     (["--group", "5"], "does not divide"),
     (["--kblock", "4096"], "kblock 4096 is larger"),
     (["--parts", "qkv,mlp"], "unknown part"),
+    (["--asym", "--a-sym"], "--a-sym contradicts --asym"),
+    (["--sym", "--a-asym"], "--a-asym contradicts --sym"),
+    (["--smooth-alpha", "1.5"], "--smooth-alpha must be in [0, 1]"),
+    (["--no-smooth", "--smooth-alpha", "0.5"], "contradicts --no-smooth"),
 ])
 def test_bad_options_clean_error(tiny_models, tmp_path, capsys, opts, message):
     rc = main(["quantize", str(tiny_models["bert"]), "-o", str(tmp_path / "o"), "--quiet"] + opts)
