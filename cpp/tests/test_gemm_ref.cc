@@ -48,16 +48,7 @@ static void check(int wbits, bool wsym, int abits, bool asym_act, Tile tile, con
 // clamp must give the same value for every argument beyond it (1.0f), and the clamp must not move
 // any value below it.
 static float erf_unclamped(float x) {
-  using namespace kernels::actmath;
-  const float ax = std::fabs(x);
-  const float t = 1.0f / (1.0f + kErfP * ax);
-  float p = kErfA5;
-  p = p * t + kErfA4;
-  p = p * t + kErfA3;
-  p = p * t + kErfA2;
-  p = p * t + kErfA1;
-  p = p * t;
-  return std::copysign(1.0f - p * kernels::actmath::exp(-(ax * ax)), x);
+  return std::copysign(kernels::actmath::erf_of_abs(std::fabs(x)), x);
 }
 
 static float gelu_tanh_unclamped(float v) {
