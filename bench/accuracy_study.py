@@ -66,7 +66,9 @@ SCHEMES = {
 # Labels quantized after outlier smoothing (finequant.smooth, its defaults: alpha 0.7, random ids): what
 # `finequant quantize` does unless --no-smooth.
 SMOOTHED = ("w8a8 smooth", "w8a8 a-asym smooth (default)")
-LKD_DATA = ("random", "text")  # LKD from random token ids, and from another Austen novel
+# LKD from random token ids, from the model's own samples (decoders), and from another Austen novel
+LKD_DATA = ("random", "generate", "text")
+ENCODER_LKD_DATA = ("random", "text")
 ABLATION_SCHEME = "w4/8a8"
 ABLATION_GROUPS = 64  # ZeroQuant row groups: divides every output dimension of both models
 ABLATION_WEIGHTS = {"per-tensor": "tensor", f"group-wise (G={ABLATION_GROUPS})": ("rows", ABLATION_GROUPS)}
@@ -78,7 +80,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2,minilm")
     p.add_argument("--schemes", default=",".join(SCHEMES), help="labels of SCHEMES, comma-separated")
-    p.add_argument("--lkd", default="random,text", help="LKD data variants to run: random,text (or none)")
+    p.add_argument("--lkd", default="random,generate,text",
+                   help="LKD data variants to run: random,generate,text (or none; generate: decoders only)")
     p.add_argument("--lkd-schemes", help="schemes that get LKD (default: all quantized ones)")
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--ablation-lkd", default="text", help="LKD data for the ablation's LKD cells (none: no LKD cells)")
@@ -233,7 +236,7 @@ class Study:
         from finequant import lkd
 
         a = self.args
-        data = "random" if cfg.lkd == "random" else str(prepare() / f"{a.lkd_text}.txt")
+        data = cfg.lkd if cfg.lkd in ("random", "generate") else str(prepare() / f"{a.lkd_text}.txt")
         folder = lkd_folder(cfg, a)
         options = lkd.LKDOptions(data=data, steps=a.lkd_steps, batch=a.lkd_batch, seq=a.lkd_seq,
                                  samples=a.lkd_samples, lr=a.lkd_lr, seed=a.seed, progress=not a.quiet,
@@ -339,8 +342,9 @@ def _patched(obj, name, value):
 
 def plan(args):
     main_rows = [Config(m, s) for m in args.models for s in args.schemes]
-    lkd_rows = [Config(m, s, lkd=d) for d in ("text", "random") if d in args.lkd
-                for m in ("smollm2", "minilm") if m in args.models for s in args.lkd_schemes]
+    lkd_rows = [Config(m, s, lkd=d) for d in ("text", "random", "generate") if d in args.lkd
+                for m in ("smollm2", "minilm") if m in args.models and (m == "smollm2" or d in ENCODER_LKD_DATA)
+                for s in args.lkd_schemes]
     ablation = []  # in order: the cheap PTQ cells go before the LKD rows, the ablation's LKD cells last
     if "smollm2" in args.models and not args.no_ablation:
         for lkd in ["none"] + [d for d in LKD_DATA if d == args.ablation_lkd]:
@@ -385,8 +389,9 @@ def report(args, cache: dict) -> str:
     if "smollm2" in args.models:
         base = get(fp["smollm2"], "perplexity")
         lines += ["## SmolLM2-135M: perplexity", "",
-                  "| scheme | PTQ | vs fp32 | LKD random | LKD Austen | gap closed (random / Austen) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| scheme | PTQ | vs fp32 | LKD random | LKD own samples | LKD Austen | gap closed (random / own "
+                  "samples / Austen) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for s in args.schemes:
             ptq = get(Config("smollm2", s), "perplexity")
             lk = {d: get(Config("smollm2", s, lkd=d), "perplexity") for d in LKD_DATA}
@@ -394,8 +399,8 @@ def report(args, cache: dict) -> str:
                       for d in LKD_DATA}
             gaps[s] = closed
             lines.append(f"| {s} | {_fmt(ptq)} | {_fmt(ptq / base if ptq and base else None, '{:.3f}x')} | "
-                         f"{_fmt(lk['random'])} | {_fmt(lk['text'])} | {_fmt(closed['random'], '{:.0%}')} / "
-                         f"{_fmt(closed['text'], '{:.0%}')} |")
+                         f"{_fmt(lk['random'])} | {_fmt(lk['generate'])} | {_fmt(lk['text'])} | "
+                         + " / ".join(_fmt(closed[d], '{:.0%}') for d in LKD_DATA) + " |")
         lines.append("")
     if "minilm" in args.models:
         lines += ["## all-MiniLM-L6-v2: Rotten Tomatoes probe accuracy and cosine to fp32", "",
@@ -404,7 +409,7 @@ def report(args, cache: dict) -> str:
                   "| scheme | probe PTQ | probe LKD random | probe LKD Austen | cosine PTQ | cosine LKD random | "
                   "cosine LKD Austen |", "|---|---:|---:|---:|---:|---:|---:|"]
         for s in args.schemes:
-            cs = [Config("minilm", s)] + [Config("minilm", s, lkd=d) for d in LKD_DATA]
+            cs = [Config("minilm", s)] + [Config("minilm", s, lkd=d) for d in ENCODER_LKD_DATA]
             acc = [_fmt(get(c, "probe_accuracy") and 100 * get(c, "probe_accuracy"), "{:.2f}%") for c in cs]
             cos = [_fmt(get(c, "cosine_mean"), "{:.4f}") for c in cs]
             lines.append(f"| {s} | " + " | ".join(acc + cos) + " |")
@@ -445,23 +450,18 @@ def targets(args, get, fp, gaps):
     out = []
     if "smollm2" in args.models:
         base = get(fp["smollm2"], "perplexity")
-        for s, lkd in (("w8a8", "none"), ("w8a8", "text"), ("w8a8 a-asym", "none"), ("w8a8 a-asym", "text")):
-            q = get(Config("smollm2", s, lkd=lkd), "perplexity")
-            what = f"- SmolLM2 {s}{'' if lkd == 'none' else ' + LKD (' + lkd + ')'} perplexity within 2% of fp32: "
-            if base and q:
-                r = q / base - 1
-                out.append(what + f"{q:.2f} vs {base:.2f} ({r:+.2%}): "
-                           + ("**met**" if r <= 0.02 else f"**missed** by {r - 0.02:.2%}"))
-            else:
-                out.append(what + "not measured")
-        q = get(Config("smollm2", "w8a8 a-asym smooth (default)"), "perplexity")
-        what = "- SmolLM2 w8a8 as `finequant quantize` makes it by default (issue 12) within 1% of fp32: "
-        if base and q:
+        def within(what, q, limit):
+            if not (base and q):
+                return f"- {what} within {limit:.0%} of fp32: not measured"
             r = q / base - 1
-            out.append(what + f"{q:.2f} vs {base:.2f} ({r:+.2%}): "
-                       + ("**met**" if r <= 0.01 else f"**missed** by {r - 0.01:.2%}"))
-        else:
-            out.append(what + "not measured")
+            return (f"- {what} within {limit:.0%} of fp32: {q:.2f} vs {base:.2f} ({r:+.2%}): "
+                    + ("**met**" if r <= limit else f"**missed** by {r - limit:.2%}"))
+
+        for s, lkd in (("w8a8", "none"), ("w8a8", "text"), ("w8a8 a-asym", "none"), ("w8a8 a-asym", "text")):
+            what = f"SmolLM2 {s}{'' if lkd == 'none' else ' + LKD (' + lkd + ')'} perplexity"
+            out.append(within(what, get(Config("smollm2", s, lkd=lkd), "perplexity"), 0.02))
+        out.append(within("SmolLM2 w8a8 as `finequant quantize` makes it by default (issue 12)",
+                          get(Config("smollm2", "w8a8 a-asym smooth (default)"), "perplexity"), 0.01))
         for s in ("w4/8a8", "w4a8 kblock=32"):
             for d in LKD_DATA:
                 g = gaps.get(s, {}).get(d)

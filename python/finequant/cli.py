@@ -85,7 +85,8 @@ def _build_parser() -> argparse.ArgumentParser:
     lkd.add_argument("--lkd", action="store_true",
                      help="train each block's quantized copy to match the original block before quantizing")
     lkd.add_argument("--lkd-data", metavar="SRC",
-                     help="random (token ids, default), generate (the model's own samples) or a text file")
+                     help="generate (the model's own samples; the default for decoders), random (token ids; "
+                          "the default for encoders) or a text file")
     lkd.add_argument("--lkd-steps", type=_positive_int, metavar="N",
                      help="optimizer steps per block (default 100)")
     lkd.add_argument("--lkd-batch", type=_positive_int, metavar="B", help="sequences per step (default 4)")

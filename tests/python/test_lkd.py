@@ -155,6 +155,12 @@ def test_data_sources(tiny_models, tmp_path):
     gen = lkd.make_data(opts, gpt2, str(tiny_models["gpt2"]), "gpt2", 64)
     assert gen.shape == (8, 16) and gen.max() < 64  # samples rounded up to whole batches
     assert torch.equal(gen, lkd.make_data(opts, gpt2, str(tiny_models["gpt2"]), "gpt2", 64))
+    # "auto" (the default): the model's own samples for a decoder, random ids for an encoder
+    auto = LKDOptions(batch=4, seq=16, samples=6, seed=3)
+    assert auto.data == "auto" and torch.equal(lkd.make_data(auto, gpt2, str(tiny_models["gpt2"]), "gpt2", 64), gen)
+    assert torch.equal(lkd.make_data(auto, bert, str(tiny_models["bert"]), "bert", 64),
+                       lkd.make_data(LKDOptions(data="random", batch=4, seq=16, samples=6, seed=3), bert,
+                                     str(tiny_models["bert"]), "bert", 64))
     _, _, stats = _lkd(tiny_models["gpt2"], data="generate")
     assert stats[0]["mse_lkd"] < stats[0]["mse_ptq"]
 
@@ -176,7 +182,7 @@ def test_cli_quantize_with_lkd(tiny_models, tmp_path):
     (["--lkd-steps", "3"], "--lkd-steps only apply with --lkd"),
     (["--seed", "3", "--lkd-clip"], "--lkd-clip, --seed only apply with --lkd"),
     (["--lkd", "--scheme", "fp32"], "--lkd needs a quantized scheme"),
-    (["--lkd", "--lkd-data", "missing.txt"], "'random', 'generate' or a text file"),
+    (["--lkd", "--lkd-data", "missing.txt"], "'auto', 'random', 'generate' or a text file"),
     (["--lkd", "--lkd-seq", "1000"], "exceeds the model's 32 positions"),
     (["--lkd", "--lkd-seq", "1"], "sequence length must be an integer >= 2"),
 ])
