@@ -94,7 +94,8 @@ def _build_parser() -> argparse.ArgumentParser:
     lkd.add_argument("--lkd-samples", type=_positive_int, metavar="N",
                      help="distinct sequences held in memory (default 64)")
     lkd.add_argument("--lkd-lr", type=_positive_float, metavar="LR",
-                     help="Adam learning rate, decayed linearly to 0 (default 3e-4)")
+                     help="Adam learning rate, decayed linearly to 0 (default: 3e-4 for blocks with INT4 weights, "
+                          "1e-4 for INT8-only ones)")
     lkd.add_argument("--lkd-clip", action="store_true", help="also learn the weight clip ranges")
     lkd.add_argument("--lkd-checkpoint", metavar="DIR",
                      help="save each trained block here and resume from it if interrupted")

@@ -37,6 +37,11 @@ FINAL_NORM = {"gpt2": "ln_f", "llama": "model.norm"}
 CLIP_MIN = 0.05  # learned clip factors stay in [CLIP_MIN, 1]: a range can shrink, never grow
 GENERATE_BATCH = 16  # sequences sampled at once for data "generate"
 CLIP_LR_SCALE = 10.0  # clip factors are ~1 and weights ~1e-2: give the factors a larger step
+# Default learning rate of a block by its narrowest quantized weights: at 3e-4 INT8-only blocks often
+# ended worse than PTQ (Adam moves a weight by many INT8 steps), INT4 ones need it; a w4/8a8 block
+# (INT8 attention, INT4 MLP) at 3e-4 reached 36.85 SmolLM2 perplexity, with its INT8 Linears at 1e-4
+# 37.04 (bench/results/ACCURACY.md).
+LR_BY_BITS = {8: 1e-4, 4: 3e-4}
 
 
 @dataclass
@@ -49,7 +54,8 @@ class LKDOptions:
     batch: int = 4         # sequences per step
     seq: int = 128         # tokens per sequence
     samples: int = 64      # distinct sequences whose hidden states are held (rounded up to a batch multiple)
-    lr: float = 3e-4       # Adam learning rate (linearly decayed to 0 over the steps)
+    # Adam learning rate (linearly decayed to 0 over the steps); None: by the block's weight bits (LR_BY_BITS)
+    lr: Optional[float] = None
     seed: int = 0
     learn_clip: bool = False
     checkpoint: Optional[str] = None  # directory of per-block checkpoints: resume from it if present
@@ -64,7 +70,7 @@ class LKDOptions:
             raise ValueError(f"LKD sequence length must be an integer >= 2, got {self.seq!r}")
         if max_positions is not None and self.seq > max_positions:
             raise ValueError(f"LKD sequence length {self.seq} exceeds the model's {max_positions} positions")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"LKD learning rate must be a positive number, got {self.lr!r}")
         if self.data not in ("auto", "random", "generate") and not os.path.isfile(self.data):
             raise ValueError(f"LKD data must be 'auto', 'random', 'generate' or a text file; {self.data!r} is "
@@ -343,12 +349,20 @@ def _evaluate(student, x, y, rest, kwargs, batch, loss_fn):
     return mse / n, loss / n
 
 
+def block_lr(linears: List[LKDLinear], options: LKDOptions) -> float:
+    """The learning rate of a block's student: options.lr, else by its narrowest quantized weights."""
+    bits = [m.spec.weight_bits for m in linears if m.spec.weight_bits]
+    return options.lr or LR_BY_BITS[min(bits, default=8)]
+
+
 def _train_block(student, x, y, rest, kwargs, loss_fn, options: LKDOptions, k: int, desc: str) -> float:
     o = options
-    clips = [m.clip for m in student.modules() if isinstance(m, LKDLinear) and m.clip is not None]
-    ids = {id(c) for c in clips}
-    params = [p for p in student.parameters() if id(p) not in ids]
-    groups = [{"params": params, "lr": o.lr}] + ([{"params": clips, "lr": o.lr * CLIP_LR_SCALE}] if clips else [])
+    linears = [m for m in student.modules() if isinstance(m, LKDLinear)]
+    clips = [m.clip for m in linears if m.clip is not None]
+    lr = block_lr(linears, o)
+    clip_ids = {id(c) for c in clips}
+    params = [p for p in student.parameters() if id(p) not in clip_ids]
+    groups = [{"params": params, "lr": lr}] + ([{"params": clips, "lr": lr * CLIP_LR_SCALE}] if clips else [])
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / o.steps)
     gen = torch.Generator().manual_seed(o.seed * 1_000_003 + k)  # per block: resuming does not shift it

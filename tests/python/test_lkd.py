@@ -197,3 +197,17 @@ def test_cli_rejects_bad_learning_rate(value, tiny_models, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["quantize", str(tiny_models["gpt2"]), "-o", str(tmp_path / "q"), "--lkd", f"--lkd-lr={value}"])
     assert e.value.code == 2 and "--lkd-lr: expected a positive number" in capsys.readouterr().err
+
+
+def test_learning_rate_by_weight_bits():
+    from finequant.lkd import LKDLinear, block_lr
+    from finequant.schemes import LinearQuant
+
+    def lin(bits):
+        spec = LinearQuant(part="fc1", weight_bits=bits, tile=(1, 8) if bits else None, act_bits=8 if bits else 0)
+        return LKDLinear(torch.zeros(4, 8), None, spec)
+
+    assert block_lr([lin(8), lin(8)], LKDOptions()) == 1e-4      # INT8-only blocks: the gentler rate
+    assert block_lr([lin(8), lin(4)], LKDOptions()) == 3e-4      # any INT4 weight: the INT4 rate
+    assert block_lr([lin(0), lin(4)], LKDOptions()) == 3e-4
+    assert block_lr([lin(8)], LKDOptions(lr=5e-5)) == 5e-5        # an explicit rate means what it says
