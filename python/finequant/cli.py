@@ -258,6 +258,9 @@ def _cmd_info(args) -> int:
     print(f"architecture:  {info['architecture']}")
     print(f"layers:        {info['num_layers']}")
     print(f"scheme:        {info['scheme']}")
+    sm = info.get("smoothing")
+    if sm:
+        print(f"smoothing:     alpha {sm.get('alpha')} on {', '.join(sm.get('parts', []))} ({sm.get('data')})")
     print("linears:")
     groups = Counter((lq.part, _describe_linear(lq)) for lq in info["linears"].values())
     order = {"qkv": 0, "attn_out": 1, "fc1": 2, "fc2": 3}

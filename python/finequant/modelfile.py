@@ -124,6 +124,14 @@ def _read_header(path: str) -> dict:
     return header
 
 
+def _optional_json(text: Optional[str]) -> Optional[dict]:
+    """An optional JSON metadata entry (e.g. "smoothing"); None when absent or unreadable (informative only)."""
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
 def load_info(model_dir: str) -> dict:
     """Summary of a finequant model directory (or model.safetensors file) for `finequant info`."""
     path = model_dir
@@ -162,6 +170,7 @@ def load_info(model_dir: str) -> dict:
         "format_version": meta.get("format_version"),
         "architecture": meta.get("architecture"),
         "scheme": meta.get("scheme"),
+        "smoothing": _optional_json(meta.get("smoothing")),
         "config": config,
         "num_layers": hf.num_layers(config) if ("num_hidden_layers" in config or "n_layer" in config) else None,
         "linears": quant,

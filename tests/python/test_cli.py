@@ -132,6 +132,7 @@ def test_info(tiny_models, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "architecture:  llama" in text and "layers:        2" in text
     assert "w4/8a8" in text and "compression:" in text and "x vs fp32" in text
+    assert "smoothing:     alpha 0.7 on qkv, fc1, attn_out, fc2 (random ids" in text
     assert "fc1       x4    w4 sym tile 1x32, a8 asym" in text
     ratio = float(text.split("compression:")[1].split("x")[0])
     assert ratio > 1.0
