@@ -62,7 +62,7 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 //   4-bit: packed[(tile * Kp/8 + k/8) * 256 + j * 4 + k%4], k%8 < 4 in the low nibble, else high.
 // Per-column tables are indexed [(tile * nb + block) * 64 + n % 64], zero for padding channels:
 // tile-major, so that a micro-kernel reads its blocks' values as one stream beside its weights (block-major
-// tables, a 4 KiB stride per block at K-blocks of 32, cost ~10% of W4A8 decode; DESIGN 5.4).
+// tables jump Npad * 4 bytes per block: the TLB cost the AVX2 kernel measured on the LM head; DESIGN 5.4).
 struct VnniLayout {
   int64_t N = 0, K = 0, nb = 1, bk = 0;  // bk: K-block length (K when not blocked)
   int bits = 8;
