@@ -3,6 +3,7 @@
 // (registry.cc); the CPU backend prepares a weight with the best entry for the active level
 // (cpu_isa.h) and the prepared weight runs itself.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -146,6 +147,10 @@ const std::vector<F32GemmKernel>& f32_gemm_kernels();
 // best of the sweeps in about `seconds`, in GB/s.
 double dram_read_gbps(ThreadPool& pool, int64_t bytes, double seconds);
 
+// `loop(start, seconds)` (a register-resident loop that runs until `seconds` after `start` and returns
+// the ops it did) on `threads` threads of the shared pool: their total ops per second, in GOPS.
+using PeakLoop = double (*)(std::chrono::steady_clock::time_point start, double seconds);
+double peak_gops(int threads, double seconds, PeakLoop loop);
 // Throughput of a register-resident vpdpbusd loop on `threads` threads for about `seconds`:
 // the machine's INT8 peak in GOPS (2 ops per multiply-add), 0 without AVX512-VNNI.
 double int8_peak_gops(int threads, double seconds);

@@ -35,7 +35,6 @@
 #define FQ_AMX_BUILD 1
 #include <immintrin.h>
 
-#include <atomic>
 #include <chrono>
 
 #include "kernels/cpu/act_math_avx512.h"
@@ -734,12 +733,7 @@ FQ_AMX double amx_peak_loop(std::chrono::steady_clock::time_point start, double 
 }  // namespace
 
 double amx_int8_peak_gops(int threads, double seconds) {
-  if (!cpu_supports(CpuIsa::Amx)) return 0.0;
-  std::atomic<int64_t> total_ops{0};
-  const auto start = std::chrono::steady_clock::now();
-  ThreadPool::shared(threads).run(threads, [&](int64_t) { total_ops += static_cast<int64_t>(amx_peak_loop(start, seconds)); });
-  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return static_cast<double>(total_ops.load()) / elapsed / 1e9;
+  return cpu_supports(CpuIsa::Amx) ? peak_gops(threads, seconds, amx_peak_loop) : 0.0;
 }
 #endif
 

@@ -416,12 +416,7 @@ FQ_VNNI double peak_loop(std::chrono::steady_clock::time_point start, double sec
 }  // namespace
 
 double int8_peak_gops(int threads, double seconds) {
-  if (!cpu_supports(CpuIsa::Avx512Vnni)) return 0.0;
-  std::atomic<int64_t> total_ops{0};
-  const auto start = std::chrono::steady_clock::now();
-  ThreadPool::shared(threads).run(threads, [&](int64_t) { total_ops += static_cast<int64_t>(peak_loop(start, seconds)); });
-  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return static_cast<double>(total_ops.load()) / elapsed / 1e9;
+  return cpu_supports(CpuIsa::Avx512Vnni) ? peak_gops(threads, seconds, peak_loop) : 0.0;
 }
 
 #else  // no x86 build: the entry is never selected (the CPU does not support the level)

@@ -1,5 +1,6 @@
-// The machine's DRAM read bandwidth, measured: the ceiling of batch-1 decode, which reads every
-// weight once per token (bench/bench_decode.py reports decode as a fraction of it).
+// The machine's ceilings, measured: DRAM read bandwidth (batch-1 decode reads every weight once per
+// token; bench/bench_decode.py reports decode as a fraction of it) and the threads-running part of the
+// INT8 peak measurements (bench/bench_gemm.py).
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -46,6 +47,14 @@ double dram_read_gbps(ThreadPool& pool, int64_t bytes, double seconds) {
   volatile uint64_t keep = sink.load();
   (void)keep;
   return best;
+}
+
+double peak_gops(int threads, double seconds, PeakLoop loop) {
+  std::atomic<int64_t> total_ops{0};
+  const auto start = std::chrono::steady_clock::now();
+  ThreadPool::shared(threads).run(threads, [&](int64_t) { total_ops += static_cast<int64_t>(loop(start, seconds)); });
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return static_cast<double>(total_ops.load()) / elapsed / 1e9;
 }
 
 }  // namespace kernels
