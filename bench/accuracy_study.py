@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -241,14 +240,14 @@ class Study:
         options = lkd.LKDOptions(data=data, steps=a.lkd_steps, batch=a.lkd_batch, seq=a.lkd_seq,
                                  samples=a.lkd_samples, lr=a.lkd_lr, seed=a.seed, progress=not a.quiet,
                                  checkpoint=folder)
-        copy = dataclasses.replace(model, tensors=dict(model.tensors))  # apply() replaces entries, not tensors
+        trained = model.copy()  # apply() replaces entries, not tensors
         # The student must see the activation quantization it will be evaluated with.
         patch = (contextlib.nullcontext() if not per_tensor_acts else
                  _patched(lkd, "fake_quant_activation", _per_tensor_fake_quant))
         timing = os.path.join(folder, "wall_seconds.json")  # the first, uninterrupted run's wall time
         t0 = time.time()
         with patch:
-            torch_model, stats = lkd.apply(copy, scheme, options)
+            torch_model, stats = lkd.apply(trained, scheme, options)
         seconds = time.time() - t0
         if os.path.isfile(timing):
             with open(timing, encoding="utf-8") as f:
@@ -260,7 +259,7 @@ class Study:
             seconds = sum(s["seconds"] for s in stats)
         ratio = sum(s["loss_lkd"] / s["loss_ptq"] for s in stats if s["loss_ptq"] > 0) / len(stats)
         kept = sum(bool(s.get("kept_ptq")) for s in stats)
-        return copy, torch_model, seconds, ratio, kept
+        return trained, torch_model, seconds, ratio, kept
 
     def measure(self, cfg: Config) -> dict:
         from finequant import Engine
@@ -276,7 +275,7 @@ class Study:
             from finequant import smooth
             from finequant.lkd import load_torch_model
 
-            model = copy.deepcopy(model)  # the study's loaded models are shared by the cells
+            model = model.copy()  # the study's loaded models are shared by the cells
             torch_model = load_torch_model(model.folder, model.family)
             out["smoothing"] = smooth.smooth_model(model, scheme, torch_model)
         if cfg.lkd != "none":

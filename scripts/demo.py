@@ -8,7 +8,6 @@ The engine runs on a GPU when one is present (FINEQUANT_DEVICE=auto, the default
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -95,7 +94,7 @@ def main() -> int:
             errors: dict = {}
             quantized = model
             if label == DEFAULT:
-                quantized = copy.deepcopy(model)
+                quantized = model.copy()
                 smooth.smooth_model(quantized, scheme, load_torch_model(src, model.family))
             tensors, metadata = quantize_model(quantized, scheme, errors=errors)
             out = os.path.join(out_root, key, label.replace(" ", "_").replace("/", "-"))

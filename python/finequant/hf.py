@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict
 
 import torch
@@ -33,6 +33,11 @@ class HFModel:
     @property
     def num_layers(self) -> int:
         return num_layers(self.config)
+
+    def copy(self) -> "HFModel":
+        """A copy with its own tensor dict: transforms that replace entries (smoothing, LKD) leave this
+        model as it is; the tensors themselves are shared, not copied."""
+        return replace(self, tensors=dict(self.tensors))
 
 
 def num_layers(config: dict) -> int:
