@@ -75,6 +75,11 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--head-bits", type=int, choices=(4, 8), default=8,
                    help="with head in --parts: the LM head's weight bits (8: per channel, the default; 4: grouped "
                         "like the INT4 weights, K-blocks of 32 unless --kblock/--group/... say otherwise)")
+    q.add_argument("--encoder-scheme", metavar="S",
+                   help="encoder-decoder models (BART): scheme of the encoder's Linears instead of --scheme, same "
+                        "options (e.g. --scheme w8a8 --encoder-scheme w4a4: W4A4 encoder, W8A8 decoder)")
+    q.add_argument("--decoder-scheme", metavar="S",
+                   help="encoder-decoder models: scheme of the decoder's Linears instead of --scheme")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     sm = q.add_argument_group("outlier smoothing (on by default where activations are quantized; needs torch)")
     sm.add_argument("--no-smooth", action="store_true",
@@ -105,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", metavar="OUT", help="finequant model directory or model.safetensors")
 
     model_help = "finequant model directory, or a Hugging Face folder (run in fp32)"
-    r = sub.add_parser("run", help="generate text with a decoder")
+    r = sub.add_parser("run", help="generate text with a decoder (encoder-decoders: the output for the prompt)")
     r.add_argument("model", metavar="MODEL", help=model_help)
     r.add_argument("--prompt", required=True)
     r.add_argument("--max-tokens", type=_positive_int, default=64, help="new tokens at most (default 64)")
@@ -124,7 +129,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     e.add_argument("--float-precision", choices=("fp32", "bf16"), default="fp32", help=_FLOAT_HELP)
 
-    pp = sub.add_parser("ppl", help="perplexity of a decoder on a text file")
+    pp = sub.add_parser("ppl", help="perplexity of a decoder on a text file (encoder-decoders: of reconstructing "
+                        "the text given the same text as encoder input, BART's denoising objective without noise)")
     pp.add_argument("model", metavar="MODEL", help=model_help)
     pp.add_argument("text_file", metavar="TEXT_FILE")
     pp.add_argument("--ctx", type=_positive_int, default=512, help="window length in tokens (default 512)")
@@ -197,7 +203,8 @@ def _cmd_quantize(args) -> int:
     # against +0.7-1.3% symmetric (docs/DESIGN.md section 6).
     scheme = parse_scheme(args.scheme, weight_symmetric=not (args.asym or args.w_asym),
                           act_symmetric=args.sym or args.a_sym, grouping=grouping,
-                          parts=args.parts, head_bits=args.head_bits)
+                          parts=args.parts, head_bits=args.head_bits, encoder=args.encoder_scheme,
+                          decoder=args.decoder_scheme)
     given = {field: getattr(args, opt) for opt, field in _LKD_OPTIONS.items()
              if getattr(args, opt) not in (None, False)}
     if given and not args.lkd:
@@ -214,7 +221,15 @@ def _cmd_quantize(args) -> int:
         print(f"reading {args.src}", file=sys.stderr)
     model = hf.load(args.src)
     torch_model, smoothing = None, {}
-    if not args.no_smooth and scheme.is_quantized:
+    if model.family in hf.SEQ2SEQ_FAMILIES:  # smoothing and LKD know decoder-only and encoder-only blocks
+        if args.lkd:
+            raise ValueError(f"--lkd is not supported for {model.family} (encoder-decoder) models")
+        if args.smooth_alpha is not None:
+            raise ValueError(f"outlier smoothing is not supported for {model.family} (encoder-decoder) models")
+        if not args.no_smooth and scheme.is_quantized and progress:
+            print(f"note: outlier smoothing is not implemented for {model.family}: quantizing without it "
+                  "(--no-smooth silences this note)", file=sys.stderr)
+    elif not args.no_smooth and scheme.is_quantized:
         from . import smooth
 
         if smooth.smoothable_parts(model, scheme):
@@ -320,10 +335,11 @@ def _cmd_eval(args) -> int:
 
     engines = [Engine(m, threads=args.threads, device=args.device, float_precision=args.float_precision)
                for m in args.models]
-    decoders = [m for m, e in zip(args.models, engines) if e.is_decoder]
-    encoders = [m for m, e in zip(args.models, engines) if not e.is_decoder]
+    # encoder-decoders (BART) are scored like decoders: perplexity of reconstructing --text
+    decoders = [m for m, e in zip(args.models, engines) if e.is_decoder or e.is_seq2seq]
+    encoders = [m for m, e in zip(args.models, engines) if not (e.is_decoder or e.is_seq2seq)]
     if decoders and not args.text:
-        raise ValueError(f"{decoders[0]} is a decoder: pass --text FILE for its perplexity")
+        raise ValueError(f"{decoders[0]} is a decoder or encoder-decoder: pass --text FILE for its perplexity")
     if encoders and not (args.probe or args.cosine_vs):
         raise ValueError(f"{encoders[0]} is an encoder: pass --probe and/or --cosine-vs REF")
     if args.probe and args.texts:
@@ -347,7 +363,7 @@ def _cmd_eval(args) -> int:
     rows = []
     for model, engine in zip(args.models, engines):
         row = {"model": model, "scheme": engine.scheme}
-        if engine.is_decoder:
+        if engine.is_decoder or engine.is_seq2seq:
             row.update(perplexity(engine, text, ctx=args.ctx, max_tokens=args.max_tokens, progress=not args.json))
         else:  # without a reference each model is its own: cosine 1, the probe on its own embeddings
             row.update((shared or EncoderEval(engine, texts, labels, args.limit, args.seed))(engine))

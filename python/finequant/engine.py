@@ -53,8 +53,11 @@ class Engine:
     """Load a finequant model directory (or a Hugging Face folder, converted to fp32) and run it.
 
     forward(input_ids, attention_mask=None) -> logits [B, T, vocab] (decoders) or last hidden
-    states [B, T, hidden] (encoders); embed(texts) -> sentence embeddings (encoders);
-    generate(prompt or ids, ...) -> text or ids (decoders), streaming through `callback` or stream().
+    states [B, T, hidden] (encoders, and an encoder-decoder's encoder); with decoder_input_ids
+    (encoder-decoders, e.g. BART) -> the decoder's logits [B, Td, vocab];
+    embed(texts) -> sentence embeddings (encoders);
+    generate(prompt or ids, ...) -> text or ids (decoders: the continuation; encoder-decoders: the
+    decoder's output for the prompt), streaming through `callback` or stream().
     """
 
     def __init__(self, model_dir: str, threads: Optional[int] = None, device: str = "cpu",
@@ -82,6 +85,7 @@ class Engine:
     # ---- properties -----------------------------------------------------------------------
     architecture = property(lambda self: self._engine.architecture)
     is_decoder = property(lambda self: self._engine.is_decoder)
+    is_seq2seq = property(lambda self: self._engine.is_seq2seq, doc="an encoder-decoder model (BART)")
     vocab_size = property(lambda self: self._engine.vocab_size)
     hidden_size = property(lambda self: self._engine.hidden_size)
     max_positions = property(lambda self: self._engine.max_positions)
@@ -98,8 +102,52 @@ class Engine:
         self._engine.threads = n
 
     # ---- running --------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask=None) -> np.ndarray:
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None,
+                decoder_attention_mask=None) -> np.ndarray:
+        """Decoders: logits [B, T, vocab]; encoders: last hidden states [B, T, hidden]. Encoder-decoders:
+        with decoder_input_ids [B, Td] (teacher forcing; pad on the right) the decoder's logits
+        [B, Td, vocab] over the encoder's output for input_ids, without them the encoder's last hidden
+        states."""
+        if decoder_input_ids is not None:
+            if not self.is_seq2seq:
+                raise ValueError(f"decoder_input_ids need an encoder-decoder model; {self.architecture} is not one")
+            return self._engine.forward_seq2seq(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+        if decoder_attention_mask is not None:
+            raise ValueError("decoder_attention_mask without decoder_input_ids")
         return self._engine.forward(input_ids, attention_mask)
+
+    @property
+    def config(self) -> dict:
+        """The model's config.json as the model file records it."""
+        if getattr(self, "_config", None) is None:
+            import json
+
+            from safetensors import safe_open
+
+            file = self.path if os.path.isfile(self.path) else os.path.join(self.path, MODEL_FILE)
+            with safe_open(file, "np") as f:
+                self._config = json.loads((f.metadata() or {}).get("config", "{}"))
+        return self._config
+
+    def generation_defaults(self) -> dict:
+        """Encoder-decoders: decoder_start_token_id, eos_token_id, forced_bos_token_id and
+        forced_eos_token_id from the model's generation_config.json (next to the model file), else its
+        config; what transformers' generate() uses by default (greedy, one beam)."""
+        import json
+
+        folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+        gen = {}
+        path = os.path.join(folder, "generation_config.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                gen = json.load(f)
+        out = {}
+        for key in ("decoder_start_token_id", "eos_token_id", "forced_bos_token_id", "forced_eos_token_id"):
+            v = gen.get(key, self.config.get(key))
+            if isinstance(v, list):  # several eos ids: each stops; only a single one can be forced
+                v = v if key == "eos_token_id" else (v[0] if len(v) == 1 else None)
+            out[key] = v
+        return out
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -139,20 +187,44 @@ class Engine:
 
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Optional[Iterable[int]] = None,
-                 callback: Optional[Callable[[int], None]] = None) -> Union[str, List[int]]:
+                 callback: Optional[Callable[[int], None]] = None, forced_bos_token_id: Optional[int] = None,
+                 forced_eos_token_id: Optional[int] = None) -> Union[str, List[int]]:
         """Continue `prompt` (text, or a list of token ids). Returns text for text, ids for ids.
         Greedy when temperature <= 0. `callback(token_id)` is called for each new token as it is made;
-        stop_tokens default to the tokenizer's end-of-text token where one is known."""
-        if not self.is_decoder:
+        stop_tokens default to the tokenizer's end-of-text token where one is known.
+
+        Encoder-decoders (BART): the prompt is the encoder's input and the result the decoder's output
+        (text without special tokens, or the new ids). As transformers' generate() with num_beams=1: the
+        decoder starts from decoder_start_token_id, stops at eos_token_id, and forced_bos_token_id /
+        forced_eos_token_id (from generation_config.json or the config; forced_eos replaces the last
+        token max_new_tokens allows) apply; forced_bos_token_id / forced_eos_token_id given here replace
+        the model's (-1: none)."""
+        if not (self.is_decoder or self.is_seq2seq):
             raise ValueError(f"generate() needs a decoder; {self.architecture} is an encoder")
         as_text = isinstance(prompt, str)
         ids = self._need_tokenizer().encode(prompt).ids if as_text else list(prompt)
         if len(ids) == 0:
             raise ValueError("the prompt is empty")
+        seq2seq = {}
+        if self.is_seq2seq:
+            d = self.generation_defaults()
+            for key, given in (("forced_bos_token_id", forced_bos_token_id),
+                               ("forced_eos_token_id", forced_eos_token_id)):
+                v = d[key] if given is None else given
+                seq2seq[key] = -1 if v is None else int(v)
+            if d["decoder_start_token_id"] is not None:
+                seq2seq["decoder_start_token_id"] = int(d["decoder_start_token_id"])
+            if stop_tokens is None:
+                eos = d["eos_token_id"]
+                stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        elif forced_bos_token_id is not None or forced_eos_token_id is not None:
+            raise ValueError("forced_bos_token_id / forced_eos_token_id apply to encoder-decoder models")
         stops = list(stop_tokens) if stop_tokens is not None else self._default_stops()
         new = self._engine.generate(np.asarray([ids], dtype=np.int64), None, max_new_tokens, temperature,
-                                    top_k, top_p, seed, stops, callback)[0]
-        return self.tokenizer.decode(new) if as_text else list(new)
+                                    top_k, top_p, seed, stops, callback, **seq2seq)[0]
+        if as_text:
+            return self.tokenizer.decode(new, skip_special_tokens=True) if self.is_seq2seq else self.tokenizer.decode(new)
+        return list(new)
 
     def stream(self, prompt: Union[str, Sequence[int]], **kwargs) -> Iterator[str]:
         """Yield the text of each new token as generation proceeds (runs generate in a thread)."""

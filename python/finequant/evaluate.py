@@ -16,7 +16,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 def perplexity(engine, text: str, ctx: int = 512, max_tokens: Optional[int] = None, progress: bool = False) -> dict:
     """Perplexity of a decoder over consecutive, non-overlapping windows of `ctx` tokens of `text`
     (the first `max_tokens` tokens). Each window predicts its tokens 1..ctx-1 from what precedes them
-    in that window. Returns {"perplexity", "tokens" (predicted), "windows"}."""
+    in that window. Returns {"perplexity", "tokens" (predicted), "windows"}.
+    Encoder-decoders: see seq2seq_perplexity."""
+    if getattr(engine, "is_seq2seq", False):
+        return seq2seq_perplexity(engine, text, ctx=ctx, max_tokens=max_tokens, progress=progress)
     if not engine.is_decoder:
         raise ValueError("perplexity needs a decoder")
     if ctx < 2:
@@ -40,6 +43,51 @@ def perplexity(engine, text: str, ctx: int = 512, max_tokens: Optional[int] = No
         logp = _log_softmax(engine.forward(x)[0, :-1])
         nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
         count += len(w) - 1
+    return {"perplexity": math.exp(nll / count), "tokens": count, "windows": len(windows)}
+
+
+def _special_id(engine, key: str):
+    v = engine.config.get(key)
+    return v if isinstance(v, int) and 0 <= v < engine.vocab_size else None
+
+
+def seq2seq_perplexity(engine, text: str, ctx: int = 512, max_tokens: Optional[int] = None,
+                       progress: bool = False) -> dict:
+    """Perplexity of an encoder-decoder (BART) reconstructing its input: BART's denoising objective
+    without the noise. The text's tokens (the first `max_tokens`) are cut into consecutive windows;
+    each window w becomes the sequence s = [bos] + w + [eos] (where the config names them), fed to the
+    encoder, and the decoder predicts every token of s from [decoder_start] + s[:-1] (teacher forcing)
+    while attending to the encoder's output. It measures how faithfully the model passes its input
+    through encoder, cross-attention and decoder (low for a trained BART, ~1-2), which is what
+    quantization disturbs; it is not a language-model perplexity comparable with a decoder's.
+    `ctx` bounds len(s) (and max_positions). Returns {"perplexity", "tokens" (predicted), "windows"}."""
+    if ctx < 3:
+        raise ValueError("ctx must be at least 3")
+    bos, eos = _special_id(engine, "bos_token_id"), _special_id(engine, "eos_token_id")
+    start = engine.generation_defaults()["decoder_start_token_id"]
+    if start is None:
+        raise ValueError("the model's config has no decoder_start_token_id")
+    ctx = min(ctx, engine.max_positions)
+    width = ctx - (bos is not None) - (eos is not None)
+    ids = engine._need_tokenizer().encode(text, add_special_tokens=False).ids
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if not ids:
+        raise ValueError("the text has no tokens")
+    windows = [ids[i:i + width] for i in range(0, len(ids), width)]
+    nll, count = 0.0, 0
+    iterator = windows
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(windows, desc="perplexity", unit="window")
+    for w in iterator:
+        seq = ([bos] if bos is not None else []) + list(w) + ([eos] if eos is not None else [])
+        x = np.asarray([seq], dtype=np.int64)
+        dec = np.asarray([[start] + seq[:-1]], dtype=np.int64)
+        logp = _log_softmax(engine.forward(x, None, decoder_input_ids=dec)[0])
+        nll -= float(logp[np.arange(len(seq)), seq].sum())
+        count += len(seq)
     return {"perplexity": math.exp(nll / count), "tokens": count, "windows": len(windows)}
 
 

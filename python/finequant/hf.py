@@ -1,18 +1,22 @@
 """Read Hugging Face model folders into canonical fp32 tensors (docs/model-format.md).
 
 Canonical means: task-head prefixes removed (`bert.`, `transformer.`), non-parameter buffers dropped,
-GPT-2 Conv1D weights transposed to [out, in], a tied lm_head dropped.
+GPT-2 Conv1D weights transposed to [out, in], a tied lm_head dropped. BART keeps transformers' names
+under `model.` (`model.shared.weight`, `model.encoder.layers.0.self_attn.q_proj`, ...) plus
+`final_logits_bias`; its encoder / decoder `embed_tokens` are dropped when equal to `model.shared`.
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
-FAMILIES = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
+FAMILIES = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "mistral": "llama", "bart": "bart"}
+SEQ2SEQ_FAMILIES = ("bart",)  # encoder-decoder: Linears belong to the "encoder" or the "decoder" stack
+STACKS = ("encoder", "decoder")
 
 # Copied next to the model file: the tokenizer, plus the chat template and generation defaults.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -24,7 +28,7 @@ _GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight"
 
 @dataclass
 class HFModel:
-    family: str                       # "bert", "gpt2" or "llama"
+    family: str                       # "bert", "gpt2", "llama" or "bart"
     config: dict                      # config.json as loaded
     tensors: Dict[str, torch.Tensor]  # canonical names -> fp32
     folder: str = ""
@@ -34,6 +38,9 @@ class HFModel:
     def num_layers(self) -> int:
         return num_layers(self.config)
 
+    def linear_parts(self) -> Dict[str, str]:
+        return linear_parts(self.family, self.num_layers, self.config)
+
     def copy(self) -> "HFModel":
         """A copy with its own tensor dict: transforms that replace entries (smoothing, LKD) leave this
         model as it is; the tensors themselves are shared, not copied."""
@@ -41,6 +48,12 @@ class HFModel:
 
 
 def num_layers(config: dict) -> int:
+    """Transformer blocks (an encoder-decoder: encoder + decoder blocks)."""
+    if config.get("model_type") in SEQ2SEQ_FAMILIES or "encoder_layers" in config:
+        try:
+            return int(config["encoder_layers"]) + int(config["decoder_layers"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("config.json has no encoder_layers / decoder_layers") from None
     for key in ("num_hidden_layers", "n_layer"):
         if key in config:
             return int(config[key])
@@ -131,6 +144,11 @@ def _canonical_name(family: str, name: str):
         if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers
             return None
         return name
+    if family == "bart":
+        # a saved base model (BartModel) lacks the "model." prefix
+        if name.startswith(("shared.", "encoder.", "decoder.")):
+            name = "model." + name
+        return name
     # llama family: a saved base model (LlamaModel) lacks the "model." prefix.
     if "rotary_emb" in name:
         return None
@@ -141,7 +159,16 @@ def _canonical_name(family: str, name: str):
 
 def embedding_name(family: str) -> str:
     return {"bert": "embeddings.word_embeddings.weight", "gpt2": "wte.weight",
-            "llama": "model.embed_tokens.weight"}[family]
+            "llama": "model.embed_tokens.weight", "bart": "model.shared.weight"}[family]
+
+
+def stack_of(family: str, module: str):
+    """"encoder" or "decoder" for a Linear of an encoder-decoder model, else None."""
+    if family in SEQ2SEQ_FAMILIES:
+        for stack in STACKS:
+            if module.startswith(f"model.{stack}."):
+                return stack
+    return None
 
 
 def canonicalize(family: str, config: dict, raw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -154,8 +181,15 @@ def canonicalize(family: str, config: dict, raw: Dict[str, torch.Tensor]) -> Dic
         if family == "gpt2" and cname.endswith(_GPT2_CONV1D) and t.dim() == 2:
             t = t.t()  # Conv1D stores [in, out]
         out[cname] = t.contiguous()
-    tied = config.get("tie_word_embeddings", family != "llama")
     emb = out.get(embedding_name(family))
+    if family == "bart":
+        # Both stacks' token embeddings are model.shared when tied (older files store the copies);
+        # untied (tie_word_embeddings false in transformers 5) each stack keeps its own table.
+        for name in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"):
+            t = out.get(name)
+            if t is not None and emb is not None and torch.equal(t, emb):
+                del out[name]
+    tied = config.get("tie_word_embeddings", family != "llama")
     head = out.get("lm_head.weight")
     if tied and head is not None and emb is not None and head.shape == emb.shape \
             and torch.equal(head, emb):
@@ -185,16 +219,31 @@ def load(folder: str) -> HFModel:
     family = family_of(config)
     tensors = canonicalize(family, config, read_weights(folder))
     n = num_layers(config)
-    missing = [m for m in linear_parts(family, n) if m + ".weight" not in tensors]
+    missing = [m for m in linear_parts(family, n, config) if m + ".weight" not in tensors]
     if missing:
         raise ValueError(f"{folder}: {len(missing)} Linear weight(s) of a {family} model with {n} "
                          f"layers are missing, e.g. {missing[0]}.weight")
     return HFModel(family=family, config=config, tensors=tensors, folder=folder)
 
 
-def linear_parts(family: str, num_layers: int) -> Dict[str, str]:
-    """Module name -> part (qkv, attn_out, fc1, fc2) for every Linear of the transformer blocks."""
+def linear_parts(family: str, num_layers: int, config: Optional[dict] = None) -> Dict[str, str]:
+    """Module name -> part (qkv, attn_out, fc1, fc2) for every Linear of the transformer blocks.
+    An encoder-decoder (bart) needs `config` for its encoder_layers / decoder_layers; its
+    cross-attention's q/k/v count as qkv and its out_proj as attn_out (stack_of tells the stacks apart)."""
     parts: Dict[str, str] = {}
+    if family == "bart":
+        if config is None:
+            raise ValueError("linear_parts of a bart model needs its config (encoder_layers, decoder_layers)")
+        for stack in STACKS:
+            for i in range(int(config[f"{stack}_layers"])):
+                p = f"model.{stack}.layers.{i}."
+                for attn in ("self_attn.", "encoder_attn.") if stack == "decoder" else ("self_attn.",):
+                    for proj in ("q_proj", "k_proj", "v_proj"):
+                        parts[p + attn + proj] = "qkv"
+                    parts[p + attn + "out_proj"] = "attn_out"
+                parts[p + "fc1"] = "fc1"
+                parts[p + "fc2"] = "fc2"
+        return parts
     for i in range(num_layers):
         if family == "bert":
             p = f"encoder.layer.{i}."

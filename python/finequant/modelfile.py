@@ -29,7 +29,10 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
     Tensors are torch tensors (so BF16 storage is possible); quantized weights are I8 / U8 (INT4
     packed into U8 along K). If `errors` is a dict it receives module -> relative weight error.
     """
-    parts = hf.linear_parts(model.family, model.num_layers)
+    parts = model.linear_parts()
+    if scheme.stacks and model.family not in hf.SEQ2SEQ_FAMILIES:
+        raise ValueError(f"per-stack schemes ({', '.join(s for s, _ in scheme.stacks)}) apply to encoder-decoder "
+                         f"models ({', '.join(hf.SEQ2SEQ_FAMILIES)}), not {model.family}")
     weights = {module: model.tensors.get(module + ".weight") for module in parts}
     if HEAD in scheme.parts and model.family != "bert":
         # The LM head gets its own quantized tensor; a tied embedding stays floating point.
@@ -49,7 +52,7 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
         if w.dim() != 2:
             raise ValueError(f"{module}.weight has shape {tuple(w.shape)}, expected 2-D")
         n, k = w.shape
-        lq = scheme.for_linear(part, n, k)
+        lq = scheme.for_linear(part, n, k, stack=hf.stack_of(model.family, module))
         if lq.weight_bits:
             if lq.weight_bits == 4 and k % 2:
                 raise ValueError(f"INT4 packing needs an even number of columns: {module} has K={k}")
@@ -172,7 +175,8 @@ def load_info(model_dir: str) -> dict:
         "scheme": meta.get("scheme"),
         "smoothing": _optional_json(meta.get("smoothing")),
         "config": config,
-        "num_layers": hf.num_layers(config) if ("num_hidden_layers" in config or "n_layer" in config) else None,
+        "num_layers": hf.num_layers(config) if any(k in config for k in ("num_hidden_layers", "n_layer", "encoder_layers"))
+        else None,
         "linears": quant,
         "num_tensors": len(header),
         "tensor_bytes": tensor_bytes,

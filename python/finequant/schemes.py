@@ -3,12 +3,13 @@
 A scheme says, for each part of a transformer block (qkv, attn_out, fc1, fc2), how many bits the
 weight and the activations get, whether each side is symmetric, and which tile one weight scale
 covers (DESIGN.md section 2). `QuantScheme.for_linear` turns that into a concrete `LinearQuant`
-for a weight of shape [N, K].
+for a weight of shape [N, K]. An encoder-decoder's stacks ("encoder", "decoder") may each get their
+own scheme (`stacks`), e.g. the INT4 paper's W4A4 encoder with a W8A8 decoder.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 PARTS = ("qkv", "attn_out", "fc1", "fc2")  # the block GEMMs, quantized by default
@@ -17,6 +18,7 @@ KNOWN_PARTS = PARTS + (HEAD,)
 ATTENTION_PARTS = ("qkv", "attn_out")
 MLP_PARTS = ("fc1", "fc2")
 SCHEME_NAMES = ("fp32", "bf16", "w8a16", "w4a16", "w8a8", "w4a8", "w4/8a8", "w4/8a16", "w4a4")
+STACKS = ("encoder", "decoder")  # the stacks of an encoder-decoder model
 
 DEFAULT_INT4_KBLOCK = 32
 
@@ -82,10 +84,12 @@ class QuantScheme:
     parts: Tuple[str, ...] = PARTS
     float_dtype: str = "fp32"  # storage of the floating-point tensors: "fp32" or "bf16"
     head_bits: int = 8  # the LM head's weight bits when "head" is in parts: 8 (per channel) or 4 (grouping)
+    # encoder-decoder models: (stack, scheme) pairs whose scheme replaces this one for that stack's Linears
+    stacks: Tuple[Tuple[str, "QuantScheme"], ...] = ()
 
     @property
     def is_quantized(self) -> bool:
-        return bool(self.attn_weight_bits or self.mlp_weight_bits)
+        return bool(self.attn_weight_bits or self.mlp_weight_bits) or any(s.is_quantized for _, s in self.stacks)
 
     def _tile(self, bits: int, n: int, k: int, part: str) -> Tuple[int, int]:
         g = self.grouping
@@ -104,8 +108,12 @@ class QuantScheme:
             raise ValueError(f"kblock {size} is larger than the {k} input columns of {part}")
         return (1, size)
 
-    def for_linear(self, part: str, n: int, k: int) -> LinearQuant:
-        """Concrete quantization of a Linear of `part` with weight [n, k]."""
+    def for_linear(self, part: str, n: int, k: int, stack: Optional[str] = None) -> LinearQuant:
+        """Concrete quantization of a Linear of `part` with weight [n, k]; `stack` ("encoder" or
+        "decoder", encoder-decoder models) picks that stack's scheme when it has one."""
+        for name, sub in self.stacks:
+            if name == stack:
+                return sub.for_linear(part, n, k)
         if part not in KNOWN_PARTS:
             raise ValueError(f"unknown part {part!r}: expected one of {', '.join(KNOWN_PARTS)}")
         if n < 1 or k < 1:
@@ -142,11 +150,13 @@ class QuantScheme:
                 words.append("parts=" + ",".join(self.parts))
             if HEAD in self.parts and self.head_bits != 8:
                 words.append(f"head=int{self.head_bits}")
+        words += [f"{stack}={sub.name}" for stack, sub in self.stacks]
         return " ".join(words)
 
 
 def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: bool = True,
-                 grouping: Grouping = None, parts=None, head_bits: int = 8) -> QuantScheme:
+                 grouping: Grouping = None, parts=None, head_bits: int = 8, encoder: Optional[str] = None,
+                 decoder: Optional[str] = None) -> QuantScheme:
     """Parse a scheme name (see SCHEME_NAMES; generally w(4|8)[/(4|8)]a(4|8|16|32)).
 
     "wA/B" gives the MLP (fc1, fc2) A-bit weights and the attention (qkv, attn_out) B-bit weights.
@@ -154,7 +164,30 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
     "head" also quantizes a decoder's LM head (INT8 weights per channel, INT8 tokens); head_bits=4
     makes its weights INT4, grouped like the scheme's INT4 weights (default K-blocks of 32): half the
     bytes of the largest GEMM of a small model's decode step.
+
+    `encoder` / `decoder` (encoder-decoder models): a scheme name for that stack's Linears instead
+    of `name`, with the same options; e.g. parse_scheme("w8a8", encoder="w4a4") is the INT4 paper's
+    W4A4 encoder + W8A8 decoder. "fp32" leaves a stack floating point (bf16 is a storage choice of
+    the whole file, not of a stack). The LM head follows `name`.
     """
+    main = _parse_one(name, weight_symmetric=weight_symmetric, act_symmetric=act_symmetric, grouping=grouping,
+                      parts=parts, head_bits=head_bits)
+    stacks = []
+    for stack, sub in (("encoder", encoder), ("decoder", decoder)):
+        if sub is None:
+            continue
+        if not isinstance(sub, str) or sub.strip().lower() == "bf16":
+            raise ValueError(f"{stack} scheme must be fp32 or a w..a.. scheme, got {sub!r}")
+        block_parts = tuple(p for p in main.parts if p != HEAD)
+        if not block_parts:
+            raise ValueError(f"parts name no block GEMM for the {stack} scheme to quantize")
+        stacks.append((stack, _parse_one(sub, weight_symmetric=weight_symmetric, act_symmetric=act_symmetric,
+                                         grouping=grouping, parts=block_parts, head_bits=8)))
+    return replace(main, stacks=tuple(stacks)) if stacks else main
+
+
+def _parse_one(name: str, *, weight_symmetric: bool, act_symmetric: bool, grouping: Grouping, parts,
+               head_bits: int) -> QuantScheme:
     key = name.strip().lower()
     if parts is None:
         parts = PARTS

@@ -18,7 +18,7 @@ namespace {
 // An integer NumPy array of any int kind as a C-contiguous int64 [B, T] array.
 py::array_t<int64_t> as_int64_2d(const py::array& a, const char* what) {
   const char kind = a.dtype().kind();
-  FQ_CHECK_ARG(kind == 'i' || kind == 'u' || (kind == 'b' && std::string(what) == "attention_mask"),
+  FQ_CHECK_ARG(kind == 'i' || kind == 'u' || (kind == 'b' && std::string(what).find("attention_mask") != std::string::npos),
                std::string(what) + " must be an integer array, got dtype " + std::string(py::str(a.dtype())));
   FQ_CHECK_ARG(a.ndim() == 2, std::string(what) + " must be 2-D [batch, tokens], got " + std::to_string(a.ndim()) + "-D");
   return py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
@@ -84,12 +84,39 @@ void bind_engine(py::module_& m) {
           py::arg("input_ids"), py::arg("attention_mask") = py::none(),
           "input_ids int [B, T], attention_mask 0/1 [B, T] or None -> float32 [B, T, hidden or vocab]")
       .def(
+          "forward_seq2seq",
+          [](const Engine& e, const py::array& ids, std::optional<py::array> mask, const py::array& decoder_ids,
+             std::optional<py::array> decoder_mask) {
+            const Inputs in = read_inputs(ids, mask);
+            Inputs dec;
+            dec.ids_array = as_int64_2d(decoder_ids, "decoder_input_ids");
+            dec.ids = borrow_i64(dec.ids_array);
+            if (decoder_mask) {
+              dec.mask_array = as_int64_2d(*decoder_mask, "decoder_attention_mask");
+              dec.mask = borrow_i64(dec.mask_array);
+            }
+            Tensor out;
+            {
+              py::gil_scoped_release release;
+              out = e.forward_seq2seq(in.ids, in.mask_or_null(), dec.ids, dec.mask_or_null());
+            }
+            return float_tensor_to_numpy(std::move(out));
+          },
+          py::arg("input_ids"), py::arg("attention_mask"), py::arg("decoder_input_ids"),
+          py::arg("decoder_attention_mask") = py::none(),
+          "Encoder-decoder models: encoder ids/mask [B, T], decoder ids [B, Td] (+ 0/1 mask or None) -> "
+          "float32 logits [B, Td, vocab]")
+      .def(
           "generate",
           [](const Engine& e, const py::array& ids, std::optional<py::array> mask, int64_t max_new_tokens,
              float temperature, int64_t top_k, float top_p, uint64_t seed, std::vector<int64_t> stop_tokens,
-             std::optional<py::function> on_token) {
+             std::optional<py::function> on_token, int64_t decoder_start_token_id, int64_t forced_bos_token_id,
+             int64_t forced_eos_token_id) {
             const Inputs in = read_inputs(ids, mask);
             finequant::GenerationOptions o;
+            o.decoder_start_token_id = decoder_start_token_id;
+            o.forced_bos_token_id = forced_bos_token_id;
+            o.forced_eos_token_id = forced_eos_token_id;
             o.max_new_tokens = max_new_tokens;
             o.temperature = temperature;
             o.top_k = top_k;
@@ -109,9 +136,13 @@ void bind_engine(py::module_& m) {
           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("max_new_tokens") = 32,
           py::arg("temperature") = 0.f, py::arg("top_k") = 0, py::arg("top_p") = 1.f, py::arg("seed") = 0,
           py::arg("stop_tokens") = std::vector<int64_t>{}, py::arg("on_token") = py::none(),
-          "Greedy (temperature <= 0) or sampled continuation; returns the new tokens of each row.")
+          py::arg("decoder_start_token_id") = -1, py::arg("forced_bos_token_id") = -1,
+          py::arg("forced_eos_token_id") = -1,
+          "Greedy (temperature <= 0) or sampled continuation (encoder-decoders: the decoder's output for "
+          "the input); returns the new tokens of each row.")
       .def_property_readonly("architecture", &Engine::architecture)
       .def_property_readonly("is_decoder", &Engine::is_decoder)
+      .def_property_readonly("is_seq2seq", &Engine::is_seq2seq)
       .def_property_readonly("vocab_size", &Engine::vocab_size)
       .def_property_readonly("hidden_size", &Engine::hidden_size)
       .def_property_readonly("num_layers", &Engine::num_layers)

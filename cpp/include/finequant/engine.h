@@ -31,6 +31,13 @@ struct GenerationOptions {
   uint64_t seed = 0;        // sampling is deterministic for a given seed
   std::vector<int64_t> stop_tokens;  // a row stops after emitting one of these (it is included)
   std::function<void(int64_t row, int64_t token)> on_token;  // called as each token is chosen (streaming)
+  // Encoder-decoder models only (-1: unset). The decoder starts from decoder_start_token_id (unset:
+  // the config's); forced_bos_token_id is the first new token and forced_eos_token_id the last one a
+  // call can make (max_new_tokens or the positions' limit), as transformers' ForcedBOS / ForcedEOS
+  // logits processors do; the Python Engine passes the model's generation_config values.
+  int64_t decoder_start_token_id = -1;
+  int64_t forced_bos_token_id = -1;
+  int64_t forced_eos_token_id = -1;
 };
 
 class Engine {
@@ -45,21 +52,31 @@ class Engine {
 
   // input_ids: I64 [B, T], ids in [0, vocab_size); attention_mask: I64 [B, T] of 0/1 or null
   // (all ones), every row needing at least one 1. T <= max_positions().
-  // Returns host F32 [B, T, hidden_size] (encoders: last hidden states) or [B, T, vocab_size]
-  // (decoders: logits). Decoder positions are cumsum(mask) - 1, so left or right padding gives
+  // Returns host F32 [B, T, hidden_size] (encoders, and the encoder of an encoder-decoder: last
+  // hidden states) or [B, T, vocab_size] (decoders: logits). Decoder positions are cumsum(mask) - 1, so left or right padding gives
   // the same outputs at real tokens; outputs at padded positions are unspecified.
   Tensor forward(const Tensor& input_ids, const Tensor* attention_mask = nullptr) const;
 
-  // Decoders only: batched prefill with a KV cache, then incremental decoding. Returns the new
+  // Encoder-decoder models (is_seq2seq()): logits F32 [B, Td, vocab_size] of the decoder run on
+  // decoder_input_ids [B, Td] (teacher forcing) over the encoder's output for input_ids [B, T].
+  // decoder_attention_mask (0/1 or null) masks padded decoder tokens as keys; decoder positions are
+  // 0..Td-1 whatever the padding (as in transformers), so pad decoder inputs on the right.
+  Tensor forward_seq2seq(const Tensor& input_ids, const Tensor* attention_mask, const Tensor& decoder_input_ids,
+                         const Tensor* decoder_attention_mask = nullptr) const;
+
+  // Decoders: batched prefill with a KV cache, then incremental decoding. Encoder-decoders: the
+  // encoder runs once on input_ids, then the decoder from decoder_start_token_id with a growing
+  // self-attention cache and the cross-attention keys/values computed once. Returns the new
   // tokens of each row (stopping at a stop token, max_new_tokens, or max_positions in total).
   std::vector<std::vector<int64_t>> generate(const Tensor& input_ids, const Tensor* attention_mask,
                                              const GenerationOptions& options) const;
 
-  const std::string& architecture() const;  // "bert", "gpt2", "llama"
+  const std::string& architecture() const;  // "bert", "gpt2", "llama", "bart"
   bool is_decoder() const;
+  bool is_seq2seq() const;  // encoder-decoder ("bart")
   int64_t vocab_size() const;
   int64_t hidden_size() const;
-  int64_t num_layers() const;
+  int64_t num_layers() const;  // encoder-decoder: encoder + decoder layers
   int64_t max_positions() const;
   const std::string& scheme() const;
   Device device() const;
@@ -68,6 +85,8 @@ class Engine {
   void set_threads(int threads);  // 0: the default
 
  private:
+  std::vector<std::vector<int64_t>> generate_seq2seq(const Tensor& input_ids, const Tensor* attention_mask,
+                                                     const GenerationOptions& options) const;
   struct Impl;
   explicit Engine(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;

@@ -40,37 +40,38 @@ struct Batch {
   std::vector<uint8_t> mask;  // [B, T] 0/1
 };
 
-// All checks on user input happen here, before any kernel runs.
-Batch validate(const Model& model, const Tensor& ids, const Tensor* mask) {
+// All checks on user input happen here, before any kernel runs. `what`: the argument's name.
+Batch validate(const Model& model, const Tensor& ids, const Tensor* mask, const std::string& what = "input_ids",
+               const std::string& mask_what = "attention_mask") {
   const ModelConfig& c = model.config();
-  FQ_CHECK_ARG(ids.defined(), "input_ids is empty (undefined tensor)");
-  FQ_CHECK_ARG(ids.dtype() == DType::I64, std::string("input_ids must be int64, got ") + dtype_name(ids.dtype()));
-  FQ_CHECK_ARG(ids.ndim() == 2, "input_ids must be 2-D [batch, tokens], got shape " + shape_str(ids.shape()));
+  FQ_CHECK_ARG(ids.defined(), what + " is empty (undefined tensor)");
+  FQ_CHECK_ARG(ids.dtype() == DType::I64, what + " must be int64, got " + dtype_name(ids.dtype()));
+  FQ_CHECK_ARG(ids.ndim() == 2, what + " must be 2-D [batch, tokens], got shape " + shape_str(ids.shape()));
   Batch b;
   b.B = ids.dim(0);
   b.T = ids.dim(1);
-  FQ_CHECK_ARG(b.B > 0 && b.T > 0, "input_ids is empty: shape " + shape_str(ids.shape()));
+  FQ_CHECK_ARG(b.B > 0 && b.T > 0, what + " is empty: shape " + shape_str(ids.shape()));
   FQ_CHECK_ARG(b.T <= c.max_positions, "sequence length " + std::to_string(b.T) + " exceeds max_positions " +
                                            std::to_string(c.max_positions));
   b.ids = ids.data<int64_t>();
   for (int64_t i = 0; i < b.B * b.T; ++i)
-    FQ_CHECK_ARG(b.ids[i] >= 0 && b.ids[i] < c.vocab_size, "input_ids[" + std::to_string(i / b.T) + ", " +
+    FQ_CHECK_ARG(b.ids[i] >= 0 && b.ids[i] < c.vocab_size, what + "[" + std::to_string(i / b.T) + ", " +
                                                                std::to_string(i % b.T) + "] = " + std::to_string(b.ids[i]) +
                                                                " is outside [0, " + std::to_string(c.vocab_size) + ")");
   b.mask.assign(static_cast<size_t>(b.B * b.T), 1);
   if (mask) {
     FQ_CHECK_ARG(mask->defined() && mask->dtype() == DType::I64,
-                 std::string("attention_mask must be int64, got ") + (mask->defined() ? dtype_name(mask->dtype()) : "undefined"));
-    FQ_CHECK_ARG(mask->shape() == ids.shape(), "attention_mask shape " + shape_str(mask->shape()) +
-                                                   " does not match input_ids shape " + shape_str(ids.shape()));
+                 mask_what + " must be int64, got " + (mask->defined() ? dtype_name(mask->dtype()) : "undefined"));
+    FQ_CHECK_ARG(mask->shape() == ids.shape(), mask_what + " shape " + shape_str(mask->shape()) + " does not match " +
+                                                   what + " shape " + shape_str(ids.shape()));
     const int64_t* m = mask->data<int64_t>();
     for (int64_t i = 0; i < b.B * b.T; ++i) {
-      FQ_CHECK_ARG(m[i] == 0 || m[i] == 1, "attention_mask values must be 0 or 1, got " + std::to_string(m[i]));
+      FQ_CHECK_ARG(m[i] == 0 || m[i] == 1, mask_what + " values must be 0 or 1, got " + std::to_string(m[i]));
       b.mask[i] = static_cast<uint8_t>(m[i]);
     }
     for (int64_t r = 0; r < b.B; ++r)
       FQ_CHECK_ARG(std::any_of(b.mask.begin() + r * b.T, b.mask.begin() + (r + 1) * b.T, [](uint8_t v) { return v; }),
-                   "attention_mask row " + std::to_string(r) + " has no tokens");
+                   mask_what + " row " + std::to_string(r) + " has no tokens");
   }
   return b;
 }
@@ -143,14 +144,39 @@ Tensor Engine::forward(const Tensor& input_ids, const Tensor* attention_mask) co
   return out;
 }
 
+Tensor Engine::forward_seq2seq(const Tensor& input_ids, const Tensor* attention_mask, const Tensor& decoder_input_ids,
+                               const Tensor* decoder_attention_mask) const {
+  FQ_CHECK(impl_->model->is_seq2seq(), ErrorKind::Unsupported,
+           "forward_seq2seq() needs an encoder-decoder model, this is '" + architecture() + "'");
+  const Batch b = validate(*impl_->model, input_ids, attention_mask);
+  const Batch d = validate(*impl_->model, decoder_input_ids, decoder_attention_mask, "decoder_input_ids",
+                           "decoder_attention_mask");
+  FQ_CHECK_ARG(d.B == b.B, "decoder_input_ids has " + std::to_string(d.B) + " rows, input_ids " + std::to_string(b.B));
+  const auto& model = static_cast<const Seq2Seq&>(*impl_->model);
+  const kernels::Backend& backend = model.backend();
+  const std::shared_ptr<ThreadPool> pool = impl_->current_pool();
+  const ExecContext ctx = backend.context(*pool);
+  Seq2SeqCache cache = model.start(ctx, b.ids, b.mask.data(), b.B, b.T, d.T);
+  Tensor out = model.step(ctx, d.ids, d.mask.data(), d.B, d.T, cache, true).to(Device::cpu());
+  backend.finish(ctx);
+  return out;
+}
+
 std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, const Tensor* attention_mask,
                                                    const GenerationOptions& o) const {
-  FQ_CHECK(impl_->model->is_decoder(), ErrorKind::Unsupported,
-           "generate() needs a decoder model, this is '" + architecture() + "'");
+  FQ_CHECK(impl_->model->is_decoder() || impl_->model->is_seq2seq(), ErrorKind::Unsupported,
+           "generate() needs a decoder or encoder-decoder model, this is '" + architecture() + "'");
   FQ_CHECK_ARG(o.max_new_tokens >= 0, "max_new_tokens must be >= 0");
   FQ_CHECK_ARG(std::isfinite(o.temperature), "temperature must be finite");
   FQ_CHECK_ARG(o.top_k >= 0, "top_k must be >= 0");
   FQ_CHECK_ARG(o.top_p > 0.f && o.top_p <= 1.f, "top_p must be in (0, 1]");
+  const int64_t V = vocab_size();
+  for (const auto& [name, id] : {std::pair<const char*, int64_t>{"decoder_start_token_id", o.decoder_start_token_id},
+                                 {"forced_bos_token_id", o.forced_bos_token_id},
+                                 {"forced_eos_token_id", o.forced_eos_token_id}})
+    FQ_CHECK_ARG(id >= -1 && id < V, std::string(name) + " " + std::to_string(id) + " is outside [0, " +
+                                         std::to_string(V) + ") (-1: unset)");
+  if (impl_->model->is_seq2seq()) return generate_seq2seq(input_ids, attention_mask, o);
   const Batch b = validate(*impl_->model, input_ids, attention_mask);
   const auto& decoder = static_cast<const Decoder&>(*impl_->model);
   const kernels::Backend& backend = decoder.backend();
@@ -162,7 +188,6 @@ std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, cons
     backend.finish(ctx);
     return host;
   };
-  const int64_t V = vocab_size();
   const int64_t capacity = std::min(b.T + o.max_new_tokens, max_positions());
   KVCache cache = decoder.new_cache(b.B, capacity);
   std::mt19937_64 rng(o.seed);
@@ -190,11 +215,58 @@ std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, cons
   return out;
 }
 
+std::vector<std::vector<int64_t>> Engine::generate_seq2seq(const Tensor& input_ids, const Tensor* attention_mask,
+                                                           const GenerationOptions& o) const {
+  const Batch b = validate(*impl_->model, input_ids, attention_mask);
+  const auto& model = static_cast<const Seq2Seq&>(*impl_->model);
+  const kernels::Backend& backend = model.backend();
+  const std::shared_ptr<ThreadPool> pool = impl_->current_pool();
+  const ExecContext ctx = backend.context(*pool);
+  auto logits_of = [&](Tensor t) {
+    Tensor host = t.to(Device::cpu());
+    backend.finish(ctx);
+    return host;
+  };
+  const int64_t V = vocab_size();
+  std::vector<std::vector<int64_t>> out(static_cast<size_t>(b.B));
+  if (o.max_new_tokens == 0) return out;
+  // The decoder holds the start token plus the new tokens but the last (never fed back).
+  const int64_t capacity = std::min<int64_t>(o.max_new_tokens, max_positions());
+  const int64_t limit = capacity;  // new tokens this call can make
+  Seq2SeqCache cache = model.start(ctx, b.ids, b.mask.data(), b.B, b.T, capacity);
+  std::mt19937_64 rng(o.seed);
+  const int64_t start = o.decoder_start_token_id >= 0 ? o.decoder_start_token_id : model.config().decoder_start_token_id;
+  std::vector<int64_t> next(static_cast<size_t>(b.B), start);
+  std::vector<uint8_t> done(static_cast<size_t>(b.B), 0), step_mask(static_cast<size_t>(b.B), 1);
+  Tensor logits = logits_of(model.step(ctx, next.data(), step_mask.data(), b.B, 1, cache, false));
+  for (int64_t n = 0; n < limit; ++n) {
+    const int64_t forced = n == 0 && o.forced_bos_token_id >= 0 ? o.forced_bos_token_id
+                           : n + 1 == limit && o.forced_eos_token_id >= 0 ? o.forced_eos_token_id
+                                                                          : -1;
+    for (int64_t r = 0; r < b.B; ++r) {
+      if (done[r]) continue;
+      // A forced token consumes no randomness: transformers' forced logits leave one finite score.
+      next[r] = forced >= 0 ? forced : choose_token(logits.data<float>() + r * V, V, o, rng);
+      out[r].push_back(next[r]);
+      if (o.on_token) o.on_token(r, next[r]);
+      if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), next[r]) != o.stop_tokens.end()) done[r] = 1;
+    }
+    if (std::all_of(done.begin(), done.end(), [](uint8_t d) { return d; }) || n + 1 == limit) break;
+    for (int64_t r = 0; r < b.B; ++r) step_mask[r] = done[r] ? 0 : 1;  // finished rows ride along as padding
+    logits = logits_of(model.step(ctx, next.data(), step_mask.data(), b.B, 1, cache, false));
+  }
+  return out;
+}
+
 const std::string& Engine::architecture() const { return impl_->model->config().architecture; }
 bool Engine::is_decoder() const { return impl_->model->is_decoder(); }
+bool Engine::is_seq2seq() const { return impl_->model->is_seq2seq(); }
 int64_t Engine::vocab_size() const { return impl_->model->config().vocab_size; }
 int64_t Engine::hidden_size() const { return impl_->model->config().hidden_size; }
-int64_t Engine::num_layers() const { return impl_->model->config().num_layers; }
+int64_t Engine::num_layers() const {
+  const ModelConfig& c = impl_->model->config();
+  return c.num_layers + c.decoder_layers;
+}
 int64_t Engine::max_positions() const { return impl_->model->config().max_positions; }
 const std::string& Engine::scheme() const { return impl_->file.scheme; }
 Device Engine::device() const { return impl_->device; }

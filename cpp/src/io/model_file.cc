@@ -128,7 +128,7 @@ ModelFile ModelFile::open(const std::string& path) {
   if (f.meta("format_version") != "1")
     format_error(path, "unsupported format_version " + f.meta("format_version"));
   m.architecture = f.meta("architecture");
-  if (m.architecture != "bert" && m.architecture != "gpt2" && m.architecture != "llama")
+  if (m.architecture != "bert" && m.architecture != "gpt2" && m.architecture != "llama" && m.architecture != "bart")
     fail(ErrorKind::Unsupported, path + ": unsupported architecture '" + m.architecture + "'");
   m.config_json = f.meta("config");
   parse_json_object(path, "config", m.config_json);

@@ -64,4 +64,47 @@ Tensor SelfAttention::forward(const ExecContext& ctx, const kernels::GemmInput& 
   return o.forward(ctx, out);
 }
 
+CrossKV CrossAttention::project(const ExecContext& ctx, const Tensor& memory, int64_t B, int64_t Tm,
+                                Tensor key_valid) const {
+  const kernels::Backend& be = *ctx.backend;
+  const int64_t H = heads, D = head_dim;
+  const std::vector<Tensor> outs = Linear::forward_each(ctx, kv, kernels::GemmInput{memory});
+  const bool merged = outs.size() == 1;
+  const float* kp = outs[0].data<float>();
+  const float* vp = merged ? outs[0].data<float>() + H * D : outs[1].data<float>();
+  const int64_t ks = outs[0].dim(1), vs = outs[merged ? 0 : 1].dim(1);
+  CrossKV m;
+  m.Tm = Tm;
+  m.key_valid = std::move(key_valid);
+  const Shape s{B, H, Tm, D};
+  m.kv = LayerKV{Tensor::empty(DType::F32, s, ctx.device), Tensor::empty(DType::F32, s, ctx.device)};
+  // Token-major projections viewed as [B, H, Tm, D], stored head-major like a KV cache.
+  be.kv_append(ctx, kernels::HeadView{kp, Tm * ks, D, ks}, kernels::HeadView{vp, Tm * vs, D, vs}, m.kv.k, m.kv.v, 0,
+               Tm);
+  return m;
+}
+
+Tensor CrossAttention::forward(const ExecContext& ctx, const kernels::GemmInput& x, int64_t B, int64_t T,
+                               const CrossKV& mem) const {
+  const int64_t H = heads, D = head_dim, Tm = mem.Tm;
+  const Tensor qt = q.forward(ctx, x);
+  Tensor out = Tensor::empty(DType::F32, {B * T, H * D}, ctx.device);
+  kernels::AttentionArgs a;
+  a.q = kernels::HeadView{qt.data<float>(), T * H * D, D, H * D};
+  a.k = kernels::HeadView{mem.kv.k.data<float>(), H * Tm * D, Tm * D, D};
+  a.v = kernels::HeadView{mem.kv.v.data<float>(), H * Tm * D, Tm * D, D};
+  a.out = out.data<float>();
+  a.B = B;
+  a.H = a.KVH = H;
+  a.Tq = T;
+  a.Tk = Tm;
+  a.D = D;
+  a.key_valid = mem.key_valid.data<uint8_t>();
+  a.key_valid_stride = Tm;
+  a.causal_offset = -1;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  ctx.backend->attention(ctx, a);
+  return o.forward(ctx, out);
+}
+
 }  // namespace finequant

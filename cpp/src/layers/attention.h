@@ -48,4 +48,25 @@ class SelfAttention {
                  LayerKV* cache) const;
 };
 
+// Encoder-decoder cross-attention: queries from the decoder's rows, keys and values projected once
+// from the encoder's output (the memory) per call and kept for every decoder step.
+struct CrossKV {
+  LayerKV kv;         // [B, H, Tm, D]: k_proj / v_proj of the memory, computed by CrossAttention::project
+  int64_t Tm = 0;     // memory tokens per sequence
+  Tensor key_valid;   // U8 [B, Tm] on the device: the encoder's attention mask
+};
+
+class CrossAttention {
+ public:
+  Linear q;
+  std::vector<Linear> kv;  // [k | v] merged at load when they quantize alike, else two
+  Linear o;
+  int64_t heads = 0, head_dim = 0;
+
+  // memory: [B * Tm, C] encoder rows -> keys and values of every sequence. key_valid: U8 [B, Tm].
+  CrossKV project(const ExecContext& ctx, const Tensor& memory, int64_t B, int64_t Tm, Tensor key_valid) const;
+  // x: [B * T, C] decoder rows -> [B * T, C]; every query sees every valid memory token.
+  Tensor forward(const ExecContext& ctx, const kernels::GemmInput& x, int64_t B, int64_t T, const CrossKV& mem) const;
+};
+
 }  // namespace finequant

@@ -14,18 +14,29 @@ Tensor Mlp::forward(const ExecContext& ctx, const kernels::GemmInput& x) const {
   return down.forward(ctx, h);
 }
 
-Tensor Block::forward(const ExecContext& ctx, const Tensor& x, const AttentionContext& actx, LayerKV* cache) const {
+Tensor Block::forward(const ExecContext& ctx, const Tensor& x, const AttentionContext& actx, LayerKV* cache,
+                      const CrossKV* memory) const {
   const kernels::Backend& be = *ctx.backend;
+  FQ_CHECK_ARG(!has_cross || memory, "a cross-attention block needs the encoder's keys and values");
   if (pre_norm) {
     const kernels::NormParams n1 = norm1.params(), n2 = norm2.params();
     Tensor h = x.clone();
     be.add(ctx, h, attn.forward(ctx, kernels::GemmInput{x, &n1}, actx, cache));
+    if (has_cross) {
+      const kernels::NormParams nc = norm_cross.params();
+      be.add(ctx, h, cross.forward(ctx, kernels::GemmInput{h, &nc}, actx.B, actx.T, *memory));
+    }
     be.add(ctx, h, mlp.forward(ctx, kernels::GemmInput{h, &n2}));
     return h;
   }
   Tensor h = attn.forward(ctx, kernels::GemmInput{x}, actx, cache);
   be.add(ctx, h, x);
   h = norm1.forward(ctx, h);
+  if (has_cross) {
+    Tensor c = cross.forward(ctx, kernels::GemmInput{h}, actx.B, actx.T, *memory);
+    be.add(ctx, c, h);
+    h = norm_cross.forward(ctx, c);
+  }
   Tensor m = mlp.forward(ctx, kernels::GemmInput{h});
   be.add(ctx, m, h);
   return norm2.forward(ctx, m);

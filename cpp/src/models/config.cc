@@ -88,8 +88,44 @@ ModelConfig ModelConfig::parse(const std::string& architecture, const std::strin
     c.mlp_bias = get_or<bool>(j, "mlp_bias", false);
     if (j.contains("head_dim") && !j["head_dim"].is_null()) c.head_dim = get_int(j, "head_dim");
     FQ_CHECK(c.hidden_act == "silu", ErrorKind::Unsupported, "llama: hidden_act '" + c.hidden_act + "' is not supported");
+  } else if (architecture == "bart") {
+    c.hidden_size = get_int(j, "d_model");
+    c.num_layers = get_int(j, "encoder_layers");
+    c.num_heads = get_int(j, "encoder_attention_heads");
+    c.intermediate_size = get_int(j, "encoder_ffn_dim");
+    c.decoder_layers = get_int(j, "decoder_layers");
+    c.decoder_heads = get_int(j, "decoder_attention_heads");
+    c.decoder_intermediate_size = get_int(j, "decoder_ffn_dim");
+    c.max_positions = get_int(j, "max_position_embeddings");
+    c.norm_eps = 1e-5f;  // nn.LayerNorm's default: BART's config has no epsilon
+    c.hidden_act = get_or<std::string>(j, "activation_function", "gelu");
+    c.scale_embedding = get_or<bool>(j, "scale_embedding", false);
+    c.tie_word_embeddings = get_or<bool>(j, "tie_word_embeddings", true);
+    c.decoder_start_token_id = get_or<int64_t>(j, "decoder_start_token_id", 2);
+    FQ_CHECK(c.decoder_start_token_id >= 0 && c.decoder_start_token_id < c.vocab_size, ErrorKind::ModelFormat,
+             "bart: decoder_start_token_id " + std::to_string(c.decoder_start_token_id) + " is outside the vocabulary");
+    FQ_CHECK(c.hidden_size % c.num_heads == 0 && c.hidden_size % c.decoder_heads == 0, ErrorKind::ModelFormat,
+             "bart: d_model is not divisible by the attention heads");
+    // Fields of fairseq-converted configs that transformers' BART ignores but that describe another
+    // computation (mBART-style pre-LN, a final norm, fixed sinusoidal positions, logit bias from the
+    // hidden state): refused rather than silently computed differently.
+    FQ_CHECK(!get_or<bool>(j, "normalize_before", false), ErrorKind::Unsupported,
+             "bart: normalize_before=true (pre-LN blocks, mBART style) is not supported");
+    FQ_CHECK(!get_or<bool>(j, "add_final_layer_norm", false), ErrorKind::Unsupported,
+             "bart: add_final_layer_norm=true is not supported");
+    FQ_CHECK(get_or<bool>(j, "normalize_embedding", true), ErrorKind::Unsupported,
+             "bart: normalize_embedding=false is not supported");
+    FQ_CHECK(!get_or<bool>(j, "static_position_embeddings", false), ErrorKind::Unsupported,
+             "bart: static_position_embeddings=true is not supported");
+    FQ_CHECK(!get_or<bool>(j, "add_bias_logits", false), ErrorKind::Unsupported,
+             "bart: add_bias_logits=true is not supported");
+    FQ_CHECK(get_or<bool>(j, "is_encoder_decoder", true), ErrorKind::Unsupported,
+             "bart: is_encoder_decoder=false (a decoder-only BART) is not supported");
+    const std::string act = c.hidden_act;
+    FQ_CHECK(act == "gelu" || act == "gelu_new" || act == "gelu_pytorch_tanh" || act == "gelu_fast",
+             ErrorKind::Unsupported, "bart: activation_function '" + act + "' is not supported (GeLU only)");
   } else {
-    fail(ErrorKind::Unsupported, "unknown architecture '" + architecture + "' (expected bert, gpt2 or llama)");
+    fail(ErrorKind::Unsupported, "unknown architecture '" + architecture + "' (expected bert, gpt2, llama or bart)");
   }
   if (c.num_kv_heads == 0) c.num_kv_heads = c.num_heads;
   if (c.head_dim == 0) {

@@ -9,6 +9,7 @@ std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend
                                    kernels::FloatPrecision precision) {
   ModelConfig config = ModelConfig::parse(file.architecture, file.config_json);
   if (config.architecture == "bert") return std::make_unique<Encoder>(file, std::move(config), backend, pool, precision);
+  if (config.architecture == "bart") return std::make_unique<Seq2Seq>(file, std::move(config), backend, pool, precision);
   return std::make_unique<Decoder>(file, std::move(config), backend, pool, precision);
 }
 

@@ -1,6 +1,6 @@
-// Models built from a finequant file's config: Encoder (BERT family) and Decoder (GPT-2, Llama
-// family). Both are a stack of the shared Block; the family only decides embeddings, block variant
-// and head. Inputs reaching these classes have been validated by the Engine; ids and masks are host
+// Models built from a finequant file's config: Encoder (BERT family), Decoder (GPT-2, Llama
+// family) and Seq2Seq (BART). All are stacks of the shared Block; the family only decides
+// embeddings, block variant and head. Inputs reaching these classes have been validated by the Engine; ids and masks are host
 // arrays, everything else lives on the model's device.
 #pragma once
 #include <memory>
@@ -18,6 +18,7 @@ class Model {
   const ModelConfig& config() const { return config_; }
   const kernels::Backend& backend() const { return *backend_; }
   virtual bool is_decoder() const = 0;
+  virtual bool is_seq2seq() const { return false; }
   // ids, mask: [B, T] row-major host arrays (mask 0/1). Encoder: last hidden states F32 [B, T, C];
   // decoder: logits F32 [B, T, V]; on the model's device.
   virtual Tensor forward(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B,
@@ -72,6 +73,48 @@ class Decoder : public Model {
   Norm final_norm_;
   Rope rope_;
   Linear head_;
+};
+
+// The state of one seq2seq call: the encoder's keys and values for every decoder layer's
+// cross-attention (computed once from the encoder output) and the decoder's growing self-attention cache.
+struct Seq2SeqCache {
+  KVCache self;
+  std::vector<CrossKV> cross;  // per decoder layer
+};
+
+// Encoder-decoder (BART): a post-LN encoder over the input ids; a post-LN decoder whose blocks
+// attend causally to the decoder tokens and to the encoder's output, LM head tied to the shared
+// embedding plus final_logits_bias. Learned positions with BART's offset of 2: token t of a
+// sequence reads row t + 2 (positions ignore padding, as in transformers).
+class Seq2Seq : public Model {
+ public:
+  Seq2Seq(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool,
+          kernels::FloatPrecision precision);
+  bool is_decoder() const override { return false; }
+  bool is_seq2seq() const override { return true; }
+  // The encoder's last hidden states F32 [B, T, C].
+  Tensor forward(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T) const override;
+
+  // Runs the encoder over [B, T] (mask 0/1) and projects its output into every decoder layer's
+  // cross-attention keys and values; the decoder cache holds up to `capacity` tokens.
+  Seq2SeqCache start(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T,
+                     int64_t capacity) const;
+  // Decoder chunk [B, T] after what `cache` holds (mask 0/1: padded decoder tokens are never
+  // attended to; positions are cache.length + t). all_logits: F32 [B, T, V]; else F32 [B, V] of
+  // each row's last real token in the chunk.
+  Tensor step(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T,
+              Seq2SeqCache& cache, bool all_logits) const;
+
+ private:
+  // F32 [V, C]: each stack's token embedding (model.shared unless the file has the stack's own
+  // embed_tokens, untied), times sqrt(C) when scale_embedding
+  Tensor enc_embed_, dec_embed_;
+  Tensor enc_pos_, dec_pos_;  // F32 [max_positions + 2, C]
+  Norm enc_embed_norm_, dec_embed_norm_;
+  std::vector<Block> dec_blocks_;  // blocks_ holds the encoder's
+  Linear head_;
+  Tensor embed_rows(const ExecContext& ctx, const Tensor& table, const Tensor& table_pos, const int64_t* ids,
+                    const Tensor& positions, int64_t M) const;
 };
 
 // Builds the model that matches the file's architecture, its weights prepared for `backend`; its
