@@ -29,9 +29,18 @@ def rel_err(got, ref):
 
 
 def _cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "finequant", *map(str, args)], capture_output=True, text=True)
+    """`finequant ARGS` in this process (no interpreter start per call): (returncode, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from finequant.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check:
-        assert proc.returncode == 0, f"finequant {' '.join(map(str, args))} failed:\n{proc.stderr}"
+        assert code == 0, f"finequant {' '.join(map(str, args))} failed:\n{proc.stderr}"
     return proc
 
 
@@ -203,22 +212,25 @@ def test_sampling_is_deterministic_per_seed(untied):
 # ---- quantized engine against the simulation ---------------------------------------------------------
 
 SCHEMES = [
-    ("w8a8", ["--sym"]), ("w8a8", []),  # [] : the CLI default, asymmetric activations
+    ("w8a8", []),  # the CLI default, asymmetric activations
     ("w4a8", ["--kblock", "32", "--sym"]), ("w4a8", ["--asym"]),
     ("w4a4", ["--sym"]),
     ("w8a8", ["--encoder-scheme", "w4a4"]),  # the INT4 paper's W4A4 encoder + W8A8 decoder
-    ("w8a8", ["--parts", "qkv,attn_out,fc1,fc2,head"]),
+    ("w8a8", ["--sym", "--parts", "qkv,attn_out,fc1,fc2,head"]),  # untied lm_head quantized (the tied: below)
 ]
 
 
 @pytest.mark.parametrize("scheme,opts", SCHEMES, ids=[s + "".join(o) for s, o in SCHEMES])
-def test_quantized_engine_matches_simulation(tied, scheme, opts, tmp_path):
+def test_quantized_engine_matches_simulation(untied, scheme, opts, tmp_path):
+    # The untied model: its larger init makes every stack matter (INT4 moves its argmax on 10-25% of
+    # positions). Token-wise rounding can flip where the engine's and torch's fp32 sums differ in the
+    # last bit: hence the other families' tolerance (1e-2 relative, >= 99% argmax) on 256 positions.
     out = tmp_path / "q"
-    proc = _cli("quantize", tied["hf"], "-o", out, "--scheme", scheme, *opts)
+    proc = _cli("quantize", untied["hf"], "-o", out, "--scheme", scheme, *opts)
     assert "smoothing is not implemented for bart" in proc.stderr  # quantized default: the note, no smoothing
-    ids, mask, dec = _batch(seed=2, B=4, T=20, Td=15)
+    ids, mask, dec = _batch(seed=2, B=8, T=24, Td=32)
     got = Engine(str(out), threads=1).forward(ids, mask, decoder_input_ids=dec)
-    model = transformers.BartForConditionalGeneration.from_pretrained(tied["hf"], attn_implementation="eager").eval()
+    model = transformers.BartForConditionalGeneration.from_pretrained(untied["hf"], attn_implementation="eager").eval()
     records = read_records(str(out))
     simulate(model, records)
     ref = _torch_logits(model, ids, mask, dec)
@@ -226,11 +238,24 @@ def test_quantized_engine_matches_simulation(tied, scheme, opts, tmp_path):
     agree = (got.argmax(-1) == ref.argmax(-1)).mean()
     assert err <= 1e-2, f"{scheme} {opts}: relative error {err:.3g}"
     assert agree >= 0.99, f"{scheme} {opts}: argmax agreement {agree:.3f}"
-    fp = Engine(tied["fp32"], threads=1).forward(ids, mask, decoder_input_ids=dec)
+    fp = Engine(untied["fp32"], threads=1).forward(ids, mask, decoder_input_ids=dec)
     assert rel_err(got, fp) > 0  # the integer path ran
     if "--encoder-scheme" in opts:
         bits = {(n.split(".")[1], lq.weight_bits, lq.act_bits) for n, lq in records.items()}
         assert bits == {("encoder", 4, 4), ("decoder", 8, 8)}
+
+
+def test_tied_head_quantized(tied, tmp_path):
+    # the tied LM head gets its own quantized lm_head (from model.shared) plus final_logits_bias
+    out = tmp_path / "q"
+    _cli("quantize", tied["hf"], "-o", out, "--scheme", "w8a8", "--parts", "qkv,attn_out,fc1,fc2,head", "--quiet")
+    ids, mask, dec = _batch(seed=3)
+    got = Engine(str(out), threads=1).forward(ids, mask, decoder_input_ids=dec)
+    model = transformers.BartForConditionalGeneration.from_pretrained(tied["hf"], attn_implementation="eager").eval()
+    records = read_records(str(out))
+    assert records["lm_head"].weight_bits == 8
+    simulate(model, records)
+    assert rel_err(got, _torch_logits(model, ids, mask, dec)) <= 1e-2
 
 
 def test_stack_schemes():
