@@ -240,9 +240,10 @@ std::vector<std::vector<int64_t>> Engine::generate_seq2seq(const Tensor& input_i
   std::vector<uint8_t> done(static_cast<size_t>(b.B), 0), step_mask(static_cast<size_t>(b.B), 1);
   Tensor logits = logits_of(model.step(ctx, next.data(), step_mask.data(), b.B, 1, cache, false));
   for (int64_t n = 0; n < limit; ++n) {
-    const int64_t forced = n == 0 && o.forced_bos_token_id >= 0 ? o.forced_bos_token_id
-                           : n + 1 == limit && o.forced_eos_token_id >= 0 ? o.forced_eos_token_id
-                                                                          : -1;
+    // transformers applies ForcedBOS, then ForcedEOS: when both fall on one token, EOS wins.
+    const int64_t forced = n + 1 == limit && o.forced_eos_token_id >= 0 ? o.forced_eos_token_id
+                           : n == 0 && o.forced_bos_token_id >= 0       ? o.forced_bos_token_id
+                                                                        : -1;
     for (int64_t r = 0; r < b.B; ++r) {
       if (done[r]) continue;
       // A forced token consumes no randomness: transformers' forced logits leave one finite score.
