@@ -12,6 +12,7 @@
 #include "check.h"
 #include "finequant/runtime.h"
 #include "kernels/backend.h"
+#include "layers/linear.h"
 
 using namespace finequant;
 using fqtest::random_tensor;
@@ -167,6 +168,59 @@ TEST(norms_and_elementwise_ops) {
     return out;
   });
   CHECK_EQ(bit_differences(g1, g2), 0);
+}
+
+// The block-Hadamard rotation: the same operations in the same order, so bit for bit; out of place
+// and in place, blocks 2..4096, one row to many (grid-stride rows, several CTAs per row).
+TEST(hadamard) {
+  std::mt19937 rng(8);
+  struct Shape3 {
+    int64_t M, K, b;
+  };
+  for (const Shape3 c : {Shape3{1, 2, 2}, Shape3{3, 12, 4}, Shape3{7, 96, 32}, Shape3{1, 768, 64}, Shape3{33, 640, 128},
+                         Shape3{130, 3072, 512}, Shape3{5, 8192, 4096}, Shape3{2, 6144, 2048},
+                         Shape3{70000, 32, 16}}) {
+    const Tensor x = random_tensor({c.M, c.K}, rng, 0.1f, 3.f);
+    for (bool in_place : {false, true}) {
+      const auto [a, b] = on_both([&](const ExecContext& ctx) {
+        Tensor xd = x.to(ctx.device);
+        if (in_place) {
+          ctx.backend->hadamard(ctx, xd, xd, c.b);
+          return xd;
+        }
+        Tensor y = Tensor::empty(DType::F32, {c.M, c.K}, ctx.device);
+        ctx.backend->hadamard(ctx, xd, y, c.b);
+        return y;
+      });
+      const int64_t bad = bit_differences(a, b);
+      if (bad)
+        std::printf("  M=%lld K=%lld b=%lld %s: %lld of %lld differ\n", (long long)c.M, (long long)c.K,
+                    (long long)c.b, in_place ? "in place" : "out of place", (long long)bad, (long long)a.numel());
+      CHECK_EQ(bad, 0);
+    }
+  }
+}
+
+// A rotated integer Linear with a fused norm (norm, rotate, quantize on each backend): the norm's
+// fp32 rounding differs, so a tolerance as for integer_linear_with_fused_norm; without the norm, bits.
+TEST(rotated_integer_linear) {
+  std::mt19937 rng(9);
+  const Case c{9, 64, 256, 4, true, 4, true, 1, 32};
+  kernels::LinearWeights w = int_weights(c, rng, Epilogue::None);
+  w.rotation = 64;
+  const Tensor x = random_tensor({c.M, c.K}, rng, 0.5f), g = random_tensor({c.K}, rng, 1.f, 0.1f);
+  const auto run = [&](const ExecContext& ctx, const Tensor* norm_w) {
+    const Linear l = Linear::create(*ctx.backend, w, ThreadPool::shared(2));
+    const Tensor xd = x.to(ctx.device);
+    Tensor nw = norm_w ? norm_w->to(ctx.device) : Tensor();
+    const kernels::NormParams np{kernels::NormParams::Kind::RMSNorm, norm_w ? nw.data<float>() : nullptr, nullptr,
+                                 1e-6f, c.K};
+    return l.forward(ctx, kernels::GemmInput{xd, norm_w ? &np : nullptr});
+  };
+  const auto [a, b] = on_both([&](const ExecContext& ctx) { return run(ctx, nullptr); });
+  CHECK_EQ(bit_differences(a, b), 0);
+  const auto [an, bn] = on_both([&](const ExecContext& ctx) { return run(ctx, &g); });
+  CHECK(max_rel_error(an, bn) < 2e-2);
 }
 
 TEST(rope) {

@@ -237,6 +237,38 @@ TEST(metadata_errors) {
   CHECK_THROWS_KIND_MSG(open_builder(b), kFmt, "does not fit its weight [4, 8]");
 }
 
+// "rotation": absent or 0 none, else a power of two in [2, 4096] dividing the Linear's K (INT4: the
+// unpacked K); anything else names the Linear and the value.
+TEST(rotation_values) {
+  Builder b = valid_model();
+  CHECK_EQ(open_builder(b).linears.at("l0.q").rotation, int64_t{0});
+  set_quant(b, "l0.q", "rotation", 0);
+  CHECK_EQ(open_builder(b).linears.at("l0.q").rotation, int64_t{0});
+  for (int r : {2, 4, 8}) {
+    set_quant(b, "l0.q", "rotation", r);
+    CHECK_EQ(open_builder(b).linears.at("l0.q").rotation, int64_t{r});
+  }
+  set_quant(b, "l0.fc1", "rotation", 8);  // INT4: 4 stored bytes are K = 8
+  CHECK_EQ(open_builder(b).linears.at("l0.fc1").rotation, int64_t{8});
+  set_quant(b, "l0.fc2", "rotation", 4);  // an FP weight may be rotated too
+  CHECK_EQ(open_builder(b).linears.at("l0.fc2").rotation, int64_t{4});
+  for (int r : {1, 3, 6, -4, 8192, 1 << 20}) {
+    set_quant(b, "l0.q", "rotation", r);
+    CHECK_THROWS_KIND_MSG(open_builder(b), kFmt, "quantization entry 'l0.q': 'rotation' must be 0 or a power of two");
+    CHECK_THROWS_KIND_MSG(open_builder(b), kFmt, "got " + std::to_string(r));
+  }
+  set_quant(b, "l0.q", "rotation", "64");
+  CHECK_THROWS_KIND_MSG(open_builder(b), kFmt, "'rotation' must be an integer");
+  set_quant(b, "l0.q", "rotation", 2.0);
+  CHECK_THROWS_KIND_MSG(open_builder(b), kFmt, "'rotation' must be an integer");
+  set_quant(b, "l0.q", "rotation", true);
+  CHECK_THROWS_KIND_MSG(open_builder(b), kFmt, "'rotation' must be an integer");
+  set_quant(b, "l0.q", "rotation", 16);  // K = 8
+  CHECK_THROWS_KIND_MSG(open_builder(b), kFmt, "'l0.q': 'rotation' 16 does not divide the 8 input columns");
+  set_quant(b, "l0.fc2", "rotation", 8);  // K = 4
+  CHECK_THROWS_KIND_MSG(open_builder(b), kFmt, "'l0.fc2': 'rotation' 8 does not divide the 4 input columns");
+}
+
 TEST(linear_tensor_errors) {
   Builder b = valid_model();
   b.header.erase("l0.q.weight_scale");

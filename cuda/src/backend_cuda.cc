@@ -181,6 +181,10 @@ class CudaBackend final : public kernels::Backend {
     add_inplace(x.data<float>(), y.data<float>(), x.numel(), stream(ctx));
   }
 
+  void hadamard(const ExecContext& ctx, const Tensor& x, Tensor& y, int64_t block) const override {
+    cuda::hadamard(x.data<float>(), y.data<float>(), x.dim(0), x.dim(1), block, stream(ctx));
+  }
+
   void silu_mul(const ExecContext& ctx, const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
                 float* out, int64_t M, int64_t I) const override {
     cuda::silu_mul(gate, gate_stride, up, up_stride, out, M, I, stream(ctx));

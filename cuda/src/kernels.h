@@ -98,6 +98,9 @@ void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, c
 // ---- norms and elementwise ops (F32 rows) ----------------------------------------------------
 void norm_rows(const float* x, int64_t M, int64_t C, const NormDev& norm, float* y, cudaStream_t stream);
 void add_inplace(float* x, const float* y, int64_t n, cudaStream_t stream);
+// y = x H (kernels/backend.h hadamard): M rows of K values, blocks of `block` (a power of two <= 4096
+// dividing K); y may be x.
+void hadamard(const float* x, float* y, int64_t M, int64_t K, int64_t block, cudaStream_t stream);
 // out[m, i] = silu(gate[m * gs + i]) * up[m * us + i], out dense [M, I].
 void silu_mul(const float* gate, int64_t gs, const float* up, int64_t us, float* out, int64_t M, int64_t I,
               cudaStream_t stream);

@@ -4,7 +4,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "finequant/error.h"
 #include "kernels.h"
@@ -16,6 +18,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr unsigned kMaxGridY = 65535;
+constexpr int64_t kMaxHadamardBlock = 4096;
 
 unsigned blocks_for(int64_t n, int64_t per_block, int64_t cap) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + per_block - 1) / per_block, cap)));
@@ -66,6 +69,36 @@ __global__ void rope_kernel(float* x, int64_t row_stride, int64_t M, int64_t hea
     }
 }
 
+// Block-Hadamard rotation (kernels.h hadamard): a CTA takes `span` values of a row (whole blocks) into
+// shared memory, runs the butterfly stages h = 1, 2, ..., b/2 over them (pair p of a stage: index
+// (p / h) 2h + p % h and that + h; the pairs stay inside their block since 2h divides b), then writes
+// each value times `scale`: the CPU's operations in the CPU's order, with _rn intrinsics so nothing is
+// contracted. Rows over blockIdx.y (grid-stride). In place is safe: a CTA reads its span before it
+// writes it, and spans do not overlap.
+__global__ void __launch_bounds__(kThreads) hadamard_kernel(const float* x, float* y, int64_t M, int64_t K, int block,
+                                                            int span, float scale) {
+  extern __shared__ float s[];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * span;
+  const int n = static_cast<int>(K - c0 < span ? K - c0 : span);
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    const float* xr = x + m * K + c0;
+    float* yr = y + m * K + c0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = xr[i];
+    __syncthreads();
+    for (int h = 1; h < block; h *= 2) {
+      for (int p = threadIdx.x; p < n / 2; p += blockDim.x) {
+        const int i = (p / h) * 2 * h + p % h;
+        const float a = s[i], c = s[i + h];
+        s[i] = __fadd_rn(a, c);
+        s[i + h] = __fsub_rn(a, c);
+      }
+      __syncthreads();
+    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = __fmul_rn(s[i], scale);
+    __syncthreads();  // the next row reuses s
+  }
+}
+
 __global__ void gather_rows_kernel(const float* table, int64_t C, const int64_t* ids, int64_t n, float* out,
                                    bool add) {
   for (int64_t r = blockIdx.y; r < n; r += gridDim.y) {
@@ -108,6 +141,20 @@ void rope(float* x, int64_t row_stride, int64_t M, int64_t heads, int64_t head_d
   const dim3 grid(blocks_for(half, kRopeThreads, 1024), blocks_for(M, 1, kMaxGridY));
   rope_kernel<<<grid, kRopeThreads, 0, stream>>>(x, row_stride, M, heads, head_dim, inv_freq, positions);
   check_launch("rope");
+}
+
+void hadamard(const float* x, float* y, int64_t M, int64_t K, int64_t block, cudaStream_t stream) {
+  if (M == 0 || K == 0) return;
+  FQ_CHECK_ARG(block >= 2 && block <= kMaxHadamardBlock && (block & (block - 1)) == 0 && K % block == 0,
+               "hadamard: block " + std::to_string(block) + " is not a power of two in [2, 4096] dividing K = " +
+                   std::to_string(K));
+  // Whole blocks per CTA, up to 2048 values (one block of 4096): at most 16 KiB of shared memory.
+  const int64_t span = std::max<int64_t>(block, std::min<int64_t>(K, 2048));
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));  // as the CPU
+  const dim3 grid(static_cast<unsigned>((K + span - 1) / span), blocks_for(M, 1, kMaxGridY));
+  hadamard_kernel<<<grid, kThreads, static_cast<size_t>(span) * sizeof(float), stream>>>(
+      x, y, M, K, static_cast<int>(block), static_cast<int>(span), scale);
+  check_launch("hadamard");
 }
 
 void gather_rows(const float* table, int64_t C, const int64_t* ids, int64_t n, float* out, bool add,

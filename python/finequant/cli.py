@@ -80,6 +80,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         "options (e.g. --scheme w8a8 --encoder-scheme w4a4: W4A4 encoder, W8A8 decoder)")
     q.add_argument("--decoder-scheme", metavar="S",
                    help="encoder-decoder models: scheme of the decoder's Linears instead of --scheme")
+    q.add_argument("--rotate", type=_positive_int, nargs="?", const=64, default=0, metavar="B",
+                   help="rotate the inputs of the quantized block GEMMs by a block-Hadamard matrix of B x B blocks "
+                        "(default 64; a power of two dividing every such GEMM's input width) and their weights to "
+                        "match: outlier channels spread over their block, which helps INT4 activations most")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     sm = q.add_argument_group("outlier smoothing (on by default where activations are quantized; needs torch)")
     sm.add_argument("--no-smooth", action="store_true",
@@ -199,12 +203,19 @@ def _cmd_quantize(args) -> int:
         raise ValueError("--smooth-alpha contradicts --no-smooth")
     if args.smooth_alpha is not None and not 0.0 <= args.smooth_alpha <= 1.0:
         raise ValueError(f"--smooth-alpha must be in [0, 1], got {args.smooth_alpha}")
+    if args.rotate:
+        from .rotate import check_block
+
+        try:
+            check_block(args.rotate, args.rotate)
+        except ValueError as e:
+            raise ValueError(f"--rotate {args.rotate}: {e}") from None
     # Activations default to asymmetric: with smoothing, W8A8 on SmolLM2-135M costs +0.5-0.75% perplexity
     # against +0.7-1.3% symmetric (docs/DESIGN.md section 6).
     scheme = parse_scheme(args.scheme, weight_symmetric=not (args.asym or args.w_asym),
                           act_symmetric=args.sym or args.a_sym, grouping=grouping,
                           parts=args.parts, head_bits=args.head_bits, encoder=args.encoder_scheme,
-                          decoder=args.decoder_scheme)
+                          decoder=args.decoder_scheme, rotation=args.rotate)
     given = {field: getattr(args, opt) for opt, field in _LKD_OPTIONS.items()
              if getattr(args, opt) not in (None, False)}
     if given and not args.lkd:
@@ -262,7 +273,7 @@ def _describe_linear(lq) -> str:
     else:
         w = f"w{lq.weight_bits} {'sym' if lq.weight_symmetric else 'asym'} tile {lq.tile[0]}x{lq.tile[1]}"
     a = f"a{lq.act_bits} {'sym' if lq.act_symmetric else 'asym'}" if lq.act_bits else "a fp"
-    return f"{w}, {a}"
+    return f"{w}, {a}" + (f", rotate {lq.rotation}" if lq.rotation else "")
 
 
 def _cmd_info(args) -> int:

@@ -12,6 +12,7 @@ import torch
 from . import hf
 from .pack import pack_int4
 from .quantize import dequantize, quantize_tensor, relative_error
+from .rotate import rotate_weight
 from .schemes import HEAD, LinearQuant, QuantScheme
 
 FORMAT = "finequant"
@@ -53,6 +54,8 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
             raise ValueError(f"{module}.weight has shape {tuple(w.shape)}, expected 2-D")
         n, k = w.shape
         lq = scheme.for_linear(part, n, k, stack=hf.stack_of(model.family, module))
+        if lq.rotation:  # the file holds W H; the engine rotates the inputs (finequant.rotate)
+            w = rotate_weight(w, lq.rotation)
         if lq.weight_bits:
             if lq.weight_bits == 4 and k % 2:
                 raise ValueError(f"INT4 packing needs an even number of columns: {module} has K={k}")
@@ -174,6 +177,7 @@ def load_info(model_dir: str) -> dict:
         "architecture": meta.get("architecture"),
         "scheme": meta.get("scheme"),
         "smoothing": _optional_json(meta.get("smoothing")),
+        "distillation": _optional_json(meta.get("distillation")),
         "config": config,
         "num_layers": hf.num_layers(config) if any(k in config for k in ("num_hidden_layers", "n_layer", "encoder_layers"))
         else None,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .rotate import hadamard_blocks, rotate_weight
 from .schemes import LinearQuant
 
 
@@ -159,6 +160,8 @@ class QuantLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearQuant):
         super().__init__()
         weight = weight.detach().to(torch.float32)
+        if spec.rotation:
+            weight = rotate_weight(weight, spec.rotation)
         if spec.weight_bits:
             weight = fake_quant_weight(weight, spec.weight_bits, spec.weight_symmetric, spec.tile)
         self.register_buffer("weight", weight.contiguous())
@@ -179,6 +182,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32)
+        if self.spec.rotation:
+            x = hadamard_blocks(x, self.spec.rotation)
         if self.spec.act_bits:
             x = fake_quant_activation(x, self.spec.act_bits, self.spec.act_symmetric)
         return F.linear(x, self.weight, self.bias)
@@ -187,4 +192,4 @@ class QuantLinear(nn.Module):
         s = self.spec
         return (f"in={self.in_features}, out={self.out_features}, w{s.weight_bits or 32}"
                 f"{'' if s.weight_symmetric else ' asym'} tile={s.tile}, a{s.act_bits or 32}"
-                f"{'' if s.act_symmetric else ' asym'}")
+                f"{'' if s.act_symmetric else ' asym'}{f' rotate={s.rotation}' if s.rotation else ''}")

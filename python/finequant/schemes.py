@@ -38,6 +38,7 @@ class LinearQuant:
     tile: Optional[Tuple[int, int]] = None  # (rows, cols) covered by one weight scale
     act_bits: int = 0
     act_symmetric: bool = True
+    rotation: int = 0  # block-Hadamard input rotation block size (finequant.rotate), 0: none
 
     def to_json(self) -> dict:
         """The entry of the model file's "quantization" metadata (docs/model-format.md)."""
@@ -47,6 +48,8 @@ class LinearQuant:
             entry["tile"] = [int(self.tile[0]), int(self.tile[1])]
         entry["act_bits"] = self.act_bits
         entry["act_symmetric"] = self.act_symmetric
+        if self.rotation:
+            entry["rotation"] = int(self.rotation)
         return entry
 
     @classmethod
@@ -55,7 +58,7 @@ class LinearQuant:
         return cls(part=entry["part"], weight_bits=int(entry["weight_bits"]),
                    weight_symmetric=bool(entry.get("weight_symmetric", True)),
                    tile=tuple(tile) if tile else None, act_bits=int(entry.get("act_bits", 0)),
-                   act_symmetric=bool(entry.get("act_symmetric", True)))
+                   act_symmetric=bool(entry.get("act_symmetric", True)), rotation=int(entry.get("rotation", 0)))
 
 
 def _check_grouping(grouping: Grouping) -> Grouping:
@@ -84,6 +87,7 @@ class QuantScheme:
     parts: Tuple[str, ...] = PARTS
     float_dtype: str = "fp32"  # storage of the floating-point tensors: "fp32" or "bf16"
     head_bits: int = 8  # the LM head's weight bits when "head" is in parts: 8 (per channel) or 4 (grouping)
+    rotation: int = 0  # block-Hadamard input rotation of the quantized block GEMMs (finequant.rotate), 0: none
     # encoder-decoder models: (stack, scheme) pairs whose scheme replaces this one for that stack's Linears
     stacks: Tuple[Tuple[str, "QuantScheme"], ...] = ()
 
@@ -125,9 +129,13 @@ class QuantScheme:
             tile = (1, k) if self.head_bits == 8 else self._tile(4, n, k, part)
             return LinearQuant(part=part, weight_bits=self.head_bits, weight_symmetric=self.weight_symmetric,
                                tile=tile, act_bits=8 if self.act_bits else 0, act_symmetric=self.act_symmetric)
+        if self.rotation:
+            from .rotate import check_block
+
+            check_block(self.rotation, k, part)
         return LinearQuant(part=part, weight_bits=bits, weight_symmetric=self.weight_symmetric,
                            tile=self._tile(bits, n, k, part), act_bits=self.act_bits,
-                           act_symmetric=self.act_symmetric)
+                           act_symmetric=self.act_symmetric, rotation=self.rotation)
 
     def describe(self) -> str:
         """The string stored as metadata "scheme", e.g. "w8a8 asym kblock=64"."""
@@ -150,13 +158,15 @@ class QuantScheme:
                 words.append("parts=" + ",".join(self.parts))
             if HEAD in self.parts and self.head_bits != 8:
                 words.append(f"head=int{self.head_bits}")
+            if self.rotation:
+                words.append(f"rotate={self.rotation}")
         words += [f"{stack}={sub.name}" for stack, sub in self.stacks]
         return " ".join(words)
 
 
 def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: bool = True,
                  grouping: Grouping = None, parts=None, head_bits: int = 8, encoder: Optional[str] = None,
-                 decoder: Optional[str] = None) -> QuantScheme:
+                 decoder: Optional[str] = None, rotation: int = 0) -> QuantScheme:
     """Parse a scheme name (see SCHEME_NAMES; generally w(4|8)[/(4|8)]a(4|8|16|32)).
 
     "wA/B" gives the MLP (fc1, fc2) A-bit weights and the attention (qkv, attn_out) B-bit weights.
@@ -169,9 +179,21 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
     of `name`, with the same options; e.g. parse_scheme("w8a8", encoder="w4a4") is the INT4 paper's
     W4A4 encoder + W8A8 decoder. "fp32" leaves a stack floating point (bf16 is a storage choice of
     the whole file, not of a stack). The LM head follows `name`.
+
+    `rotation` (a power of two, 0: none): rotate the inputs of the quantized block GEMMs (not the LM
+    head) by a block-Hadamard matrix of that block size, and their weights to match (finequant.rotate);
+    the block must divide every such GEMM's input width.
     """
-    main = _parse_one(name, weight_symmetric=weight_symmetric, act_symmetric=act_symmetric, grouping=grouping,
-                      parts=parts, head_bits=head_bits)
+    if rotation:
+        from .rotate import check_block
+
+        check_block(rotation, rotation)
+    main = replace(_parse_one(name, weight_symmetric=weight_symmetric, act_symmetric=act_symmetric,
+                              grouping=grouping, parts=parts, head_bits=head_bits), rotation=rotation)
+    if not main.is_quantized:
+        main = replace(main, rotation=0) if not rotation else None
+        if main is None:
+            raise ValueError(f"rotation applies to quantized Linears; {name} quantizes none")
     stacks = []
     for stack, sub in (("encoder", encoder), ("decoder", decoder)):
         if sub is None:
@@ -181,8 +203,9 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
         block_parts = tuple(p for p in main.parts if p != HEAD)
         if not block_parts:
             raise ValueError(f"parts name no block GEMM for the {stack} scheme to quantize")
-        stacks.append((stack, _parse_one(sub, weight_symmetric=weight_symmetric, act_symmetric=act_symmetric,
-                                         grouping=grouping, parts=block_parts, head_bits=8)))
+        stacks.append((stack, replace(_parse_one(sub, weight_symmetric=weight_symmetric, act_symmetric=act_symmetric,
+                                                 grouping=grouping, parts=block_parts, head_bits=8),
+                                      rotation=rotation)))
     return replace(main, stacks=tuple(stacks)) if stacks else main
 
 

@@ -231,7 +231,8 @@ PYBIND11_MODULE(_core, m) {
           linears[py::str(name)] = py::dict(py::arg("part") = r.part, py::arg("weight_bits") = r.weight_bits,
                                             py::arg("weight_symmetric") = r.weight_symmetric, py::arg("tile") = tile,
                                             py::arg("act_bits") = r.act_bits,
-                                            py::arg("act_symmetric") = r.act_symmetric);
+                                            py::arg("act_symmetric") = r.act_symmetric,
+                                            py::arg("rotation") = r.rotation);
         }
         py::list names;
         for (const auto& kv : mf.file.tensors()) names.append(py::str(kv.first));
@@ -245,7 +246,7 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PyLinear>(m, "Linear", "One linear layer y = act(x W^T + b) exactly as the engine runs it.")
       .def(py::init([](const py::array& weight, int weight_bits, bool weight_symmetric, int64_t tile_rows,
                        int64_t tile_cols, int act_bits, bool act_symmetric, py::object bias, const std::string& activation,
-                       const std::string& device) {
+                       const std::string& device, int64_t rotation) {
              const Borrowed w = from_numpy(weight, "weight", {DType::F32}, 2);
              kernels::LinearWeights lw;
              if (!bias.is_none()) {
@@ -268,6 +269,7 @@ PYBIND11_MODULE(_core, m) {
                                     Tile{tile_rows, tile_cols > 0 ? tile_cols : w.tensor.dim(1)});
                lw.act = QuantSpec{act_bits, act_symmetric};
              }
+             lw.rotation = rotation;  // Linear::create checks it
              const Device d = Device::parse(device);
              py::gil_scoped_release nogil;
              return PyLinear{Linear::create(kernels::backend_for(d), lw, ThreadPool::shared(0)), d};
@@ -275,10 +277,12 @@ PYBIND11_MODULE(_core, m) {
            py::arg("weight"), py::arg("weight_bits") = 0, py::arg("weight_symmetric") = true, py::arg("tile_rows") = 1,
            py::arg("tile_cols") = 0, py::arg("act_bits") = 0, py::arg("act_symmetric") = true,
            py::arg("bias") = py::none(), py::arg("activation") = "none", py::arg("device") = "cpu",
+           py::arg("rotation") = 0,
            "weight float32 [N, K], quantized with the math contract when weight_bits is 4 or 8 (tile_cols 0: per "
            "channel); act_bits 0 keeps float inputs (weight-only), 4/8 quantizes the rows token-wise. The kernel is "
            "chosen at construction (CPU: the one the active ISA selects, see set_isa; device 'cuda[:N]': the CUDA "
-           "backend's).")
+           "backend's). rotation b > 0: the input rows are rotated by blockdiag(H_b) / sqrt(b) before the GEMM "
+           "(the weight given is then W H, see finequant.rotate).")
       .def(
           "forward",
           [](const PyLinear& l, const py::array& x) {
@@ -318,6 +322,32 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("kernel", [](const PyLinear& l) { return l.linear.kernel(); },
                              "The kernel that runs this Linear, e.g. 'cpu/avx2 int'.");
 
+  m.def(
+      "hadamard",
+      [](const py::array& x, int64_t block, const std::string& device) {
+        const Borrowed xb = from_numpy(x, "x", {DType::F32}, 2);
+        if (block < 2 || block > 4096 || (block & (block - 1)) != 0)
+          throw py::value_error("block must be a power of two in [2, 4096], got " + std::to_string(block));
+        if (xb.tensor.dim(1) % block != 0)
+          throw py::value_error("block " + std::to_string(block) + " does not divide the " +
+                                std::to_string(xb.tensor.dim(1)) + " columns of x");
+        const Device d = Device::parse(device);
+        Tensor y;
+        {
+          py::gil_scoped_release nogil;
+          const kernels::Backend& backend = kernels::backend_for(d);
+          const ExecContext ctx = backend.context(ThreadPool::shared(0));
+          const Tensor xd = xb.tensor.to(d);
+          Tensor yd = Tensor::empty(DType::F32, xd.shape(), d);
+          backend.hadamard(ctx, xd, yd, block);
+          backend.finish(ctx);
+          y = yd.to(Device::cpu());
+        }
+        return float_tensor_to_numpy(std::move(y));
+      },
+      py::arg("x"), py::arg("block"), py::arg("device") = "cpu",
+      "The backend's block-Hadamard rotation x [M, K] float32 -> x blockdiag(H_b) / sqrt(b), as a rotated Linear "
+      "runs it (bit-identical to finequant.rotate.hadamard_blocks).");
   m.def(
       "set_isa", [](const std::string& name) { kernels::force_isa(name); }, py::arg("name"),
       "Force the CPU kernels' instruction-set level for Linears built from now on and for attention ('auto' "

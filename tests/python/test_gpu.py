@@ -52,6 +52,26 @@ def test_float_linear_close_to_cpu():
     assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()
 
 
+@pytest.mark.parametrize("block", [2, 16, 64, 512, 4096])
+def test_hadamard_bit_identical_to_cpu(block):
+    # the rotation of rotated Linears (finequant.rotate): the same operations in the same order
+    rng = np.random.default_rng(block)
+    x = (rng.standard_normal((37, block * (3 if block <= 512 else 2))) * 3).astype(np.float32)
+    cpu = _core.hadamard(x, block)
+    got = _core.hadamard(x, block, device="cuda")
+    assert np.array_equal(cpu, got), f"{np.count_nonzero(cpu != got)} of {cpu.size} differ"
+
+
+def test_rotated_linear_bit_identical_to_cpu():
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((72, 256)) * 0.1).astype(np.float32)
+    x = (rng.standard_normal((19, 256)) + 0.2).astype(np.float32)
+    args = (w, 4, True, 1, 32, 4, False)
+    cpu = _core.Linear(*args, rotation=64).forward(x)
+    got = _core.Linear(*args, device="cuda", rotation=64).forward(x)
+    assert np.array_equal(cpu, got)
+
+
 def test_nan_input_is_a_value_error():
     lin = _core.Linear(np.ones((8, 16), np.float32), 8, True, 1, 0, 8, True, device="cuda")
     x = np.ones((2, 16), np.float32)
@@ -63,7 +83,7 @@ def test_nan_input_is_a_value_error():
 
 SCHEMES = [("fp32", []), ("w8a16", []), ("w8a8", []), ("w8a8", ["--asym"]), ("w4a8", ["--kblock", "32"]),
            ("w4/8a8", []), ("w4a4", []), ("w4a4", ["--asym"]), ("w8a8", ["--parts", "qkv,attn_out,fc1,fc2,head"]),
-           ("w8a8", ["--per-tensor"])]
+           ("w8a8", ["--per-tensor"]), ("w4a4", ["--asym", "--rotate", "16"]), ("w4a16", ["--rotate", "16"])]
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])

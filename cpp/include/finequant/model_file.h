@@ -36,6 +36,7 @@ struct LinearRecord {
   int64_t tile_rows = 0, tile_cols = 0;
   int act_bits = 0;        // 0: floating point activations; else 8 or 4
   bool act_symmetric = true;
+  int64_t rotation = 0;    // block-Hadamard input rotation: 0 none, else the block size (docs/DESIGN.md section 2)
 };
 
 // A finequant model file: a validated SafetensorsFile whose metadata says format "finequant",

@@ -11,6 +11,8 @@ namespace {
 
 using nlohmann::json;
 
+constexpr int64_t kMaxRotation = 4096;  // the largest block-Hadamard rotation (python/finequant/rotate.py MAX_BLOCK)
+
 [[noreturn]] void format_error(const std::string& path, const std::string& what) {
   fail(ErrorKind::ModelFormat, path + ": " + what);
 }
@@ -61,6 +63,18 @@ LinearRecord parse_record(const std::string& path, const std::string& name, cons
       format_error(path, where + ": 'tile' must be [rows, cols] of positive integers");
     rec.tile_rows = (*t)[0].get<int64_t>();
     rec.tile_cols = (*t)[1].get<int64_t>();
+  }
+  // Optional; absent or 0: no rotation. check_linear checks that the block divides K.
+  if (j.contains("rotation")) {
+    const json& r = j["rotation"];
+    if (!r.is_number_integer())
+      format_error(path, where + ": 'rotation' must be an integer (0 or a power of two in [2, " +
+                             std::to_string(kMaxRotation) + "]), got " + r.dump());
+    const int64_t b = r.get<int64_t>();
+    if (b != 0 && (b < 2 || b > kMaxRotation || (b & (b - 1)) != 0))
+      format_error(path, where + ": 'rotation' must be 0 or a power of two in [2, " + std::to_string(kMaxRotation) +
+                             "], got " + std::to_string(b));
+    rec.rotation = b;
   }
   return rec;
 }
@@ -114,6 +128,9 @@ void check_linear(const SafetensorsFile& f, const LinearRecord& rec) {
           format_error(path, "tensor '" + zname + "' holds a zero point above " + std::to_string(zmax));
     }
   }
+  if (rec.rotation != 0 && K % rec.rotation != 0)
+    format_error(path, "quantization entry '" + rec.name + "': 'rotation' " + std::to_string(rec.rotation) +
+                           " does not divide the " + std::to_string(K) + " input columns of its weight");
   const std::string bname = rec.name + ".bias";
   if (f.has(bname)) expect_tensor(path, bname, f.tensor(bname), DType::F32, {N});
 }

@@ -31,6 +31,10 @@ struct LinearWeights {
   QuantSpec act{0, true};  // token-wise activation quantization; bits 0: floating-point inputs
   Epilogue epilogue = Epilogue::None;
   FloatPrecision precision = FloatPrecision::F32;  // for floating-point inputs (act.bits == 0)
+  // Block-Hadamard input rotation (docs/DESIGN.md section 2): 0 none, else the block size b; the
+  // weight already holds W H, and the Linear multiplies rows(x) H before the GEMM. Not the kernel's
+  // concern: the backend prepares the weight as usual.
+  int64_t rotation = 0;
 
   bool quantized() const { return weight.q.defined(); }
   int64_t out_features() const { return quantized() ? weight.q.dim(0) : weight_f32.dim(0); }
@@ -111,6 +115,12 @@ class Backend {
   // ---- norms and elementwise ops on F32 rows ------------------------------------------------
   virtual void norm(const ExecContext& ctx, const Tensor& x, const NormParams& norm, Tensor& y) const = 0;
   virtual void add(const ExecContext& ctx, Tensor& x, const Tensor& y) const = 0;  // x += y
+  // y = x H for x, y F32 [rows, K] with H = blockdiag(H_b) / sqrt(b) (docs/DESIGN.md section 2): per
+  // block of b consecutive values of a row, butterfly stages h = 1, 2, ..., b/2 pairing i (bit h of
+  // its index in the block clear) with i + h as (a + c, a - c) in fp32, then each value times
+  // float(1 / sqrt(b)). Every backend does exactly these operations (bit-identical results).
+  // y may be x (in place); b is a power of two that divides K.
+  virtual void hadamard(const ExecContext& ctx, const Tensor& x, Tensor& y, int64_t block) const = 0;
   // out[m, i] = silu(gate[m * gate_stride + i]) * up[m * up_stride + i], out dense [M, I].
   virtual void silu_mul(const ExecContext& ctx, const float* gate, int64_t gate_stride, const float* up,
                         int64_t up_stride, float* out, int64_t M, int64_t I) const = 0;

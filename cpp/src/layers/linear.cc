@@ -23,7 +23,7 @@ Tensor concat_rows(const std::vector<Tensor>& parts) {
 
 // Parts can share one GEMM when they quantize identically and their scale tiles stack.
 bool same_quantization(const LinearWeights& a, const LinearWeights& b) {
-  if (a.in_features() != b.in_features() || a.epilogue != b.epilogue) return false;
+  if (a.in_features() != b.in_features() || a.epilogue != b.epilogue || a.rotation != b.rotation) return false;
   if (!a.quantized() || !b.quantized()) return !a.quantized() && !b.quantized();
   const QuantizedTensor &x = a.weight, &y = b.weight;
   return x.spec.bits == y.spec.bits && x.spec.symmetric == y.spec.symmetric && a.act.bits == b.act.bits &&
@@ -62,7 +62,13 @@ LinearWeights stack(const std::vector<LinearWeights>& parts) {
 
 Linear Linear::create(const kernels::Backend& backend, const LinearWeights& w, ThreadPool& pool) {
   Linear l;
+  FQ_CHECK(w.rotation == 0 || (w.rotation >= 2 && (w.rotation & (w.rotation - 1)) == 0 &&
+                                w.in_features() % w.rotation == 0),
+           ErrorKind::InvalidArgument,
+           "rotation " + std::to_string(w.rotation) + " must be 0 or a power of two that divides the " +
+               std::to_string(w.in_features()) + " input columns");
   l.w_ = backend.prepare_linear(w, pool);
+  l.rotation_ = w.rotation;
   return l;
 }
 
@@ -79,20 +85,51 @@ std::vector<Linear> Linear::create_merged(const kernels::Backend& backend, const
   return out;
 }
 
-Tensor Linear::forward(const ExecContext& ctx, const kernels::GemmInput& x) const {
-  const Tensor& t = x.x;
+void Linear::check_input(const ExecContext& ctx, const Tensor& t) const {
   FQ_CHECK_ARG(t.dtype() == DType::F32 && t.ndim() == 2 && t.dim(1) == w_->K,
                "Linear expects F32 [M, " + std::to_string(w_->K) + "], got " + shape_str(t.shape()));
   FQ_CHECK_ARG(t.device() == ctx.device,
                "Linear on " + ctx.device.str() + " got an input on " + t.device().str());
-  Tensor y = Tensor::empty(DType::F32, {t.dim(0), w_->N}, ctx.device);
+}
+
+Tensor Linear::forward(const ExecContext& ctx, const kernels::GemmInput& x) const {
+  check_input(ctx, x.x);
+  if (rotation_) {
+    const Tensor rows = rotated_rows(ctx, x, rotation_);
+    return gemm(ctx, kernels::GemmInput{rows});
+  }
+  return gemm(ctx, x);
+}
+
+Tensor Linear::gemm(const ExecContext& ctx, const kernels::GemmInput& x) const {
+  Tensor y = Tensor::empty(DType::F32, {x.x.dim(0), w_->N}, ctx.device);
   ctx.backend->linear(ctx, x, *w_, y);
   return y;
+}
+
+Tensor Linear::rotated_rows(const ExecContext& ctx, const kernels::GemmInput& x, int64_t block) {
+  Tensor rows = Tensor::empty(DType::F32, x.x.shape(), ctx.device);
+  if (x.norm) {
+    ctx.backend->norm(ctx, x.x, *x.norm, rows);
+    ctx.backend->hadamard(ctx, rows, rows, block);
+  } else {
+    ctx.backend->hadamard(ctx, x.x, rows, block);  // the caller's rows stay as they are
+  }
+  return rows;
 }
 
 std::vector<Tensor> Linear::forward_each(const ExecContext& ctx, const std::vector<Linear>& linears,
                                          const kernels::GemmInput& x) {
   std::vector<Tensor> outs;
+  bool same_rotation = true;
+  for (const Linear& l : linears) same_rotation = same_rotation && l.rotation_ == linears[0].rotation_;
+  if (linears.size() > 1 && same_rotation && linears[0].rotation_) {
+    // Linears that rotate by the same block share one normalized, rotated copy of the rows.
+    for (const Linear& l : linears) l.check_input(ctx, x.x);
+    const Tensor rows = rotated_rows(ctx, x, linears[0].rotation_);
+    for (const Linear& l : linears) outs.push_back(l.gemm(ctx, kernels::GemmInput{rows}));
+    return outs;
+  }
   if (linears.size() == 1 || !x.norm) {
     for (const Linear& l : linears) outs.push_back(l.forward(ctx, x));
     return outs;

@@ -5,6 +5,10 @@
 //   integer weight, act bits 0      -> weight dequantized once at load (W8A16 / W4A16), FP GEMM
 //   integer weight, act bits 8 / 4  -> activations quantized per row at run time, integer GEMM with a
 //                                      fused dequantization epilogue (+ bias, + activation)
+// With a block-Hadamard rotation (LinearWeights::rotation, docs/DESIGN.md section 2) the input rows
+// are materialized in a buffer of the call (normalized first when the input carries a fused norm),
+// rotated by the backend's `hadamard` op, and handed to the same GEMM as plain rows; the caller's
+// input is never modified. Without one, nothing is copied.
 #pragma once
 #include <memory>
 #include <string>
@@ -36,9 +40,17 @@ class Linear {
   int64_t in_features() const { return w_ ? w_->K : 0; }
   int64_t out_features() const { return w_ ? w_->N : 0; }
   const std::string& kernel() const { return w_->kernel; }
+  int64_t rotation() const { return rotation_; }
 
  private:
+  void check_input(const ExecContext& ctx, const Tensor& x) const;
+  // The GEMM on rows ready for it (rotated already when the Linear has a rotation).
+  Tensor gemm(const ExecContext& ctx, const kernels::GemmInput& x) const;
+  // rows(x) H in a new buffer on the context's device: norm (if any) then the block rotation.
+  static Tensor rotated_rows(const ExecContext& ctx, const kernels::GemmInput& x, int64_t block);
+
   std::shared_ptr<const kernels::PreparedLinear> w_;
+  int64_t rotation_ = 0;
 };
 
 }  // namespace finequant

@@ -40,6 +40,7 @@ kernels::LinearWeights Weights::linear_weights(const std::string& module, kernel
   w.precision = precision;
   if (f.has(name + ".bias")) w.bias = to_f32(f.tensor(name + ".bias"));
   auto it = file.linears.find(name);
+  if (it != file.linears.end()) w.rotation = it->second.rotation;  // the stored weight is W H
   if (it == file.linears.end() || it->second.weight_bits == 0) {
     w.weight_f32 = to_f32(f.tensor(name + ".weight"));
     FQ_CHECK(w.weight_f32.ndim() == 2, ErrorKind::ModelFormat, name + ".weight must be 2-D");

@@ -66,6 +66,10 @@ class CpuBackend final : public Backend {
     add_inplace(x.data<float>(), y.data<float>(), x.numel(), ctx.threads());
   }
 
+  void hadamard(const ExecContext& ctx, const Tensor& x, Tensor& y, int64_t block) const override {
+    hadamard_rows(x.data<float>(), y.data<float>(), x.dim(0), x.dim(1), block, ctx.threads());
+  }
+
   void silu_mul(const ExecContext& ctx, const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
                 float* out, int64_t M, int64_t I) const override {
     kernels::silu_mul(gate, gate_stride, up, up_stride, out, M, I, ctx.threads());

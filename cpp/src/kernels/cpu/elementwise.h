@@ -12,6 +12,10 @@ void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t u
               int64_t I, ThreadPool& pool);
 void rope(float* x, int64_t row_stride, int64_t M, int64_t heads, const float* inv_freq, int64_t half,
           const int64_t* positions, ThreadPool& pool);
+// y = x H, the block-Hadamard rotation of `rows` rows of K values (kernels/backend.h `hadamard`);
+// y may be x. hadamard_scale(b) = float(1 / sqrt(b)), the one multiply of each value.
+void hadamard_rows(const float* x, float* y, int64_t rows, int64_t K, int64_t block, ThreadPool& pool);
+float hadamard_scale(int64_t block);
 void gather_rows(const float* table, int64_t C, const int64_t* ids, int64_t n, float* out, bool add);
 void kv_append(const HeadView& k, const HeadView& v, float* k_cache, float* v_cache, int64_t B, int64_t KVH,
                int64_t cap, int64_t past, int64_t T, int64_t D);

@@ -1,0 +1,58 @@
+"""Block-Hadamard input rotation (QuaRot-style incoherence processing) of a Linear, y = x W^T:
+
+    y = (x H) (W H)^T      with H = blockdiag(H_b, ..., H_b), H_b the b x b Hadamard matrix / sqrt(b)
+
+H is orthogonal and symmetric, so the product is unchanged in exact arithmetic, but a few outlier input
+channels are spread over the b channels of their block: token-wise INT4 activations (one scale per
+token over all K channels) lose far less to them, and the rotated weight is better conditioned for
+INT4 groups too (docs/DESIGN.md section 2, "Input rotation"). The weight is rotated once when the
+model file is written; the engine rotates each input row at run time (a fast Walsh-Hadamard
+transform, K log2(b) adds per token) before quantizing it.
+
+`hadamard_blocks` is THE definition of the run-time transform: butterfly stages h = 1, 2, 4, ..., b/2
+pairing element i (bit h of its index in the block clear) with i + h as (a + c, a - c), in fp32, then
+one multiply by the fp32 value of 1/sqrt(b). The C++ kernels do exactly these operations, so the
+simulation and the engine agree to the bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_BLOCK = 4096
+
+
+def check_block(block: int, k: int, what: str = "a Linear") -> int:
+    """`block` if it is a valid rotation block for K = k input columns; ValueError otherwise."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1) or block > MAX_BLOCK:
+        raise ValueError(f"rotation block must be a power of two in [2, {MAX_BLOCK}], got {block!r}")
+    if k % block:
+        raise ValueError(f"rotation block {block} does not divide the {k} input columns of {what}")
+    return block
+
+
+def scale(block: int) -> float:
+    """1/sqrt(block) as the fp32 value both the simulation and the engine multiply by."""
+    return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
+
+
+def hadamard_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., K] (K a multiple of `block`) times blockdiag(H_b) / sqrt(b), as the engine computes it."""
+    k = x.shape[-1]
+    check_block(block, k)
+    lead = x.shape[:-1]
+    y = x.reshape(-1, k // block, block)
+    h = 1
+    while h < block:
+        y = y.reshape(y.shape[0], k // block, block // (2 * h), 2, h)
+        a, c = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + c, a - c), dim=-2)
+        h *= 2
+    return (y.reshape(*lead, k) * scale(block)).to(x.dtype)
+
+
+def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
+    """W H for a weight [N, K]: what the model file stores for a rotated Linear (computed in fp64,
+    rounded once to fp32). Differentiable (LKD and distillation train the unrotated weight)."""
+    return hadamard_blocks(w.to(torch.float64), block).to(torch.float32)
