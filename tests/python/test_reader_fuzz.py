@@ -72,7 +72,7 @@ def test_valid_file_opens(tmp_path):
     assert json.loads(info["config"]) == {"hidden_size": 8}
     assert info["metadata"]["format"] == "finequant"
     assert info["linears"]["enc.0.fc1"] == {"part": "fc1", "weight_bits": 4, "weight_symmetric": False,
-                                            "tile": (1, 6), "act_bits": 8, "act_symmetric": False}
+                                            "tile": (1, 6), "act_bits": 8, "act_symmetric": False, "rotation": 0}
     assert info["linears"]["enc.0.fc2"]["tile"] is None
     assert set(info["tensor_names"]) == set(valid_tensors())
 
