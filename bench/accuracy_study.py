@@ -68,6 +68,13 @@ SMOOTHED = ("w8a8 smooth", "w8a8 a-asym smooth (default)")
 # LKD from random token ids, from the model's own samples (decoders), and from another Austen novel
 LKD_DATA = ("random", "generate", "text")
 ENCODER_LKD_DATA = ("random", "text")
+# MiniLM W4A4 with whole-encoder distillation (`quantize --distill`, finequant.distill): label -> scheme
+DISTILL_SCHEMES = {
+    "w4a4": ("w4a4", {}),
+    "w4a4 asym": ("w4a4", {"weight_symmetric": False, "act_symmetric": False}),
+    "w4a4 asym rotate=64": ("w4a4", {"weight_symmetric": False, "act_symmetric": False, "rotation": 64}),
+}
+DISTILL_DATA = ("random", "text")
 ABLATION_SCHEME = "w4/8a8"
 ABLATION_GROUPS = 64  # ZeroQuant row groups: divides every output dimension of both models
 ABLATION_WEIGHTS = {"per-tensor": "tensor", f"group-wise (G={ABLATION_GROUPS})": ("rows", ABLATION_GROUPS)}
@@ -92,6 +99,14 @@ def parse_args(argv=None):
     p.add_argument("--lkd-batch", type=int, default=4)
     p.add_argument("--lkd-seq", type=int, default=128)
     p.add_argument("--lkd-lr", type=float, default=3e-4)
+    p.add_argument("--distill", default="random,text",
+                   help="MiniLM W4A4 distillation data variants to run: random,text (or none)")
+    p.add_argument("--distill-schemes", default=",".join(DISTILL_SCHEMES),
+                   help="labels of DISTILL_SCHEMES that get distilled (PTQ rows: all of them)")
+    p.add_argument("--distill-steps", type=int, default=400)
+    p.add_argument("--distill-batch", type=int, default=16)
+    p.add_argument("--distill-seq", type=int, default=64)
+    p.add_argument("--distill-lr", type=float, default=2e-4)
     p.add_argument("--eval-text", default="emma")
     p.add_argument("--lkd-text", default="prideprejudice")
     p.add_argument("--seed", type=int, default=0)
@@ -108,6 +123,10 @@ def parse_args(argv=None):
     args.models = [m for m in args.models.split(",") if m]
     args.schemes = [s for s in args.schemes.split(",") if s]
     args.lkd = [d for d in args.lkd.split(",") if d in LKD_DATA]
+    args.distill = [d for d in args.distill.split(",") if d in DISTILL_DATA]
+    args.distill_schemes = [s for s in args.distill_schemes.split(",") if s]
+    if any(s not in DISTILL_SCHEMES for s in args.distill_schemes):
+        p.error(f"unknown distillation scheme label(s); known: {list(DISTILL_SCHEMES)}")
     quantized = [s for s in args.schemes if s != "fp32" and s not in SMOOTHED]  # LKD: the unsmoothed schemes
     args.lkd_schemes = [s for s in args.lkd_schemes.split(",") if s] if args.lkd_schemes else quantized
     unknown = [s for s in args.schemes + args.lkd_schemes if s not in SCHEMES]
@@ -123,9 +142,9 @@ class Config:
     model: str                 # "smollm2" | "minilm"
     scheme: str                # label in SCHEMES, or the ablation's "w4/8a8 <weights>"
     grouping: object = None    # overrides the scheme's grouping (ablation)
-    lkd: str = "none"          # "none" | "random" | "text"
+    lkd: str = "none"          # "none" | "random" | "generate" | "text"; table "distill": "none" or the distill data
     acts: str = "token-wise"   # "per-tensor" runs in the torch simulation
-    table: str = "main"        # "main" | "ablation"
+    table: str = "main"        # "main" | "ablation" | "distill"
 
     @property
     def backend(self) -> str:
@@ -139,7 +158,12 @@ def budget(cfg: Config, args) -> dict:
         b.update(ppl_text=args.eval_text, ppl_tokens=args.ppl_tokens, ctx=args.ctx)
     else:
         b.update(probe_texts=args.probe_texts)
-    if cfg.lkd != "none":
+    if cfg.table == "distill" and cfg.lkd != "none":
+        b.update(distill_steps=args.distill_steps, distill_batch=args.distill_batch, distill_seq=args.distill_seq,
+                 distill_lr=args.distill_lr)
+        if cfg.lkd == "text":
+            b["distill_text"] = args.lkd_text
+    elif cfg.lkd != "none":
         b.update(lkd_steps=args.lkd_steps, lkd_samples=args.lkd_samples, lkd_batch=args.lkd_batch,
                  lkd_seq=args.lkd_seq, lkd_lr=args.lkd_lr, lkd_version=LKD_VERSION)
         if cfg.lkd == "text":
@@ -164,7 +188,7 @@ def lkd_folder(cfg: Config, args) -> str:
 def scheme_of(cfg: Config):
     from finequant.schemes import parse_scheme
 
-    name, opts = SCHEMES.get(cfg.scheme, (ABLATION_SCHEME, {}))
+    name, opts = (DISTILL_SCHEMES if cfg.table == "distill" else SCHEMES).get(cfg.scheme, (ABLATION_SCHEME, {}))
     if cfg.grouping is not None:
         opts = {**opts, "grouping": cfg.grouping}
     return parse_scheme(name, **opts)
@@ -261,6 +285,21 @@ class Study:
         kept = sum(bool(s.get("kept_ptq")) for s in stats)
         return trained, torch_model, seconds, ratio, kept
 
+    def distill(self, model, scheme, cfg: Config):
+        """Whole-encoder distillation of a copy of `model`: (the HFModel with trained tensors, seconds, stats)."""
+        from prepare_text import prepare
+
+        from finequant import distill
+
+        a = self.args
+        data = "random" if cfg.lkd == "random" else str(prepare() / f"{a.lkd_text}.txt")
+        options = distill.DistillOptions(data=data, steps=a.distill_steps, batch=a.distill_batch, seq=a.distill_seq,
+                                         lr=a.distill_lr, seed=a.seed, progress=not a.quiet)
+        trained = model.copy()
+        t0 = time.time()
+        _, stats = distill.apply(trained, scheme, options)
+        return trained, time.time() - t0, stats
+
     def measure(self, cfg: Config) -> dict:
         from finequant import Engine
         from finequant.evaluate import perplexity
@@ -278,7 +317,10 @@ class Study:
             model = model.copy()  # the study's loaded models are shared by the cells
             torch_model = load_torch_model(model.folder, model.family)
             out["smoothing"] = smooth.smooth_model(model, scheme, torch_model)
-        if cfg.lkd != "none":
+        if cfg.table == "distill" and cfg.lkd != "none":
+            model, seconds, stats = self.distill(model, scheme, cfg)
+            out.update(distill_seconds=seconds, distill_kept_ptq=stats["kept_ptq"])
+        elif cfg.lkd != "none":
             if cfg.scheme in SMOOTHED:
                 raise ValueError("the study runs LKD on unsmoothed models only")
             model, torch_model, seconds, ratio, kept = self.lkd(model, scheme, cfg, cfg.acts == "per-tensor")
@@ -350,8 +392,11 @@ def plan(args):
             for wlabel, grouping in ABLATION_WEIGHTS.items():
                 for acts in ABLATION_ACTS:
                     ablation.append(Config("smollm2", f"{ABLATION_SCHEME} {wlabel}", grouping, lkd, acts, "ablation"))
-    return (main_rows + [c for c in ablation if c.lkd == "none"] + lkd_rows
-            + [c for c in ablation if c.lkd != "none"])
+    distill = ([Config("minilm", s, table="distill") for s in DISTILL_SCHEMES]
+               + [Config("minilm", s, lkd=d, table="distill") for d in args.distill for s in args.distill_schemes]
+               if "minilm" in args.models and args.distill else [])
+    return (main_rows + [c for c in ablation if c.lkd == "none"] + [c for c in distill if c.lkd == "none"]
+            + lkd_rows + [c for c in distill if c.lkd != "none"] + [c for c in ablation if c.lkd != "none"])
 
 
 def load_cache(path: str) -> dict:
@@ -414,6 +459,24 @@ def report(args, cache: dict) -> str:
             lines.append(f"| {s} | " + " | ".join(acc + cos) + " |")
         test = get(fp["minilm"], "test")
         lines += ["", f"(test split: {test} snippets; one snippet is {100 / test:.3f} points)" if test else "", ""]
+    dis = [c for c in configs if c.table == "distill"]
+    if dis:
+        lines += ["## all-MiniLM-L6-v2 W4A4: whole-encoder distillation (`quantize --distill`)", "",
+                  f"finequant.distill: the whole quantized encoder trained against fp32 (per-layer hidden states + pooled "
+                  f"cosine), {args.distill_steps} steps x batch {args.distill_batch} x {args.distill_seq} tokens, lr "
+                  f"{args.distill_lr}, from random token ids or `{args.lkd_text}`; asym = asymmetric INT4 weights and "
+                  "activations, rotate=64 = block-Hadamard input rotation (finequant.rotate). Probe and cosine as above, "
+                  "through the engine's W4A4 integer path.", "",
+                  "| scheme | probe PTQ | probe distilled random | probe distilled Austen | cosine PTQ | cosine "
+                  "distilled random | cosine distilled Austen | seconds (random / Austen) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for s in DISTILL_SCHEMES:
+            cs = [Config("minilm", s, lkd=d, table="distill") for d in ("none",) + DISTILL_DATA]
+            acc = [_fmt(get(c, "probe_accuracy") and 100 * get(c, "probe_accuracy"), "{:.2f}%") for c in cs]
+            cos = [_fmt(get(c, "cosine_mean"), "{:.4f}") for c in cs]
+            secs = " / ".join(_fmt(get(c, "distill_seconds"), "{:.0f}") for c in cs[1:])
+            lines.append(f"| {s} | " + " | ".join(acc + cos) + f" | {secs} |")
+        lines.append("")
     abl = [c for c in configs if c.table == "ablation"]
     if abl:
         lines += [f"## Ablation (ZeroQuant table 9 style): SmolLM2-135M {ABLATION_SCHEME}, perplexity", "",
@@ -476,6 +539,19 @@ def targets(args, get, fp, gaps):
                                                  f"**missed** by {abs(d) - 0.5:.2f} points"))
         else:
             out.append("- MiniLM w8a8 probe accuracy within 0.5 points of fp32: not measured")
+        cells = [(c, get(c, "probe_accuracy"), get(c, "cosine_mean")) for c in plan(args)
+                 if c.table == "distill" and c.lkd != "none"]
+        cells = [x for x in cells if x[1] is not None and x[2] is not None]
+        what = "- MiniLM W4A4 distilled (best cell): probe within 1 point of fp32 and cosine >= 0.97 (issue 12): "
+        if base is None or not cells:
+            out.append(what + "not measured")
+        else:
+            c, acc, cos = max(cells, key=lambda x: x[2])
+            d = 100 * (acc - base)
+            ok = (d >= -1.0, cos >= 0.97)
+            out.append(what + f"{c.scheme}, {c.lkd}: probe {100 * acc:.2f}% ({d:+.2f} points, "
+                       f"{'met' if ok[0] else 'missed'}), cosine {cos:.4f} ({'met' if ok[1] else 'missed'}): "
+                       + ("**met**" if all(ok) else "**missed**"))
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections import Counter
 
@@ -41,6 +42,9 @@ def _positive_float(text: str) -> float:
 _LKD_OPTIONS = {"lkd_data": "data", "lkd_steps": "steps", "lkd_batch": "batch", "lkd_seq": "seq",
                 "lkd_samples": "samples", "lkd_lr": "lr", "lkd_clip": "learn_clip",
                 "lkd_checkpoint": "checkpoint", "seed": "seed"}
+_DISTILL_OPTIONS = {"distill_data": "data", "distill_steps": "steps", "distill_batch": "batch",
+                    "distill_seq": "seq", "distill_lr": "lr", "distill_clip": "learn_clip",
+                    "distill_checkpoint": "checkpoint", "seed": "seed"}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -108,7 +112,20 @@ def _build_parser() -> argparse.ArgumentParser:
     lkd.add_argument("--lkd-clip", action="store_true", help="also learn the weight clip ranges")
     lkd.add_argument("--lkd-checkpoint", metavar="DIR",
                      help="save each trained block here and resume from it if interrupted")
-    lkd.add_argument("--seed", type=int, help="LKD data and shuffling seed (default 0)")
+    lkd.add_argument("--seed", type=int, help="LKD / distillation data and shuffling seed (default 0)")
+    dis = q.add_argument_group("quantization-aware distillation of a whole encoder (needs torch)")
+    dis.add_argument("--distill", action="store_true",
+                     help="encoders: train the whole quantized model end to end to match the fp32 model's hidden "
+                          "states and pooled embeddings (instead of --lkd's block by block)")
+    dis.add_argument("--distill-data", metavar="SRC", help="random (token ids, the default) or a text file")
+    dis.add_argument("--distill-steps", type=_positive_int, metavar="N", help="optimizer steps (default 400)")
+    dis.add_argument("--distill-batch", type=_positive_int, metavar="B", help="sequences per step (default 16)")
+    dis.add_argument("--distill-seq", type=_positive_int, metavar="T", help="tokens per sequence (default 64)")
+    dis.add_argument("--distill-lr", type=_positive_float, metavar="LR",
+                     help="Adam learning rate, decayed linearly to 0 (default 2e-4)")
+    dis.add_argument("--distill-clip", action="store_true", help="also learn the weight clip ranges")
+    dis.add_argument("--distill-checkpoint", metavar="DIR",
+                     help="save the training state here every 50 steps and resume from it if interrupted")
 
     i = sub.add_parser("info", help="describe a finequant model directory")
     i.add_argument("path", metavar="OUT", help="finequant model directory or model.safetensors")
@@ -218,9 +235,22 @@ def _cmd_quantize(args) -> int:
                           decoder=args.decoder_scheme, rotation=args.rotate)
     given = {field: getattr(args, opt) for opt, field in _LKD_OPTIONS.items()
              if getattr(args, opt) not in (None, False)}
-    if given and not args.lkd:
+    given_distill = {field: getattr(args, opt) for opt, field in _DISTILL_OPTIONS.items()
+                     if getattr(args, opt) not in (None, False)}
+    if args.lkd and args.distill:
+        raise ValueError("--distill and --lkd are two ways of training: choose one")
+    if given and not args.lkd and not (args.distill and set(given) == {"seed"}):
         names = [f"--{opt.replace('_', '-')}" for opt, field in _LKD_OPTIONS.items() if field in given]
         raise ValueError(f"{', '.join(names)} only apply with --lkd")
+    if given_distill and not args.distill and not (args.lkd and set(given_distill) == {"seed"}):
+        names = [f"--{opt.replace('_', '-')}" for opt, field in _DISTILL_OPTIONS.items() if field in given_distill]
+        raise ValueError(f"{', '.join(names)} only apply with --distill")
+    if args.distill:
+        from .distill import DistillOptions
+
+        distill_options = DistillOptions(progress=not args.quiet, **given_distill).check()
+        if not scheme.is_quantized:
+            raise ValueError(f"--distill needs a quantized scheme, not {scheme.name}")
     if args.lkd:
         from .lkd import LKDOptions
 
@@ -231,6 +261,12 @@ def _cmd_quantize(args) -> int:
     if progress:
         print(f"reading {args.src}", file=sys.stderr)
     model = hf.load(args.src)
+    if args.distill:
+        from .distill import FAMILIES
+
+        if model.family not in FAMILIES:  # before smoothing loads the torch model
+            raise ValueError(f"--distill trains encoders ({', '.join(FAMILIES)}), not {model.family}; "
+                             "use --lkd for decoders")
     torch_model, smoothing = None, {}
     if model.family in hf.SEQ2SEQ_FAMILIES:  # smoothing and LKD know decoder-only and encoder-only blocks
         if args.lkd:
@@ -257,9 +293,19 @@ def _cmd_quantize(args) -> int:
         from .lkd import apply
 
         apply(model, scheme, lkd_options, torch_model=torch_model)
+    if args.distill:
+        from . import distill
+
+        _, stats = distill.apply(model, scheme, distill_options, torch_model=torch_model)
     tensors, metadata = quantize_model(model, scheme, progress=progress)
     if smoothing:
         metadata["smoothing"] = json.dumps(smoothing)
+    if args.distill:
+        o = distill_options
+        metadata["distillation"] = json.dumps({
+            "data": o.data if o.data == "random" else os.path.basename(o.data), "steps": o.steps, "batch": o.batch,
+            "seq": o.seq, "lr": o.lr, "seed": o.seed, "learn_clip": o.learn_clip, "kept_ptq": stats["kept_ptq"],
+            "held_out_cosine": [round(stats["cosine_ptq"], 4), round(stats["cosine_trained"], 4)]})
     path = save(args.output, tensors, metadata, tokenizer_src=args.src)
     if progress:
         print(f"wrote {path} ({model.family}, {model.num_layers} layers, scheme "
@@ -287,6 +333,11 @@ def _cmd_info(args) -> int:
     sm = info.get("smoothing")
     if sm:
         print(f"smoothing:     alpha {sm.get('alpha')} on {', '.join(sm.get('parts', []))} ({sm.get('data')})")
+    dist = info.get("distillation")
+    if dist:
+        cos = dist.get("held_out_cosine") or ["?", "?"]
+        print(f"distillation:  {dist.get('steps')} steps on {dist.get('data')} data, held-out pooled cosine "
+              f"{cos[0]} -> {cos[1]}{' (kept the PTQ weights)' if dist.get('kept_ptq') else ''}")
     print("linears:")
     groups = Counter((lq.part, _describe_linear(lq)) for lq in info["linears"].values())
     order = {"qkv": 0, "attn_out": 1, "fc1": 2, "fc2": 3}

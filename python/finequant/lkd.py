@@ -27,6 +27,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import hf
+from .rotate import hadamard_blocks, rotate_weight
 from .quantize import _expand, _tiles, fake_quant_activation, fake_quant_weight, quant_max
 from .schemes import LinearQuant, QuantScheme
 from .simulate import _find_module, _linear_weight
@@ -152,14 +153,16 @@ class LKDLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         s = self.spec
+        # The master weight stays unrotated (what the model file is made from); the file holds W H.
+        w = rotate_weight(self.weight, s.rotation) if s.rotation else self.weight
         if not s.weight_bits:
-            return self.weight
+            return w
         if self.clip is not None:  # the clip factors need the gradient through the scale
-            return fake_quant_ste(self.weight, s.weight_bits, s.weight_symmetric, s.tile, self.clip)
+            return fake_quant_ste(w, s.weight_bits, s.weight_symmetric, s.tile, self.clip)
         # Nothing is clamped without clips, so a plain straight-through is the same gradient, and far
         # cheaper than autograd through the elementwise ops.
-        fq = fake_quant_weight(self.weight.detach(), s.weight_bits, s.weight_symmetric, s.tile)
-        return _StraightThrough.apply(self.weight, fq)
+        fq = fake_quant_weight(w.detach(), s.weight_bits, s.weight_symmetric, s.tile)
+        return _StraightThrough.apply(w, fq)
 
     @torch.no_grad()
     def baked_weight(self) -> torch.Tensor:
@@ -167,19 +170,26 @@ class LKDLinear(nn.Module):
         w = self.weight.detach().clone()
         if self.clip is None:
             return w
+        if self.spec.rotation:  # clip in the rotated domain (where the scales are), rotate back (H H = I)
+            w = rotate_weight(w, self.spec.rotation)
         rows, cols = self.spec.tile
         t = _tiles(w, rows, cols)
         k = w.shape[1]
         if self.spec.weight_symmetric:
             big = _expand(self.clip * t.abs().amax(dim=(1, 3)), rows, cols, k)
-            return torch.minimum(torch.maximum(w, -big), big)
-        lo = self.clip[0] * torch.clamp(t.amin(dim=(1, 3)), max=0.0)
-        hi = self.clip[1] * torch.clamp(t.amax(dim=(1, 3)), min=0.0)
-        return torch.minimum(torch.maximum(w, _expand(lo, rows, cols, k)), _expand(hi, rows, cols, k))
+            w = torch.minimum(torch.maximum(w, -big), big)
+        else:
+            lo = self.clip[0] * torch.clamp(t.amin(dim=(1, 3)), max=0.0)
+            hi = self.clip[1] * torch.clamp(t.amax(dim=(1, 3)), min=0.0)
+            w = torch.minimum(torch.maximum(w, _expand(lo, rows, cols, k)), _expand(hi, rows, cols, k))
+        # (rotating back and again when the file is written may move a clipped value by an ulp)
+        return rotate_weight(w, self.spec.rotation) if self.spec.rotation else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32)
         s = self.spec
+        if s.rotation:
+            x = hadamard_blocks(x, s.rotation)
         if s.act_bits:
             x = _StraightThrough.apply(x, fake_quant_activation(x.detach(), s.act_bits, s.act_symmetric))
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -394,7 +404,8 @@ def _train_block(student, x, y, rest, kwargs, loss_fn, options: LKDOptions, k: i
 def _fingerprint(model: nn.Module, family: str, config: dict, scheme: QuantScheme, options: LKDOptions) -> dict:
     """What a checkpoint's blocks depend on: resuming with anything else would mix two runs."""
     o = asdict(options)
-    del o["checkpoint"], o["progress"]
+    for key in ("checkpoint", "progress", "checkpoint_every"):
+        o.pop(key, None)
     if o["data"] not in ("random", "generate"):
         o["data"] = os.path.abspath(o["data"])
     with torch.no_grad():  # cheap stand-in for a hash of the weights
@@ -402,14 +413,14 @@ def _fingerprint(model: nn.Module, family: str, config: dict, scheme: QuantSchem
     return {"family": family, "config": config, "weights": weights, "scheme": repr(scheme), "options": o}
 
 
-def _open_checkpoint(directory: str, fingerprint: dict) -> None:
+def _open_checkpoint(directory: str, fingerprint: dict, name: str = "lkd.json") -> None:
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "lkd.json")
+    path = os.path.join(directory, name)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         if old != json.loads(json.dumps(fingerprint)):
-            raise ValueError(f"LKD checkpoint {directory} was made for another model, scheme or options; "
+            raise ValueError(f"checkpoint {directory} was made for another model, scheme or options; "
                              "use a new directory (or delete it) to start over")
     else:
         with open(path, "w", encoding="utf-8") as f:
