@@ -89,6 +89,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "(default 64; a power of two dividing every such GEMM's input width) and their weights to "
                         "match: outlier channels spread over their block, which helps INT4 activations most")
     q.add_argument("--quiet", action="store_true", help="no progress output")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     sm = q.add_argument_group("outlier smoothing (on by default where activations are quantized; needs torch)")
     sm.add_argument("--no-smooth", action="store_true",
                     help="do not move activation outliers into the weights")
@@ -200,7 +201,7 @@ def _fmt_bytes(n: float) -> str:
 
 def _cmd_quantize(args) -> int:
     from . import hf
-    from .modelfile import quantize_model, save
+    from .modelfile import check_output_dir, publish, quantize_model
     from .schemes import parse_scheme
 
     grouping = None
@@ -257,6 +258,7 @@ def _cmd_quantize(args) -> int:
         lkd_options = LKDOptions(progress=not args.quiet, **given).check()
         if not scheme.is_quantized:
             raise ValueError(f"--lkd needs a quantized scheme, not {scheme.name}")
+    check_output_dir(args.output, args.overwrite)  # before any slow work
     progress = not args.quiet
     if progress:
         print(f"reading {args.src}", file=sys.stderr)
@@ -306,7 +308,7 @@ def _cmd_quantize(args) -> int:
             "data": o.data if o.data == "random" else os.path.basename(o.data), "steps": o.steps, "batch": o.batch,
             "seq": o.seq, "lr": o.lr, "seed": o.seed, "learn_clip": o.learn_clip, "kept_ptq": stats["kept_ptq"],
             "held_out_cosine": [round(stats["cosine_ptq"], 4), round(stats["cosine_trained"], 4)]})
-    path = save(args.output, tensors, metadata, tokenizer_src=args.src)
+    path = publish(args.output, tensors, metadata, tokenizer_src=args.src)
     if progress:
         print(f"wrote {path} ({model.family}, {model.num_layers} layers, scheme "
               f"{metadata['scheme']})", file=sys.stderr)

@@ -104,6 +104,43 @@ def save(out_dir: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str
     return path
 
 
+def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
+    """Refuse an output directory that exists and is not empty, unless told to replace it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(f"{out_dir} exists and is not empty: pass --overwrite to replace it")
+
+
+def publish(out_dir: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
+            tokenizer_src: Optional[str] = None) -> str:
+    """Write a complete model directory under a temporary name beside out_dir, then move it into place
+    (replacing out_dir if it exists): an interrupted or failed run never leaves a half-written directory
+    that looks like a model. Returns the model file's path."""
+    out_dir = os.path.abspath(out_dir)
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    old = None
+    try:
+        save(tmp, tensors, metadata, tokenizer_src)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, name))
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old and not os.path.exists(out_dir) and os.path.exists(os.path.join(old, name)):
+            os.rename(os.path.join(old, name), out_dir)  # put the previous model back
+        raise
+    finally:
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    return os.path.join(out_dir, MODEL_FILE)
+
+
 def quantize_folder(src: str, out_dir: str, scheme: QuantScheme, progress: bool = False,
                     errors: Optional[dict] = None) -> str:
     """Read a Hugging Face folder, quantize it with `scheme` and write a finequant model dir."""

@@ -200,3 +200,42 @@ def test_python_m_and_help():
     assert r.returncode == 0 and "quantize" in r.stdout
     r = _run("quantize", "--help")
     assert r.returncode == 0 and "--kblock" in r.stdout
+
+
+def test_quantize_refuses_a_non_empty_output_unless_told(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(out), "--quiet"]) == 2
+    assert "exists and is not empty: pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # untouched
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(out), "--quiet", "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()  # replaced as a whole
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(empty), "--quiet"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["empty", "out"]  # no temporary directories left
+
+
+def test_a_failed_quantize_leaves_nothing_and_keeps_the_previous_model(tiny_models, tmp_path, capsys, monkeypatch):
+    import finequant.modelfile as modelfile
+
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(out), "--quiet"]) == 0
+    before = (out / "model.safetensors").read_bytes()
+
+    def failing_save(out_dir, *args, **kw):  # dies after writing part of the model file
+        (tmp_path / "seen").write_text(out_dir)
+        with open(os.path.join(out_dir, "model.safetensors.tmp"), "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(modelfile, "save", failing_save)
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(out), "--quiet", "--overwrite",
+                 "--scheme", "w4a8"]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before  # the previous model is still there
+    fresh = tmp_path / "fresh"
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(fresh), "--quiet"]) == 2
+    assert not fresh.exists()
+    assert sorted(os.listdir(tmp_path)) == ["out", "seen"]  # no partial directories

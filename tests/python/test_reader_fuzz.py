@@ -141,7 +141,34 @@ def corrupt_cases():
         ("missing zero point", tensors(enc__0__fc1__weight_zero_point=None),
          "missing tensor 'enc.0.fc1.weight_zero_point'"),
         ("wrong bias shape", tensors(enc__0__q__bias=np.zeros(5, np.float32)), "'enc.0.q.bias': expected F32 [4]"),
+        ("gap between tensors", raw(_gap_before_last), "8 bytes between the data of tensors"),
+        ("bytes after the data", raw(lambda d: d + bytes(8)), "8 bytes after the last tensor's data"),
+        ("-128 in symmetric INT8", tensors(enc__0__q__weight=np.full((4, 8), -128, np.int8)),
+         "'enc.0.q.weight' holds -128 at byte 0, outside the symmetric 8-bit range"),
+        ("-8 in symmetric INT4", _symmetric_int4(0x18), "'enc.0.fc1.weight' holds -8 at byte 0"),
+        ("-8 in a high nibble", _symmetric_int4(0x81), "'enc.0.fc1.weight' holds -8 at byte 0"),
     ]
+
+
+def _gap_before_last(data):
+    """Move the last tensor's data 8 bytes further, leaving bytes that belong to no tensor."""
+    header, body = split(data)
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin + 8, end + 8]
+    return frame(header, body[:begin] + bytes(8) + body[begin:])
+
+
+def _symmetric_int4(byte):
+    """enc.0.fc1 as symmetric INT4 whose first stored byte is `byte` (0x8 nibbles are -8)."""
+    def go(p):
+        q = dict(QUANTIZATION, **{"enc.0.fc1": dict(QUANTIZATION["enc.0.fc1"], weight_symmetric=True)})
+        t = valid_tensors()
+        del t["enc.0.fc1.weight_zero_point"]
+        t["enc.0.fc1.weight"] = np.full((4, 4), 0x21, np.uint8)
+        t["enc.0.fc1.weight"][0, 0] = byte
+        return write(p, tensors=t, metadata=valid_metadata(quantization=json.dumps(q)))
+    return go
 
 
 @pytest.mark.parametrize("name,mutate,substring", corrupt_cases(), ids=[c[0] for c in corrupt_cases()])

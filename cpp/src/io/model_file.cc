@@ -119,6 +119,17 @@ void check_linear(const SafetensorsFile& f, const LinearRecord& rec) {
         format_error(path, "tensor '" + sname + "' holds a scale that is not a positive finite number");
     if (rec.weight_symmetric) {
       if (f.has(zname)) format_error(path, "tensor '" + zname + "' present but '" + rec.name + "' is symmetric");
+      // Symmetric codes are in [-qmax, qmax]; the kernels' exact sums (and the unsigned-operand tricks of
+      // DESIGN.md section 5.4) assume -128 / -8 never occur.
+      const uint8_t* codes = rec.weight_bits == 8 ? reinterpret_cast<const uint8_t*>(w.data<int8_t>()) : w.data<uint8_t>();
+      for (int64_t i = 0; i < w.numel(); ++i) {
+        const uint8_t q = codes[i];
+        const bool bad = rec.weight_bits == 8 ? q == 0x80 : ((q & 0x0F) == 0x08 || (q >> 4) == 0x08);
+        if (bad)
+          format_error(path, "tensor '" + wname + "' holds " + (rec.weight_bits == 8 ? "-128" : "-8") + " at byte " +
+                                 std::to_string(i) + ", outside the symmetric " + std::to_string(rec.weight_bits) +
+                                 "-bit range [" + (rec.weight_bits == 8 ? "-127, 127" : "-7, 7") + "]");
+      }
     } else {
       const Tensor& z = f.tensor(zname);
       expect_tensor(path, zname, z, DType::U8, grid);

@@ -169,9 +169,19 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   for (const auto& e : entries)
     if (e.end > e.begin) order.push_back(&e);
   std::sort(order.begin(), order.end(), [](const Entry* a, const Entry* b) { return a->begin < b->begin; });
-  for (size_t i = 1; i < order.size(); ++i)
+  for (size_t i = 1; i < order.size(); ++i) {
     if (order[i]->begin < order[i - 1]->end)
       format_error(path, "data of tensors '" + order[i - 1]->name + "' and '" + order[i]->name + "' overlap");
+    if (order[i]->begin > order[i - 1]->end)  // the format requires the buffer to be entirely indexed
+      format_error(path, std::to_string(order[i]->begin - order[i - 1]->end) + " bytes between the data of tensors '" +
+                             order[i - 1]->name + "' and '" + order[i]->name + "' belong to no tensor");
+  }
+  if (!order.empty() && order.front()->begin != 0)
+    format_error(path, std::to_string(order.front()->begin) + " bytes before the data of tensor '" +
+                           order.front()->name + "' belong to no tensor");
+  const uint64_t used = order.empty() ? 0 : order.back()->end;
+  if (used != data_size)
+    format_error(path, std::to_string(data_size - used) + " bytes after the last tensor's data belong to no tensor");
 
   std::shared_ptr<const void> keepalive(map, map->base);  // aliasing: tensors keep the mapping alive
   for (const auto& e : entries) {
