@@ -117,15 +117,7 @@ Tensor Decoder::step(const ExecContext& ctx, const int64_t* ids, const uint8_t* 
 
   if (all_logits) return head_.forward(ctx, final_norm_.forward(ctx, x)).reshape({B, T, V});
   // Only the rows that predict the next token: the last real token of each sequence in the chunk.
-  Tensor last_rows = Tensor::empty(DType::I64, {B});
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t t = T - 1;
-    while (t > 0 && !mask[b * T + t]) --t;
-    last_rows.data<int64_t>()[b] = b * T + t;
-  }
-  Tensor last = Tensor::empty(DType::F32, {B, C}, ctx.device);
-  be.gather_rows(ctx, x, last_rows.to(ctx.device), last, false);
-  return head_.forward(ctx, final_norm_.forward(ctx, last));
+  return head_.forward(ctx, final_norm_.forward(ctx, last_real_rows(ctx, x, mask, B, T)));
 }
 
 Tensor Decoder::forward(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T) const {

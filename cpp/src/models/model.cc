@@ -5,6 +5,18 @@
 
 namespace finequant {
 
+Tensor last_real_rows(const ExecContext& ctx, const Tensor& x, const uint8_t* mask, int64_t B, int64_t T) {
+  Tensor rows = Tensor::empty(DType::I64, {B});
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t t = T - 1;
+    while (t > 0 && !mask[b * T + t]) --t;
+    rows.data<int64_t>()[b] = b * T + t;
+  }
+  Tensor last = Tensor::empty(DType::F32, {B, x.dim(1)}, ctx.device);
+  ctx.backend->gather_rows(ctx, x, rows.to(ctx.device), last, false);
+  return last;
+}
+
 std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, ThreadPool& pool,
                                    kernels::FloatPrecision precision) {
   ModelConfig config = ModelConfig::parse(file.architecture, file.config_json);

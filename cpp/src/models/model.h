@@ -117,6 +117,10 @@ class Seq2Seq : public Model {
                     const Tensor& positions, int64_t M) const;
 };
 
+// The hidden row of the last real token (mask 1) of each of the B rows of a chunk x [B * T, C]: the rows
+// that predict the next token (decoder and seq2seq steps).
+Tensor last_real_rows(const ExecContext& ctx, const Tensor& x, const uint8_t* mask, int64_t B, int64_t T);
+
 // Builds the model that matches the file's architecture, its weights prepared for `backend`; its
 // floating-point Linears multiply at `precision` (EngineOptions::float_precision).
 std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, ThreadPool& pool,

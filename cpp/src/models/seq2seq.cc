@@ -143,8 +143,7 @@ Tensor Seq2Seq::step(const ExecContext& ctx, const int64_t* ids, const uint8_t* 
                      Seq2SeqCache& cache, bool all_logits) const {
   KVCache& s = cache.self;
   FQ_CHECK_ARG(B == s.B && s.length + T <= s.capacity, "decoder cache is full or has the wrong batch size");
-  const kernels::Backend& be = *ctx.backend;
-  const int64_t C = config_.hidden_size, M = B * T, V = config_.vocab_size;
+  const int64_t M = B * T, V = config_.vocab_size;
   // transformers' BART decoder: position past + t for every token, padded or not.
   Tensor positions = Tensor::empty(DType::I64, {M});
   for (int64_t b = 0; b < B; ++b)
@@ -163,15 +162,7 @@ Tensor Seq2Seq::step(const ExecContext& ctx, const int64_t* ids, const uint8_t* 
   for (size_t l = 0; l < dec_blocks_.size(); ++l) x = dec_blocks_[l].forward(ctx, x, actx, &s.layers[l], &cache.cross[l]);
   s.length += T;
   if (all_logits) return head_.forward(ctx, x).reshape({B, T, V});
-  Tensor last_rows = Tensor::empty(DType::I64, {B});
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t t = T - 1;
-    while (t > 0 && !mask[b * T + t]) --t;
-    last_rows.data<int64_t>()[b] = b * T + t;
-  }
-  Tensor last = Tensor::empty(DType::F32, {B, C}, ctx.device);
-  be.gather_rows(ctx, x, last_rows.to(ctx.device), last, false);
-  return head_.forward(ctx, last);
+  return head_.forward(ctx, last_real_rows(ctx, x, mask, B, T));
 }
 
 }  // namespace finequant
