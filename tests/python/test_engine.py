@@ -250,3 +250,24 @@ def test_load_errors(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
     with pytest.raises(Exception):
         _Engine.load(str(tmp_path), 0)
+
+
+@pytest.mark.parametrize("window,ok", [(16, False), (None, True), (64, True)])
+def test_mistral_sliding_window_is_refused_where_it_would_apply(window, ok, tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from finequant.modelfile import quantize_folder
+    from finequant.schemes import parse_scheme
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        sliding_window=window)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    out = str(tmp_path / "q")
+    quantize_folder(str(tmp_path / "hf"), out, parse_scheme("fp32"))
+    if ok:
+        assert _Engine.load(out, 0).forward(_ids(64, 1, 5), None).shape == (1, 5, 64)
+    else:
+        with pytest.raises(NotImplementedError, match="sliding_window 16"):
+            _Engine.load(out, 0)

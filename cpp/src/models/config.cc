@@ -82,6 +82,13 @@ ModelConfig ModelConfig::parse(const std::string& architecture, const std::strin
     FQ_CHECK(!j.contains("rope_scaling") || j["rope_scaling"].is_null() ||
                  get_or<std::string>(j["rope_scaling"], "rope_type", "default") == "default",
              ErrorKind::Unsupported, "llama: rope_scaling is not supported");
+    // Mistral-style sliding-window attention changes every position past the window; the engine attends to
+    // the whole past, so a window that can take effect is refused (Qwen2 sets use_sliding_window false).
+    if (j.contains("sliding_window") && j["sliding_window"].is_number() && get_or<bool>(j, "use_sliding_window", true))
+      FQ_CHECK(j["sliding_window"].get<int64_t>() >= c.max_positions, ErrorKind::Unsupported,
+               "llama: sliding_window " + std::to_string(j["sliding_window"].get<int64_t>()) +
+                   " (attention limited to a window shorter than max_position_embeddings " +
+                   std::to_string(c.max_positions) + ") is not supported");
     c.hidden_act = get_or<std::string>(j, "hidden_act", "silu");
     c.tie_word_embeddings = get_or<bool>(j, "tie_word_embeddings", false);
     c.attention_bias = get_or<bool>(j, "attention_bias", false);
