@@ -264,11 +264,9 @@ def _cmd_quantize(args) -> int:
         print(f"reading {args.src}", file=sys.stderr)
     model = hf.load(args.src)
     if args.distill:
-        from .distill import FAMILIES
+        from .distill import check_family
 
-        if model.family not in FAMILIES:  # before smoothing loads the torch model
-            raise ValueError(f"--distill trains encoders ({', '.join(FAMILIES)}), not {model.family}; "
-                             "use --lkd for decoders")
+        check_family(model.family)  # before smoothing loads the torch model
     torch_model, smoothing = None, {}
     if model.family in hf.SEQ2SEQ_FAMILIES:  # smoothing and LKD know decoder-only and encoder-only blocks
         if args.lkd:

@@ -44,6 +44,11 @@ COSINE_WEIGHT = 10.0  # the pooled-embedding term against the per-layer hidden-s
 EVAL_BATCHES = 4  # held-out batches (their own seed) scoring PTQ against the trained student
 
 
+def check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"--distill trains encoders ({', '.join(FAMILIES)}), not {family}; use --lkd for decoders")
+
+
 @dataclass
 class DistillOptions:
     data: str = "random"   # "random" token ids or a text file path
@@ -160,9 +165,7 @@ def distill(torch_model: nn.Module, family: str, config: dict, scheme: QuantSche
     its weights afterwards are the trained fp32 weights (clamped to learned clips), or unchanged if training
     did not beat PTQ. Returns stats: held-out loss and pooled cosine with PTQ and after training, steps,
     seconds, whether the PTQ weights were kept and from which step a checkpoint resumed."""
-    if family not in FAMILIES:
-        raise ValueError(f"--distill trains encoders ({', '.join(FAMILIES)}), not {family}; "
-                         "use --lkd for decoders")
+    check_family(family)
     if not scheme.is_quantized:
         raise ValueError(f"distillation needs a quantized scheme, not {scheme.name}")
     o = options.check(_max_positions(config))
@@ -234,9 +237,7 @@ def apply(model: hf.HFModel, scheme: QuantScheme, options: DistillOptions,
     """Distill a loaded HFModel: replaces its block tensors by the trained fp32 weights, ready for
     modelfile.quantize_model. `torch_model`: the transformers model holding model.tensors (e.g. after
     smoothing); loaded from model.folder when not given. Returns (the transformers model, stats)."""
-    if model.family not in FAMILIES:
-        raise ValueError(f"--distill trains encoders ({', '.join(FAMILIES)}), not {model.family}; "
-                         "use --lkd for decoders")
+    check_family(model.family)
     if not model.folder:
         raise ValueError("distillation needs the model's Hugging Face folder")
     options.check(_max_positions(model.config))  # before the slow part

@@ -36,12 +36,13 @@ struct Inputs {
   const Tensor* mask_or_null() const { return mask.defined() ? &mask : nullptr; }
 };
 
-Inputs read_inputs(const py::array& ids, const std::optional<py::array>& mask) {
+Inputs read_inputs(const py::array& ids, const std::optional<py::array>& mask, const char* ids_name = "input_ids",
+                   const char* mask_name = "attention_mask") {
   Inputs in;
-  in.ids_array = as_int64_2d(ids, "input_ids");
+  in.ids_array = as_int64_2d(ids, ids_name);
   in.ids = borrow_i64(in.ids_array);
   if (mask) {
-    in.mask_array = as_int64_2d(*mask, "attention_mask");
+    in.mask_array = as_int64_2d(*mask, mask_name);
     in.mask = borrow_i64(in.mask_array);
   }
   return in;
@@ -88,13 +89,7 @@ void bind_engine(py::module_& m) {
           [](const Engine& e, const py::array& ids, std::optional<py::array> mask, const py::array& decoder_ids,
              std::optional<py::array> decoder_mask) {
             const Inputs in = read_inputs(ids, mask);
-            Inputs dec;
-            dec.ids_array = as_int64_2d(decoder_ids, "decoder_input_ids");
-            dec.ids = borrow_i64(dec.ids_array);
-            if (decoder_mask) {
-              dec.mask_array = as_int64_2d(*decoder_mask, "decoder_attention_mask");
-              dec.mask = borrow_i64(dec.mask_array);
-            }
+            const Inputs dec = read_inputs(decoder_ids, decoder_mask, "decoder_input_ids", "decoder_attention_mask");
             Tensor out;
             {
               py::gil_scoped_release release;

@@ -104,6 +104,41 @@ int64_t choose_token(const float* logits, int64_t V, const GenerationOptions& o,
   return order[keep - 1];
 }
 
+// Logits of one step, on the host for sampling (waits for the device's work).
+Tensor host_logits(const kernels::Backend& backend, const ExecContext& ctx, const Tensor& t) {
+  Tensor host = t.to(Device::cpu());
+  backend.finish(ctx);
+  return host;
+}
+
+// The token loop both generate paths share. `logits` [B, V] (host) predict each row's next token; a row
+// takes the forced token of step n if forced(n) >= 0 (transformers' forced logits leave one finite score,
+// so it consumes no randomness), else one sampled by choose_token, streams it and stops at a stop token.
+// At most `limit` tokens per row; between steps `step(next, mask)` feeds the chosen tokens back (finished
+// rows ride along as padding, mask 0) and returns the next logits.
+template <class Forced, class Step>
+std::vector<std::vector<int64_t>> token_loop(int64_t B, int64_t V, const GenerationOptions& o, int64_t limit,
+                                             Tensor logits, Forced forced, Step step) {
+  std::mt19937_64 rng(o.seed);
+  std::vector<std::vector<int64_t>> out(static_cast<size_t>(B));
+  std::vector<int64_t> next(static_cast<size_t>(B), 0);
+  std::vector<uint8_t> done(static_cast<size_t>(B), 0), mask(static_cast<size_t>(B), 1);
+  for (int64_t n = 0; n < limit; ++n) {
+    const int64_t f = forced(n);
+    for (int64_t r = 0; r < B; ++r) {
+      if (done[r]) continue;
+      next[r] = f >= 0 ? f : choose_token(logits.data<float>() + r * V, V, o, rng);
+      out[r].push_back(next[r]);
+      if (o.on_token) o.on_token(r, next[r]);
+      if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), next[r]) != o.stop_tokens.end()) done[r] = 1;
+    }
+    if (std::all_of(done.begin(), done.end(), [](uint8_t d) { return d; }) || n + 1 == limit) break;
+    for (int64_t r = 0; r < B; ++r) mask[r] = done[r] ? 0 : 1;
+    logits = step(next.data(), mask.data());
+  }
+  return out;
+}
+
 }  // namespace
 
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -182,37 +217,17 @@ std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, cons
   const kernels::Backend& backend = decoder.backend();
   const std::shared_ptr<ThreadPool> pool = impl_->current_pool();
   const ExecContext ctx = backend.context(*pool);
-  // Logits of one step, on the host for sampling (waits for the device's work).
-  auto logits_of = [&](Tensor t) {
-    Tensor host = t.to(Device::cpu());
-    backend.finish(ctx);
-    return host;
-  };
+  auto logits_of = [&](const Tensor& t) { return host_logits(backend, ctx, t); };
+  if (o.max_new_tokens == 0) return std::vector<std::vector<int64_t>>(static_cast<size_t>(b.B));
   const int64_t capacity = std::min(b.T + o.max_new_tokens, max_positions());
   KVCache cache = decoder.new_cache(b.B, capacity);
-  std::mt19937_64 rng(o.seed);
-
-  std::vector<std::vector<int64_t>> out(static_cast<size_t>(b.B));
-  std::vector<uint8_t> done(static_cast<size_t>(b.B), 0);
-  if (o.max_new_tokens == 0) return out;
+  // The last token is never fed back: a full cache still allows one more.
+  const int64_t limit = std::min(o.max_new_tokens, capacity - b.T + 1);
   Tensor logits = logits_of(decoder.step(ctx, b.ids, b.mask.data(), b.B, b.T, cache, false));
-  std::vector<int64_t> next(static_cast<size_t>(b.B), 0);
-  std::vector<uint8_t> step_mask(static_cast<size_t>(b.B), 1);
-  for (int64_t n = 0; n < o.max_new_tokens; ++n) {
-    for (int64_t r = 0; r < b.B; ++r) {
-      step_mask[r] = done[r] ? 0 : 1;  // finished rows ride along as padding
-      if (done[r]) continue;
-      next[r] = choose_token(logits.data<float>() + r * V, V, o, rng);
-      out[r].push_back(next[r]);
-      if (o.on_token) o.on_token(r, next[r]);
-      if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), next[r]) != o.stop_tokens.end()) done[r] = 1;
-    }
-    if (std::all_of(done.begin(), done.end(), [](uint8_t d) { return d; })) break;
-    if (n + 1 == o.max_new_tokens || cache.length == cache.capacity) break;
-    for (int64_t r = 0; r < b.B; ++r) step_mask[r] = done[r] ? 0 : 1;
-    logits = logits_of(decoder.step(ctx, next.data(), step_mask.data(), b.B, 1, cache, false));
-  }
-  return out;
+  return token_loop(b.B, V, o, limit, std::move(logits), [](int64_t) { return int64_t{-1}; },
+                    [&](const int64_t* next, const uint8_t* mask) {
+                      return logits_of(decoder.step(ctx, next, mask, b.B, 1, cache, false));
+                    });
 }
 
 std::vector<std::vector<int64_t>> Engine::generate_seq2seq(const Tensor& input_ids, const Tensor* attention_mask,
@@ -222,41 +237,25 @@ std::vector<std::vector<int64_t>> Engine::generate_seq2seq(const Tensor& input_i
   const kernels::Backend& backend = model.backend();
   const std::shared_ptr<ThreadPool> pool = impl_->current_pool();
   const ExecContext ctx = backend.context(*pool);
-  auto logits_of = [&](Tensor t) {
-    Tensor host = t.to(Device::cpu());
-    backend.finish(ctx);
-    return host;
-  };
+  auto logits_of = [&](const Tensor& t) { return host_logits(backend, ctx, t); };
   const int64_t V = vocab_size();
-  std::vector<std::vector<int64_t>> out(static_cast<size_t>(b.B));
-  if (o.max_new_tokens == 0) return out;
+  if (o.max_new_tokens == 0) return std::vector<std::vector<int64_t>>(static_cast<size_t>(b.B));
   // The decoder holds the start token plus the new tokens but the last (never fed back).
-  const int64_t capacity = std::min<int64_t>(o.max_new_tokens, max_positions());
-  const int64_t limit = capacity;  // new tokens this call can make
-  Seq2SeqCache cache = model.start(ctx, b.ids, b.mask.data(), b.B, b.T, capacity);
-  std::mt19937_64 rng(o.seed);
+  const int64_t limit = std::min<int64_t>(o.max_new_tokens, max_positions());  // new tokens this call can make
+  Seq2SeqCache cache = model.start(ctx, b.ids, b.mask.data(), b.B, b.T, limit);
   const int64_t start = o.decoder_start_token_id >= 0 ? o.decoder_start_token_id : model.config().decoder_start_token_id;
-  std::vector<int64_t> next(static_cast<size_t>(b.B), start);
-  std::vector<uint8_t> done(static_cast<size_t>(b.B), 0), step_mask(static_cast<size_t>(b.B), 1);
-  Tensor logits = logits_of(model.step(ctx, next.data(), step_mask.data(), b.B, 1, cache, false));
-  for (int64_t n = 0; n < limit; ++n) {
-    // transformers applies ForcedBOS, then ForcedEOS: when both fall on one token, EOS wins.
-    const int64_t forced = n + 1 == limit && o.forced_eos_token_id >= 0 ? o.forced_eos_token_id
-                           : n == 0 && o.forced_bos_token_id >= 0       ? o.forced_bos_token_id
-                                                                        : -1;
-    for (int64_t r = 0; r < b.B; ++r) {
-      if (done[r]) continue;
-      // A forced token consumes no randomness: transformers' forced logits leave one finite score.
-      next[r] = forced >= 0 ? forced : choose_token(logits.data<float>() + r * V, V, o, rng);
-      out[r].push_back(next[r]);
-      if (o.on_token) o.on_token(r, next[r]);
-      if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), next[r]) != o.stop_tokens.end()) done[r] = 1;
-    }
-    if (std::all_of(done.begin(), done.end(), [](uint8_t d) { return d; }) || n + 1 == limit) break;
-    for (int64_t r = 0; r < b.B; ++r) step_mask[r] = done[r] ? 0 : 1;  // finished rows ride along as padding
-    logits = logits_of(model.step(ctx, next.data(), step_mask.data(), b.B, 1, cache, false));
-  }
-  return out;
+  const std::vector<int64_t> starts(static_cast<size_t>(b.B), start);
+  const std::vector<uint8_t> all(static_cast<size_t>(b.B), 1);
+  Tensor logits = logits_of(model.step(ctx, starts.data(), all.data(), b.B, 1, cache, false));
+  // transformers applies ForcedBOS, then ForcedEOS: when both fall on one token, EOS wins.
+  auto forced = [&](int64_t n) {
+    return n + 1 == limit && o.forced_eos_token_id >= 0 ? o.forced_eos_token_id
+           : n == 0 && o.forced_bos_token_id >= 0       ? o.forced_bos_token_id
+                                                        : int64_t{-1};
+  };
+  return token_loop(b.B, V, o, limit, std::move(logits), forced, [&](const int64_t* next, const uint8_t* mask) {
+    return logits_of(model.step(ctx, next, mask, b.B, 1, cache, false));
+  });
 }
 
 const std::string& Engine::architecture() const { return impl_->model->config().architecture; }

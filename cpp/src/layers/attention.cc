@@ -4,6 +4,16 @@
 
 namespace finequant {
 
+AttentionContext bidirectional_attention(const ExecContext& ctx, const uint8_t* mask, int64_t B, int64_t T) {
+  AttentionContext a;
+  a.B = B;
+  a.T = T;
+  a.key_valid = Tensor::borrow(const_cast<uint8_t*>(mask), DType::U8, {B, T}).to(ctx.device);
+  a.key_valid_stride = T;
+  a.causal = false;
+  return a;
+}
+
 Rope::Rope(int64_t head_dim_, double theta, Device device) : head_dim(head_dim_) {
   // Same as transformers: inv_freq = 1 / theta^(2i / D), computed in fp32.
   Tensor f = Tensor::empty(DType::F32, {head_dim / 2});

@@ -33,6 +33,10 @@ struct AttentionContext {
   bool causal = false;
 };
 
+// An encoder's attention over a chunk [B, T] with host mask (0/1): every real key, no cache, no causal mask.
+// Padded keys are masked; padded queries still get (unused) outputs.
+AttentionContext bidirectional_attention(const ExecContext& ctx, const uint8_t* mask, int64_t B, int64_t T);
+
 class SelfAttention {
  public:
   // The q, k, v projections: one Linear whose output rows are [q | k | v] (GPT-2's c_attn, or

@@ -49,13 +49,7 @@ Tensor Encoder::forward(const ExecContext& ctx, const int64_t* ids, const uint8_
   be.gather_rows(ctx, token_type_, segments.to(ctx.device), x, true);
   x = embed_norm_.forward(ctx, x);
 
-  AttentionContext actx;
-  actx.B = B;
-  actx.T = T;
-  // Padded keys are masked; padded queries still get (unused) outputs.
-  actx.key_valid = Tensor::borrow(const_cast<uint8_t*>(mask), DType::U8, {B, T}).to(ctx.device);
-  actx.key_valid_stride = T;
-  actx.causal = false;
+  const AttentionContext actx = bidirectional_attention(ctx, mask, B, T);
   for (const Block& b : blocks_) x = b.forward(ctx, x, actx, nullptr);
   return x.reshape({B, T, C});
 }

@@ -109,12 +109,7 @@ Tensor Seq2Seq::forward(const ExecContext& ctx, const int64_t* ids, const uint8_
   Tensor positions = Tensor::empty(DType::I64, {M});
   for (int64_t i = 0; i < M; ++i) positions.data<int64_t>()[i] = i % T + 2;  // BART's offset
   Tensor x = enc_embed_norm_.forward(ctx, embed_rows(ctx, enc_embed_, enc_pos_, ids, positions, M));
-  AttentionContext actx;
-  actx.B = B;
-  actx.T = T;
-  actx.key_valid = Tensor::borrow(const_cast<uint8_t*>(mask), DType::U8, {B, T}).to(ctx.device);
-  actx.key_valid_stride = T;
-  actx.causal = false;
+  const AttentionContext actx = bidirectional_attention(ctx, mask, B, T);
   for (const Block& b : blocks_) x = b.forward(ctx, x, actx, nullptr);
   return x.reshape({B, T, config_.hidden_size});
 }
