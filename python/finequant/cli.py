@@ -131,6 +131,13 @@ def _build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a finequant model directory")
     i.add_argument("path", metavar="OUT", help="finequant model directory or model.safetensors")
 
+    ex = sub.add_parser("export", help="write a finequant model as a compressed-tensors checkpoint that vLLM "
+                        "and transformers load (needs torch; pip install finequant[export])")
+    ex.add_argument("model", metavar="MODEL", help="finequant model directory")
+    ex.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors",))
+    ex.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    ex.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+
     model_help = "finequant model directory, or a Hugging Face folder (run in fp32)"
     r = sub.add_parser("run", help="generate text with a decoder (encoder-decoders: the output for the prompt)")
     r.add_argument("model", metavar="MODEL", help=model_help)
@@ -322,6 +329,23 @@ def _describe_linear(lq) -> str:
     return f"{w}, {a}" + (f", rotate {lq.rotation}" if lq.rotation else "")
 
 
+def _cmd_export(args) -> int:
+    from .export import export
+
+    report = export(args.model, args.output, fmt=args.format, overwrite=args.overwrite)
+    print(f"wrote {report.path} ({args.format}, format {report.format})")
+    for name, group in report.groups.items():
+        w, a = group["weights"], group["input_activations"]
+        how = f"group {w['group_size']}" if w["group_size"] else "per channel"
+        acts = f"int{a['num_bits']} dynamic per token" if a else "floating point"
+        print(f"  {name}: int{w['num_bits']} weights {how}, activations {acts}: {', '.join(group['targets'])}")
+    if report.ignore:
+        print(f"  floating point: {', '.join(report.ignore)}")
+    for note in report.notes:
+        print(f"  converted: {note}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .modelfile import load_info
 
@@ -458,7 +482,7 @@ def _cmd_inspect(args) -> int:
 
 
 COMMANDS = {"quantize": _cmd_quantize, "info": _cmd_info, "run": _cmd_run, "embed": _cmd_embed, "ppl": _cmd_ppl,
-            "eval": _cmd_eval, "inspect": _cmd_inspect}
+            "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export}
 
 
 def main(argv=None) -> int:
