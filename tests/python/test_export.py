@@ -210,3 +210,21 @@ def test_cli(exports, tiny_models, tmp_path, capsys):
     assert main(["export", fq, "-o", str(out), "--overwrite"]) == 0
     assert main(["export", str(tiny_models["llama"]), "-o", str(tmp_path / "x")]) == 2  # not a finequant dir
     assert "not a finequant model" in capsys.readouterr().err
+
+
+def test_bert_encoder(tiny_models, tmp_path):
+    """An encoder: BertModel names, its pooler (a Linear finequant leaves alone) ignored, transformers' hidden
+    states equal to the engine's."""
+    from transformers import AutoModel
+
+    from finequant.engine import Engine
+
+    fq, ct = str(tmp_path / "fq"), str(tmp_path / "ct")
+    modelfile.quantize_folder(str(tiny_models["bert"]), fq, parse_scheme("w4a16"))
+    report = export(fq, ct)
+    assert report.ignore == ["pooler.dense"]
+    ids = np.array([[2, 10, 20, 30, 3]], dtype=np.int64)
+    model = AutoModel.from_pretrained(ct).eval()
+    with torch.no_grad():
+        hidden = model(torch.from_numpy(ids)).last_hidden_state.numpy()
+    assert _rel(hidden, Engine(fq).forward(ids)) < 1e-5  # measured 1.4e-7
