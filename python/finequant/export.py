@@ -8,13 +8,15 @@ integers and scales finequant chose, so the checkpoint dequantizes to exactly fi
 - weights with INT8 activations ("int-quantized"): `weight` int8 [N, K] (INT4 values too, unpacked),
   `weight_scale` [N, 1] (per channel) or [N, K / group] (groups along K);
 - weight-only ("pack-quantized"): `weight_packed` int32 [N, ceil(K * bits / 32)] (values + 2^(bits-1),
-  element i at bits i * bits of the little-endian stream), `weight_scale`, `weight_shape` [N, K].
+  element i at bits i * bits of the little-endian stream), `weight_scale`, `weight_shape` [N, K], and
+  for asymmetric weights `weight_zero_point` (signed: finequant's unsigned values - 2^(bits-1)) packed
+  the same way along the output rows.
 
 Activations of the exported scheme are quantized by the server at run time (dynamic, per token,
 symmetric), as finequant does. What the format cannot say is refused with a message naming the
-finequant field (ExportError): asymmetric weights or activations, INT4 activations, a Hadamard
-`rotation`, a K-block that does not divide the input width, and GPT-2's quantized Conv1D layers (not
-Linear modules for compressed-tensors). ZeroQuant row groups are converted exactly: the scale of a
+finequant field (ExportError): asymmetric activations (or weights beside quantized activations), INT4
+activations, a Hadamard `rotation`, a K-block that does not divide the input width, and GPT-2's
+quantized Conv1D layers (not Linear modules for compressed-tensors). ZeroQuant row groups are converted exactly: the scale of a
 group of rows is repeated on each of its rows (same integers, same dequantized weight).
 """
 from __future__ import annotations
@@ -60,6 +62,7 @@ class _Scheme:
     weight_bits: int
     group_size: Optional[int]  # None: per output channel
     act_bits: int              # 0: weight-only
+    weight_symmetric: bool = True  # False: a zero point per scale (weight-only schemes)
 
     @property
     def format(self) -> str:
@@ -68,7 +71,7 @@ class _Scheme:
         return INT_QUANTIZED if self.act_bits else PACK_QUANTIZED
 
     def to_json(self) -> dict:
-        weights = {"num_bits": self.weight_bits, "type": "int", "symmetric": True,
+        weights = {"num_bits": self.weight_bits, "type": "int", "symmetric": self.weight_symmetric,
                    "group_size": self.group_size, "strategy": "group" if self.group_size else "channel",
                    "dynamic": False}
         acts = None
@@ -111,9 +114,10 @@ def _scheme_of(module: str, lq: LinearQuant, n: int, k: int, notes: List[str]) -
     if lq.rotation:
         raise ExportError(f"{where}: rotation={lq.rotation} (block-Hadamard input rotation) cannot be expressed "
                           "in compressed-tensors: re-quantize without --rotate")
-    if not lq.weight_symmetric:
-        raise ExportError(f"{where}: weight_symmetric=false (asymmetric weights with zero points) is not exported: "
-                          "re-quantize with symmetric weights")
+    if not lq.weight_symmetric and lq.act_bits:
+        raise ExportError(f"{where}: weight_symmetric=false with INT{lq.act_bits} activations: vLLM's integer "
+                          "GEMMs take symmetric weights (only weight-only schemes export zero points): re-quantize "
+                          "with symmetric weights")
     if lq.act_bits and not lq.act_symmetric:
         raise ExportError(f"{where}: act_symmetric=false (asymmetric activations) cannot be expressed: the "
                           "exported schemes quantize activations symmetrically per token: re-quantize with --a-sym or --sym "
@@ -131,7 +135,7 @@ def _scheme_of(module: str, lq: LinearQuant, n: int, k: int, notes: List[str]) -
         group = cols
     if rows > 1:
         notes.append(f"row groups of {rows} rows written as per-row scales (same integers, exact)")
-    return _Scheme(lq.weight_bits, group, lq.act_bits)
+    return _Scheme(lq.weight_bits, group, lq.act_bits, lq.weight_symmetric)
 
 
 def _targets(groups: Dict[_Scheme, List[str]], ignore: List[str]) -> Dict[_Scheme, List[str]]:
@@ -200,14 +204,24 @@ def build(model_dir: str) -> Tuple[Dict[str, torch.Tensor], dict, ExportReport]:
         q = tensors.pop(module + ".weight").numpy()
         n, k = q.shape[0], q.shape[1] * (2 if lq.weight_bits == 4 else 1)
         scheme = _scheme_of(module, lq, n, k, notes)
-        if module + ".weight_zero_point" in tensors or q.dtype != np.dtype(np.int8 if lq.weight_bits == 8 else np.uint8):
-            raise ExportError(f"{module}: weight_zero_point or {q.dtype} integers: not symmetric {lq.weight_bits}-bit "
-                              "weights as the metadata says")
+        zero_point = tensors.pop(module + ".weight_zero_point", None)
+        signed = lq.weight_symmetric and lq.weight_bits == 8
+        if (zero_point is None) != lq.weight_symmetric or q.dtype != np.dtype(np.int8 if signed else np.uint8):
+            raise ExportError(f"{module}: {q.dtype} weights{' with' if zero_point is not None else ' without'} zero "
+                              f"points do not match its metadata (weight_symmetric={lq.weight_symmetric})")
         if lq.weight_bits == 4:
-            q = unpack_int4(q, is_signed=True)
+            q = unpack_int4(q, is_signed=lq.weight_symmetric)
+        offset = 0 if lq.weight_symmetric else 1 << (lq.weight_bits - 1)
+        if offset:  # finequant's unsigned integers and zero points -> compressed-tensors' signed ones
+            q = (q.astype(np.int16) - offset).astype(np.int8)
+            zero_point = (zero_point.to(torch.int16) - offset).to(torch.int8)
         scale = tensors.pop(module + ".weight_scale").to(torch.float32)
         rows = lq.tile[0]
         scale = scale.repeat_interleave(rows, dim=0) if rows > 1 else scale  # [N, groups]
+        if zero_point is not None:  # packed along the output rows, as compressed-tensors stores them
+            zero_point = zero_point.repeat_interleave(rows, dim=0) if rows > 1 else zero_point
+            out[name + ".weight_zero_point"] = torch.from_numpy(
+                np.ascontiguousarray(_pack_int32(zero_point.numpy().T, lq.weight_bits).T))
         if scheme.format == INT_QUANTIZED:
             out[name + ".weight"] = torch.from_numpy(np.ascontiguousarray(q, dtype=np.int8))
         else:
