@@ -85,6 +85,7 @@ class Engine {
   void set_threads(int threads);  // 0: the default
 
  private:
+  friend class Scheduler;  // runs this Engine's decoder on its own shared KV cache (finequant/scheduler.h)
   std::vector<std::vector<int64_t>> generate_seq2seq(const Tensor& input_ids, const Tensor* attention_mask,
                                                      const GenerationOptions& options) const;
   struct Impl;

@@ -8,23 +8,11 @@
 #include <numeric>
 #include <random>
 
-#include "finequant/model_file.h"
+#include "engine/engine_impl.h"
+#include "engine/sampling.h"
 #include "kernels/backend.h"
-#include "models/model.h"
 
 namespace finequant {
-
-struct Engine::Impl {
-  ModelFile file;  // keeps the mapping alive: weights may borrow it
-  std::unique_ptr<Model> model;
-  int threads = 0;  // as asked (0: default_threads())
-  Device device;
-  // This Engine's CPU threads (docs/DESIGN.md section 5.5); replaced whole by set_threads, so a
-  // call that already holds the old pool finishes on it.
-  std::shared_ptr<ThreadPool> pool;
-
-  std::shared_ptr<ThreadPool> current_pool() const { return std::atomic_load(&pool); }
-};
 
 namespace {
 std::shared_ptr<ThreadPool> make_pool(int threads) {
@@ -76,41 +64,6 @@ Batch validate(const Model& model, const Tensor& ids, const Tensor* mask, const 
   return b;
 }
 
-// Picks the next token from one row of logits.
-int64_t choose_token(const float* logits, int64_t V, const GenerationOptions& o, std::mt19937_64& rng) {
-  if (o.temperature <= 0.f) return std::max_element(logits, logits + V) - logits;
-  std::vector<int64_t> order(static_cast<size_t>(V));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return logits[a] > logits[b]; });
-  int64_t keep = V;
-  if (o.top_k > 0) keep = std::min(keep, o.top_k);
-  std::vector<double> p(static_cast<size_t>(keep));
-  const double mx = logits[order[0]];
-  double total = 0.0;
-  for (int64_t i = 0; i < keep; ++i) total += p[i] = std::exp((logits[order[i]] - mx) / o.temperature);
-  if (o.top_p < 1.f) {  // smallest prefix whose probability reaches top_p (at least one token)
-    double cum = 0.0;
-    int64_t n = 0;
-    while (n < keep && cum < o.top_p * total) cum += p[n++];
-    keep = std::max<int64_t>(n, 1);
-    total = std::accumulate(p.begin(), p.begin() + keep, 0.0);
-  }
-  const double u = std::uniform_real_distribution<double>(0.0, total)(rng);
-  double cum = 0.0;
-  for (int64_t i = 0; i < keep; ++i) {
-    cum += p[i];
-    if (u < cum) return order[i];
-  }
-  return order[keep - 1];
-}
-
-// Logits of one step, on the host for sampling (waits for the device's work).
-Tensor host_logits(const kernels::Backend& backend, const ExecContext& ctx, const Tensor& t) {
-  Tensor host = t.to(Device::cpu());
-  backend.finish(ctx);
-  return host;
-}
-
 // The token loop both generate paths share. `logits` [B, V] (host) predict each row's next token; a row
 // takes the forced token of step n if forced(n) >= 0 (transformers' forced logits leave one finite score,
 // so it consumes no randomness), else one sampled by choose_token, streams it and stops at a stop token.
@@ -130,7 +83,7 @@ std::vector<std::vector<int64_t>> token_loop(int64_t B, int64_t V, const Generat
       next[r] = f >= 0 ? f : choose_token(logits.data<float>() + r * V, V, o, rng);
       out[r].push_back(next[r]);
       if (o.on_token) o.on_token(r, next[r]);
-      if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), next[r]) != o.stop_tokens.end()) done[r] = 1;
+      if (is_stop_token(o, next[r])) done[r] = 1;
     }
     if (std::all_of(done.begin(), done.end(), [](uint8_t d) { return d; }) || n + 1 == limit) break;
     for (int64_t r = 0; r < B; ++r) mask[r] = done[r] ? 0 : 1;
@@ -140,6 +93,12 @@ std::vector<std::vector<int64_t>> token_loop(int64_t B, int64_t V, const Generat
 }
 
 }  // namespace
+
+Tensor host_logits(const kernels::Backend& backend, const ExecContext& ctx, const Tensor& t) {
+  Tensor host = t.to(Device::cpu());
+  backend.finish(ctx);
+  return host;
+}
 
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Engine::~Engine() = default;
@@ -201,10 +160,7 @@ std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, cons
                                                    const GenerationOptions& o) const {
   FQ_CHECK(impl_->model->is_decoder() || impl_->model->is_seq2seq(), ErrorKind::Unsupported,
            "generate() needs a decoder or encoder-decoder model, this is '" + architecture() + "'");
-  FQ_CHECK_ARG(o.max_new_tokens >= 0, "max_new_tokens must be >= 0");
-  FQ_CHECK_ARG(std::isfinite(o.temperature), "temperature must be finite");
-  FQ_CHECK_ARG(o.top_k >= 0, "top_k must be >= 0");
-  FQ_CHECK_ARG(o.top_p > 0.f && o.top_p <= 1.f, "top_p must be in (0, 1]");
+  check_sampling_options(o);
   const int64_t V = vocab_size();
   for (const auto& [name, id] : {std::pair<const char*, int64_t>{"decoder_start_token_id", o.decoder_start_token_id},
                                  {"forced_bos_token_id", o.forced_bos_token_id},
