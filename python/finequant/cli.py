@@ -158,6 +158,19 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     e.add_argument("--float-precision", choices=("fp32", "bf16"), default="fp32", help=_FLOAT_HELP)
 
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                        "/v1/embeddings, /v1/models, /health) with continuous batching (pip install finequant[serve])")
+    sv.add_argument("model", metavar="MODEL", help=model_help)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=_positive_int, default=8000, help="default 8000")
+    sv.add_argument("--slots", type=_positive_int, default=8, help="requests decoded together (default 8)")
+    sv.add_argument("--max-length", type=_positive_int, default=2048, help="prompt + new tokens of one request "
+                    "(default 2048, at most the model's positions): sizes the shared KV cache")
+    sv.add_argument("--name", help="the model name clients send (default: MODEL's folder name)")
+    sv.add_argument("--threads", type=_positive_int)
+    sv.add_argument("--device", default="cpu", help=_DEVICE_HELP)
+    sv.add_argument("--float-precision", choices=("fp32", "bf16"), default="fp32", help=_FLOAT_HELP)
+
     pp = sub.add_parser("ppl", help="perplexity of a decoder on a text file (encoder-decoders: of reconstructing "
                         "the text given the same text as encoder input, BART's denoising objective without noise)")
     pp.add_argument("model", metavar="MODEL", help=model_help)
@@ -467,6 +480,14 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, slots=args.slots, threads=args.threads, device=args.device,
+          max_length=args.max_length, name=args.name, float_precision=args.float_precision)
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from .inspection import inspect_model
 
@@ -482,7 +503,7 @@ def _cmd_inspect(args) -> int:
 
 
 COMMANDS = {"quantize": _cmd_quantize, "info": _cmd_info, "run": _cmd_run, "embed": _cmd_embed, "ppl": _cmd_ppl,
-            "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export}
+            "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export, "serve": _cmd_serve}
 
 
 def main(argv=None) -> int:

@@ -50,6 +50,8 @@ Inputs read_inputs(const py::array& ids, const std::optional<py::array>& mask, c
 
 }  // namespace
 
+void bind_scheduler(py::module_& m);  // python/src/scheduler_bindings.cc
+
 // Hands an F32 tensor's storage to NumPy without a copy (also used by bindings.cc).
 py::array_t<float> float_tensor_to_numpy(Tensor t) {
   auto* owner = new Tensor(std::move(t));
@@ -146,4 +148,5 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("device", [](const Engine& e) { return e.device().str(); })
       .def_property_readonly("backend", &Engine::backend_name)
       .def_property("threads", &Engine::threads, &Engine::set_threads);
+  bind_scheduler(m);
 }

@@ -1,0 +1,246 @@
+// The continuous-batching scheduler: requests joining at different steps, sharing a small cache
+// that must be compacted, give exactly the tokens Engine::generate gives each of them alone
+// (greedy and seeded sampling); stop tokens, cancellation, max_length and bad requests.
+#include <unistd.h>
+
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "finequant/engine.h"
+#include "finequant/scheduler.h"
+
+using namespace finequant;
+using nlohmann::json;
+
+namespace {
+
+constexpr int64_t kVocab = 61, kHidden = 32, kInter = 48, kLayers = 2, kHeads = 4, kKvHeads = 2, kMaxPos = 40;
+
+// A random fp32 Llama model file (GQA, untied head) written as safetensors.
+std::string write_tiny_llama() {
+  std::mt19937 rng(7);
+  json header = json::object();
+  std::string data;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, float sd, float shift = 0.f) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::normal_distribution<float> nd(shift, sd);
+    const size_t begin = data.size();
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = nd(rng);
+      data.append(reinterpret_cast<const char*>(&v), sizeof v);
+    }
+    header[name] = {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {begin, data.size()}}};
+  };
+  const int64_t D = kHidden / kHeads;
+  const float s = 1.f / std::sqrt(static_cast<float>(kHidden));
+  add("model.embed_tokens.weight", {kVocab, kHidden}, 1.f);
+  for (int64_t l = 0; l < kLayers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {kHidden}, 0.1f, 1.f);
+    add(p + "post_attention_layernorm.weight", {kHidden}, 0.1f, 1.f);
+    add(p + "self_attn.q_proj.weight", {kHeads * D, kHidden}, 2 * s);
+    add(p + "self_attn.k_proj.weight", {kKvHeads * D, kHidden}, 2 * s);
+    add(p + "self_attn.v_proj.weight", {kKvHeads * D, kHidden}, s);
+    add(p + "self_attn.o_proj.weight", {kHidden, kHeads * D}, s);
+    add(p + "mlp.gate_proj.weight", {kInter, kHidden}, s);
+    add(p + "mlp.up_proj.weight", {kInter, kHidden}, s);
+    add(p + "mlp.down_proj.weight", {kHidden, kInter}, 1.f / std::sqrt(static_cast<float>(kInter)));
+  }
+  add("model.norm.weight", {kHidden}, 0.1f, 1.f);
+  add("lm_head.weight", {kVocab, kHidden}, 3 * s);
+  const json config = {{"vocab_size", kVocab},        {"hidden_size", kHidden},           {"intermediate_size", kInter},
+                       {"num_hidden_layers", kLayers}, {"num_attention_heads", kHeads},    {"num_key_value_heads", kKvHeads},
+                       {"max_position_embeddings", kMaxPos}, {"rope_theta", 10000.0}, {"tie_word_embeddings", false}};
+  header["__metadata__"] = {{"format", "finequant"}, {"format_version", "1"}, {"architecture", "llama"},
+                            {"config", config.dump()}, {"scheme", "fp32"}, {"quantization", "{}"}};
+  std::string h = header.dump();
+  while ((8 + h.size()) % 8) h.push_back(' ');
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((static_cast<uint64_t>(h.size()) >> (8 * i)) & 0xFF);
+  const std::string path = "/tmp/fq_test_scheduler_" + std::to_string(getpid()) + ".safetensors";
+  std::ofstream(path, std::ios::binary) << bytes << h << data;
+  return path;
+}
+
+const Engine& engine() {
+  static const std::string path = write_tiny_llama();
+  static const std::unique_ptr<Engine> e = [] {
+    auto eng = Engine::load(path, EngineOptions{1});
+    ::unlink(path.c_str());  // the mapping stays valid
+    return eng;
+  }();
+  return *e;
+}
+
+std::vector<int64_t> random_prompt(int64_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int64_t> p(static_cast<size_t>(n));
+  for (auto& t : p) t = std::uniform_int_distribution<int64_t>(0, kVocab - 1)(rng);
+  return p;
+}
+
+std::vector<int64_t> alone(const std::vector<int64_t>& prompt, const GenerationOptions& o) {
+  Tensor ids = Tensor::empty(DType::I64, {1, static_cast<int64_t>(prompt.size())});
+  std::copy(prompt.begin(), prompt.end(), ids.data<int64_t>());
+  return engine().generate(ids, nullptr, o)[0];
+}
+
+struct Outcome {
+  std::vector<int64_t> tokens;
+  FinishReason finish = FinishReason::None;
+  int finishes = 0;
+};
+
+// Collects a scheduler's events per request id.
+void collect(Scheduler& s, std::map<uint64_t, Outcome>& out) {
+  for (const TokenEvent& e : s.poll()) {
+    Outcome& o = out[e.request];
+    CHECK(o.finishes == 0);  // nothing after a request's last event
+    if (e.token >= 0) o.tokens.push_back(e.token);
+    if (e.finish != FinishReason::None) {
+      o.finish = e.finish;
+      ++o.finishes;
+    }
+  }
+}
+
+// Requests with prompts of 1..30 tokens arriving over the first steps, three slots, a cache barely
+// longer than max_length: every request's tokens are generate's, whatever joined beside it.
+void check_batched_matches_alone(bool sampled) {
+  Scheduler s(engine(), SchedulerOptions{3, 0, kMaxPos + 4});
+  std::vector<std::vector<int64_t>> prompts;
+  std::vector<GenerationOptions> options;
+  const int64_t lengths[] = {5, 1, 17, 9, 30, 3, 12, 24};
+  for (int i = 0; i < 8; ++i) {
+    prompts.push_back(random_prompt(lengths[i], 100 + i));
+    GenerationOptions o;
+    o.max_new_tokens = 4 + 3 * i;  // the 30-token prompt reaches max_length (11 tokens, not 16)
+    if (sampled) {
+      o.temperature = 0.7f + 0.1f * (i % 3);
+      o.top_k = i % 2 ? 0 : 20;
+      o.top_p = i % 3 ? 1.f : 0.9f;
+      o.seed = 1000 + i;
+    }
+    options.push_back(o);
+  }
+  std::map<uint64_t, Outcome> out;
+  std::vector<uint64_t> ids;
+  for (int step = 0; ids.size() < prompts.size() || s.running() + s.waiting() > 0; ++step) {
+    if (ids.size() < prompts.size() && step % 2 == 0) {  // one new request every other step
+      ids.push_back(s.submit(prompts[ids.size()], options[ids.size()]));
+      if (ids.size() == 2) ids.push_back(s.submit(prompts[2], options[2]));  // two join at once
+    }
+    s.step();
+    collect(s, out);
+    CHECK(s.running() <= 3);
+  }
+  CHECK(s.compactions() > 0);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::vector<int64_t> ref = alone(prompts[i], options[i]);
+    const Outcome& o = out[ids[i]];
+    if (o.tokens != ref) ::fqtest::report(__FILE__, __LINE__, "request " + std::to_string(i) + " differs from generate");
+    CHECK_EQ(o.finishes, 1);
+    CHECK(o.finish == FinishReason::Length);
+  }
+  CHECK_EQ(out[ids[4]].tokens.size(), size_t{kMaxPos - 30 + 1});
+}
+
+}  // namespace
+
+TEST(greedy_requests_match_generate_alone) { check_batched_matches_alone(false); }
+
+TEST(sampled_requests_match_generate_alone_with_their_seeds) { check_batched_matches_alone(true); }
+
+TEST(stop_token_ends_a_request_and_frees_its_slot) {
+  const std::vector<int64_t> prompt = random_prompt(6, 5);
+  GenerationOptions o;
+  o.max_new_tokens = 10;
+  const std::vector<int64_t> full = alone(prompt, o);
+  o.stop_tokens = {full[2]};
+  const std::vector<int64_t> ref = alone(prompt, o);
+  Scheduler s(engine(), SchedulerOptions{1});
+  std::map<uint64_t, Outcome> out;
+  const uint64_t a = s.submit(prompt, o), b = s.submit(prompt, o);  // b waits for a's slot
+  s.run_until_idle();
+  collect(s, out);
+  CHECK(out[a].tokens == ref && out[b].tokens == ref);
+  CHECK(out[a].finish == FinishReason::Stop && out[a].tokens.back() == full[2]);
+}
+
+TEST(cancel_frees_the_slot_for_a_waiting_request) {
+  Scheduler s(engine(), SchedulerOptions{1});
+  GenerationOptions o;
+  o.max_new_tokens = 20;
+  const std::vector<int64_t> prompt = random_prompt(4, 9);
+  const uint64_t a = s.submit(prompt, o), b = s.submit(prompt, o);
+  s.step();  // a: prefill (its first token) and one decode step
+  s.step();
+  CHECK_EQ(s.running(), int64_t{1});
+  CHECK_EQ(s.waiting(), int64_t{1});
+  CHECK(s.cancel(a));
+  s.step();  // a leaves, b takes its slot
+  CHECK_EQ(s.waiting(), int64_t{0});
+  CHECK(s.cancel(b));
+  s.run_until_idle();
+  std::map<uint64_t, Outcome> out;
+  collect(s, out);
+  CHECK(out[a].finish == FinishReason::Cancelled && out[a].tokens.size() == 3);
+  CHECK(out[b].finish == FinishReason::Cancelled && out[b].tokens.size() == 2);
+  CHECK(!s.cancel(a) && !s.cancel(12345));  // finished or unknown
+  CHECK_EQ(s.running(), int64_t{0});
+  // A request cancelled while waiting never runs.
+  const uint64_t c = s.submit(prompt, o);
+  CHECK(s.cancel(c));
+  s.run_until_idle();
+  collect(s, out);
+  CHECK(out[c].finish == FinishReason::Cancelled && out[c].tokens.empty());
+}
+
+TEST(zero_new_tokens_finishes_without_tokens) {
+  Scheduler s(engine());
+  GenerationOptions o;
+  o.max_new_tokens = 0;
+  const uint64_t a = s.submit(random_prompt(3, 1), o);
+  s.run_until_idle();
+  std::map<uint64_t, Outcome> out;
+  collect(s, out);
+  CHECK(out[a].finish == FinishReason::Length && out[a].tokens.empty());
+}
+
+TEST(events_go_to_the_callback_when_one_is_given) {
+  std::vector<TokenEvent> seen;
+  Scheduler s(engine(), SchedulerOptions{2}, [&](const TokenEvent& e) { seen.push_back(e); });
+  GenerationOptions o;
+  o.max_new_tokens = 5;
+  const std::vector<int64_t> prompt = random_prompt(7, 3);
+  s.submit(prompt, o);
+  s.run_until_idle();
+  CHECK(s.poll().empty());
+  std::vector<int64_t> tokens;
+  for (const TokenEvent& e : seen) tokens.push_back(e.token);
+  CHECK(tokens == alone(prompt, o));
+  CHECK(seen.back().finish == FinishReason::Length);
+}
+
+TEST(bad_requests_and_options_are_refused) {
+  Scheduler s(engine(), SchedulerOptions{2, 16});
+  GenerationOptions o;
+  CHECK_THROWS_KIND_MSG(s.submit({}, o), ErrorKind::InvalidArgument, "empty");
+  CHECK_THROWS_KIND_MSG(s.submit({1, kVocab}, o), ErrorKind::InvalidArgument, "outside");
+  CHECK_THROWS_KIND_MSG(s.submit(random_prompt(17, 1), o), ErrorKind::InvalidArgument, "max_length 16");
+  o.top_p = 0.f;
+  CHECK_THROWS_KIND_MSG(s.submit({1}, o), ErrorKind::InvalidArgument, "top_p");
+  CHECK_EQ(s.waiting(), int64_t{0});
+  CHECK_THROWS_KIND_MSG(Scheduler(engine(), SchedulerOptions{0}), ErrorKind::InvalidArgument, "slots");
+  CHECK_THROWS_KIND_MSG(Scheduler(engine(), SchedulerOptions{1, kMaxPos + 1}), ErrorKind::InvalidArgument, "max_length");
+  CHECK_THROWS_KIND_MSG(Scheduler(engine(), SchedulerOptions{1, 20, 10}), ErrorKind::InvalidArgument, "cache_length");
+}
+
+int main() { return RUN_ALL_TESTS(); }
