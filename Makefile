@@ -1,7 +1,7 @@
 # finequant: the two front doors.
 #   make demo   set up .venv, build, quantize the real default models and print quality/size
 #   make test   set up .venv, build, run pytest and the C++ tests
-#   make bench  install the peers, run bench/ (GEMM, BERT, decode) and write bench/results/RESULTS.md
+#   make bench  install the peers, run bench/ (GEMM, BERT, decode, serve) and write bench/results/RESULTS.md
 #   make study  accuracy of every scheme, PTQ and LKD, on the real models: bench/results/ACCURACY.md
 #   make gpu-check  on a machine with an NVIDIA GPU: build with CUDA, GPU tests, short benchmark
 PYTHON ?= python3
@@ -59,6 +59,7 @@ bench: install $(VENV)/.bench-deps
 	$(PY) bench/bench_bert.py $(BENCH_ARGS)
 	$(PY) bench/bench_decode.py $(BENCH_ARGS)
 	$(PY) bench/bench_neighbour.py $(BENCH_ARGS)
+	$(PY) bench/bench_serve.py $(BENCH_ARGS)
 	$(PY) bench/report.py $(filter --quick,$(BENCH_ARGS))
 
 # The budget of the committed bench/results/ACCURACY.md: ~2 h on 2 cores (STUDY_ARGS="--reduced": ~1 h;

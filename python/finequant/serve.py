@@ -1,4 +1,4 @@
-"""`finequant serve`: an OpenAI-compatible HTTP server (docs/DESIGN.md section 9).
+"""`finequant serve`: an OpenAI-compatible HTTP server (docs/DESIGN.md section 11).
 
 A Starlette app served by uvicorn. Decoders: /v1/completions and /v1/chat/completions (the model's chat
 template) run through the C++ continuous-batching scheduler (finequant._core._Scheduler): one
@@ -89,6 +89,7 @@ class Sampling:
         if n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
         self.stop = _stop_strings(body)
+        self.ignore_eos = _get(body, "ignore_eos", bool, False)  # vLLM's extension: exact lengths for benchmarks
         self.stream = _get(body, "stream", bool, False)
         options = _get(body, "stream_options", dict, {})
         self.include_usage = bool(options.get("include_usage")) and self.stream
@@ -312,7 +313,8 @@ class Server:
         with self._lock:
             try:
                 request = self.scheduler.submit(prompt, sampling.max_tokens, sampling.temperature, sampling.top_k,
-                                                sampling.top_p, sampling.seed, self.stop_tokens)
+                                                sampling.top_p, sampling.seed,
+                                                [] if sampling.ignore_eos else self.stop_tokens)
             except ValueError as e:  # e.g. a token id outside the vocabulary
                 raise APIError(400, str(e), param="prompt") from None
             self._pending[request] = pending

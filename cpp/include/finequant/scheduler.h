@@ -1,4 +1,4 @@
-// Continuous batching for decoder models (docs/DESIGN.md section 9): requests share one KV cache of
+// Continuous batching for decoder models (docs/DESIGN.md section 11): requests share one KV cache of
 // a fixed number of slots; new requests join between decode steps and every step advances all
 // running requests by one token. A request's tokens are those Engine::generate gives it alone
 // (same sampling code, its own random generator seeded with its seed).
@@ -20,8 +20,9 @@ namespace finequant {
 struct SchedulerOptions {
   int64_t slots = 8;         // requests decoded together: rows of the shared KV cache
   int64_t max_length = 0;    // prompt + new tokens of one request; 0: the model's max_positions
-  // Positions of the shared cache (>= max_length; 0: 2 * max_length). When the cache fills, each
-  // row's live keys move left (compaction); a larger cache compacts less often.
+  // Positions of the shared cache (>= max_length; 0: 1.5 * max_length). When the cache fills, each
+  // row's live keys move left (compaction); a larger cache compacts less often. Memory: slots x
+  // cache_length x layers x 2 x kv_heads x head_dim x 4 bytes, allocated (zeroed) up front.
   int64_t cache_length = 0;
 };
 

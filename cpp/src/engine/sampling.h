@@ -1,5 +1,5 @@
 // Token choice shared by Engine::generate and the Scheduler, so that a request gives the same
-// tokens alone or in a batch (docs/DESIGN.md section 9).
+// tokens alone or in a batch (docs/DESIGN.md section 11).
 #pragma once
 #include <cstdint>
 #include <random>

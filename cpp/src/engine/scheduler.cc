@@ -1,4 +1,4 @@
-// Continuous batching over one shared KV cache (docs/DESIGN.md section 9).
+// Continuous batching over one shared KV cache (docs/DESIGN.md section 11).
 //
 // The cache has `slots` rows and one length L (the append index of Decoder::step). Row r holds the
 // keys and values of the request in slot r at the cache positions key_valid marks; the rest are
@@ -281,7 +281,7 @@ Scheduler::Scheduler(const Engine& engine, SchedulerOptions options, std::functi
   impl_ = std::make_unique<Impl>(*engine.impl_, static_cast<const Decoder&>(model));
   impl_->slots = options.slots;
   impl_->max_length = options.max_length > 0 ? options.max_length : max_positions;
-  impl_->capacity = options.cache_length > 0 ? options.cache_length : 2 * impl_->max_length;
+  impl_->capacity = options.cache_length > 0 ? options.cache_length : impl_->max_length + impl_->max_length / 2;
   FQ_CHECK_ARG(impl_->capacity >= impl_->max_length, "cache_length " + std::to_string(options.cache_length) +
                                                          " is shorter than max_length " +
                                                          std::to_string(impl_->max_length));
