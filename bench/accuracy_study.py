@@ -353,7 +353,7 @@ class Study:
         if torch_model is None:
             torch_model = load_torch_model(model.folder, model.family)
         records = {name: scheme.for_linear(part, *model.tensors[name + ".weight"].shape)
-                   for name, part in hf.linear_parts(model.family, model.num_layers).items()}
+                   for name, part in model.linear_parts().items()}
         simulate(torch_model, records)
         for m in torch_model.modules():
             if isinstance(m, QuantLinear) and m.spec.act_bits:

@@ -155,10 +155,20 @@ TEST(norms_and_elementwise_ops) {
     Tensor sum = x.clone().to(ctx.device);
     ctx.backend->add(ctx, sum, y.to(ctx.device));
     Tensor out = Tensor::empty(DType::F32, {M, C / 2}, ctx.device);
-    ctx.backend->silu_mul(ctx, sum.data<float>(), C, sum.data<float>() + C / 2, C, out.data<float>(), M, C / 2);
+    ctx.backend->gated_mul(ctx, kernels::GateActivation::Silu, sum.data<float>(), C, sum.data<float>() + C / 2, C,
+                           out.data<float>(), M, C / 2);
     return out;
   });
   CHECK(max_rel_error(s1, s2) < 1e-5);
+  const auto [ge1, ge2] = on_both([&](const ExecContext& ctx) {  // GeGLU and final-logit soft-capping
+    Tensor sum = x.clone().to(ctx.device);
+    Tensor out = Tensor::empty(DType::F32, {M, C / 2}, ctx.device);
+    ctx.backend->gated_mul(ctx, kernels::GateActivation::GeluTanh, sum.data<float>(), C, sum.data<float>() + C / 2, C,
+                           out.data<float>(), M, C / 2);
+    ctx.backend->softcap(ctx, out, 0.5f);
+    return out;
+  });
+  CHECK(max_rel_error(ge1, ge2) < 1e-5);
   Tensor ids = Tensor::empty(DType::I64, {5});
   for (int i = 0; i < 5; ++i) ids.data<int64_t>()[i] = (i * 7) % M;
   const auto [g1, g2] = on_both([&](const ExecContext& ctx) {
@@ -241,15 +251,21 @@ TEST(rope) {
 // Prefill (many queries, padding masks, causal) and decode (one query over a cache), GQA, odd D.
 TEST(attention_and_kv_cache) {
   std::mt19937 rng(6);
-  for (auto [Tq, D, causal] : {std::tuple<int64_t, int64_t, bool>{19, 64, true}, {70, 40, false}, {1, 128, true}, {3, 33, true}}) {
+  // window > 0: a sliding window over positions (key j at position j) and soft-capped scores (Gemma 2).
+  for (auto [Tq, D, causal, window] : {std::tuple<int64_t, int64_t, bool, int64_t>{19, 64, true, 0}, {70, 40, false, 0},
+                                       {1, 128, true, 0}, {3, 33, true, 0}, {70, 40, true, 9}, {2, 64, true, 9}}) {
     const int64_t B = 2, H = 6, KVH = 2, past = Tq <= 4 ? 50 : 0, cap = past + Tq + 3;
     const Tensor q = random_tensor({B, H, Tq, D}, rng), k = random_tensor({B, KVH, Tq, D}, rng),
                  v = random_tensor({B, KVH, Tq, D}, rng), kc0 = random_tensor({B, KVH, cap, D}, rng),
                  vc0 = random_tensor({B, KVH, cap, D}, rng);
     Tensor valid = Tensor::empty(DType::U8, {B, cap});
     for (int64_t i = 0; i < B * cap; ++i) valid.data<uint8_t>()[i] = (i % 11 == 3) ? 0 : 1;
+    Tensor qpos = Tensor::empty(DType::I64, {B * Tq}), kpos = Tensor::empty(DType::I64, {B, cap});
+    for (int64_t i = 0; i < B * Tq; ++i) qpos.data<int64_t>()[i] = past + i % Tq;
+    for (int64_t i = 0; i < B * cap; ++i) kpos.data<int64_t>()[i] = i % cap;
     const auto [a, b] = on_both([&](const ExecContext& ctx) {
       const Tensor qd = q.to(ctx.device), kd = k.to(ctx.device), vd = v.to(ctx.device), vald = valid.to(ctx.device);
+      const Tensor qposd = qpos.to(ctx.device), kposd = kpos.to(ctx.device);
       Tensor kc = kc0.clone().to(ctx.device), vc = vc0.clone().to(ctx.device);
       const kernels::HeadView kv{kd.data<float>(), KVH * Tq * D, Tq * D, D}, vv{vd.data<float>(), KVH * Tq * D, Tq * D, D};
       ctx.backend->kv_append(ctx, kv, vv, kc, vc, past, Tq);
@@ -269,6 +285,12 @@ TEST(attention_and_kv_cache) {
       args.key_valid_stride = cap;
       args.causal_offset = causal ? past : -1;
       args.scale = 1.f / std::sqrt(float(D));
+      if (window > 0) {
+        args.window = window;
+        args.query_positions = qposd.data<int64_t>();
+        args.key_positions = kposd.data<int64_t>();
+        args.softcap = 2.f;
+      }
       ctx.backend->attention(ctx, args);
       return out;
     });

@@ -1,7 +1,7 @@
 // kv_append and attention (kernels.h) in fp32, the CPU op's semantics: grouped-query heads,
-// per-sequence key mask, causal offset, scores scaled before the softmax (actmath::exp), zeros for
-// a query that sees no key. Softmax is online (running max and sum), so results match the CPU's
-// two-pass softmax to fp32 rounding, not bit for bit.
+// per-sequence key mask, causal offset, sliding window by positions, scores scaled (and soft-capped)
+// before the softmax (actmath::exp), zeros for a query that sees no key. Softmax is online (running
+// max and sum), so results match the CPU's two-pass softmax to fp32 rounding, not bit for bit.
 //   * decode (Tq <= 4): one CTA of 8 warps per (b, h, query); groups of LPK lanes take one key
 //     each (a strided share of the keys), then the groups' partial softmax states are merged.
 //   * prefill: one CTA of 4 warps per (b, h, block of BQ queries), FlashAttention-style: chunks of
@@ -29,7 +29,22 @@ struct AttnParams {
   const uint8_t* key_valid = nullptr;
   int64_t key_valid_stride = 0, causal_offset = -1;
   float scale = 1.f;
+  int64_t window = 0;  // sliding window (kernels/backend.h AttentionArgs)
+  const int64_t* query_positions = nullptr;
+  const int64_t* key_positions = nullptr;
+  float softcap = 0.f;
 };
+
+// Inside query t's sliding window (always, without one).
+__device__ __forceinline__ bool in_window(const AttnParams& p, int64_t b, int64_t t, int64_t j) {
+  return p.window <= 0 || p.query_positions[b * p.Tq + t] - p.key_positions[b * p.key_valid_stride + j] < p.window;
+}
+
+// The score of a dot product: scaled, then soft-capped when asked (cap * tanh(s / cap)).
+__device__ __forceinline__ float score_of(const AttnParams& p, float dot) {
+  const float s = dot * p.scale;
+  return p.softcap > 0.f ? tanhf(s / p.softcap) * p.softcap : s;
+}
 
 // Keys seen by query t (before the mask): causal queries stop at their own position.
 __device__ __forceinline__ int64_t keys_seen(const AttnParams& p, int64_t t) {
@@ -82,7 +97,8 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(const AttnPar
 
   for (int64_t j0 = 0; j0 < n; j0 += GROUPS) {  // uniform over the CTA: shuffles below are safe
     const int64_t j = j0 + gi;
-    const bool live = j < n && (valid == nullptr || valid[j] != 0);  // uniform over the group
+    // uniform over the group
+    const bool live = j < n && (valid == nullptr || valid[j] != 0) && in_window(p, b, t, j);
     float dot = 0.f;
     if (live) {
       const float* kr = kbase + j * p.k.st;
@@ -95,7 +111,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(const AttnPar
 #pragma unroll
     for (int off = LPK / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
     if (live) {
-      const float s = dot * p.scale;
+      const float s = score_of(p, dot);
       if (s > m) {
         const float c = rescale(m, s);
         l *= c;
@@ -233,8 +249,8 @@ __global__ void __launch_bounds__(kTiledThreads) attention_tiled(const AttnParam
     // Online softmax per row; probabilities to shared memory for the value product.
 #pragma unroll
     for (int i = 0; i < RW; ++i) {
-      const bool vis = key_ok && j < n_row[i];
-      const float sc = vis ? s[i] * p.scale : kNegInf;
+      const bool vis = key_ok && j < n_row[i] && in_window(p, b, t0 + warp * RW + i, j);
+      const float sc = vis ? score_of(p, s[i]) : kNegInf;
       const float cmax = warp_max(sc);
       float pj = 0.f;
       if (cmax != kNegInf) {  // warp-uniform
@@ -327,7 +343,8 @@ void kv_append(const HeadViewDev& k, const HeadViewDev& v, float* k_cache, float
 
 void attention(const HeadViewDev& q, const HeadViewDev& k, const HeadViewDev& v, float* out, int64_t B, int64_t H,
                int64_t KVH, int64_t Tq, int64_t Tk, int64_t D, const uint8_t* key_valid, int64_t key_valid_stride,
-               int64_t causal_offset, float scale, cudaStream_t stream) {
+               int64_t causal_offset, float scale, int64_t window, const int64_t* query_positions,
+               const int64_t* key_positions, float softcap, cudaStream_t stream) {
   if (B == 0 || H == 0 || Tq == 0 || D == 0) return;
   FQ_CHECK_ARG(D <= 256, "attention: head_dim " + std::to_string(D) + " exceeds 256");
   FQ_CHECK_ARG(KVH >= 1 && H % KVH == 0, "attention: heads must be a multiple of kv_heads");
@@ -347,6 +364,10 @@ void attention(const HeadViewDev& q, const HeadViewDev& k, const HeadViewDev& v,
   p.key_valid_stride = key_valid_stride;
   p.causal_offset = causal_offset;
   p.scale = scale;
+  p.window = window;
+  p.query_positions = query_positions;
+  p.key_positions = key_positions;
+  p.softcap = softcap;
   if (D <= 64) launch_attention<64>(p, stream);
   else if (D <= 128) launch_attention<128>(p, stream);
   else launch_attention<256>(p, stream);

@@ -185,9 +185,13 @@ class CudaBackend final : public kernels::Backend {
     cuda::hadamard(x.data<float>(), y.data<float>(), x.dim(0), x.dim(1), block, stream(ctx));
   }
 
-  void silu_mul(const ExecContext& ctx, const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
-                float* out, int64_t M, int64_t I) const override {
-    cuda::silu_mul(gate, gate_stride, up, up_stride, out, M, I, stream(ctx));
+  void gated_mul(const ExecContext& ctx, kernels::GateActivation act, const float* gate, int64_t gate_stride,
+                 const float* up, int64_t up_stride, float* out, int64_t M, int64_t I) const override {
+    cuda::gated_mul(act == kernels::GateActivation::GeluTanh, gate, gate_stride, up, up_stride, out, M, I, stream(ctx));
+  }
+
+  void softcap(const ExecContext& ctx, Tensor& x, float cap) const override {
+    cuda::softcap(x.data<float>(), x.numel(), cap, stream(ctx));
   }
 
   void rope(const ExecContext& ctx, float* x, int64_t row_stride, int64_t M, int64_t heads, const Tensor& inv_freq,
@@ -210,7 +214,8 @@ class CudaBackend final : public kernels::Backend {
 
   void attention(const ExecContext& ctx, const AttentionArgs& a) const override {
     cuda::attention(view_dev(a.q), view_dev(a.k), view_dev(a.v), a.out, a.B, a.H, a.KVH, a.Tq, a.Tk, a.D, a.key_valid,
-                    a.key_valid_stride, a.causal_offset, a.scale, stream(ctx));
+                    a.key_valid_stride, a.causal_offset, a.scale, a.window, a.query_positions, a.key_positions,
+                    a.softcap, stream(ctx));
   }
 
  private:

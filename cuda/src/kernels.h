@@ -101,9 +101,11 @@ void add_inplace(float* x, const float* y, int64_t n, cudaStream_t stream);
 // y = x H (kernels/backend.h hadamard): M rows of K values, blocks of `block` (a power of two <= 4096
 // dividing K); y may be x.
 void hadamard(const float* x, float* y, int64_t M, int64_t K, int64_t block, cudaStream_t stream);
-// out[m, i] = silu(gate[m * gs + i]) * up[m * us + i], out dense [M, I].
-void silu_mul(const float* gate, int64_t gs, const float* up, int64_t us, float* out, int64_t M, int64_t I,
-              cudaStream_t stream);
+// out[m, i] = act(gate[m * gs + i]) * up[m * us + i], out dense [M, I]; act silu or GeLU-tanh.
+void gated_mul(bool gelu_tanh, const float* gate, int64_t gs, const float* up, int64_t us, float* out, int64_t M,
+               int64_t I, cudaStream_t stream);
+// x[i] <- tanh(x[i] / cap) * cap for i < n.
+void softcap(float* x, int64_t n, float cap, cudaStream_t stream);
 // Rotary embedding in place (Hugging Face rotate_half): M rows `row_stride` floats apart, each
 // starting with heads * head_dim values; positions [M] (int64); inv_freq [head_dim / 2].
 void rope(float* x, int64_t row_stride, int64_t M, int64_t heads, int64_t head_dim, const float* inv_freq,
@@ -124,10 +126,13 @@ void kv_append(const HeadViewDev& k, const HeadViewDev& v, float* k_cache, float
 // Softmax attention with grouped-query heads (q head h reads kv head h / (H / KVH)), exactly the
 // CPU op's semantics (kernels/cpu/attention.h): out [B * Tq, H * D] token-major; key j of sequence b
 // is visible when key_valid[b * key_valid_stride + j] != 0 and (causal_offset < 0 or
-// j <= causal_offset + t); a query with no visible key gets zeros.
+// j <= causal_offset + t) and, with window > 0, query_positions[b * Tq + t] -
+// key_positions[b * key_valid_stride + j] < window; a query with no visible key gets zeros. Scores
+// are scale * q.k, then softcap * tanh(s / softcap) when softcap > 0.
 void attention(const HeadViewDev& q, const HeadViewDev& k, const HeadViewDev& v, float* out, int64_t B, int64_t H,
                int64_t KVH, int64_t Tq, int64_t Tk, int64_t D, const uint8_t* key_valid, int64_t key_valid_stride,
-               int64_t causal_offset, float scale, cudaStream_t stream);
+               int64_t causal_offset, float scale, int64_t window, const int64_t* query_positions,
+               const int64_t* key_positions, float softcap, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace finequant

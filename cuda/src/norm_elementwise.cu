@@ -39,15 +39,26 @@ __global__ void add_inplace_kernel(float* x, const float* y, int64_t n) {
 }
 
 // Rows over blockIdx.y (grid-stride), columns over x.
-__global__ void silu_mul_kernel(const float* gate, int64_t gs, const float* up, int64_t us, float* out, int64_t M,
-                                int64_t I) {
+template <bool GELU_TANH>
+__global__ void gated_mul_kernel(const float* gate, int64_t gs, const float* up, int64_t us, float* out, int64_t M,
+                                 int64_t I) {
   for (int64_t m = blockIdx.y; m < M; m += gridDim.y)
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < I;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
       const float g = gate[m * gs + i];
-      const float e = kernels::actmath::exp(-g);
-      out[m * I + i] = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.f, e)), up[m * us + i]);
+      if (GELU_TANH) {
+        out[m * I + i] = __fmul_rn(kernels::actmath::gelu_tanh(g), up[m * us + i]);
+      } else {
+        const float e = kernels::actmath::exp(-g);
+        out[m * I + i] = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.f, e)), up[m * us + i]);
+      }
     }
+}
+
+__global__ void softcap_kernel(float* x, int64_t n, float cap) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] = __fmul_rn(tanhf(__fdiv_rn(x[i], cap)), cap);
 }
 
 // One thread per (row, i < half): the angle once, then every head.
@@ -125,12 +136,19 @@ void add_inplace(float* x, const float* y, int64_t n, cudaStream_t stream) {
   check_launch("add_inplace");
 }
 
-void silu_mul(const float* gate, int64_t gs, const float* up, int64_t us, float* out, int64_t M, int64_t I,
-              cudaStream_t stream) {
+void gated_mul(bool gelu_tanh, const float* gate, int64_t gs, const float* up, int64_t us, float* out, int64_t M,
+               int64_t I, cudaStream_t stream) {
   if (M == 0 || I == 0) return;
   const dim3 grid(blocks_for(I, kThreads, 1024), blocks_for(M, 1, kMaxGridY));
-  silu_mul_kernel<<<grid, kThreads, 0, stream>>>(gate, gs, up, us, out, M, I);
-  check_launch("silu_mul");
+  if (gelu_tanh) gated_mul_kernel<true><<<grid, kThreads, 0, stream>>>(gate, gs, up, us, out, M, I);
+  else gated_mul_kernel<false><<<grid, kThreads, 0, stream>>>(gate, gs, up, us, out, M, I);
+  check_launch("gated_mul");
+}
+
+void softcap(float* x, int64_t n, float cap, cudaStream_t stream) {
+  if (n == 0) return;
+  softcap_kernel<<<blocks_for(n, kThreads, 8192), kThreads, 0, stream>>>(x, n, cap);
+  check_launch("softcap");
 }
 
 void rope(float* x, int64_t row_stride, int64_t M, int64_t heads, int64_t head_dim, const float* inv_freq,

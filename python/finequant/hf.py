@@ -14,7 +14,10 @@ from typing import Dict, Optional
 
 import torch
 
-FAMILIES = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "mistral": "llama", "bart": "bart"}
+# model_type -> family. The Llama family's variants (Mistral, Qwen2, Phi-3, Gemma, Gemma 2) are config
+# flags of one decoder (docs/DESIGN.md section 10); Phi-3 keeps its fused qkv_proj / gate_up_proj.
+FAMILIES = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
+            "phi3": "llama", "gemma": "llama", "gemma2": "llama", "bart": "bart"}
 SEQ2SEQ_FAMILIES = ("bart",)  # encoder-decoder: Linears belong to the "encoder" or the "decoder" stack
 STACKS = ("encoder", "decoder")
 
@@ -28,7 +31,7 @@ _GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight"
 
 @dataclass
 class HFModel:
-    family: str                       # "bert", "gpt2", "llama" or "bart"
+    family: str                       # "bert", "gpt2", "llama" (with its variants) or "bart"
     config: dict                      # config.json as loaded
     tensors: Dict[str, torch.Tensor]  # canonical names -> fp32
     folder: str = ""
@@ -66,6 +69,20 @@ def family_of(config: dict) -> str:
         raise NotImplementedError(
             f"unsupported model_type {mt!r}: supported are {', '.join(sorted(FAMILIES))}")
     return FAMILIES[mt]
+
+
+def check_config(family: str, config: dict) -> None:
+    """Refuse, before anything is written, a config the engine would compute differently from
+    transformers: the engine's own reader (ModelConfig::parse) judges it, so quantize and load apply
+    one rule set. NotImplementedError names the unsupported setting."""
+    from . import _core
+
+    _core.check_config(family, json.dumps(config))
+
+
+def fused_phi3(config: Optional[dict]) -> bool:
+    """Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (kept fused: canonical names)."""
+    return bool(config) and config.get("model_type") == "phi3"
 
 
 def read_config(folder: str) -> dict:
@@ -189,7 +206,7 @@ def canonicalize(family: str, config: dict, raw: Dict[str, torch.Tensor]) -> Dic
             t = out.get(name)
             if t is not None and emb is not None and torch.equal(t, emb):
                 del out[name]
-    tied = config.get("tie_word_embeddings", family != "llama")
+    tied = config.get("tie_word_embeddings", family != "llama" or config.get("model_type") in ("gemma", "gemma2"))
     head = out.get("lm_head.weight")
     if tied and head is not None and emb is not None and head.shape == emb.shape \
             and torch.equal(head, emb):
@@ -217,6 +234,7 @@ def load(folder: str) -> HFModel:
     folder = os.fspath(folder)
     config = read_config(folder)
     family = family_of(config)
+    check_config(family, config)
     tensors = canonicalize(family, config, read_weights(folder))
     n = num_layers(config)
     missing = [m for m in linear_parts(family, n, config) if m + ".weight" not in tensors]
@@ -228,6 +246,7 @@ def load(folder: str) -> HFModel:
 
 def linear_parts(family: str, num_layers: int, config: Optional[dict] = None) -> Dict[str, str]:
     """Module name -> part (qkv, attn_out, fc1, fc2) for every Linear of the transformer blocks.
+    A Phi-3 (llama family) needs `config` for its fused projections (model_type phi3).
     An encoder-decoder (bart) needs `config` for its encoder_layers / decoder_layers; its
     cross-attention's q/k/v count as qkv and its out_proj as attn_out (stack_of tells the stacks apart)."""
     parts: Dict[str, str] = {}
@@ -260,11 +279,17 @@ def linear_parts(family: str, num_layers: int, config: Optional[dict] = None) ->
             parts[p + "mlp.c_proj"] = "fc2"
         elif family == "llama":
             p = f"model.layers.{i}."
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                parts[p + "self_attn." + proj] = "qkv"
+            if fused_phi3(config):
+                parts[p + "self_attn.qkv_proj"] = "qkv"
+            else:
+                for proj in ("q_proj", "k_proj", "v_proj"):
+                    parts[p + "self_attn." + proj] = "qkv"
             parts[p + "self_attn.o_proj"] = "attn_out"
-            parts[p + "mlp.gate_proj"] = "fc1"
-            parts[p + "mlp.up_proj"] = "fc1"
+            if fused_phi3(config):
+                parts[p + "mlp.gate_up_proj"] = "fc1"
+            else:
+                parts[p + "mlp.gate_proj"] = "fc1"
+                parts[p + "mlp.up_proj"] = "fc1"
             parts[p + "mlp.down_proj"] = "fc2"
         else:
             raise NotImplementedError(f"unsupported family {family!r}")

@@ -23,7 +23,8 @@ def collect_ranges(model: torch.nn.Module, family: str, num_layers: int, ids: to
     acts: Dict[tuple, list] = {}
     rows: Dict[tuple, list] = {}
     hooks = []
-    for name, part in hf.linear_parts(family, num_layers).items():
+    config = {"model_type": getattr(getattr(model, "config", None), "model_type", None)}  # Phi-3: fused names
+    for name, part in hf.linear_parts(family, num_layers, config).items():
         layer = int(re.search(r"(?:^|\.)(\d+)\.", name).group(1))
         module = _find_module(model, name)[1]
         rows.setdefault((part, layer), []).append(_linear_weight(module).detach().abs().amax(1))

@@ -295,6 +295,26 @@ def _block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, batch: 
     return torch.cat(hidden), tuple(args[1:]), kwargs
 
 
+def _per_block_arguments(model: nn.Module, blocks, ids: torch.Tensor, decoder: bool):
+    """(args after the hidden states, kwargs) the model passes to each block, from one batch: masks
+    differ between blocks where the layers do (Gemma 2's and Qwen2's sliding-window layers)."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        kwargs.pop("hidden_states", None)
+        captured.append((tuple(args[1:]), kwargs))
+
+    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), **({"use_cache": False} if decoder else {}))
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
 def _call(block: nn.Module, x: torch.Tensor, rest, kwargs) -> torch.Tensor:
     out = block(x, *rest, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -472,15 +492,17 @@ def distill(model: nn.Module, family: str, config: dict, scheme: QuantScheme, op
     o = options.check(_max_positions(config))
     n_layers = hf.num_layers(config)
     vocab = int(config.get("vocab_size") or model.get_input_embeddings().weight.shape[0])
-    parts = hf.linear_parts(family, n_layers)
+    parts = hf.linear_parts(family, n_layers, config)
     blocks = [_find_module(model, BLOCKS[family].format(i)) for i in range(n_layers)]
     if o.checkpoint:
         _open_checkpoint(o.checkpoint, _fingerprint(model, family, config, scheme, o))
 
     ids = make_data(o, model, folder, family, vocab)
-    x, rest, kwargs = _block_inputs(model, blocks[0][1], ids, o.batch, family != "bert")
+    x, _, _ = _block_inputs(model, blocks[0][1], ids, o.batch, family != "bert")
+    arguments = _per_block_arguments(model, [b for _, b in blocks], ids[:o.batch], family != "bert")
     stats = []
     for k, (full, block) in enumerate(blocks):
+        rest, kwargs = arguments[k]
         with torch.no_grad():  # the original block's output: the target, and the next block's input
             y = torch.cat([_call(block, x[i:i + o.batch], rest, kwargs) for i in range(0, len(x), o.batch)])
         ckpt = os.path.join(o.checkpoint, f"block_{k:03d}.pt") if o.checkpoint else None

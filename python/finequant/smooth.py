@@ -41,9 +41,17 @@ def _groups(family: str, config: dict, i: int) -> List[Tuple[str, str, List[str]
     'norm' (a norm weight [+ bias]), 'rows' (a Linear's output rows [+ bias], possibly a slice)."""
     if family == "llama":
         p = f"model.layers.{i}."
+        # Gemma 2's MLP input norm is pre_feedforward_layernorm (its post_attention_layernorm normalizes
+        # the attention output); Phi-3's q/k/v and gate/up are one Linear each (rows [q; k; v], [gate; up]).
+        mlp_norm = "pre_feedforward_layernorm" if config.get("model_type") == "gemma2" else "post_attention_layernorm"
+        if hf.fused_phi3(config):
+            return [("qkv", "norm", [p + "self_attn.qkv_proj"], p + "input_layernorm"),
+                    ("fc1", "norm", [p + "mlp.gate_up_proj"], p + mlp_norm),
+                    ("attn_out", "rows", [p + "self_attn.o_proj"], p + "self_attn.qkv_proj"),
+                    ("fc2", "rows", [p + "mlp.down_proj"], p + "mlp.gate_up_proj")]
         return [("qkv", "norm", [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
                  p + "input_layernorm"),
-                ("fc1", "norm", [p + "mlp.gate_proj", p + "mlp.up_proj"], p + "post_attention_layernorm"),
+                ("fc1", "norm", [p + "mlp.gate_proj", p + "mlp.up_proj"], p + mlp_norm),
                 ("attn_out", "rows", [p + "self_attn.o_proj"], p + "self_attn.v_proj"),
                 ("fc2", "rows", [p + "mlp.down_proj"], p + "mlp.up_proj")]
     if family == "gpt2":
@@ -91,11 +99,19 @@ def consumers(family: str, config: dict, parts) -> List[str]:
             if part in parts for c in cs]
 
 
-def _value_rows(family: str, producer: str, t: Dict[str, torch.Tensor]) -> slice:
-    """Rows of the producer Linear that feed the attention output's input (the value projection)."""
+def _value_rows(family: str, config: dict, producer: str, t: Dict[str, torch.Tensor]) -> slice:
+    """Rows of the producer Linear that feed the consumer's input: the value projection's (attention
+    output) or the up projection's (Llama's down_proj input)."""
     if family == "gpt2":  # c_attn rows are [q; k; v]
         hidden = t[producer + ".weight"].shape[1]
         return slice(2 * hidden, 3 * hidden)
+    if producer.endswith(".qkv_proj"):  # Phi-3: [q; k; v]
+        heads, kv_heads = _heads(config)
+        hd = int(config.get("head_dim") or t[producer + ".weight"].shape[1] // heads)
+        return slice((heads + kv_heads) * hd, (heads + 2 * kv_heads) * hd)
+    if producer.endswith(".gate_up_proj"):  # Phi-3: [gate; up]
+        n = t[producer + ".weight"].shape[0]
+        return slice(n // 2, n)
     return slice(None)
 
 
@@ -124,14 +140,17 @@ def _fold(model: hf.HFModel, i: int, part: str, s: torch.Tensor) -> None:
     for n in linears:
         t[n + ".weight"] = t[n + ".weight"] * s[None, :]
     if kind == "norm":
-        t[producer + ".weight"] = t[producer + ".weight"] / s
+        if model.config.get("model_type") in ("gemma", "gemma2"):  # the norm multiplies by (1 + weight)
+            t[producer + ".weight"] = (1 + t[producer + ".weight"]) / s - 1
+        else:
+            t[producer + ".weight"] = t[producer + ".weight"] / s
         if producer + ".bias" in t:
             t[producer + ".bias"] = t[producer + ".bias"] / s
         return
     heads, kv_heads = _heads(model.config)
     group = heads // kv_heads if part == "attn_out" else 1
     per_row = s.view(kv_heads, group, -1)[:, 0, :].reshape(-1) if group > 1 else s
-    rows = _value_rows(family, producer, t)
+    rows = _value_rows(family, model.config, producer, t)
     w = t[producer + ".weight"].clone()
     w[rows] = w[rows] / per_row[:, None]
     t[producer + ".weight"] = w
@@ -162,7 +181,7 @@ def apply(model: hf.HFModel, maxima: Dict[str, torch.Tensor], alphas: Dict[Tuple
 
 def smoothable_parts(model: hf.HFModel, scheme) -> List[str]:
     """The parts this family can smooth whose activations the scheme quantizes."""
-    t, parts = model.tensors, hf.linear_parts(model.family, model.num_layers)
+    t, parts = model.tensors, model.linear_parts()
     out = []
     for part, _, linears, _ in _groups(model.family, model.config, 0):
         if all(scheme.for_linear(parts[n], *t[n + ".weight"].shape).act_bits for n in linears):

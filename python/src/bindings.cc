@@ -17,6 +17,7 @@
 #include "kernels/cpu/cpu_isa.h"
 #include "kernels/cpu/gemm.h"
 #include "layers/linear.h"
+#include "models/config.h"
 
 namespace py = pybind11;
 using namespace finequant;
@@ -215,6 +216,15 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("path"),
       "Validate and read a safetensors file -> (metadata, {name: array}); arrays are copies, BF16 as uint16.");
+
+  m.def(
+      "check_config",
+      [](const std::string& architecture, const std::string& config_json) {
+        ModelConfig::parse(architecture, config_json);
+      },
+      py::arg("architecture"), py::arg("config_json"),
+      "Check a config.json (as text) the way the engine reads it at load: NotImplementedError names a "
+      "setting the engine does not implement, ModelFileError a missing or malformed field.");
 
   m.def(
       "open_model_file",

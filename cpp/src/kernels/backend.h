@@ -86,6 +86,10 @@ struct HeadView {
 //   key_valid[b * key_valid_stride + j] != 0 when key j of sequence b may be attended to.
 //   causal_offset >= 0: query t sits at absolute key index causal_offset + t and sees keys <= that;
 //   causal_offset < 0: no causal mask (encoder). A query with no visible key gets zeros.
+//   window > 0 (sliding window): query t of sequence b also needs
+//     query_positions[b * Tq + t] - key_positions[b * key_valid_stride + j] < window;
+//   key positions never decrease along j (padding slots hold the next real token's position).
+//   softcap > 0: each score s = scale * q.k becomes softcap * tanh(s / softcap) before the softmax.
 struct AttentionArgs {
   HeadView q, k, v;
   float* out = nullptr;
@@ -94,7 +98,14 @@ struct AttentionArgs {
   int64_t key_valid_stride = 0;
   int64_t causal_offset = -1;
   float scale = 1.f;
+  int64_t window = 0;
+  const int64_t* query_positions = nullptr;  // I64 [B * Tq] (window > 0)
+  const int64_t* key_positions = nullptr;    // I64 [B, key_valid_stride] (window > 0)
+  float softcap = 0.f;
 };
+
+// The activation of a gated MLP's gate: silu (SwiGLU) or GeLU with the tanh approximation (GeGLU).
+enum class GateActivation { Silu, GeluTanh };
 
 class Backend {
  public:
@@ -121,9 +132,11 @@ class Backend {
   // float(1 / sqrt(b)). Every backend does exactly these operations (bit-identical results).
   // y may be x (in place); b is a power of two that divides K.
   virtual void hadamard(const ExecContext& ctx, const Tensor& x, Tensor& y, int64_t block) const = 0;
-  // out[m, i] = silu(gate[m * gate_stride + i]) * up[m * up_stride + i], out dense [M, I].
-  virtual void silu_mul(const ExecContext& ctx, const float* gate, int64_t gate_stride, const float* up,
-                        int64_t up_stride, float* out, int64_t M, int64_t I) const = 0;
+  // out[m, i] = act(gate[m * gate_stride + i]) * up[m * up_stride + i], out dense [M, I].
+  virtual void gated_mul(const ExecContext& ctx, GateActivation act, const float* gate, int64_t gate_stride,
+                         const float* up, int64_t up_stride, float* out, int64_t M, int64_t I) const = 0;
+  // x <- cap * tanh(x / cap) elementwise (final-logit soft-capping), x F32.
+  virtual void softcap(const ExecContext& ctx, Tensor& x, float cap) const = 0;
   // Rotary embedding (Hugging Face rotate_half) in place on M rows `row_stride` floats apart, each
   // starting with heads * D values (D = 2 * inv_freq.numel()); positions: I64 [M].
   virtual void rope(const ExecContext& ctx, float* x, int64_t row_stride, int64_t M, int64_t heads,

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "layers/linear.h"
+#include "models/config.h"
 
 namespace finequant {
 
@@ -14,12 +15,21 @@ struct LayerKV {
 };
 
 // Rotary position embedding, Hugging Face "rotate_half" layout: for each head, element i is paired
-// with i + D/2.
+// with i + D/2. Frequencies as transformers' modeling_rope_utils makes them for the config's
+// rope_type (docs/DESIGN.md section 10).
 struct Rope {
   int64_t head_dim = 0;
-  Tensor inv_freq;  // F32 [D / 2] on the model's device
+  RopeConfig config;
+  Tensor inv_freq;            // F32 [D / 2] on the model's device (dynamic: up to original_max_positions)
   Rope() = default;
-  Rope(int64_t head_dim, double theta, Device device);
+  Rope(int64_t head_dim, const RopeConfig& config, Device device);
+  // The frequencies of a call whose largest position is seq_len - 1 (transformers' dynamic NTK
+  // recomputes them from that length at each forward; every other type: inv_freq).
+  Tensor inv_freq_for(int64_t seq_len, Device device) const;
+  // yarn scales cos and sin by this: q and k by it, so the attention scores by its square.
+  float attention_factor() const { return static_cast<float>(config.attention_factor); }
+  // F32 [D / 2] on the host for a sequence of seq_len (dynamic NTK only).
+  static Tensor frequencies(int64_t head_dim, const RopeConfig& config, int64_t seq_len);
 };
 
 // What attention needs to know about the current chunk of tokens ([B, T], token-major rows).
@@ -27,10 +37,12 @@ struct Rope {
 struct AttentionContext {
   int64_t B = 0, T = 0;
   int64_t past = 0;         // tokens already in the cache (absolute index of chunk token 0)
-  Tensor positions;         // I64 [B * T] RoPE positions (unused without RoPE)
+  Tensor positions;         // I64 [B * T] positions of the chunk's tokens (RoPE, sliding windows)
   Tensor key_valid;         // U8 [B, key_valid_stride]: keys 0 .. past + T - 1
   int64_t key_valid_stride = 0;
   bool causal = false;
+  Tensor key_positions;     // I64 [B, key_valid_stride]: the position of every key (sliding windows)
+  Tensor rope_inv_freq;     // this call's RoPE frequencies (SelfAttention::rope set)
 };
 
 // An encoder's attention over a chunk [B, T] with host mask (0/1): every real key, no cache, no causal mask.
@@ -45,6 +57,9 @@ class SelfAttention {
   Linear o;
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   const Rope* rope = nullptr;  // null: no rotary embedding
+  float scale = 0.f;           // scores times this (0: 1 / sqrt(head_dim))
+  int64_t window = 0;          // > 0: a query sees only keys less than `window` positions before it
+  float softcap = 0.f;         // > 0: scores <- softcap * tanh(scores / softcap) before the softmax
 
   // x: [B * T, C] rows (normalized on the way in with x.norm) -> [B * T, C]. With `cache`, the
   // chunk's keys/values are stored at [past, past + T) and attention reads the whole cache prefix.

@@ -3,14 +3,14 @@
 namespace finequant {
 
 Tensor Mlp::forward(const ExecContext& ctx, const kernels::GemmInput& x) const {
-  if (!swiglu) return fc2.forward(ctx, fc1.forward(ctx, x));
+  if (!gated) return fc2.forward(ctx, fc1.forward(ctx, x));
   const std::vector<Tensor> outs = Linear::forward_each(ctx, gate_up, x);
   const int64_t M = x.x.dim(0), I = down.in_features();
   const Tensor& g = outs[0];
   const Tensor& u = outs.size() == 1 ? outs[0] : outs[1];
   Tensor h = Tensor::empty(DType::F32, {M, I}, ctx.device);
-  ctx.backend->silu_mul(ctx, g.data<float>(), g.dim(1), u.data<float>() + (outs.size() == 1 ? I : 0), u.dim(1),
-                        h.data<float>(), M, I);
+  ctx.backend->gated_mul(ctx, gate_act, g.data<float>(), g.dim(1), u.data<float>() + (outs.size() == 1 ? I : 0),
+                         u.dim(1), h.data<float>(), M, I);
   return down.forward(ctx, h);
 }
 
@@ -21,12 +21,14 @@ Tensor Block::forward(const ExecContext& ctx, const Tensor& x, const AttentionCo
   if (pre_norm) {
     const kernels::NormParams n1 = norm1.params(), n2 = norm2.params();
     Tensor h = x.clone();
-    be.add(ctx, h, attn.forward(ctx, kernels::GemmInput{x, &n1}, actx, cache));
+    const Tensor a = attn.forward(ctx, kernels::GemmInput{x, &n1}, actx, cache);
+    be.add(ctx, h, sandwich ? post_attn_norm.forward(ctx, a) : a);
     if (has_cross) {
       const kernels::NormParams nc = norm_cross.params();
       be.add(ctx, h, cross.forward(ctx, kernels::GemmInput{h, &nc}, actx.B, actx.T, *memory));
     }
-    be.add(ctx, h, mlp.forward(ctx, kernels::GemmInput{h, &n2}));
+    const Tensor m = mlp.forward(ctx, kernels::GemmInput{h, &n2});
+    be.add(ctx, h, sandwich ? post_mlp_norm.forward(ctx, m) : m);
     return h;
   }
   Tensor h = attn.forward(ctx, kernels::GemmInput{x}, actx, cache);

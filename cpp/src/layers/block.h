@@ -1,5 +1,6 @@
 // The transformer block shared by all families; the variant is data, not a class per model:
 //   pre-LN (GPT-2, Llama):  x = x + attn(norm1(x)); x = x + mlp(norm2(x))
+//   sandwich (Gemma 2):     x = x + post_attn_norm(attn(norm1(x))); x = x + post_mlp_norm(mlp(norm2(x)))
 //   post-LN (BERT):         x = norm1(x + attn(x)); x = norm2(x + mlp(x))
 // An encoder-decoder's decoder block (BART) has a cross-attention over the encoder's output between
 // the two, with its own norm (norm_cross): post-LN x = norm_cross(x + cross(x)), pre-LN
@@ -13,12 +14,14 @@
 namespace finequant {
 
 struct Mlp {
-  // gelu: fc2(act(fc1 x)), the activation fused into fc1's epilogue.
-  // swiglu: down(silu(gate x) * up x), gate and up merged into one Linear at load when they
+  // plain: fc2(act(fc1 x)), the activation fused into fc1's epilogue.
+  // gated: down(act(gate x) * up x) with act silu (SwiGLU) or GeLU-tanh (GeGLU), gate and up one
+  // Linear when the file stores them fused (Phi-3's gate_up_proj) or merged at load when they
   // quantize alike (output rows [gate | up]), else two.
-  bool swiglu = false;
-  Linear fc1, fc2;                // gelu
-  std::vector<Linear> gate_up;    // swiglu
+  bool gated = false;
+  kernels::GateActivation gate_act = kernels::GateActivation::Silu;
+  Linear fc1, fc2;                // plain
+  std::vector<Linear> gate_up;    // gated
   Linear down;
   Tensor forward(const ExecContext& ctx, const kernels::GemmInput& x) const;
 };
@@ -26,6 +29,8 @@ struct Mlp {
 struct Block {
   bool pre_norm = true;
   Norm norm1, norm2;
+  bool sandwich = false;               // pre-LN only: post_attn_norm / post_mlp_norm on the branch outputs
+  Norm post_attn_norm, post_mlp_norm;
   SelfAttention attn;
   Mlp mlp;
   bool has_cross = false;

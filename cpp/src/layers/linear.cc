@@ -41,7 +41,8 @@ LinearWeights stack(const std::vector<LinearWeights>& parts) {
     if (p.quantized()) scales.push_back(p.weight.scale);
     if (p.quantized() && p.weight.zero_point.defined()) zero_points.push_back(p.weight.zero_point);
     const int64_t n = p.out_features();
-    if (any_bias) biases.push_back(p.bias.defined() ? p.bias.reshape({1, n}) : Tensor::zeros(DType::F32, {1, n}));
+    // one column each: concat_rows needs equal widths, the parts' lengths differ (q vs k/v under GQA)
+    if (any_bias) biases.push_back(p.bias.defined() ? p.bias.reshape({n, 1}) : Tensor::zeros(DType::F32, {n, 1}));
   }
   all.bias = Tensor();
   if (any_bias) {

@@ -97,11 +97,19 @@ std::vector<Linear> Weights::linears(const std::vector<std::string>& names, cons
   return Linear::create_merged(backend, parts, pool);
 }
 
-Norm Weights::norm(const std::string& name, int64_t size, kernels::NormParams::Kind kind, float eps) const {
+Norm Weights::norm(const std::string& name, int64_t size, kernels::NormParams::Kind kind, float eps,
+                   float weight_offset) const {
   Norm n;
   n.kind = kind;
   n.eps = eps;
-  n.weight = tensor(name + ".weight", {size});
+  Tensor w = host_tensor(name + ".weight", {size});
+  if (weight_offset != 0.f) {
+    // fp32 (offset + w), the same rounding as transformers' (1.0 + weight.float())
+    Tensor shifted = Tensor::empty(DType::F32, {size});
+    for (int64_t i = 0; i < size; ++i) shifted.data<float>()[i] = weight_offset + w.data<float>()[i];
+    w = shifted;
+  }
+  n.weight = w.to(backend.device());
   if (kind == kernels::NormParams::Kind::LayerNorm) n.bias = tensor(name + ".bias", {size});
   return n;
 }

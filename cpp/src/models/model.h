@@ -48,6 +48,7 @@ struct KVCache {
   std::vector<LayerKV> layers;
   int64_t B = 0, capacity = 0, length = 0;
   std::vector<uint8_t> key_valid;       // [B, capacity]
+  std::vector<int64_t> key_position;    // [B, capacity]: each slot's position (read by sliding windows only)
   std::vector<int64_t> next_position;   // [B]
 };
 
@@ -69,6 +70,7 @@ class Decoder : public Model {
 
  private:
   bool gpt2_ = false;
+  bool has_window_ = false;  // some layer attends through a sliding window
   Tensor embed_, position_;  // position_: GPT-2 learned positions only
   Norm final_norm_;
   Rope rope_;

@@ -32,7 +32,9 @@ struct Weights {
                 kernels::Epilogue epilogue = kernels::Epilogue::None) const;
   // Modules reading the same input (Linear::create_merged), with outs[i] outputs each.
   std::vector<Linear> linears(const std::vector<std::string>& names, const std::vector<int64_t>& outs, int64_t in) const;
-  Norm norm(const std::string& name, int64_t size, kernels::NormParams::Kind kind, float eps) const;
+  // weight_offset is added to the stored weight (Gemma's RMSNorm multiplies by 1 + weight).
+  Norm norm(const std::string& name, int64_t size, kernels::NormParams::Kind kind, float eps,
+            float weight_offset = 0.f) const;
 };
 
 // The GEMM epilogue for a Hugging Face hidden_act name ("gelu" is the erf form).

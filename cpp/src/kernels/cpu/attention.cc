@@ -1,6 +1,7 @@
 #include "kernels/cpu/attention.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "kernels/act_math.h"
@@ -211,6 +212,13 @@ FQ_MULTIVERSION void attention_head(const AttentionArgs& a, const AttentionKerne
   const AttnSoftmaxFn softmax_fn = kernel.softmax;
   // Keys seen by query t: causal ones stop at their own position.
   auto seen = [&](int64_t t) { return (causal_offset >= 0 ? std::min(Tk - 1, causal_offset + t) : Tk - 1) + 1; };
+  // Sliding window: the first key query t may see (key positions never decrease along the cache).
+  const int64_t* key_pos = a.window > 0 ? a.key_positions + b * key_valid_stride : nullptr;
+  auto window_start = [&](int64_t t, int64_t n) -> int64_t {
+    if (!key_pos) return 0;
+    const int64_t oldest = a.query_positions[b * Tq + t] - a.window + 1;
+    return std::lower_bound(key_pos, key_pos + n, oldest) - key_pos;
+  };
   const int64_t Tkp = (Tk + kAttnKeys - 1) / kAttnKeys * kAttnKeys;
   const int64_t kvh = h / group;
   const uint8_t* valid = key_valid + b * key_valid_stride;
@@ -247,10 +255,18 @@ FQ_MULTIVERSION void attention_head(const AttentionArgs& a, const AttentionKerne
         }
     }
     for (int i = 0; i < nq; ++i) {
-      // Softmax over the visible keys; exact zeros elsewhere (masked, or after a causal query).
+      // Softmax over the visible keys; exact zeros elsewhere (masked, outside a sliding window, or
+      // after a causal query).
       float* p = probs.data() + i * Tkp;
       const int64_t n = seen(t0 + i);
-      softmax_fn(p, valid, n, scale);
+      const int64_t first = window_start(t0 + i, n);
+      float s = scale;
+      if (a.softcap > 0.f) {  // cap * tanh(scale * q.k / cap), then the softmax of those
+        for (int64_t j = first; j < n; ++j) p[j] = std::tanh(p[j] * scale / a.softcap) * a.softcap;
+        s = 1.f;
+      }
+      softmax_fn(p + first, valid + first, n - first, s);
+      std::fill(p, p + first, 0.f);
       std::fill(p + n, p + n_block, 0.f);
     }
     values_fn(probs.data(), Tkp, nq, v.at(b, kvh, 0), v.st, n_block, D, os);

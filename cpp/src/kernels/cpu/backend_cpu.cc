@@ -70,9 +70,13 @@ class CpuBackend final : public Backend {
     hadamard_rows(x.data<float>(), y.data<float>(), x.dim(0), x.dim(1), block, ctx.threads());
   }
 
-  void silu_mul(const ExecContext& ctx, const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
-                float* out, int64_t M, int64_t I) const override {
-    kernels::silu_mul(gate, gate_stride, up, up_stride, out, M, I, ctx.threads());
+  void gated_mul(const ExecContext& ctx, GateActivation act, const float* gate, int64_t gate_stride, const float* up,
+                 int64_t up_stride, float* out, int64_t M, int64_t I) const override {
+    kernels::gated_mul(act, gate, gate_stride, up, up_stride, out, M, I, ctx.threads());
+  }
+
+  void softcap(const ExecContext& ctx, Tensor& x, float cap) const override {
+    kernels::softcap(x.data<float>(), x.numel(), cap, ctx.threads());
   }
 
   void rope(const ExecContext& ctx, float* x, int64_t row_stride, int64_t M, int64_t heads, const Tensor& inv_freq,

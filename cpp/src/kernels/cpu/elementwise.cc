@@ -33,16 +33,35 @@ FQ_MULTIVERSION void silu_mul_rows(const float* gate, int64_t gate_stride, const
   }
 }
 
+FQ_MULTIVERSION void gelu_tanh_mul_rows(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
+                                        float* out, int64_t m0, int64_t m1, int64_t I) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* g = gate + m * gate_stride;
+    const float* u = up + m * up_stride;
+    float* o = out + m * I;
+#pragma omp simd
+    for (int64_t i = 0; i < I; ++i) o[i] = actmath::gelu_tanh(g[i]) * u[i];
+  }
+}
+
 }  // namespace
 
 void add_inplace(float* a, const float* b, int64_t n, ThreadPool& pool) {
   parallel_for(pool, n, kParallelElements, [&](int64_t i0, int64_t i1) { add_range(a + i0, b + i0, i1 - i0); });
 }
 
-void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out, int64_t M,
-              int64_t I, ThreadPool& pool) {
-  parallel_for(pool, M, rows_grain(I),
-               [&](int64_t m0, int64_t m1) { silu_mul_rows(gate, gate_stride, up, up_stride, out, m0, m1, I); });
+void gated_mul(GateActivation act, const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
+               float* out, int64_t M, int64_t I, ThreadPool& pool) {
+  parallel_for(pool, M, rows_grain(I), [&](int64_t m0, int64_t m1) {
+    if (act == GateActivation::Silu) silu_mul_rows(gate, gate_stride, up, up_stride, out, m0, m1, I);
+    else gelu_tanh_mul_rows(gate, gate_stride, up, up_stride, out, m0, m1, I);
+  });
+}
+
+void softcap(float* x, int64_t n, float cap, ThreadPool& pool) {
+  parallel_for(pool, n, kParallelElements, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) x[i] = std::tanh(x[i] / cap) * cap;
+  });
 }
 
 void rope(float* xs, int64_t row, int64_t M, int64_t heads, const float* inv_freq, int64_t half,

@@ -8,8 +8,9 @@ namespace finequant {
 namespace kernels {
 
 void add_inplace(float* x, const float* y, int64_t n, ThreadPool& pool);
-void silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out, int64_t M,
-              int64_t I, ThreadPool& pool);
+void gated_mul(GateActivation act, const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
+               float* out, int64_t M, int64_t I, ThreadPool& pool);
+void softcap(float* x, int64_t n, float cap, ThreadPool& pool);  // x <- tanh(x / cap) * cap
 void rope(float* x, int64_t row_stride, int64_t M, int64_t heads, const float* inv_freq, int64_t half,
           const int64_t* positions, ThreadPool& pool);
 // y = x H, the block-Hadamard rotation of `rows` rows of K values (kernels/backend.h `hadamard`);
