@@ -24,7 +24,7 @@ from finequant import _core  # noqa: E402
 SHAPES = [(1, 768, 768), (1, 3072, 768), (8, 3072, 768), (128, 768, 768), (128, 3072, 768), (1024, 768, 3072),
           (1024, 3072, 768)]
 SCHEMES = {"w8a8": (8, True, 1, 0, 8, True), "w8a8-a-asym": (8, True, 1, 0, 8, False),
-           "w4a8-kb32": (4, True, 1, 32, 8, True), "f32": ()}
+           "w4a8-kb32": (4, True, 1, 32, 8, True), "w4a8-kb32-a-asym": (4, True, 1, 32, 8, False), "f32": ()}
 
 
 def main() -> None:

@@ -65,10 +65,10 @@ static int64_t compare(const kernels::RowInput& rows, const QuantizedTensor& wq,
 }
 
 static int64_t run_case(int64_t M, int64_t N, int64_t K, int wbits, bool wsym, int abits, bool asym_act, Tile tile,
-                        bool with_bias, Epilogue e, uint32_t seed) {
+                        bool with_bias, Epilogue e, uint32_t seed, bool half_scales = false) {
   std::mt19937 rng(seed);
   const Tensor x = random_tensor({M, K}, rng, 0.3f), w = random_tensor({N, K}, rng, -0.2f);
-  const QuantizedTensor wq = quantize(w, QuantSpec{wbits, wsym}, tile);
+  const QuantizedTensor wq = quantize(w, QuantSpec{wbits, wsym}, tile, half_scales);
   std::vector<float> bias(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n) bias[n] = 0.1f * static_cast<float>(n) - 0.7f;
   const int64_t bad = compare(kernels::RowInput{x.data<float>(), M, K, nullptr}, wq, QuantSpec{abits, !asym_act},
@@ -105,6 +105,18 @@ TEST(k_blocks_with_partial_last_block) {
           CHECK_EQ(run_case(37, 70, K, 8, wsym, 8, aasym, Tile{1, G}, true, Epilogue::GeluTanh, seed++), 0);
           CHECK_EQ(run_case(1, 67, K, 4, wsym, 8, aasym, Tile{1, G}, false, Epilogue::GeluErf, seed++), 0);
           CHECK_EQ(run_case(3, 19, K, 8, wsym, 4, aasym, Tile{1, G}, true, Epilogue::GeluTanh, seed++), 0);
+          // Decode-sized calls (M <= 2): the VNNI kernel sums blocked weight columns in the kernel.
+          CHECK_EQ(run_case(2, 83, K, 4, wsym, 8, aasym, Tile{1, G}, true, Epilogue::None, seed++), 0);
+          CHECK_EQ(run_case(1, 29, K, 8, wsym, 8, aasym, Tile{1, G}, true, Epilogue::GeluTanh, seed++), 0);
+          CHECK_EQ(run_case(2, 64, K, 8, wsym, 8, aasym, Tile{1, G}, false, Epilogue::None, seed++), 0);
+        }
+  // scale_dtype fp16: kernels may keep exact-half scales in half the bytes (the VNNI kernel does).
+  for (int64_t G : {32, 64})
+    for (bool wsym : {true, false})
+      for (bool aasym : {false, true})
+        for (int64_t M : {1, 2, 7}) {
+          CHECK_EQ(run_case(M, 77, G * 4 + 6, 4, wsym, 8, aasym, Tile{1, G}, true, Epilogue::GeluTanh, seed++, true), 0);
+          CHECK_EQ(run_case(M, 64, G * 3, 8, wsym, 8, aasym, Tile{1, G}, false, Epilogue::None, seed++, true), 0);
         }
   // Block lengths that are not a multiple of 4 (every block padded separately).
   CHECK_EQ(run_case(6, 20, 50, 8, true, 8, false, Tile{1, 18}, true, Epilogue::None, 7), 0);

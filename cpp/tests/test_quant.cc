@@ -1,4 +1,5 @@
 // Reference quantization (the math contract) on hand-computed cases, plus Tensor basics.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -8,6 +9,7 @@
 
 #include "check.h"
 #include "finequant/quant.h"
+#include "core/convert.h"
 
 using namespace finequant;
 
@@ -233,3 +235,84 @@ TEST(pack_unpack_int4) {
 }
 
 int main() { return RUN_ALL_TESTS(); }
+
+// scale_dtype fp16 (DESIGN.md section 2): the half rounding itself, then quantize's use of it.
+TEST(float_to_half_rounds_to_nearest_even) {
+  CHECK_EQ(int(float_to_half(1.0f)), 0x3c00);
+  CHECK_EQ(int(float_to_half(-2.0f)), 0xc000);
+  CHECK_EQ(int(float_to_half(65504.0f)), 0x7bff);
+  CHECK_EQ(int(float_to_half(65519.0f)), 0x7bff);
+  CHECK_EQ(int(float_to_half(65520.0f)), 0x7c00);  // the tie above the largest half rounds to inf
+  CHECK_EQ(int(float_to_half(1.0f + 0x1p-11f)), 0x3c00);  // tie, to even
+  CHECK_EQ(int(float_to_half(1.0f + 3 * 0x1p-11f)), 0x3c02);  // tie, to even (up)
+  CHECK_EQ(int(float_to_half(0x1p-24f)), 0x0001);
+  CHECK_EQ(int(float_to_half(0x1p-25f)), 0x0000);  // tie between 0 and the smallest subnormal
+  CHECK_EQ(int(float_to_half(3 * 0x1p-25f)), 0x0002);
+  CHECK_EQ(int(float_to_half(0x1p-14f - 0x1p-26f)), 0x0400);  // rounds up into the smallest normal
+  // Every half round-trips, and exactness is recognised; odd floats between halves are not exact.
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    if ((h & 0x7c00u) == 0x7c00u) continue;  // inf / NaN
+    const float f = half_to_float(static_cast<uint16_t>(h));
+    uint16_t bits = 0;
+    CHECK(float_to_half_exact(f, bits));
+    CHECK_EQ(int(bits), int(h == 0x8000u ? 0x8000u : h));
+    CHECK_EQ(int(float_to_half(f)), int(h));
+    if (h & 0x7fffu) {
+      const float next = std::nextafter(f, 2.0f * f);
+      CHECK(!float_to_half_exact(next, bits) || half_to_float(bits) == next);
+    }
+  }
+  // Against the reference formula on random floats: the nearest half, ties to the even one.
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> expo(-30.0f, 17.0f), mant(1.0f, 2.0f);
+  for (int i = 0; i < 100000; ++i) {
+    const float v = std::ldexp(mant(rng), static_cast<int>(expo(rng)));
+    const uint16_t h = float_to_half(v);
+    if ((h & 0x7c00u) == 0x7c00u) {
+      CHECK(v >= 65520.0f);
+      continue;
+    }
+    const float r = half_to_float(h);
+    const float below = half_to_float(static_cast<uint16_t>(h - (h ? 1 : 0))), above = half_to_float(static_cast<uint16_t>(h + 1));
+    CHECK(std::fabs(r - v) <= std::fabs(below - v) && std::fabs(r - v) <= std::fabs(above - v));
+    if (std::fabs(r - v) == std::fabs(above - v) && r != above) CHECK((h & 1) == 0);
+  }
+}
+
+TEST(quantize_with_half_scales) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> dist(0.0f, 0.05f);
+  Tensor x = Tensor::empty(DType::F32, {6, 70});
+  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = dist(rng);
+  for (int64_t c = 0; c < 32; ++c) x.data<float>()[c] = 1e-9f * static_cast<float>(c % 3);  // a tiny first block
+  for (QuantSpec spec : {kSym8, kAsym8, kSym4, kAsym4}) {
+    const QuantizedTensor plain = quantize(x, spec, Tile{1, 32});
+    const QuantizedTensor half = quantize(x, spec, Tile{1, 32}, true);
+    const float qmax = static_cast<float>(quant_max(spec));
+    for (int64_t i = 0; i < half.scale.numel(); ++i) {
+      const float s = half.scale.data<float>()[i];
+      uint16_t bits;
+      CHECK(float_to_half_exact(s, bits));
+      CHECK_EQ(s, round_scale_to_half(plain.scale.data<float>()[i]));
+    }
+    CHECK_EQ(half.scale.data<float>()[0], 0x1p-24f);  // 2e-9 / qmax rounds to zero as a half
+    // The integers come from the rounded scale: requantizing with it gives the same codes.
+    const Tensor d = dequantize(half);
+    const int64_t C = 70;
+    for (int64_t r = 0; r < 6; ++r)
+      for (int64_t c = 0; c < C; ++c) {
+        const float s = half.scale.data<float>()[r * 3 + c / 32];
+        const float z = spec.symmetric ? 0.0f : static_cast<float>(half.zero_point.data<uint8_t>()[r * 3 + c / 32]);
+        const float v = x.data<float>()[r * C + c];
+        const float lo = spec.symmetric ? -qmax : 0.0f;
+        const float want = std::clamp(std::nearbyint(v / s) + z, lo, qmax);
+        const float got = spec.symmetric ? float(half.q.data<int8_t>()[r * C + c]) : float(half.q.data<uint8_t>()[r * C + c]);
+        CHECK_EQ(got, want);
+        CHECK_EQ(d.data<float>()[r * C + c], s * (got - z));
+      }
+  }
+  // A scale beyond the largest half (65504) is refused: 1e7 / 127 and 1e6 / 7; 1e6 / 127 fits.
+  CHECK_THROWS_KIND(quantize(make_f32(1, 2, {1e7f, -3.0f}), kSym8, Tile{1, 2}, true), ErrorKind::InvalidArgument);
+  CHECK_THROWS_KIND(quantize(make_f32(1, 2, {1e6f, -3.0f}), kSym4, Tile{1, 2}, true), ErrorKind::InvalidArgument);
+  CHECK_EQ(quantize(make_f32(1, 2, {1e6f, -3.0f}), kSym8, Tile{1, 2}, true).scale.data<float>()[0], 7876.0f);  // 7874.02 -> the nearest half
+}

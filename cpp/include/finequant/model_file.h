@@ -37,6 +37,7 @@ struct LinearRecord {
   int act_bits = 0;        // 0: floating point activations; else 8 or 4
   bool act_symmetric = true;
   int64_t rotation = 0;    // block-Hadamard input rotation: 0 none, else the block size (docs/DESIGN.md section 2)
+  bool half_scales = false;  // "scale_dtype": "fp16": every weight scale is exactly an IEEE half (DESIGN.md section 2)
 };
 
 // A finequant model file: a validated SafetensorsFile whose metadata says format "finequant",

@@ -34,7 +34,12 @@ int quant_max(const QuantSpec& spec);
 
 // Quantize a finite F32 2-D tensor. Throws InvalidArgument for NaN/Inf input, bits not in {4, 8},
 // a tile that does not fit the shape, or (asymmetric) a value range that overflows fp32.
-QuantizedTensor quantize(const Tensor& x, QuantSpec spec, Tile tile);
+// half_scales: each scale is rounded to the nearest IEEE half (2^-24 if that is 0) before the zero
+// point and the integers are computed from it (scale_dtype "fp16"); a scale beyond the half range throws.
+QuantizedTensor quantize(const Tensor& x, QuantSpec spec, Tile tile, bool half_scales = false);
+// The scale rule of half_scales: s rounded to the nearest half, 2^-24 when that rounds to zero.
+// Throws InvalidArgument for s above the largest half (65504).
+float round_scale_to_half(float s);
 
 // Token-wise dynamic activation quantization: one scale (and zero point) per row of x [M, K].
 QuantizedTensor quantize_rows(const Tensor& x, QuantSpec spec);

@@ -1,10 +1,9 @@
 #include "core/convert.h"
 
+#include <cmath>
 #include <cstring>
 
 namespace finequant {
-
-namespace {
 
 float half_to_float(uint16_t h) {
   const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
@@ -28,7 +27,41 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
-}  // namespace
+uint16_t float_to_half(float v) {
+  uint32_t x;
+  std::memcpy(&x, &v, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN: a quiet NaN
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (ax < 0x38800000u) {  // below 2^-14: a subnormal half (1024 x 2^-24 carries into the smallest normal)
+    float a;
+    std::memcpy(&a, &ax, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(a * 0x1p24f)));
+  }
+  const uint32_t rounded = ax + 0xfffu + ((ax >> 13) & 1u) - (112u << 23);  // round at bit 13, rebias 127 -> 15
+  return static_cast<uint16_t>(sign | (rounded >> 13));
+}
+
+bool float_to_half_exact(float v, uint16_t& bits) {
+  if (!std::isfinite(v)) return false;
+  const uint16_t sign = std::signbit(v) ? 0x8000u : 0u;
+  const float a = std::fabs(v);
+  uint16_t h;
+  if (a >= 0x1p-14f) {  // a normal half, if the exponent fits and the low 13 mantissa bits are zero
+    uint32_t fb;
+    std::memcpy(&fb, &a, 4);
+    const int exp = static_cast<int>(fb >> 23) - 127 + 15;
+    if (exp >= 31 || (fb & 0x1fffu) != 0) return false;
+    h = static_cast<uint16_t>((exp << 10) | ((fb >> 13) & 0x3ffu));
+  } else {  // zero or a subnormal half: a multiple of 2^-24 below 2^-14
+    const float m = a * 0x1p24f;  // exact (a power-of-two scaling of a float well inside the range)
+    if (m != std::floor(m)) return false;
+    h = static_cast<uint16_t>(m);
+  }
+  bits = static_cast<uint16_t>(sign | h);
+  return half_to_float(bits) == v;
+}
 
 uint16_t float_to_bf16(float v) {
   uint32_t bits;

@@ -5,6 +5,8 @@
 
 #include "finequant/model_file.h"
 
+#include "core/convert.h"
+
 namespace finequant {
 
 namespace {
@@ -76,6 +78,13 @@ LinearRecord parse_record(const std::string& path, const std::string& name, cons
                              "], got " + std::to_string(b));
     rec.rotation = b;
   }
+  // Optional; absent: "fp32". The values stay F32 in the file; "fp16" promises they are exact halves.
+  if (j.contains("scale_dtype")) {
+    const json& d = j["scale_dtype"];
+    if (!d.is_string() || (d.get<std::string>() != "fp32" && d.get<std::string>() != "fp16"))
+      format_error(path, where + ": 'scale_dtype' must be \"fp32\" or \"fp16\", got " + d.dump());
+    rec.half_scales = d.get<std::string>() == "fp16";
+  }
   return rec;
 }
 
@@ -114,9 +123,14 @@ void check_linear(const SafetensorsFile& f, const LinearRecord& rec) {
     const std::string sname = rec.name + ".weight_scale", zname = rec.name + ".weight_zero_point";
     const Tensor& s = f.tensor(sname);
     expect_tensor(path, sname, s, DType::F32, grid);
-    for (int64_t i = 0; i < s.numel(); ++i)
+    for (int64_t i = 0; i < s.numel(); ++i) {
+      uint16_t half_bits;
       if (!(std::isfinite(s.data<float>()[i]) && s.data<float>()[i] > 0.0f))
         format_error(path, "tensor '" + sname + "' holds a scale that is not a positive finite number");
+      if (rec.half_scales && !float_to_half_exact(s.data<float>()[i], half_bits))
+        format_error(path, "tensor '" + sname + "' holds a scale that is not an exact fp16 value, but '" + rec.name +
+                               "' says scale_dtype fp16");
+    }
     if (rec.weight_symmetric) {
       if (f.has(zname)) format_error(path, "tensor '" + zname + "' present but '" + rec.name + "' is symmetric");
       // Symmetric codes are in [-qmax, qmax]; the kernels' exact sums (and the unsigned-operand tricks of

@@ -7,6 +7,8 @@
 
 #include "finequant/quant.h"
 
+#include "core/convert.h"
+
 namespace finequant {
 
 namespace {
@@ -32,7 +34,15 @@ int quant_max(const QuantSpec& spec) {
   return spec.symmetric ? (1 << (spec.bits - 1)) - 1 : (1 << spec.bits) - 1;
 }
 
-QuantizedTensor quantize(const Tensor& x, QuantSpec spec, Tile tile) {
+float round_scale_to_half(float s) {
+  const uint16_t h = float_to_half(s);
+  FQ_CHECK_ARG((h & 0x7c00u) != 0x7c00u, "weight scale " + std::to_string(s) +
+                                             " is beyond the fp16 range (65504): use scale_dtype fp32");
+  const float r = half_to_float(h);
+  return r == 0.0f ? 0x1p-24f : r;
+}
+
+QuantizedTensor quantize(const Tensor& x, QuantSpec spec, Tile tile, bool half_scales) {
   check_bits(spec.bits);
   FQ_CHECK_ARG(x.defined() && x.ndim() == 2 && x.dtype() == DType::F32,
                std::string("quantize expects a 2-D F32 tensor, got ") + (x.defined() ? dtype_name(x.dtype()) : "undefined") +
@@ -76,6 +86,7 @@ QuantizedTensor quantize(const Tensor& x, QuantSpec spec, Tile tile) {
         s = range / qmax;
       }
       if (s == 0.0f) s = 1.0f;  // all-zero tile (or underflow): never divide by zero
+      if (half_scales) s = round_scale_to_half(s);
       if (!spec.symmetric) z = std::clamp(std::nearbyint(-lo / s), 0.0f, qmax);
 
       out.scale.data<float>()[gr * grid_cols + gc] = s;

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <string>
 
+#include "core/convert.h"
 #include "kernels/cpu/act_math_avx512.h"
 #include "kernels/cpu/gemm.h"
 
@@ -71,7 +72,8 @@ struct VnniLayout {
   int32_t wc = 0;
   int64_t Kp = 0, Npad = 0, block_padded = 0;
   std::vector<uint8_t> packed;
-  std::vector<float> scale;            // sw of the column's tile
+  std::vector<float> scale;            // sw of the column's tile (empty when scale_half holds them)
+  std::vector<uint16_t> scale_half;    // the same values as IEEE half, when every one is exactly one
   std::vector<int32_t> zw_plus_wc;     // zw + wc (asymmetric weights only)
   std::vector<int32_t> colsum_minus;   // colsum - kb * zw (asymmetric activations only)
 };
@@ -163,11 +165,17 @@ FQ_VNNI inline void store_outputs(const Ctx& c, int64_t m, int64_t n0, __m512 o)
 
 // MULTI: several K-blocks, whose fp32 sums stay in registers (so MR <= 3); otherwise one block and
 // the fp32 values go straight to the output (MR <= 6 without spilling).
-template <int MR, bool XU8, bool W4, bool MULTI>
+// COLSUM (asymmetric activations, several blocks, MR <= 2: decode): each block's weight column sums
+// are computed here, one vpdpbusd of ones per weight vector, instead of read from colsum_minus: at
+// K-blocks of 32 that table is 4 bytes per 16 bytes of INT4 weight, a quarter more DRAM traffic for
+// a memory-bound call, while these extra instructions are free there (DESIGN 5.4).
+template <int MR, bool XU8, bool W4, bool MULTI, bool COLSUM = false>
 FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
+  static_assert(!COLSUM || (XU8 && MULTI && MR <= 2), "in-kernel column sums: asymmetric activations, blocked, MR <= 2");
   const VnniLayout& v = *c.v;
   const int64_t panel0 = tile * 4;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const __m512i ones = _mm512_set1_epi8(1);
   __m512 out[MULTI ? MR : 1][4];  // MULTI: the fp32 sum over blocks, as the reference: 0, then + each
   if constexpr (MULTI) {
 #pragma GCC unroll 8
@@ -178,11 +186,13 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
   for (int64_t b = 0; b < (MULTI ? c.nb : 1); ++b) {
     const int64_t kb = std::min(c.K, b * c.bk + c.bk) - b * c.bk;
     const int64_t s0 = b * c.bkp / 8, pairs = round_up(kb, 8) / 8;  // pairs of 4-k steps
-    __m512i acc[MR][4];
+    __m512i acc[MR][4], colacc[4];  // colacc (COLSUM): sum over the block of the stored weights
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) colacc[j] = _mm512_setzero_si512();
     // A tile's weights for 8 k: 512 bytes (8-bit: two 4-k steps of 4 panels x 64 bytes) or 256
     // (4-bit: the two steps share each panel's 64 bytes); one contiguous stream per tile.
     const int64_t pair_bytes = W4 ? 256 : 512;
@@ -209,6 +219,7 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
         } else {
           w[j] = _mm512_loadu_si512(wp + s * 256 + j * 64);
         }
+        if constexpr (COLSUM) colacc[j] = _mm512_dpbusd_epi32(colacc[j], ones, w[j]);
       }
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
@@ -236,11 +247,21 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
         __m512i corr = acc[i][j];
         if (c.wsym) corr = _mm512_sub_epi32(corr, wc_rx);
         else corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_loadu_si512(v.zw_plus_wc.data() + col), vrx));
-        if (XU8)
+        if constexpr (COLSUM) {
+          // colacc = sum of q + wc over the block's kb real k (padding is stored as 0), so
+          // colsum - kb zw = colacc - kb (zw + wc).
+          const __m512i zw_wc = c.wsym ? _mm512_set1_epi32(v.wc) : _mm512_loadu_si512(v.zw_plus_wc.data() + col);
+          const __m512i colsum_minus =
+              _mm512_sub_epi32(colacc[j], _mm512_mullo_epi32(_mm512_set1_epi32(static_cast<int32_t>(kb)), zw_wc));
+          corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), colsum_minus));
+        } else if (XU8) {
           corr = _mm512_sub_epi32(
               corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), _mm512_loadu_si512(v.colsum_minus.data() + col)));
-        const __m512 scaled =
-            _mm512_mul_ps(_mm512_mul_ps(vsx, _mm512_loadu_ps(v.scale.data() + col)), _mm512_cvtepi32_ps(corr));
+        }
+        const __m512 sw = v.scale_half.empty()
+                              ? _mm512_loadu_ps(v.scale.data() + col)
+                              : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.scale_half.data() + col)));
+        const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(vsx, sw), _mm512_cvtepi32_ps(corr));
         if constexpr (MULTI) out[i][j] = _mm512_add_ps(out[i][j], scaled);
         else if ((panel0 + j) * kPanel < c.N) store_outputs(c, m, (panel0 + j) * kPanel, _mm512_add_ps(_mm512_setzero_ps(), scaled));
       }
@@ -276,9 +297,27 @@ MicroFn pick_rows(int mr, bool multi) {
   }
 }
 
-MicroFn pick(int mr, bool xu8, bool w4, bool multi) {
+// colsum: the in-kernel column sums (asymmetric activations, several blocks, mr <= 2).
+MicroFn pick(int mr, bool xu8, bool w4, bool multi, bool colsum = false) {
+  if (colsum) {
+    if (w4) return mr == 1 ? micro_kernel<1, true, true, true, true> : micro_kernel<2, true, true, true, true>;
+    return mr == 1 ? micro_kernel<1, true, false, true, true> : micro_kernel<2, true, false, true, true>;
+  }
   if (xu8) return w4 ? pick_rows<true, true>(mr, multi) : pick_rows<true, false>(mr, multi);
   return w4 ? pick_rows<false, true>(mr, multi) : pick_rows<false, false>(mr, multi);
+}
+
+bool all_exact_half(const float* v, int64_t n) {
+  uint16_t bits;
+  for (int64_t i = 0; i < n; ++i)
+    if (!float_to_half_exact(v[i], bits)) return false;
+  return true;
+}
+
+uint16_t to_half_bits(float v) {
+  uint16_t bits = 0;
+  float_to_half_exact(v, bits);
+  return bits;
 }
 
 VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
@@ -301,6 +340,13 @@ VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
   v.zw_plus_wc.assign(wsym ? 0 : static_cast<size_t>(nb * v.Npad), 0);
   v.colsum_minus.assign(xu8 ? static_cast<size_t>(nb * v.Npad) : 0, 0);
   const float* sw = w.scale.data<float>();
+  // Scales that are all exact halves (quantize --scale-dtype fp16, DESIGN 2) take half the bytes:
+  // with K-blocks of 32 the fp32 table is 4 bytes per 16 bytes of INT4 weight, read on every decode step.
+  const bool half = nb > 1 && all_exact_half(sw, w.scale.numel());
+  if (half) {
+    v.scale_half.assign(v.scale.size(), 0);
+    v.scale.clear();
+  }
   const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
   const int64_t tile_bytes = w4 ? v.Kp * 32 : v.Kp * 64;
   // Channels own disjoint bytes (INT4 nibble pairs run along k), so they pack in parallel.
@@ -322,7 +368,8 @@ VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
         }
         const size_t col = static_cast<size_t>((tile * nb + b) * kTileN + j);
         const int32_t z = zw ? zw[g * nb + b] : 0;
-        v.scale[col] = sw[g * nb + b];
+        if (half) v.scale_half[col] = to_half_bits(sw[g * nb + b]);
+        else v.scale[col] = sw[g * nb + b];
         if (!wsym) v.zw_plus_wc[col] = z + v.wc;
         if (xu8) v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
       }
@@ -354,7 +401,10 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
   const bool multi = v.nb > 1;
   const int max_mr = multi ? kMaxMRBlocked : kMaxMR;
   const bool xu8 = !v.act.symmetric;
-  const MicroFn full = pick(max_mr, xu8, v.bits == 4, multi);
+  // Decode-sized calls with blocked weights and asymmetric activations sum the weight columns in the
+  // kernel rather than read the colsum_minus table (see micro_kernel).
+  const bool colsum = xu8 && multi && M <= 2;
+  const MicroFn full = pick(colsum ? static_cast<int>(M) : max_mr, xu8, v.bits == 4, multi, colsum);
   Ctx c{M, v.N, v.K, v.nb, v.bk, v.block_padded, v.Kp, v.Npad,
         q.xp, q.rowsum, q.sx, q.zx,
         &v, v.wsym, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
@@ -366,7 +416,7 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
     const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
     int64_t m = m0;
     for (; m + max_mr <= m1; m += max_mr) full(c, m, tile);
-    if (m < m1) pick(static_cast<int>(m1 - m), xu8, v.bits == 4, multi)(c, m, tile);
+    if (m < m1) pick(static_cast<int>(m1 - m), xu8, v.bits == 4, multi, colsum)(c, m, tile);
   });
 }
 
