@@ -88,6 +88,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="rotate the inputs of the quantized block GEMMs by a block-Hadamard matrix of B x B blocks "
                         "(default 64; a power of two dividing every such GEMM's input width) and their weights to "
                         "match: outlier channels spread over their block, which helps INT4 activations most")
+    q.add_argument("--scale-dtype", choices=("fp32", "fp16"),
+                   help="weight scales as any fp32 value, or rounded to fp16 values (half the scale bytes a step "
+                        "reads; the integers are computed from the rounded scale). Default: fp16 for schemes "
+                        "with INT4 weights, whose K-block scales are a fifth of their bytes; fp32 otherwise")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     sm = q.add_argument_group("outlier smoothing (on by default where activations are quantized; needs torch)")
@@ -250,10 +254,17 @@ def _cmd_quantize(args) -> int:
             raise ValueError(f"--rotate {args.rotate}: {e}") from None
     # Activations default to asymmetric: with smoothing, W8A8 on SmolLM2-135M costs +0.5-0.75% perplexity
     # against +0.7-1.3% symmetric (docs/DESIGN.md section 6).
-    scheme = parse_scheme(args.scheme, weight_symmetric=not (args.asym or args.w_asym),
-                          act_symmetric=args.sym or args.a_sym, grouping=grouping,
-                          parts=args.parts, head_bits=args.head_bits, encoder=args.encoder_scheme,
-                          decoder=args.decoder_scheme, rotation=args.rotate)
+    def scheme_with(scale_dtype):
+        return parse_scheme(args.scheme, weight_symmetric=not (args.asym or args.w_asym),
+                            act_symmetric=args.sym or args.a_sym, grouping=grouping,
+                            parts=args.parts, head_bits=args.head_bits, encoder=args.encoder_scheme,
+                            decoder=args.decoder_scheme, rotation=args.rotate, scale_dtype=scale_dtype)
+
+    scheme = scheme_with(args.scale_dtype or "fp32")
+    # INT4 schemes default to fp16 scales: at K-blocks of 32, fp32 scales are 4 of every 20 bytes a decode
+    # step reads; rounding them moved SmolLM2-135M's W4A8 perplexity by noise (docs/DESIGN.md section 2).
+    if args.scale_dtype is None and scheme.has_int4_weights:
+        scheme = scheme_with("fp16")
     given = {field: getattr(args, opt) for opt, field in _LKD_OPTIONS.items()
              if getattr(args, opt) not in (None, False)}
     given_distill = {field: getattr(args, opt) for opt, field in _DISTILL_OPTIONS.items()
@@ -339,7 +350,8 @@ def _describe_linear(lq) -> str:
     else:
         w = f"w{lq.weight_bits} {'sym' if lq.weight_symmetric else 'asym'} tile {lq.tile[0]}x{lq.tile[1]}"
     a = f"a{lq.act_bits} {'sym' if lq.act_symmetric else 'asym'}" if lq.act_bits else "a fp"
-    return f"{w}, {a}" + (f", rotate {lq.rotation}" if lq.rotation else "")
+    return (f"{w}, {a}" + (f", rotate {lq.rotation}" if lq.rotation else "")
+            + (", fp16 scales" if lq.weight_bits and lq.half_scales else ""))
 
 
 def _cmd_export(args) -> int:

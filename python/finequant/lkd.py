@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import hf
 from .rotate import hadamard_blocks, rotate_weight
-from .quantize import _expand, _tiles, fake_quant_activation, fake_quant_weight, quant_max
+from .quantize import _expand, _tiles, fake_quant_activation, fake_quant_weight, quant_max, round_scale_to_half
 from .schemes import LinearQuant, QuantScheme
 from .simulate import _find_module, _linear_weight
 
@@ -105,10 +105,17 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def fake_quant_ste(x: torch.Tensor, bits: int, symmetric: bool, tile, clip=None) -> torch.Tensor:
+def fake_quant_ste(x: torch.Tensor, bits: int, symmetric: bool, tile, clip=None,
+                   half_scales: bool = False) -> torch.Tensor:
     """Differentiable fake_quant_weight of a 2-D x: the same ops in the same order (so the forward
     values are bit-identical), rounding with a straight-through gradient. The range is taken from x
-    without gradient; `clip` (per-tile factors: [tiles] symmetric, [2, tiles] asymmetric) scales it."""
+    without gradient; `clip` (per-tile factors: [tiles] symmetric, [2, tiles] asymmetric) scales it.
+    half_scales: the scales rounded to fp16 values (straight through)."""
+
+    def scale_of(s):
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        return _StraightThrough.apply(s, round_scale_to_half(s.detach())) if half_scales else s
+
     rows, cols = int(tile[0]), int(tile[1])
     c = x.shape[1]
     t = _tiles(x.detach(), rows, cols)
@@ -119,8 +126,7 @@ def fake_quant_ste(x: torch.Tensor, bits: int, symmetric: bool, tile, clip=None)
             hi = clip * hi
             big = _expand(hi, rows, cols, c)
             x = torch.minimum(torch.maximum(x, -big), big)
-        s = hi / qmax
-        s = torch.where(s == 0, torch.ones_like(s), s)
+        s = scale_of(hi / qmax)
         se = _expand(s, rows, cols, c)
         return torch.clamp(_RoundSTE.apply(x / se), -qmax, qmax) * se
     lo = torch.clamp(t.amin(dim=(1, 3)), max=0.0)
@@ -128,8 +134,7 @@ def fake_quant_ste(x: torch.Tensor, bits: int, symmetric: bool, tile, clip=None)
     if clip is not None:
         lo, hi = clip[0] * lo, clip[1] * hi
         x = torch.minimum(torch.maximum(x, _expand(lo, rows, cols, c)), _expand(hi, rows, cols, c))
-    s = (hi - lo) / qmax
-    s = torch.where(s == 0, torch.ones_like(s), s)
+    s = scale_of((hi - lo) / qmax)
     z = torch.clamp(_RoundSTE.apply(-lo / s), 0, qmax)
     se, ze = _expand(s, rows, cols, c), _expand(z, rows, cols, c)
     return (torch.clamp(_RoundSTE.apply(x / se) + ze, 0, qmax) - ze) * se
@@ -158,10 +163,10 @@ class LKDLinear(nn.Module):
         if not s.weight_bits:
             return w
         if self.clip is not None:  # the clip factors need the gradient through the scale
-            return fake_quant_ste(w, s.weight_bits, s.weight_symmetric, s.tile, self.clip)
+            return fake_quant_ste(w, s.weight_bits, s.weight_symmetric, s.tile, self.clip, s.half_scales)
         # Nothing is clamped without clips, so a plain straight-through is the same gradient, and far
         # cheaper than autograd through the elementwise ops.
-        fq = fake_quant_weight(w.detach(), s.weight_bits, s.weight_symmetric, s.tile)
+        fq = fake_quant_weight(w.detach(), s.weight_bits, s.weight_symmetric, s.tile, s.half_scales)
         return _StraightThrough.apply(w, fq)
 
     @torch.no_grad()

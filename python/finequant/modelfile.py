@@ -59,7 +59,7 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
         if lq.weight_bits:
             if lq.weight_bits == 4 and k % 2:
                 raise ValueError(f"INT4 packing needs an even number of columns: {module} has K={k}")
-            qt = quantize_tensor(w, lq.weight_bits, lq.weight_symmetric, lq.tile)
+            qt = quantize_tensor(w, lq.weight_bits, lq.weight_symmetric, lq.tile, lq.half_scales)
             q = qt.q
             if lq.weight_bits == 4:
                 q = torch.from_numpy(pack_int4(q.numpy()))

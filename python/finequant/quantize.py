@@ -69,8 +69,20 @@ def _expand(s: torch.Tensor, rows: int, cols: int, c: int) -> torch.Tensor:
     return s.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)[:, :c]
 
 
-def quantize_tensor(x: torch.Tensor, bits: int, symmetric: bool, tile) -> QTensor:
-    """Quantize a 2-D tensor [R, C] with one scale (and zero point) per (rows, cols) tile."""
+def round_scale_to_half(s: torch.Tensor) -> torch.Tensor:
+    """scale_dtype "fp16" (DESIGN.md section 2): each scale rounded to the nearest IEEE half, 2^-24
+    where that is 0; a scale beyond the half range (65504) is an error."""
+    h = s.to(torch.float16)
+    if torch.isinf(h).any():
+        raise ValueError(f"a weight scale ({s.max().item():.6g}) is beyond the fp16 range (65504): "
+                         "use scale_dtype fp32")
+    r = h.to(torch.float32)
+    return torch.where(r == 0, torch.full_like(r, 2.0 ** -24), r)
+
+
+def quantize_tensor(x: torch.Tensor, bits: int, symmetric: bool, tile, half_scales: bool = False) -> QTensor:
+    """Quantize a 2-D tensor [R, C] with one scale (and zero point) per (rows, cols) tile;
+    half_scales: the scales rounded to fp16 values first (round_scale_to_half)."""
     x = _check_input(x, bits)
     if x.dim() != 2:
         raise ValueError(f"quantize_tensor needs a 2-D tensor, got shape {tuple(x.shape)}")
@@ -87,6 +99,8 @@ def quantize_tensor(x: torch.Tensor, bits: int, symmetric: bool, tile) -> QTenso
     if symmetric:
         s = t.abs().amax(dim=(1, 3)) / qmax
         s[s == 0] = 1.0
+        if half_scales:
+            s = round_scale_to_half(s)
         q = torch.clamp(torch.round(x / _expand(s, rows, cols, c)), -qmax, qmax).to(torch.int8)
         z = None
     else:
@@ -97,6 +111,8 @@ def quantize_tensor(x: torch.Tensor, bits: int, symmetric: bool, tile) -> QTenso
             raise ValueError("value range overflows float32")
         s = span / qmax
         s[s == 0] = 1.0
+        if half_scales:
+            s = round_scale_to_half(s)
         zf = torch.clamp(torch.round(-lo / s), 0, qmax)
         qf = torch.round(x / _expand(s, rows, cols, c)) + _expand(zf, rows, cols, c)
         q = torch.clamp(qf, 0, qmax).to(torch.uint8)
@@ -134,8 +150,8 @@ def quantize_activations(x: torch.Tensor, bits: int, symmetric: bool) -> QTensor
                    bits=bits, symmetric=symmetric, tile=(1, k))
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int, symmetric: bool, tile) -> torch.Tensor:
-    return dequantize(quantize_tensor(w, bits, symmetric, tile))
+def fake_quant_weight(w: torch.Tensor, bits: int, symmetric: bool, tile, half_scales: bool = False) -> torch.Tensor:
+    return dequantize(quantize_tensor(w, bits, symmetric, tile, half_scales))
 
 
 def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
@@ -163,7 +179,7 @@ class QuantLinear(nn.Module):
         if spec.rotation:
             weight = rotate_weight(weight, spec.rotation)
         if spec.weight_bits:
-            weight = fake_quant_weight(weight, spec.weight_bits, spec.weight_symmetric, spec.tile)
+            weight = fake_quant_weight(weight, spec.weight_bits, spec.weight_symmetric, spec.tile, spec.half_scales)
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
         self.spec = spec

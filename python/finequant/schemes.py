@@ -18,6 +18,7 @@ KNOWN_PARTS = PARTS + (HEAD,)
 ATTENTION_PARTS = ("qkv", "attn_out")
 MLP_PARTS = ("fc1", "fc2")
 SCHEME_NAMES = ("fp32", "bf16", "w8a16", "w4a16", "w8a8", "w4a8", "w4/8a8", "w4/8a16", "w4a4")
+SCALE_DTYPES = ("fp32", "fp16")  # weight scales: any fp32 value, or rounded to fp16 values (DESIGN.md section 2)
 STACKS = ("encoder", "decoder")  # the stacks of an encoder-decoder model
 
 DEFAULT_INT4_KBLOCK = 32
@@ -39,6 +40,11 @@ class LinearQuant:
     act_bits: int = 0
     act_symmetric: bool = True
     rotation: int = 0  # block-Hadamard input rotation block size (finequant.rotate), 0: none
+    scale_dtype: str = "fp32"  # "fp16": weight scales rounded to fp16 values (stored as fp32)
+
+    @property
+    def half_scales(self) -> bool:
+        return self.scale_dtype == "fp16"
 
     def to_json(self) -> dict:
         """The entry of the model file's "quantization" metadata (docs/model-format.md)."""
@@ -50,6 +56,8 @@ class LinearQuant:
         entry["act_symmetric"] = self.act_symmetric
         if self.rotation:
             entry["rotation"] = int(self.rotation)
+        if self.weight_bits and self.half_scales:
+            entry["scale_dtype"] = self.scale_dtype
         return entry
 
     @classmethod
@@ -58,7 +66,8 @@ class LinearQuant:
         return cls(part=entry["part"], weight_bits=int(entry["weight_bits"]),
                    weight_symmetric=bool(entry.get("weight_symmetric", True)),
                    tile=tuple(tile) if tile else None, act_bits=int(entry.get("act_bits", 0)),
-                   act_symmetric=bool(entry.get("act_symmetric", True)), rotation=int(entry.get("rotation", 0)))
+                   act_symmetric=bool(entry.get("act_symmetric", True)), rotation=int(entry.get("rotation", 0)),
+                   scale_dtype=str(entry.get("scale_dtype", "fp32")))
 
 
 def _check_grouping(grouping: Grouping) -> Grouping:
@@ -88,12 +97,18 @@ class QuantScheme:
     float_dtype: str = "fp32"  # storage of the floating-point tensors: "fp32" or "bf16"
     head_bits: int = 8  # the LM head's weight bits when "head" is in parts: 8 (per channel) or 4 (grouping)
     rotation: int = 0  # block-Hadamard input rotation of the quantized block GEMMs (finequant.rotate), 0: none
+    scale_dtype: str = "fp32"  # of every quantized weight's scales: "fp32" or "fp16" (SCALE_DTYPES)
     # encoder-decoder models: (stack, scheme) pairs whose scheme replaces this one for that stack's Linears
     stacks: Tuple[Tuple[str, "QuantScheme"], ...] = ()
 
     @property
     def is_quantized(self) -> bool:
         return bool(self.attn_weight_bits or self.mlp_weight_bits) or any(s.is_quantized for _, s in self.stacks)
+
+    @property
+    def has_int4_weights(self) -> bool:
+        return (4 in (self.attn_weight_bits, self.mlp_weight_bits) or (HEAD in self.parts and self.head_bits == 4)
+                or any(s.has_int4_weights for _, s in self.stacks))
 
     def _tile(self, bits: int, n: int, k: int, part: str) -> Tuple[int, int]:
         g = self.grouping
@@ -128,14 +143,15 @@ class QuantScheme:
         if part == HEAD:  # INT8 per channel (or INT4 as the scheme groups it), INT8 tokens when quantized
             tile = (1, k) if self.head_bits == 8 else self._tile(4, n, k, part)
             return LinearQuant(part=part, weight_bits=self.head_bits, weight_symmetric=self.weight_symmetric,
-                               tile=tile, act_bits=8 if self.act_bits else 0, act_symmetric=self.act_symmetric)
+                               tile=tile, act_bits=8 if self.act_bits else 0, act_symmetric=self.act_symmetric,
+                               scale_dtype=self.scale_dtype)
         if self.rotation:
             from .rotate import check_block
 
             check_block(self.rotation, k, part)
         return LinearQuant(part=part, weight_bits=bits, weight_symmetric=self.weight_symmetric,
                            tile=self._tile(bits, n, k, part), act_bits=self.act_bits,
-                           act_symmetric=self.act_symmetric, rotation=self.rotation)
+                           act_symmetric=self.act_symmetric, rotation=self.rotation, scale_dtype=self.scale_dtype)
 
     def describe(self) -> str:
         """The string stored as metadata "scheme", e.g. "w8a8 asym kblock=64"."""
@@ -160,13 +176,15 @@ class QuantScheme:
                 words.append(f"head=int{self.head_bits}")
             if self.rotation:
                 words.append(f"rotate={self.rotation}")
+            if self.scale_dtype != "fp32":
+                words.append(f"scales={self.scale_dtype}")
         words += [f"{stack}={sub.name}" for stack, sub in self.stacks]
         return " ".join(words)
 
 
 def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: bool = True,
                  grouping: Grouping = None, parts=None, head_bits: int = 8, encoder: Optional[str] = None,
-                 decoder: Optional[str] = None, rotation: int = 0) -> QuantScheme:
+                 decoder: Optional[str] = None, rotation: int = 0, scale_dtype: str = "fp32") -> QuantScheme:
     """Parse a scheme name (see SCHEME_NAMES; generally w(4|8)[/(4|8)]a(4|8|16|32)).
 
     "wA/B" gives the MLP (fc1, fc2) A-bit weights and the attention (qkv, attn_out) B-bit weights.
@@ -183,13 +201,20 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
     `rotation` (a power of two, 0: none): rotate the inputs of the quantized block GEMMs (not the LM
     head) by a block-Hadamard matrix of that block size, and their weights to match (finequant.rotate);
     the block must divide every such GEMM's input width.
+
+    `scale_dtype` "fp16": every weight scale is rounded to an fp16 value before the integers are
+    computed from it (DESIGN.md section 2); kernels then keep K-block scales in half the bytes (at
+    K-blocks of 32 the fp32 scales are a fifth of what an INT4 decode step reads).
     """
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
     if rotation:
         from .rotate import check_block
 
         check_block(rotation, rotation)
     main = replace(_parse_one(name, weight_symmetric=weight_symmetric, act_symmetric=act_symmetric,
-                              grouping=grouping, parts=parts, head_bits=head_bits), rotation=rotation)
+                              grouping=grouping, parts=parts, head_bits=head_bits), rotation=rotation,
+                   scale_dtype=scale_dtype)
     if not main.is_quantized:
         main = replace(main, rotation=0) if not rotation else None
         if main is None:
@@ -205,7 +230,7 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
             raise ValueError(f"parts name no block GEMM for the {stack} scheme to quantize")
         stacks.append((stack, replace(_parse_one(sub, weight_symmetric=weight_symmetric, act_symmetric=act_symmetric,
                                                  grouping=grouping, parts=block_parts, head_bits=8),
-                                      rotation=rotation)))
+                                      rotation=rotation, scale_dtype=scale_dtype)))
     return replace(main, stacks=tuple(stacks)) if stacks else main
 
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -42,9 +43,12 @@ def _scheme_from_args(name, opts):
     if "--per-tensor" in opts:
         grouping = "tensor"
     parts = opts[opts.index("--parts") + 1] if "--parts" in opts else None
-    return parse_scheme(name, weight_symmetric=not ({"--asym", "--w-asym"} & set(opts)),
-                        act_symmetric=bool({"--sym", "--a-sym"} & set(opts)),  # the CLI's default: asymmetric
-                        grouping=grouping, parts=parts)
+    scheme = parse_scheme(name, weight_symmetric=not ({"--asym", "--w-asym"} & set(opts)),
+                          act_symmetric=bool({"--sym", "--a-sym"} & set(opts)),  # the CLI's default: asymmetric
+                          grouping=grouping, parts=parts)
+    if "--scale-dtype" in opts:
+        return replace(scheme, scale_dtype=opts[opts.index("--scale-dtype") + 1])
+    return replace(scheme, scale_dtype="fp16") if scheme.has_int4_weights else scheme  # the CLI's default
 
 
 def _rec(rec, key):
@@ -101,7 +105,7 @@ def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
             want = torch.int8 if lq.weight_symmetric and lq.weight_bits == 8 else torch.uint8
             assert stored.dtype == want
             assert stored.shape[1] == (w.shape[1] // 2 if lq.weight_bits == 4 else w.shape[1])
-            ref = fake_quant_weight(w, lq.weight_bits, lq.weight_symmetric, lq.tile).numpy()
+            ref = fake_quant_weight(w, lq.weight_bits, lq.weight_symmetric, lq.tile, lq.half_scales).numpy()
             np.testing.assert_array_equal(_dequantize_stored(f, module, entry), ref)
             assert (module + ".weight_zero_point" in f.keys()) == (not lq.weight_symmetric)
         # every non-Linear tensor is carried over unchanged

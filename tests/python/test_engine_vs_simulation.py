@@ -13,7 +13,8 @@ from finequant.simulate import read_records, simulate
 
 SCHEMES = [
     ("w8a8", ["--sym"]), ("w8a8", []), ("w8a8", ["--asym"]),  # [] : the CLI default, asymmetric activations
-    ("w4a8", ["--kblock", "32", "--sym"]), ("w4a8", ["--kblock", "32", "--asym"]),
+    ("w4a8", ["--kblock", "32", "--sym"]), ("w4a8", ["--kblock", "32", "--asym"]),  # INT4: fp16 scales (default)
+    ("w4a8", ["--kblock", "32", "--scale-dtype", "fp32"]),
     ("w4/8a8", ["--sym"]), ("w4/8a8", ["--asym"]),
     ("w4a4", ["--sym"]), ("w4a4", ["--asym"]),
     ("w8a8", ["--parts", "qkv,attn_out,fc1,fc2,head"]),  # LM head too: tied (GPT-2) and untied (Llama)

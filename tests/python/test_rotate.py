@@ -148,8 +148,10 @@ CASES += [("bart", 16, "w4a4", ["--asym"]), ("bart", 64, "w8a8", ["--encoder-sch
                          ids=[f"{f}-b{b}-{s}{''.join(o)}" for f, b, s, o in CASES])
 def test_rotated_engine_matches_simulation(tiny, tmp_path, family, block, scheme, opts):
     out = tmp_path / "q"
+    # fp32 scales: with fp16 ones (the INT4 default) GPT-2 W4A4 had 1-3 of 115 positions 1.5% off, INT4
+    # activation steps flipping on the engine's other summation order (test_scale_dtype.py covers fp16).
     code, err = _cli("quantize", tiny[family][0], "-o", out, "--scheme", scheme, "--quiet", "--no-smooth",
-                     "--rotate", block, *opts)
+                     "--rotate", block, "--scale-dtype", "fp32", *opts)
     assert code == 0, err
     records = read_records(str(out))
     assert {lq.rotation for lq in records.values() if lq.part != "head"} == {block}
