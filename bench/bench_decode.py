@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import os
 import sys
 import warnings
@@ -114,14 +115,17 @@ DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64":
 
 def bytes_per_step(model_dir: str) -> int:
     """Weight bytes one decode step reads: every tensor of the finequant model file but the embedding
-    tables (a step gathers one row of those), plus the word embeddings when the LM head is tied to them."""
+    tables (a step gathers one row of those), plus the word embeddings when the LM head is tied to them;
+    scales that the file marks as fp16 values (scale_dtype) count 2 bytes, as the kernels hold them."""
     from safetensors import safe_open
 
     total, names = 0, []
     with safe_open(os.path.join(model_dir, "model.safetensors"), "np") as f:
+        quant = json.loads(f.metadata().get("quantization", "{}"))
+        half = {m + ".weight_scale" for m, r in quant.items() if r.get("scale_dtype") == "fp16"}
         for name in f.keys():
             sl = f.get_slice(name)
-            nbytes = int(np.prod(sl.get_shape())) * DTYPE_BYTES[sl.get_dtype()]
+            nbytes = int(np.prod(sl.get_shape())) * (2 if name in half else DTYPE_BYTES[sl.get_dtype()])
             names.append(name)
             if not name.endswith(EMBEDDING_TABLES):
                 total += nbytes
