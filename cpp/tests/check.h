@@ -41,6 +41,7 @@ inline const char* kind_name(finequant::ErrorKind k) {
     case finequant::ErrorKind::InvalidArgument: return "InvalidArgument";
     case finequant::ErrorKind::ModelFormat: return "ModelFormat";
     case finequant::ErrorKind::Unsupported: return "Unsupported";
+    case finequant::ErrorKind::ResourceLimit: return "ResourceLimit";
     case finequant::ErrorKind::Runtime: return "Runtime";
   }
   return "?";

@@ -61,13 +61,16 @@ class Engine:
     """
 
     def __init__(self, model_dir: str, threads: Optional[int] = None, device: str = "cpu",
-                 float_precision: str = "fp32"):
+                 float_precision: str = "fp32", max_memory: int = 0):
         """float_precision: how Linears with floating-point inputs (fp32 models, weight-only schemes,
         an unquantized LM head) multiply. "fp32": exact fp32 products. "bf16": the weight stored as
         bf16 (half its memory and of the bytes a decode step reads), the inputs rounded to bf16, fp32
-        sums; used on CPUs with AVX512-BF16, elsewhere (and on CUDA) those Linears stay fp32."""
+        sums; used on CPUs with AVX512-BF16, elsewhere (and on CUDA) those Linears stay fp32.
+        max_memory: bytes the weights plus one call's estimated working memory may take; a load or
+        call that would need more raises MemoryError naming the limit (0: the physical memory
+        available at the time)."""
         self.path = resolve_model(model_dir)
-        self._engine = _core._Engine.load(self.path, threads or 0, device, float_precision)
+        self._engine = _core._Engine.load(self.path, threads or 0, device, float_precision, int(max_memory))
         self.float_precision = float_precision
         folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
         tok = os.path.join(folder, "tokenizer.json")
@@ -92,6 +95,13 @@ class Engine:
     scheme = property(lambda self: self._engine.scheme)
     device = property(lambda self: self._engine.device, doc='"cpu" or "cuda:N"')
     backend = property(lambda self: self._engine.backend, doc='the kernels in use, e.g. "cpu (avx2)"')
+    max_memory = property(lambda self: self._engine.max_memory, doc="bytes a load or call may take (0: available memory)")
+    weight_memory = property(lambda self: self._engine.weight_memory, doc="estimated bytes of the loaded weights")
+
+    def call_memory(self, batch: int, tokens: int, max_new_tokens: int = 0) -> int:
+        """Estimated working memory (bytes) of a forward (max_new_tokens=0) or generate call on
+        [batch, tokens] ids: what is checked against max_memory before the call runs."""
+        return self._engine.call_memory(batch, tokens, max_new_tokens)
 
     @property
     def threads(self) -> int:

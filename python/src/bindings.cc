@@ -126,6 +126,7 @@ PYBIND11_MODULE(_core, m) {
         case ErrorKind::InvalidArgument: PyErr_SetString(PyExc_ValueError, e.what()); return;
         case ErrorKind::ModelFormat: PyErr_SetString(model_file_error.get_stored().ptr(), e.what()); return;
         case ErrorKind::Unsupported: PyErr_SetString(PyExc_NotImplementedError, e.what()); return;
+        case ErrorKind::ResourceLimit: PyErr_SetString(PyExc_MemoryError, e.what()); return;
         case ErrorKind::Runtime: PyErr_SetString(PyExc_RuntimeError, e.what()); return;
       }
       PyErr_SetString(PyExc_RuntimeError, e.what());

@@ -64,15 +64,18 @@ void bind_engine(py::module_& m) {
   py::class_<Engine>(m, "_Engine", "The C++ inference engine (see finequant.Engine for the Python API).")
       .def_static(
           "load",
-          [](const std::string& path, int threads, const std::string& device, const std::string& float_precision) {
+          [](const std::string& path, int threads, const std::string& device, const std::string& float_precision,
+             int64_t max_memory) {
             finequant::EngineOptions options;
             options.threads = threads;
             options.device = device;
             options.float_precision = float_precision;
+            options.max_memory = max_memory;
             py::gil_scoped_release release;
             return Engine::load(path, options);
           },
-          py::arg("path"), py::arg("threads") = 0, py::arg("device") = "cpu", py::arg("float_precision") = "fp32")
+          py::arg("path"), py::arg("threads") = 0, py::arg("device") = "cpu", py::arg("float_precision") = "fp32",
+          py::arg("max_memory") = 0)
       .def(
           "forward",
           [](const Engine& e, const py::array& ids, std::optional<py::array> mask) {
@@ -147,6 +150,10 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("scheme", &Engine::scheme)
       .def_property_readonly("device", [](const Engine& e) { return e.device().str(); })
       .def_property_readonly("backend", &Engine::backend_name)
-      .def_property("threads", &Engine::threads, &Engine::set_threads);
+      .def_property("threads", &Engine::threads, &Engine::set_threads)
+      .def_property_readonly("max_memory", &Engine::max_memory)
+      .def_property_readonly("weight_memory", &Engine::weight_memory)
+      .def("call_memory", &Engine::call_memory, py::arg("batch"), py::arg("tokens"), py::arg("max_new_tokens") = 0,
+           "Estimated working memory (bytes) of a forward (max_new_tokens 0) or generate call on [batch, tokens]");
   bind_scheduler(m);
 }

@@ -21,6 +21,11 @@ struct EngineOptions {
   // memory and bytes per decode step), inputs rounded to bf16 per call, fp32 sums; on a CPU with
   // AVX512-BF16, elsewhere (and on CUDA) these Linears stay fp32. An explicit precision choice.
   std::string float_precision = "fp32";
+  // Bytes the weights plus one call's working memory (activations, KV cache, outputs; estimated up
+  // front from the config and the call's shapes) may take: a load or call that would need more throws
+  // Error(ResourceLimit) naming the limit instead of running out of memory. 0: the physical memory
+  // available at the time (docs/DESIGN.md, Reliability). Each of several concurrent calls is checked alone.
+  int64_t max_memory = 0;
 };
 
 struct GenerationOptions {
@@ -83,6 +88,11 @@ class Engine {
   std::string backend_name() const;  // e.g. "cpu (avx512vnni)", "cuda:0 NVIDIA H200 (sm90)"
   int threads() const;
   void set_threads(int threads);  // 0: the default
+  int64_t max_memory() const;      // EngineOptions::max_memory (0: available physical memory)
+  // Estimated bytes of the loaded weights, and of one call on [batch, tokens] inputs (generate:
+  // with max_new_tokens new tokens, bounded by max_positions; forward: max_new_tokens 0).
+  int64_t weight_memory() const;
+  int64_t call_memory(int64_t batch, int64_t tokens, int64_t max_new_tokens = 0) const;
 
  private:
   friend class Scheduler;  // runs this Engine's decoder on its own shared KV cache (finequant/scheduler.h)

@@ -10,6 +10,7 @@ enum class ErrorKind {
   InvalidArgument,  // wrong shape, dtype, range or option (Python: ValueError)
   ModelFormat,      // truncated, corrupt or mismatched model file (Python: finequant.ModelFileError)
   Unsupported,      // valid request that finequant does not implement (Python: NotImplementedError)
+  ResourceLimit,    // a load or call that would need more memory than allowed (Python: MemoryError)
   Runtime,          // anything else (Python: RuntimeError)
 };
 

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "engine/engine_impl.h"
+#include "engine/memory.h"
 #include "engine/sampling.h"
 #include "kernels/backend.h"
 
@@ -92,6 +93,27 @@ std::vector<std::vector<int64_t>> token_loop(int64_t B, int64_t V, const Generat
   return out;
 }
 
+// Refuses a call whose estimated working memory, with the weights, exceeds the Engine's limit
+// (docs/DESIGN.md, Reliability): before anything is allocated.
+// `limits`: the Engine's max_memory and weight bytes; `threads`: its pool's.
+struct MemoryLimits {
+  int64_t max_memory;
+  double weight_bytes;
+  int threads;
+};
+
+void check_call_memory(const Model& model, const MemoryLimits& limits, const std::string& what, int64_t B, int64_t T,
+                       int64_t decoder_T, int64_t cache_positions, bool all_logits) {
+  const CallMemory m =
+      estimate_call_memory(model.config(), B, T, decoder_T, cache_positions, all_logits, limits.threads);
+  // With max_memory the weights count against it; without, they are already resident.
+  const double weights = limits.max_memory > 0 ? limits.weight_bytes : 0;
+  check_memory(what + " on [" + std::to_string(B) + ", " + std::to_string(T) + "]", weights + m.total(),
+               "activations " + format_bytes(m.activations) + ", KV cache " + format_bytes(m.kv_cache) + ", outputs " +
+                   format_bytes(m.outputs) + (weights > 0 ? ", weights " + format_bytes(weights) : std::string()),
+               memory_limit(limits.max_memory), limits.max_memory);
+}
+
 }  // namespace
 
 Tensor host_logits(const kernels::Backend& backend, const ExecContext& ctx, const Tensor& t) {
@@ -105,6 +127,7 @@ Engine::~Engine() = default;
 
 std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions options) {
   FQ_CHECK_ARG(options.threads >= 0, "threads must be >= 0");
+  FQ_CHECK_ARG(options.max_memory >= 0, "max_memory must be >= 0 (0: the available physical memory)");
   FQ_CHECK_ARG(options.float_precision == "fp32" || options.float_precision == "bf16",
                "float_precision must be 'fp32' or 'bf16', got '" + options.float_precision + "'");
   const kernels::FloatPrecision precision =
@@ -124,12 +147,22 @@ std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions opti
   }
   auto impl = std::make_unique<Impl>(Impl{ModelFile::open(file_path), nullptr, options.threads, device,
                                           make_pool(options.threads)});
+  impl->max_memory = options.max_memory;
+  // Refuse a model that cannot fit before building it: its weights plus the smallest call (one token).
+  impl->weight_bytes = estimate_weight_memory(impl->file);
+  const ModelConfig config = ModelConfig::parse(impl->file.architecture, impl->file.config_json);
+  const CallMemory one = estimate_call_memory(config, 1, 1, config.is_seq2seq() ? 1 : 0, 0, false, impl->pool->size());
+  check_memory("loading " + path, impl->weight_bytes + one.total(),
+               "weights " + format_bytes(impl->weight_bytes) + ", a one-token call " + format_bytes(one.total()),
+               memory_limit(options.max_memory), options.max_memory);
   impl->model = build_model(impl->file, *backend, *impl->pool, precision);
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 
 Tensor Engine::forward(const Tensor& input_ids, const Tensor* attention_mask) const {
   const Batch b = validate(*impl_->model, input_ids, attention_mask);
+  check_call_memory(*impl_->model, {impl_->max_memory, impl_->weight_bytes, impl_->current_pool()->size()},
+                    "forward", b.B, b.T, 0, 0, impl_->model->is_decoder());
   const kernels::Backend& backend = impl_->model->backend();
   const std::shared_ptr<ThreadPool> pool = impl_->current_pool();
   const ExecContext ctx = backend.context(*pool);
@@ -146,6 +179,8 @@ Tensor Engine::forward_seq2seq(const Tensor& input_ids, const Tensor* attention_
   const Batch d = validate(*impl_->model, decoder_input_ids, decoder_attention_mask, "decoder_input_ids",
                            "decoder_attention_mask");
   FQ_CHECK_ARG(d.B == b.B, "decoder_input_ids has " + std::to_string(d.B) + " rows, input_ids " + std::to_string(b.B));
+  check_call_memory(*impl_->model, {impl_->max_memory, impl_->weight_bytes, impl_->current_pool()->size()},
+                    "forward_seq2seq", b.B, b.T, d.T, d.T, true);
   const auto& model = static_cast<const Seq2Seq&>(*impl_->model);
   const kernels::Backend& backend = model.backend();
   const std::shared_ptr<ThreadPool> pool = impl_->current_pool();
@@ -175,7 +210,10 @@ std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, cons
   const ExecContext ctx = backend.context(*pool);
   auto logits_of = [&](const Tensor& t) { return host_logits(backend, ctx, t); };
   if (o.max_new_tokens == 0) return std::vector<std::vector<int64_t>>(static_cast<size_t>(b.B));
-  const int64_t capacity = std::min(b.T + o.max_new_tokens, max_positions());
+  // (b.T + max_new_tokens could overflow: max_new_tokens is the caller's.)
+  const int64_t capacity = b.T + std::min(o.max_new_tokens, max_positions() - b.T);
+  check_call_memory(*impl_->model, {impl_->max_memory, impl_->weight_bytes, impl_->current_pool()->size()},
+                    "generate", b.B, b.T, 0, capacity, false);
   KVCache cache = decoder.new_cache(b.B, capacity);
   // The last token is never fed back: a full cache still allows one more.
   const int64_t limit = std::min(o.max_new_tokens, capacity - b.T + 1);
@@ -198,6 +236,8 @@ std::vector<std::vector<int64_t>> Engine::generate_seq2seq(const Tensor& input_i
   if (o.max_new_tokens == 0) return std::vector<std::vector<int64_t>>(static_cast<size_t>(b.B));
   // The decoder holds the start token plus the new tokens but the last (never fed back).
   const int64_t limit = std::min<int64_t>(o.max_new_tokens, max_positions());  // new tokens this call can make
+  check_call_memory(*impl_->model, {impl_->max_memory, impl_->weight_bytes, impl_->current_pool()->size()},
+                    "generate", b.B, b.T, 1, limit, false);
   Seq2SeqCache cache = model.start(ctx, b.ids, b.mask.data(), b.B, b.T, limit);
   const int64_t start = o.decoder_start_token_id >= 0 ? o.decoder_start_token_id : model.config().decoder_start_token_id;
   const std::vector<int64_t> starts(static_cast<size_t>(b.B), start);
@@ -228,6 +268,23 @@ const std::string& Engine::scheme() const { return impl_->file.scheme; }
 Device Engine::device() const { return impl_->device; }
 std::string Engine::backend_name() const { return impl_->model->backend().name(); }
 int Engine::threads() const { return impl_->threads; }
+int64_t Engine::max_memory() const { return impl_->max_memory; }
+int64_t Engine::weight_memory() const { return static_cast<int64_t>(impl_->weight_bytes); }
+int64_t Engine::call_memory(int64_t batch, int64_t tokens, int64_t max_new_tokens) const {
+  FQ_CHECK_ARG(batch > 0 && tokens > 0 && max_new_tokens >= 0,
+               "call_memory needs batch > 0, tokens > 0 and max_new_tokens >= 0");
+  const ModelConfig& c = impl_->model->config();
+  const int threads = impl_->current_pool()->size();
+  CallMemory m;
+  if (max_new_tokens == 0)  // forward
+    m = estimate_call_memory(c, batch, tokens, 0, 0, is_decoder(), threads);
+  else if (is_seq2seq())  // as generate_seq2seq
+    m = estimate_call_memory(c, batch, tokens, 1, std::min(max_new_tokens, c.max_positions), false, threads);
+  else  // as generate: the cache holds the prompt and the new tokens, up to max_positions
+    m = estimate_call_memory(c, batch, tokens, 0, std::min(tokens + std::min(max_new_tokens, c.max_positions), c.max_positions),
+                             false, threads);
+  return static_cast<int64_t>(std::min(m.total(), 9.2e18));
+}
 void Engine::set_threads(int threads) {
   FQ_CHECK_ARG(threads >= 0, "threads must be >= 0");
   impl_->threads = threads;

@@ -18,6 +18,9 @@ struct Engine::Impl {
   // call that already holds the old pool finishes on it.
   std::shared_ptr<ThreadPool> pool;
 
+  int64_t max_memory = 0;    // EngineOptions::max_memory
+  double weight_bytes = 0;   // estimate_weight_memory of the file (engine/memory.h)
+
   std::shared_ptr<ThreadPool> current_pool() const { return std::atomic_load(&pool); }
 };
 
