@@ -43,6 +43,13 @@ uint16_t float_to_half(float v) {
   return static_cast<uint16_t>(sign | (rounded >> 13));
 }
 
+bool all_exact_halves(const float* v, int64_t n) {
+  uint16_t bits;
+  for (int64_t i = 0; i < n; ++i)
+    if (!float_to_half_exact(v[i], bits)) return false;
+  return true;
+}
+
 bool float_to_half_exact(float v, uint16_t& bits) {
   if (!std::isfinite(v)) return false;
   const uint16_t sign = std::signbit(v) ? 0x8000u : 0u;

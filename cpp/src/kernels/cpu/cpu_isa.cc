@@ -36,8 +36,8 @@ bool os_saves_ymm() {
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   return (lo & 0x6) == 0x6;
 }
-bool has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
+bool has_avx2() {  // with F16C (every AVX2 CPU has it; the avx2 / avxvnni kernels read fp16 scales)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return has;
 }
 bool has_avx512vnni() {

@@ -307,19 +307,6 @@ MicroFn pick(int mr, bool xu8, bool w4, bool multi, bool colsum = false) {
   return w4 ? pick_rows<false, true>(mr, multi) : pick_rows<false, false>(mr, multi);
 }
 
-bool all_exact_half(const float* v, int64_t n) {
-  uint16_t bits;
-  for (int64_t i = 0; i < n; ++i)
-    if (!float_to_half_exact(v[i], bits)) return false;
-  return true;
-}
-
-uint16_t to_half_bits(float v) {
-  uint16_t bits = 0;
-  float_to_half_exact(v, bits);
-  return bits;
-}
-
 VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
   VnniLayout v;
   const int64_t N = w.N, K = w.K, nb = w.num_blocks, bk = w.tile_cols;
@@ -342,7 +329,7 @@ VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
   const float* sw = w.scale.data<float>();
   // Scales that are all exact halves (quantize --scale-dtype fp16, DESIGN 2) take half the bytes:
   // with K-blocks of 32 the fp32 table is 4 bytes per 16 bytes of INT4 weight, read on every decode step.
-  const bool half = nb > 1 && all_exact_half(sw, w.scale.numel());
+  const bool half = nb > 1 && all_exact_halves(sw, w.scale.numel());
   if (half) {
     v.scale_half.assign(v.scale.size(), 0);
     v.scale.clear();
@@ -368,7 +355,7 @@ VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
         }
         const size_t col = static_cast<size_t>((tile * nb + b) * kTileN + j);
         const int32_t z = zw ? zw[g * nb + b] : 0;
-        if (half) v.scale_half[col] = to_half_bits(sw[g * nb + b]);
+        if (half) v.scale_half[col] = float_to_half(sw[g * nb + b]);  // exact
         else v.scale[col] = sw[g * nb + b];
         if (!wsym) v.zw_plus_wc[col] = z + v.wc;
         if (xu8) v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;

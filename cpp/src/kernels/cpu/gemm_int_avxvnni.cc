@@ -18,15 +18,16 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/convert.h"
 #include "kernels/cpu/gemm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FQ_AVXVNNI_BUILD 1
 #include <immintrin.h>
 #if FQ_KERNEL_EMULATE || FQ_AVX2_MADDUBS
-#define FQ_AVXVNNI __attribute__((target("avx2")))
+#define FQ_AVXVNNI __attribute__((target("avx2,f16c")))
 #else
-#define FQ_AVXVNNI __attribute__((target("avx2,avxvnni")))
+#define FQ_AVXVNNI __attribute__((target("avx2,f16c,avxvnni")))
 #endif
 #else
 #define FQ_AVXVNNI_BUILD 0
@@ -107,7 +108,8 @@ struct Layout {
   QuantSpec act;
   int32_t wc = 0;
   std::vector<uint8_t> packed;
-  std::vector<float> scale;
+  std::vector<float> scale;          // empty when scale_half holds the scales
+  std::vector<uint16_t> scale_half;  // K-blocked weights whose scales are all exact halves (DESIGN 2)
   std::vector<int32_t> zw_plus_wc;    // empty for symmetric weights (zw + wc = wc)
   std::vector<int32_t> colsum_minus;  // empty for symmetric activations (zx = 0 multiplies it)
 };
@@ -133,6 +135,11 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
   v.zw_plus_wc.assign(wsym ? 0 : static_cast<size_t>(nb * v.Npad), 0);
   v.colsum_minus.assign(xu8 ? static_cast<size_t>(nb * v.Npad) : 0, 0);
   const float* sw = w.scale.data<float>();
+  const bool half = nb > 1 && all_exact_halves(sw, w.scale.numel());  // half the scale bytes a step reads
+  if (half) {
+    v.scale_half.assign(v.scale.size(), 0);
+    v.scale.clear();
+  }
   const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
   const int64_t tile_bytes = w4 ? v.Kp * 8 : v.Kp * 16;
   // Channels own disjoint bytes (INT4 nibble pairs run along k), so they pack in parallel.
@@ -153,7 +160,8 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
         }
         const size_t col = static_cast<size_t>((tile * nb + b) * kTileN + j);
         const int32_t z = zw ? zw[g * nb + b] : 0;
-        v.scale[col] = sw[g * nb + b];
+        if (half) v.scale_half[col] = float_to_half(sw[g * nb + b]);  // exact
+        else v.scale[col] = sw[g * nb + b];
         if (!wsym) v.zw_plus_wc[col] = z + v.wc;
         if (xu8) v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
       }
@@ -177,15 +185,19 @@ struct Ctx {
 
 // MR rows x 16 channels over every K-block: int32 sums per block, then the reference's correction
 // and fp32 accumulation per output, then bias and activation.
-template <int MR, bool XU8, bool W4>
+// COLSUM (asymmetric activations, several K-blocks, decode-sized MR <= 2): each block's weight column
+// sums come from one dpbusd of ones per weight vector instead of the colsum_minus table, which at
+// K-blocks of 32 is a quarter more bytes per INT4 weight for a memory-bound call (DESIGN 5.4).
+template <int MR, bool XU8, bool W4, bool COLSUM = false>
 FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
+  static_assert(!COLSUM || (XU8 && MR <= 2), "in-kernel column sums: asymmetric activations, MR <= 2");
   const Layout& v = *c.v;
-  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi8(1);
   float out[MR][kTileN] = {};
   for (int64_t b = 0; b < v.nb; ++b) {
     const int64_t kb = std::min(v.K, b * v.bk + v.bk) - b * v.bk;
     const int64_t s0 = b * v.block_padded / 8, pairs = round_up(kb, 8) / 8;  // pairs of 4-k steps
-    __m256i acc[MR][2];
+    __m256i acc[MR][2], colacc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
     // 8 k of a tile: 128 bytes (8-bit: two steps of 2 panels x 32 bytes) or 64 (4-bit: the two
@@ -209,6 +221,7 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
           w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + s * 64 + j * 32));
         }
         if constexpr (kSignTrick) w_abs[j] = _mm256_abs_epi8(w[j]);
+        if constexpr (COLSUM) colacc[j] = dpbusd(colacc[j], ones, w[j]);  // sum of the stored q + wc
       }
 #pragma GCC unroll 4
       for (int i = 0; i < MR; ++i) {
@@ -222,20 +235,36 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
         }
       }
     }
-    alignas(32) int32_t sums[MR][kTileN];
+    alignas(32) int32_t sums[MR][kTileN], colsum_minus[kTileN];
+    alignas(32) float scale[kTileN];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(sums[i]), acc[i][0]);
       _mm256_store_si256(reinterpret_cast<__m256i*>(sums[i] + kPanel), acc[i][1]);
     }
+    const int64_t col = (tile * v.nb + b) * kTileN;  // padding channels read zeros
+    if (v.scale_half.empty()) {
+      std::memcpy(scale, v.scale.data() + col, sizeof(scale));
+    } else {
+      const __m128i* h = reinterpret_cast<const __m128i*>(v.scale_half.data() + col);
+      _mm256_store_ps(scale, _mm256_cvtph_ps(_mm_loadu_si128(h)));
+      _mm256_store_ps(scale + kPanel, _mm256_cvtph_ps(_mm_loadu_si128(h + 1)));
+    }
+    if constexpr (COLSUM) {  // colsum - kb zw = sum of (q + wc) - kb (zw + wc); padding is stored as 0
+      _mm256_store_si256(reinterpret_cast<__m256i*>(colsum_minus), colacc[0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(colsum_minus + kPanel), colacc[1]);
+      for (int64_t j = 0; j < kTileN; ++j)
+        colsum_minus[j] = static_cast<int32_t>(
+            static_cast<uint32_t>(colsum_minus[j]) -
+            static_cast<uint32_t>(kb) * static_cast<uint32_t>(v.zw_plus_wc.empty() ? v.wc : v.zw_plus_wc[col + j]));
+    }
     for (int i = 0; i < MR; ++i) {
       const int64_t m = m0 + i;
       const int32_t zxm = c.zx ? c.zx[m] : 0, rs = c.rowsum[m * v.nb + b];
-      const int64_t col = (tile * v.nb + b) * kTileN;  // padding channels read zeros
       for (int64_t j = 0; j < kTileN; ++j) {
-        const int32_t corrected = correct_block(sums[i][j], zxm, XU8 ? v.colsum_minus[col + j] : 0,
-                                                v.zw_plus_wc.empty() ? v.wc : v.zw_plus_wc[col + j], rs);
-        out[i][j] = accumulate_block(out[i][j], c.sx[m], v.scale[col + j], corrected);
+        const int32_t cm = COLSUM ? colsum_minus[j] : XU8 ? v.colsum_minus[col + j] : 0;
+        const int32_t corrected = correct_block(sums[i][j], zxm, cm, v.zw_plus_wc.empty() ? v.wc : v.zw_plus_wc[col + j], rs);
+        out[i][j] = accumulate_block(out[i][j], c.sx[m], scale[j], corrected);
       }
     }
   }
@@ -259,7 +288,12 @@ MicroFn pick_rows(int mr) {
   }
 }
 
-MicroFn pick(int mr, bool xu8, bool w4) {
+// colsum: the in-kernel column sums (asymmetric activations, several K-blocks, mr <= 2).
+MicroFn pick(int mr, bool xu8, bool w4, bool colsum = false) {
+  if (colsum) {
+    if (w4) return mr == 1 ? micro_kernel<1, true, true, true> : micro_kernel<2, true, true, true>;
+    return mr == 1 ? micro_kernel<1, true, false, true> : micro_kernel<2, true, false, true>;
+  }
   if (xu8) return w4 ? pick_rows<true, true>(mr) : pick_rows<true, false>(mr);
   return w4 ? pick_rows<false, true>(mr) : pick_rows<false, false>(mr);
 }
@@ -283,6 +317,9 @@ class AvxVnniIntLinear final : public CpuLinear {
     const Ctx c{M, q.xp, q.rowsum, q.sx, xu8 ? q.zx : nullptr, &v, bias.defined() ? bias.data<float>() : nullptr,
                 y, epilogue};
     const MicroFn full = pick(kMaxMR, xu8, w4);
+    // Decode-sized calls with blocked weights and asymmetric activations sum the weight columns in the
+    // kernel rather than read the colsum_minus table (micro_kernel).
+    const bool colsum = xu8 && v.nb > 1 && M <= 2;
     // Row chunks x runs of adjacent channel tiles; decode-sized M is one chunk, so the threads
     // split the channels. A run is one contiguous weight stream (about 8 runs per thread) where
     // tile by tile the two threads interleaved 12 KiB pieces: GPT-2 small decode ~7% faster.
@@ -293,7 +330,7 @@ class AvxVnniIntLinear final : public CpuLinear {
       for (int64_t tile = first; tile < std::min(tiles, first + run); ++tile) {
         int64_t m = m0;
         for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
-        if (m < m1) pick(static_cast<int>(m1 - m), xu8, w4)(c, m, tile);
+        if (m < m1) pick(static_cast<int>(m1 - m), xu8, w4, colsum)(c, m, tile);
       }
     });
   }
