@@ -3,7 +3,10 @@
 // vectorized on every machine without -march=native.
 #pragma once
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__)
+// Not under ASan or TSan: their instrumented ifunc resolvers run before the runtime is set up (the
+// TSan build crashed at startup in attention_values_ref's resolver).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__) && \
+    !defined(__SANITIZE_THREAD__)
 #define FQ_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FQ_MULTIVERSION
