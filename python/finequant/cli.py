@@ -271,6 +271,8 @@ def _cmd_quantize(args) -> int:
                      if getattr(args, opt) not in (None, False)}
     if args.lkd and args.distill:
         raise ValueError("--distill and --lkd are two ways of training: choose one")
+    if args.lkd or args.distill:  # training runs in torch; plain PTQ needs neither (DESIGN.md section 2)
+        hf.require_torch("--lkd" if args.lkd else "--distill")
     if given and not args.lkd and not (args.distill and set(given) == {"seed"}):
         names = [f"--{opt.replace('_', '-')}" for opt, field in _LKD_OPTIONS.items() if field in given]
         raise ValueError(f"{', '.join(names)} only apply with --lkd")
@@ -293,7 +295,7 @@ def _cmd_quantize(args) -> int:
     progress = not args.quiet
     if progress:
         print(f"reading {args.src}", file=sys.stderr)
-    model = hf.load(args.src)
+    model = hf.load(args.src, tensors="numpy")
     if args.distill:
         from .distill import check_family
 
@@ -310,16 +312,31 @@ def _cmd_quantize(args) -> int:
     elif not args.no_smooth and scheme.is_quantized:
         from . import smooth
 
-        if smooth.smoothable_parts(model, scheme):
+        if not smooth.smoothable_parts(model, scheme):
+            pass
+        elif args.smooth_alpha is None and not hf.torch_available():
+            # The calibration pass is a torch forward: without torch the default recipe quantizes as
+            # --no-smooth does, says so, and records it (docs/DESIGN.md section 2, "Quantizing without torch").
+            smoothing = {"skipped": "torch not installed"}
+            if progress:
+                print(f"note: outlier smoothing needs torch for its calibration pass ({hf.TORCH_EXTRA}): "
+                      "quantizing without it, as --no-smooth does (--no-smooth silences this note)",
+                      file=sys.stderr)
+        else:
+            if args.smooth_alpha is not None:
+                hf.require_torch("--smooth-alpha (outlier smoothing)")
             from .lkd import load_torch_model
 
+            model = model.to_torch()
             torch_model = load_torch_model(model.folder, model.family)
             alpha = smooth.DEFAULT_ALPHA if args.smooth_alpha is None else args.smooth_alpha
             smoothing = smooth.smooth_model(model, scheme, torch_model, alpha=alpha)
-            if progress:
+            if progress and smoothing:
                 ratios = ", ".join(f"{p} {r:.1f}x" for p, r in smoothing["outlier_reduction"].items())
                 print(f"smoothed activation outliers (alpha {alpha}, {smoothing['data']}): peak/mean "
                       f"input range down {ratios}", file=sys.stderr)
+    if args.lkd or args.distill:
+        model = model.to_torch()
     if args.lkd:
         from .lkd import apply
 
@@ -380,7 +397,9 @@ def _cmd_info(args) -> int:
     print(f"layers:        {info['num_layers']}")
     print(f"scheme:        {info['scheme']}")
     sm = info.get("smoothing")
-    if sm:
+    if sm and sm.get("skipped"):
+        print(f"smoothing:     skipped ({sm['skipped']})")
+    elif sm:
         print(f"smoothing:     alpha {sm.get('alpha')} on {', '.join(sm.get('parts', []))} ({sm.get('data')})")
     dist = info.get("distillation")
     if dist:
@@ -531,6 +550,13 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ValueError, NotImplementedError, OSError) as e:  # ModelFileError is a ValueError
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an optional dependency: one line naming the extra that installs it
+        missing = getattr(e, "name", None)
+        if missing in ("torch", "transformers"):
+            extra = "export" if args.command == "export" else "train"
+            e = f"finequant {args.command} needs {missing}: pip install 'finequant[{extra}]'"
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # the engine's runtime failures, e.g. no CUDA device for --device cuda

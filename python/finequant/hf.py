@@ -1,5 +1,9 @@
 """Read Hugging Face model folders into canonical fp32 tensors (docs/model-format.md).
 
+Safetensors files are read with NumPy (no torch needed: `finequant quantize` works after a plain
+`pip install .`, docs/DESIGN.md section 2 "Quantizing without torch"); `load` hands the tensors back as
+torch tensors unless asked for NumPy arrays. pytorch_model.bin checkpoints need torch.
+
 Canonical means: task-head prefixes removed (`bert.`, `transformer.`), non-parameter buffers dropped,
 GPT-2 Conv1D weights transposed to [out, in], a tied lm_head dropped. BART keeps transformers' names
 under `model.` (`model.shared.weight`, `model.encoder.layers.0.self_attn.q_proj`, ...) plus
@@ -10,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
-import torch
+import numpy as np
 
 # model_type -> family. The Llama family's variants (Mistral, Qwen2, Phi-3, Gemma, Gemma 2) are config
 # flags of one decoder (docs/DESIGN.md section 10); Phi-3 keeps its fused qkv_proj / gate_up_proj.
@@ -33,7 +37,7 @@ _GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight"
 class HFModel:
     family: str                       # "bert", "gpt2", "llama" (with its variants) or "bart"
     config: dict                      # config.json as loaded
-    tensors: Dict[str, torch.Tensor]  # canonical names -> fp32
+    tensors: Dict[str, Any]           # canonical names -> fp32 torch tensors or NumPy arrays
     folder: str = ""
     extras: dict = field(default_factory=dict)
 
@@ -48,6 +52,10 @@ class HFModel:
         """A copy with its own tensor dict: transforms that replace entries (smoothing, LKD) leave this
         model as it is; the tensors themselves are shared, not copied."""
         return replace(self, tensors=dict(self.tensors))
+
+    def to_torch(self) -> "HFModel":
+        """A copy holding torch tensors (sharing memory with NumPy arrays) for the torch steps."""
+        return replace(self, tensors=_as_torch(self.tensors))
 
 
 def num_layers(config: dict) -> int:
@@ -101,16 +109,68 @@ def read_config(folder: str) -> dict:
     return config
 
 
-def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    try:
-        return load_file(path)
+# safetensors dtype -> NumPy dtype as stored (little-endian); BF16 is read as its bits and widened.
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                 "I16": "<i2", "I8": "i1", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?"}
+TORCH_EXTRA = "pip install 'finequant[train]'"
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values given as their uint16 bits -> fp32 (exact: the bits are fp32's upper half)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """name -> NumPy array; floating-point tensors (F64, F32, F16, BF16) as fp32, others as stored."""
+    import struct
+
+    from safetensors import safe_open
+
+    try:  # safetensors validates the header and offsets (and names the problem)
+        with safe_open(path, framework="np") as f:
+            names = list(f.keys())
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if os.path.getsize(path) > 8 + n \
+            else np.zeros(0, np.uint8)
     except Exception as e:  # SafetensorError, OSError: name the file, hide the traceback
         raise ValueError(f"cannot read {path}: {e}") from None
+    out: Dict[str, np.ndarray] = {}
+    for name in names:
+        info = header[name]
+        dtype = _NUMPY_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which finequant cannot read")
+        begin, end = info["data_offsets"]
+        a = np.asarray(data[begin:end]).view(dtype).reshape(info["shape"])
+        # copies in native byte order: nothing keeps the file mapped
+        if info["dtype"] == "BF16":
+            out[name] = bf16_to_float32(a)
+        else:
+            out[name] = np.array(a, dtype=np.float32 if a.dtype.kind == "f" else a.dtype.newbyteorder("="))
+    return out
 
 
-def read_weights(folder: str) -> Dict[str, torch.Tensor]:
-    """Raw state dict from model.safetensors, a sharded safetensors index or pytorch_model.bin."""
+def _load_torch_binary(path: str) -> Dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"{path} is a torch pickle: reading it needs torch ({TORCH_EXTRA}), or convert "
+                         "the checkpoint to safetensors") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).numpy()
+            for k, v in state.items() if torch.is_tensor(v)}
+
+
+def read_weights(folder: str) -> Dict[str, np.ndarray]:
+    """Raw state dict (NumPy; floating point as fp32) from model.safetensors, a sharded safetensors
+    index or pytorch_model.bin (the last needs torch)."""
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     binary = os.path.join(folder, "pytorch_model.bin")
@@ -122,7 +182,7 @@ def read_weights(folder: str) -> Dict[str, torch.Tensor]:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"cannot read shard index {index}: {e}") from None
-        tensors: Dict[str, torch.Tensor] = {}
+        tensors: Dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             path = os.path.join(folder, shard)
             if not os.path.isfile(path):
@@ -133,15 +193,33 @@ def read_weights(folder: str) -> Dict[str, torch.Tensor]:
             raise ValueError(f"tensors listed in {index} but not in the shards: {missing[:5]}")
         return tensors
     if os.path.isfile(binary):
-        try:
-            state = torch.load(binary, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read {binary}: {e}") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"{binary} does not hold a state dict")
-        return state
+        return _load_torch_binary(binary)
     raise FileNotFoundError(f"{folder} has no model.safetensors, model.safetensors.index.json "
                             "or pytorch_model.bin")
+
+
+def torch_available() -> bool:
+    """Whether torch and transformers import (the calibration, LKD, distillation and simulation need both)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_torch(what: str) -> None:
+    """ImportError with a one-line message naming the extra to install, when torch is missing."""
+    if not torch_available():
+        raise ImportError(f"{what} needs torch and transformers: {TORCH_EXTRA}")
+
+
+def _as_torch(tensors: Dict[str, Any]) -> Dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"torch tensors need torch: {TORCH_EXTRA}") from None
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
 
 
 def _canonical_name(family: str, name: str):
@@ -188,28 +266,51 @@ def stack_of(family: str, module: str):
     return None
 
 
-def canonicalize(family: str, config: dict, raw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    out: Dict[str, torch.Tensor] = {}
+def _float32(t):
+    """t as a contiguous fp32 array / tensor of its kind, or None when it is not floating point."""
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t, dtype=np.float32) if t.dtype.kind == "f" else None
+    if not hasattr(t, "is_floating_point") or not t.is_floating_point():  # not a torch tensor, or integer
+        return None
+    import torch
+
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and bool(np.array_equal(a, b))
+    import torch
+
+    return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def canonicalize(family: str, config: dict, raw: Dict[str, Any]) -> Dict[str, Any]:
+    """Canonical fp32 tensors of a raw state dict: NumPy arrays stay NumPy, torch tensors stay torch."""
+    out: Dict[str, Any] = {}
     for name, t in raw.items():
         cname = _canonical_name(family, name)
-        if cname is None or not torch.is_tensor(t) or not t.is_floating_point():
+        if cname is None:
             continue
-        t = t.detach().to(torch.float32)
-        if family == "gpt2" and cname.endswith(_GPT2_CONV1D) and t.dim() == 2:
-            t = t.t()  # Conv1D stores [in, out]
-        out[cname] = t.contiguous()
+        t = _float32(t)
+        if t is None:
+            continue
+        if family == "gpt2" and cname.endswith(_GPT2_CONV1D) and t.ndim == 2:
+            t = t.T  # Conv1D stores [in, out]
+            t = np.ascontiguousarray(t) if isinstance(t, np.ndarray) else t.contiguous()
+        out[cname] = t
     emb = out.get(embedding_name(family))
     if family == "bart":
         # Both stacks' token embeddings are model.shared when tied (older files store the copies);
         # untied (tie_word_embeddings false in transformers 5) each stack keeps its own table.
         for name in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"):
             t = out.get(name)
-            if t is not None and emb is not None and torch.equal(t, emb):
+            if t is not None and emb is not None and _equal(t, emb):
                 del out[name]
     tied = config.get("tie_word_embeddings", family != "llama" or config.get("model_type") in ("gemma", "gemma2"))
     head = out.get("lm_head.weight")
-    if tied and head is not None and emb is not None and head.shape == emb.shape \
-            and torch.equal(head, emb):
+    if tied and head is not None and emb is not None and tuple(head.shape) == tuple(emb.shape) \
+            and _equal(head, emb):
         del out["lm_head.weight"]
     return out
 
@@ -217,31 +318,37 @@ def canonicalize(family: str, config: dict, raw: Dict[str, torch.Tensor]) -> Dic
 def copy_into_torch(model: HFModel, torch_model) -> None:
     """Write model.tensors back into the transformers model it was read from (the inverse of
     canonicalize: GPT-2's Conv1D weights transposed again), e.g. after a transform of the tensors."""
+    import torch
+
     state = torch_model.state_dict()
     with torch.no_grad():
         for name, t in state.items():
             cname = _canonical_name(model.family, name)
             if cname is None or cname not in model.tensors:
                 continue
-            src = model.tensors[cname]
+            src = torch.as_tensor(model.tensors[cname])
             if model.family == "gpt2" and cname.endswith(_GPT2_CONV1D) and src.dim() == 2:
                 src = src.t()
             t.copy_(src.to(t.dtype))
 
 
-def load(folder: str) -> HFModel:
-    """Read a Hugging Face folder (config.json + weights) into an HFModel."""
+def load(folder: str, tensors: str = "torch") -> HFModel:
+    """Read a Hugging Face folder (config.json + weights) into an HFModel whose tensors are torch
+    tensors (tensors="torch") or NumPy arrays (tensors="numpy": no torch needed)."""
+    if tensors not in ("torch", "numpy"):
+        raise ValueError(f"tensors must be 'torch' or 'numpy', got {tensors!r}")
     folder = os.fspath(folder)
     config = read_config(folder)
     family = family_of(config)
     check_config(family, config)
-    tensors = canonicalize(family, config, read_weights(folder))
+    arrays = canonicalize(family, config, read_weights(folder))
     n = num_layers(config)
-    missing = [m for m in linear_parts(family, n, config) if m + ".weight" not in tensors]
+    missing = [m for m in linear_parts(family, n, config) if m + ".weight" not in arrays]
     if missing:
         raise ValueError(f"{folder}: {len(missing)} Linear weight(s) of a {family} model with {n} "
                          f"layers are missing, e.g. {missing[0]}.weight")
-    return HFModel(family=family, config=config, tensors=tensors, folder=folder)
+    model = HFModel(family=family, config=config, tensors=arrays, folder=folder)
+    return model.to_torch() if tensors == "torch" else model
 
 
 def linear_parts(family: str, num_layers: int, config: Optional[dict] = None) -> Dict[str, str]:

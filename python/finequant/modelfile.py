@@ -1,13 +1,18 @@
-"""Write and inspect finequant model files (docs/model-format.md, format_version 1)."""
+"""Write and inspect finequant model files (docs/model-format.md, format_version 1).
+
+Torch-free: the tensors are NumPy arrays (bfloat16 ones as BF16Tensor), written by a small safetensors
+writer of our own, so `finequant quantize` needs no torch and its files are byte-identical run to run
+(docs/DESIGN.md section 2, "Quantizing without torch")."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import struct
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
-import torch
+import numpy as np
 
 from . import hf
 from .pack import pack_int4
@@ -23,12 +28,45 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
+@dataclass(frozen=True)
+class BF16Tensor:
+    """A bfloat16 tensor of a model file, held as the uint16 bits of its values (NumPy has no bfloat16)."""
+
+    bits: np.ndarray
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    def float32(self) -> np.ndarray:
+        return hf.bf16_to_float32(self.bits)
+
+
+def float32_to_bf16(x: np.ndarray) -> BF16Tensor:
+    """fp32 -> bfloat16 rounded to nearest even, as torch's .to(torch.bfloat16) rounds (NaN -> 0x7FC0)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return BF16Tensor(np.where(np.isnan(x), np.uint16(0x7FC0), bits))
+
+
+def _as_float32(t) -> np.ndarray:
+    """A model tensor (NumPy array or torch tensor) as a contiguous fp32 NumPy array."""
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t, dtype=np.float32)
+    import torch
+
+    return t.detach().to(torch.float32).cpu().contiguous().numpy()
+
+
 def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = False,
-                   errors: Optional[dict] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+                   errors: Optional[dict] = None) -> Tuple[Dict[str, Any], Dict[str, str]]:
     """Quantize the Linears of the transformer blocks; returns (tensors, metadata) ready to save.
 
-    Tensors are torch tensors (so BF16 storage is possible); quantized weights are I8 / U8 (INT4
-    packed into U8 along K). If `errors` is a dict it receives module -> relative weight error.
+    model.tensors may be NumPy arrays or torch tensors: the same NumPy code quantizes either
+    (finequant.quantize). The tensors returned are NumPy arrays (fp32, I8, U8; INT4 packed into U8
+    along K) and BF16Tensor for bf16 storage. If `errors` is a dict it receives module -> relative
+    weight error.
     """
     parts = model.linear_parts()
     if scheme.stacks and model.family not in hf.SEQ2SEQ_FAMILIES:
@@ -39,8 +77,8 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
         # The LM head gets its own quantized tensor; a tied embedding stays floating point.
         parts["lm_head"] = HEAD
         weights["lm_head"] = model.tensors.get("lm_head.weight", model.tensors.get(hf.embedding_name(model.family)))
-    float_dtype = torch.bfloat16 if scheme.float_dtype == "bf16" else torch.float32
-    out: Dict[str, torch.Tensor] = {}
+    bf16 = scheme.float_dtype == "bf16"
+    out: Dict[str, Any] = {}
     records: Dict[str, dict] = {}
     items = list(parts.items())
     if progress:
@@ -50,7 +88,8 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
         w = weights[module]
         if w is None:
             raise ValueError(f"model has no weight for Linear {module}")
-        if w.dim() != 2:
+        w = _as_float32(w)
+        if w.ndim != 2:
             raise ValueError(f"{module}.weight has shape {tuple(w.shape)}, expected 2-D")
         n, k = w.shape
         lq = scheme.for_linear(part, n, k, stack=hf.stack_of(model.family, module))
@@ -60,13 +99,10 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
             if lq.weight_bits == 4 and k % 2:
                 raise ValueError(f"INT4 packing needs an even number of columns: {module} has K={k}")
             qt = quantize_tensor(w, lq.weight_bits, lq.weight_symmetric, lq.tile, lq.half_scales)
-            q = qt.q
-            if lq.weight_bits == 4:
-                q = torch.from_numpy(pack_int4(q.numpy()))
-            out[module + ".weight"] = q.contiguous()
-            out[module + ".weight_scale"] = qt.scale.contiguous()
+            out[module + ".weight"] = pack_int4(qt.q) if lq.weight_bits == 4 else qt.q
+            out[module + ".weight_scale"] = qt.scale
             if qt.zero_point is not None:
-                out[module + ".weight_zero_point"] = qt.zero_point.contiguous()
+                out[module + ".weight_zero_point"] = np.ascontiguousarray(qt.zero_point)
             if errors is not None:
                 errors[module] = relative_error(w, dequantize(qt))
         records[module] = lq.to_json()
@@ -75,7 +111,8 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
             continue
         # Linear biases stay F32 in every scheme (docs/model-format.md); the rest follows the scheme.
         is_bias = name.endswith(".bias") and name[:-5] in records
-        out[name] = t.to(torch.float32 if is_bias else float_dtype).contiguous()
+        t = _as_float32(t)
+        out[name] = float32_to_bf16(t) if bf16 and not is_bias else t
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -87,14 +124,63 @@ def quantize_model(model: hf.HFModel, scheme: QuantScheme, progress: bool = Fals
     return out, metadata
 
 
-def save(out_dir: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
+# safetensors dtypes we write, in the order its own writer lays tensors out (larger elements first, so
+# every tensor starts aligned to its element size), then by name.
+_WRITE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL")
+_WRITE_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+                 "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8",
+                 "bool": "BOOL"}
+
+
+def _storable(name: str, t) -> Tuple[str, np.ndarray]:
+    """(safetensors dtype, little-endian contiguous NumPy array of the bytes to write) of a tensor."""
+    if isinstance(t, BF16Tensor):
+        return "BF16", np.ascontiguousarray(t.bits, dtype="<u2")
+    if not isinstance(t, np.ndarray):  # a torch tensor
+        import torch
+
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            return "BF16", np.ascontiguousarray(t.view(torch.int16).numpy().view(np.uint16), dtype="<u2")
+        t = t.numpy()
+    dtype = _WRITE_DTYPES.get(t.dtype.name)
+    if dtype is None:
+        raise ValueError(f"tensor {name}: cannot store dtype {t.dtype} in a model file")
+    return dtype, np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("<"))
+
+
+def write_safetensors(path: str, tensors: Dict[str, Any], metadata: Optional[Dict[str, str]] = None) -> None:
+    """A safetensors file laid out as the safetensors library lays it out (header JSON padded with
+    spaces to 8 bytes, data in _WRITE_ORDER then name order), with the metadata keys sorted: the same
+    tensors and metadata give the same bytes."""
+    items = sorted(((name,) + _storable(name, t) for name, t in tensors.items()),
+                   key=lambda e: (_WRITE_ORDER.index(e[1]), e[0]))
+    header: Dict[str, Any] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map strings to strings")
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for name, dtype, a in items:
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, _, a in items:
+            f.write(a.reshape(-1).view(np.uint8).data)
+
+
+def save(out_dir: str, tensors: Dict[str, Any], metadata: Dict[str, str],
          tokenizer_src: Optional[str] = None) -> str:
-    """Write out_dir/model.safetensors and copy the tokenizer files of tokenizer_src."""
-    from safetensors.torch import save_file
+    """Write out_dir/model.safetensors and copy the tokenizer files of tokenizer_src. Tensors: NumPy
+    arrays, BF16Tensor or torch tensors."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MODEL_FILE)
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
+    write_safetensors(tmp, tensors, metadata)
     os.replace(tmp, path)  # never leave a half-written model file behind
     if tokenizer_src:
         for name in hf.tokenizer_files(tokenizer_src):
@@ -112,7 +198,7 @@ def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
         raise ValueError(f"{out_dir} exists and is not empty: pass --overwrite to replace it")
 
 
-def publish(out_dir: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
+def publish(out_dir: str, tensors: Dict[str, Any], metadata: Dict[str, str],
             tokenizer_src: Optional[str] = None) -> str:
     """Write a complete model directory under a temporary name beside out_dir, then move it into place
     (replacing out_dir if it exists): an interrupted or failed run never leaves a half-written directory
@@ -144,7 +230,7 @@ def publish(out_dir: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, 
 def quantize_folder(src: str, out_dir: str, scheme: QuantScheme, progress: bool = False,
                     errors: Optional[dict] = None) -> str:
     """Read a Hugging Face folder, quantize it with `scheme` and write a finequant model dir."""
-    model = hf.load(src)
+    model = hf.load(src, tensors="numpy")
     tensors, metadata = quantize_model(model, scheme, progress=progress, errors=errors)
     return save(out_dir, tensors, metadata, tokenizer_src=src)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
 MAX_BLOCK = 4096
 
@@ -34,25 +34,39 @@ def check_block(block: int, k: int, what: str = "a Linear") -> int:
 
 def scale(block: int) -> float:
     """1/sqrt(block) as the fp32 value both the simulation and the engine multiply by."""
-    return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
+    return float(np.float32(1.0 / math.sqrt(block)))
 
 
-def hadamard_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x [..., K] (K a multiple of `block`) times blockdiag(H_b) / sqrt(b), as the engine computes it."""
+def hadamard_blocks(x, block: int):
+    """x [..., K] (K a multiple of `block`) times blockdiag(H_b) / sqrt(b), as the engine computes it.
+    x is a NumPy array (the torch-free quantize path) or a torch tensor (the simulation, LKD: the
+    same operations, differentiable); the result is of x's kind and dtype."""
     k = x.shape[-1]
     check_block(block, k)
-    lead = x.shape[:-1]
+    lead = tuple(x.shape[:-1])
+    if isinstance(x, np.ndarray):
+        stack = np.stack
+    else:
+        import torch
+
+        stack = torch.stack
     y = x.reshape(-1, k // block, block)
     h = 1
     while h < block:
         y = y.reshape(y.shape[0], k // block, block // (2 * h), 2, h)
         a, c = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + c, a - c), dim=-2)
+        y = stack((a + c, a - c), -2)
         h *= 2
-    return (y.reshape(*lead, k) * scale(block)).to(x.dtype)
+    y = y.reshape(*lead, k) * scale(block)
+    return y.astype(x.dtype, copy=False) if isinstance(x, np.ndarray) else y.to(x.dtype)
 
 
-def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
+def rotate_weight(w, block: int):
     """W H for a weight [N, K]: what the model file stores for a rotated Linear (computed in fp64,
-    rounded once to fp32). Differentiable (LKD and distillation train the unrotated weight)."""
+    rounded once to fp32). NumPy or torch; differentiable in torch (LKD and distillation train the
+    unrotated weight)."""
+    if isinstance(w, np.ndarray):
+        return hadamard_blocks(w.astype(np.float64), block).astype(np.float32)
+    import torch
+
     return hadamard_blocks(w.to(torch.float64), block).to(torch.float32)

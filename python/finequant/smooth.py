@@ -20,11 +20,12 @@ ids, or the model's own samples: lkd.make_data), recorded at each Linear's input
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from . import hf
+
+if TYPE_CHECKING:  # torch is imported where the calibration runs: smoothable_parts works without it
+    import torch
 
 # alpha: the share of the outlier range moved into the weights. SmolLM2-135M W8A8 perplexity on
 # held-out text over alpha 0.3-0.9: best at 0.7 (docs/DESIGN.md section 6, bench/results/ACCURACY.md).
@@ -68,6 +69,8 @@ def _groups(family: str, config: dict, i: int) -> List[Tuple[str, str, List[str]
 def collect_input_maxima(model: torch.nn.Module, ids: torch.Tensor, batch: int,
                          names: List[str]) -> Dict[str, torch.Tensor]:
     """max |x| per input channel of each named Linear over every token of `ids` [N, T]."""
+    import torch
+
     modules = dict(model.named_modules())
     # transformers' causal-LM classes wrap the base model (GPT-2: "transformer.h.0...", canonical "h.0...")
     prefix = "transformer." if "transformer.h.0" in modules else ""
@@ -122,6 +125,8 @@ def _heads(config: dict) -> Tuple[int, int]:
 
 def factors(config: dict, part: str, x_max: torch.Tensor, weights: List[torch.Tensor], alpha: float) -> torch.Tensor:
     """s per input channel of the consumers (their weights [N, K]) given max |x| per channel."""
+    import torch
+
     w_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
     heads, kv_heads = _heads(config)
     group = heads // kv_heads if part == "attn_out" else 1
@@ -194,6 +199,8 @@ def smooth_model(model: hf.HFModel, scheme, torch_model: torch.nn.Module, alpha:
     """Smooth every block of `model` (in place) for `scheme` and copy the result into `torch_model`
     (the same model as transformers loads it, e.g. for LKD afterwards). Returns what was done, for
     the model file's metadata."""
+    import torch
+
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha}")
     parts = smoothable_parts(model, scheme)
