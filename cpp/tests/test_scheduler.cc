@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -12,8 +13,10 @@
 #include <vector>
 
 #include "check.h"
+#include "core/thread_pool.h"
 #include "finequant/engine.h"
 #include "finequant/scheduler.h"
+#include "kernels/backend.h"
 
 using namespace finequant;
 using nlohmann::json;
@@ -153,6 +156,44 @@ void check_batched_matches_alone(bool sampled) {
 }
 
 }  // namespace
+
+// A row's keys spread over a shared cache with masked slots between them give bit for bit the
+// attention output of the same keys packed at the front: the reason a request's tokens in a batch
+// are generate's (the softmax denominator sums the valid keys in key order, DESIGN section 11).
+TEST(attention_ignores_masked_slots_bit_for_bit) {
+  const kernels::Backend& be = kernels::backend_for(Device::cpu());
+  const ExecContext ctx = be.context(ThreadPool::shared(1));
+  std::mt19937 rng(3);
+  const int64_t D = 64, H = 8, keys = 150, cap = 4 * keys;
+  Tensor q = ::fqtest::random_tensor({H, D}, rng);
+  Tensor kv = ::fqtest::random_tensor({2, keys, D}, rng, 0.f, 2.f);
+  for (int gaps : {0, 1, 3, -1}) {  // masked slots before each key (-1: 0 to 3 at random)
+    Tensor kc = ::fqtest::random_tensor({cap, D}, rng, 0.f, 5.f), vc = ::fqtest::random_tensor({cap, D}, rng);
+    std::vector<uint8_t> valid(cap, 0);
+    int64_t slot = 0;
+    for (int64_t j = 0; j < keys; ++j) {
+      slot += gaps >= 0 ? gaps : std::uniform_int_distribution<int>(0, 3)(rng);
+      std::copy(kv.data<float>() + j * D, kv.data<float>() + (j + 1) * D, kc.data<float>() + slot * D);
+      std::copy(kv.data<float>() + (keys + j) * D, kv.data<float>() + (keys + j + 1) * D, vc.data<float>() + slot * D);
+      valid[slot++] = 1;
+    }
+    Tensor out = Tensor::zeros(DType::F32, {1, H * D});
+    kernels::AttentionArgs a;
+    a.q = kernels::HeadView{q.data<float>(), H * D, D, D};
+    a.k = kernels::HeadView{kc.data<float>(), cap * D, 0, D};
+    a.v = kernels::HeadView{vc.data<float>(), cap * D, 0, D};
+    a.out = out.data<float>();
+    a.B = 1, a.H = H, a.KVH = 1, a.Tq = 1, a.Tk = slot, a.D = D;
+    a.key_valid = valid.data();
+    a.key_valid_stride = cap;
+    a.causal_offset = slot - 1;
+    a.scale = 0.125f;
+    be.attention(ctx, a);
+    static std::vector<float> packed;
+    if (gaps == 0) packed.assign(out.data<float>(), out.data<float>() + H * D);
+    else CHECK(std::memcmp(packed.data(), out.data<float>(), H * D * sizeof(float)) == 0);
+  }
+}
 
 TEST(greedy_requests_match_generate_alone) { check_batched_matches_alone(false); }
 

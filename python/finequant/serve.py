@@ -278,7 +278,7 @@ class Server:
         while not self._closed.is_set():
             if not s.wait_for_work(0.05):
                 continue
-            s.step()
+            s.step()  # a failing step ends its requests with an 'error' event; it does not raise
             events = s.poll()
             with self._lock:
                 for request, token, finish, error in events:

@@ -500,3 +500,10 @@ def test_openai_client(gpt2, bert):
     emb = openai.OpenAI(base_url=f"http://127.0.0.1:{bert.port}/v1", api_key="unused").embeddings.create(
         model="tiny-bert", input=["the cat sat"])
     np.testing.assert_allclose(emb.data[0].embedding, bert.server.engine.embed("the cat sat"), atol=1e-5)
+
+
+def test_cli_serve_refuses_a_missing_model(tmp_path, capsys):
+    from finequant.cli import main
+
+    assert main(["serve", str(tmp_path / "nowhere"), "--port", "1"]) == 2
+    assert "finequant: error:" in capsys.readouterr().err

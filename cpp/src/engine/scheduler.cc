@@ -3,7 +3,7 @@
 // The cache has `slots` rows and one length L (the append index of Decoder::step). Row r holds the
 // keys and values of the request in slot r at the cache positions key_valid marks; the rest are
 // gaps the attention masks. A decode step appends every running row's pending token at L. An
-// admitted request is prefilled on its own cache (all admitted together, right-padded) and its
+// admitted request is prefilled on its own cache (with the admitted prompts of its length) and its
 // prompt's keys/values are copied into its row, ending at L (L grows first when the prompt is
 // longer). When L reaches the capacity, every row's live keys move to the front (compaction).
 #include "finequant/scheduler.h"
@@ -369,7 +369,16 @@ bool Scheduler::step() {
   const std::shared_ptr<ThreadPool> pool = s.engine.current_pool();
   const ExecContext ctx = backend.context(*pool);
   try {
-    if (!admitted.empty()) s.prefill(ctx, admitted);
+    // Prompts of one length prefill together: padding would change a shorter prompt's kernels (the
+    // attention's query blocking) and so its bits, and its tokens would no longer be generate's.
+    std::stable_sort(admitted.begin(), admitted.end(),
+                     [&](int64_t a, int64_t b) { return s.rows[a]->prompt.size() < s.rows[b]->prompt.size(); });
+    for (size_t i = 0; i < admitted.size();) {
+      size_t end = i;
+      while (end < admitted.size() && s.rows[admitted[end]]->prompt.size() == s.rows[admitted[i]]->prompt.size()) ++end;
+      s.prefill(ctx, std::vector<int64_t>(admitted.begin() + i, admitted.begin() + end));
+      i = end;
+    }
     s.decode(ctx);
   } catch (const std::exception& e) {
     s.fail_all(e.what());

@@ -144,15 +144,27 @@ FQ_AVX512 bool attention_softmax_avx512(float* p, const uint8_t* valid, int64_t 
     return false;
   }
   const __m512 vmx = _mm512_set1_ps(mx);
+  // The denominator sums the valid keys' exponentials in key order, 16 at a time, wherever the keys
+  // sit: masked slots between them (padding, another request's turn in a shared cache, DESIGN section
+  // 11) do not shift the lanes, so a sequence gets the same bits with or without gaps.
   __m512 sum = _mm512_setzero_ps();
+  alignas(64) float packed[32];
+  int filled = 0;
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = mask_at(j);
     const __mmask16 in = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
     const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + j), vscale), vmx);
     const __m512 e = _mm512_maskz_mov_ps(m, exp_v(x));
-    sum = _mm512_add_ps(sum, e);
+    _mm512_storeu_ps(packed + filled, _mm512_maskz_compress_ps(m, e));  // register compress: fast everywhere
+    filled += __builtin_popcount(m);
+    if (filled >= 16) {
+      sum = _mm512_add_ps(sum, _mm512_load_ps(packed));
+      _mm512_store_ps(packed, _mm512_load_ps(packed + 16));
+      filled -= 16;
+    }
     _mm512_mask_storeu_ps(p + j, in, e);
   }
+  sum = _mm512_add_ps(sum, _mm512_maskz_load_ps(static_cast<__mmask16>((1u << filled) - 1), packed));
   const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 in = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
