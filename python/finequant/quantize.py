@@ -15,8 +15,6 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .schemes import LinearQuant
-
 
 @dataclass
 class QTensor:
