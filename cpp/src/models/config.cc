@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 
 #include <nlohmann/json.hpp>
 
@@ -13,20 +15,43 @@ namespace {
 
 using json = nlohmann::json;
 
-int64_t get_int(const json& j, const char* key) {
+// Sizes past these are refused while parsing (docs/DESIGN.md, Reliability): products of sizes stay far
+// from int64 overflow, and per-layer tables are allocated before the engine's memory check runs. Whether
+// a model that passes fits the machine is that check's business (engine/memory.h).
+constexpr int64_t kMaxSize = int64_t{1} << 40;
+constexpr int64_t kMaxLayers = int64_t{1} << 16;
+
+int64_t get_int(const json& j, const char* key, int64_t max = kMaxSize) {
   FQ_CHECK(j.contains(key) && j[key].is_number_integer(), ErrorKind::ModelFormat,
            std::string("config: missing or non-integer field '") + key + "'");
   const int64_t v = j[key].get<int64_t>();
   FQ_CHECK(v > 0, ErrorKind::ModelFormat, std::string("config: '") + key + "' must be positive");
+  FQ_CHECK(v <= max, ErrorKind::ModelFormat,
+           std::string("config: '") + key + "' = " + std::to_string(v) + " exceeds the limit " + std::to_string(max));
   return v;
 }
 
+// An optional field; integers must be JSON integers and floating-point values finite numbers that fit
+// T (nlohmann's get would convert 1e300 to an integer or a float with undefined behaviour).
 template <class T> T get_or(const json& j, const char* key, T fallback) {
   if (!j.contains(key) || j[key].is_null()) return fallback;
-  try {
-    return j[key].get<T>();
-  } catch (const json::exception&) {
-    fail(ErrorKind::ModelFormat, std::string("config: field '") + key + "' has the wrong type");
+  const json& v = j[key];
+  const std::string wrong = std::string("config: field '") + key + "' has the wrong type";
+  if constexpr (std::is_same_v<T, bool> || std::is_same_v<T, std::string>) {
+    try {
+      return v.get<T>();
+    } catch (const json::exception&) {
+      fail(ErrorKind::ModelFormat, wrong);
+    }
+  } else if constexpr (std::is_integral_v<T>) {
+    FQ_CHECK(v.is_number_integer(), ErrorKind::ModelFormat, wrong + " (an integer is expected)");
+    return v.get<T>();
+  } else {
+    FQ_CHECK(v.is_number(), ErrorKind::ModelFormat, wrong + " (a number is expected)");
+    const double d = v.get<double>();
+    FQ_CHECK(std::isfinite(d) && std::fabs(d) <= static_cast<double>(std::numeric_limits<T>::max()),
+             ErrorKind::ModelFormat, std::string("config: field '") + key + "' is out of range");
+    return static_cast<T>(d);
   }
 }
 
@@ -160,9 +185,9 @@ void parse_llama_family(const json& j, ModelConfig& c) {
                "' is not supported by the llama decoder (llama, mistral, qwen2, phi3, gemma, gemma2)");
   const bool gemma = mt == "gemma" || mt == "gemma2";
   c.hidden_size = get_int(j, "hidden_size");
-  c.num_layers = get_int(j, "num_hidden_layers");
+  c.num_layers = get_int(j, "num_hidden_layers", kMaxLayers);
   c.num_heads = get_int(j, "num_attention_heads");
-  c.num_kv_heads = get_or<int64_t>(j, "num_key_value_heads", c.num_heads);
+  c.num_kv_heads = has(j, "num_key_value_heads") ? get_int(j, "num_key_value_heads") : c.num_heads;
   c.intermediate_size = get_int(j, "intermediate_size");
   c.max_positions = get_int(j, "max_position_embeddings");
   c.norm_eps = get_or<float>(j, "rms_norm_eps", mt == "phi3" ? 1e-5f : 1e-6f);
@@ -189,7 +214,9 @@ void parse_llama_family(const json& j, ModelConfig& c) {
   }
   if (mt == "gemma2") {
     c.sandwich_norms = true;
-    c.query_scale = static_cast<float>(std::pow(get_or<double>(j, "query_pre_attn_scalar", 256.0), -0.5));
+    const double query_pre_attn_scalar = get_or<double>(j, "query_pre_attn_scalar", 256.0);
+    FQ_CHECK(query_pre_attn_scalar > 0, ErrorKind::ModelFormat, "gemma2: query_pre_attn_scalar must be positive");
+    c.query_scale = static_cast<float>(std::pow(query_pre_attn_scalar, -0.5));
     c.attn_softcap = get_or<float>(j, "attn_logit_softcapping", 0.f);
     c.final_softcap = get_or<float>(j, "final_logit_softcapping", 0.f);
     FQ_CHECK(c.attn_softcap >= 0 && c.final_softcap >= 0, ErrorKind::ModelFormat, "gemma2: soft-capping must be >= 0");
@@ -213,20 +240,20 @@ ModelConfig ModelConfig::parse(const std::string& architecture, const std::strin
   c.vocab_size = get_int(j, "vocab_size");
   if (architecture == "bert") {
     c.hidden_size = get_int(j, "hidden_size");
-    c.num_layers = get_int(j, "num_hidden_layers");
+    c.num_layers = get_int(j, "num_hidden_layers", kMaxLayers);
     c.num_heads = get_int(j, "num_attention_heads");
     c.intermediate_size = get_int(j, "intermediate_size");
     c.max_positions = get_int(j, "max_position_embeddings");
-    c.type_vocab_size = get_or<int64_t>(j, "type_vocab_size", 2);
+    c.type_vocab_size = has(j, "type_vocab_size") ? get_int(j, "type_vocab_size") : 2;
     c.norm_eps = get_or<float>(j, "layer_norm_eps", 1e-12f);
     c.hidden_act = get_or<std::string>(j, "hidden_act", "gelu");
     const std::string pos = get_or<std::string>(j, "position_embedding_type", "absolute");
     FQ_CHECK(pos == "absolute", ErrorKind::Unsupported, "bert: position_embedding_type '" + pos + "' is not supported");
   } else if (architecture == "gpt2") {
     c.hidden_size = get_int(j, "n_embd");
-    c.num_layers = get_int(j, "n_layer");
+    c.num_layers = get_int(j, "n_layer", kMaxLayers);
     c.num_heads = get_int(j, "n_head");
-    c.intermediate_size = get_or<int64_t>(j, "n_inner", 4 * c.hidden_size);
+    c.intermediate_size = has(j, "n_inner") ? get_int(j, "n_inner") : 4 * c.hidden_size;
     c.max_positions = get_int(j, "n_positions");
     c.norm_eps = get_or<float>(j, "layer_norm_epsilon", 1e-5f);
     c.hidden_act = get_or<std::string>(j, "activation_function", "gelu_new");
@@ -238,10 +265,10 @@ ModelConfig ModelConfig::parse(const std::string& architecture, const std::strin
     parse_llama_family(j, c);
   } else if (architecture == "bart") {
     c.hidden_size = get_int(j, "d_model");
-    c.num_layers = get_int(j, "encoder_layers");
+    c.num_layers = get_int(j, "encoder_layers", kMaxLayers);
     c.num_heads = get_int(j, "encoder_attention_heads");
     c.intermediate_size = get_int(j, "encoder_ffn_dim");
-    c.decoder_layers = get_int(j, "decoder_layers");
+    c.decoder_layers = get_int(j, "decoder_layers", kMaxLayers);
     c.decoder_heads = get_int(j, "decoder_attention_heads");
     c.decoder_intermediate_size = get_int(j, "decoder_ffn_dim");
     c.max_positions = get_int(j, "max_position_embeddings");
@@ -280,6 +307,7 @@ ModelConfig ModelConfig::parse(const std::string& architecture, const std::strin
     FQ_CHECK(c.hidden_size % c.num_heads == 0, ErrorKind::ModelFormat, "config: hidden size not divisible by heads");
     c.head_dim = c.hidden_size / c.num_heads;
   }
+  FQ_CHECK(c.norm_eps >= 0, ErrorKind::ModelFormat, "config: the norm epsilon must be >= 0");
   FQ_CHECK(c.num_heads % c.num_kv_heads == 0, ErrorKind::ModelFormat,
            "config: num_attention_heads must be a multiple of num_key_value_heads");
   FQ_CHECK(architecture != "llama" || c.head_dim % 2 == 0, ErrorKind::ModelFormat, "config: RoPE needs an even head_dim");
