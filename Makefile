@@ -4,6 +4,7 @@
 #   make bench  install the peers, run bench/ (GEMM, BERT, decode, serve) and write bench/results/RESULTS.md
 #   make study  accuracy of every scheme, PTQ and LKD, on the real models: bench/results/ACCURACY.md
 #   make gpu-check  on a machine with an NVIDIA GPU: build with CUDA, GPU tests, short benchmark
+#   make test-sanitize / test-tsan / fuzz   reliability checks (docs/DESIGN.md, Reliability)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ PIP := $(PY) -m pip
 JOBS ?= 2
 export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
 
-.PHONY: setup build install demo test test-python test-cpp bench study gpu-check clean
+.PHONY: setup build install demo test test-python test-cpp bench study gpu-check clean test-sanitize test-tsan fuzz
 
 $(VENV)/.deps: pyproject.toml constraints-dev.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +72,47 @@ study: install
 
 gpu-check:
 	bash scripts/gpu-check.sh
+
+# ---- reliability (docs/DESIGN.md, Reliability) ------------------------------------------------
+# ASan + UBSan (any finding aborts): the library, the C++ tests and the Python extension in build/asan;
+# ctest, then the Python tests that drive the C++ through the binding, with the ASan runtime (and
+# libstdc++, so that ASan's exception interceptor finds it) preloaded into the interpreter. CPython
+# and torch leak by design: leak checking is on for the C++ tests only. --capture=sys keeps a
+# report visible when the process aborts.
+SANITIZE_PYTESTS ?= tests/python/test_runtime.py tests/python/test_engine_api.py tests/python/test_reader_fuzz.py \
+	tests/python/test_memory_limits.py tests/python/test_threads.py tests/python/test_concurrency.py \
+	tests/python/test_engine.py
+SANITIZE_CMAKE = -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFINEQUANT_CUDA=OFF -DFINEQUANT_BUILD_TESTS=ON \
+	$(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+UBSAN_ENV = UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+test-sanitize: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake -S . -B build/asan $(SANITIZE_CMAKE) -DFINEQUANT_SANITIZE=address,undefined \
+	  -DFINEQUANT_BUILD_PYTHON=ON -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) -DPython_EXECUTABLE=$(CURDIR)/$(PY) >/dev/null
+	cmake --build build/asan -j $(JOBS)
+	cd build/asan && ASAN_OPTIONS=detect_leaks=1:strict_string_checks=1 $(UBSAN_ENV) ctest --output-on-failure
+	rm -rf build/asan/py && mkdir -p build/asan/py/finequant
+	ln -sf $(CURDIR)/python/finequant/*.py build/asan/py/finequant/ && ln -sf $(CURDIR)/build/asan/_core*.so build/asan/py/finequant/
+	FINEQUANT_CUDA=OFF ASAN_OPTIONS=detect_leaks=0 $(UBSAN_ENV) PYTHONPATH=$(CURDIR)/build/asan/py \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	  $(PY) -m pytest -q --capture=sys -p no:cacheprovider $(SANITIZE_PYTESTS)
+
+# ThreadSanitizer over the concurrent C++ tests: the thread pool and one Engine shared by 8 threads.
+TSAN_TESTS ?= test_thread_pool test_engine_threads
+test-tsan:
+	cmake -S . -B build/tsan $(SANITIZE_CMAKE) -DFINEQUANT_SANITIZE=thread -DFINEQUANT_BUILD_PYTHON=OFF >/dev/null
+	cmake --build build/tsan -j $(JOBS) --target $(TSAN_TESTS)
+	cd build/tsan && for t in $(TSAN_TESTS); do TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 ./$$t || exit 1; done
+
+# libFuzzer targets (fuzz/; clang, ASan + UBSan), each run for FUZZ_SECONDS on a copy of its seed corpus
+# (fuzz/corpus/<target>); a crash, hang (-timeout), leak or sanitizer report fails the run and leaves the
+# input in build/fuzz/artifacts. FUZZ_TARGETS picks some.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= fuzz_model_file fuzz_config fuzz_engine_api
+fuzz:
+	CXX=clang++ cmake -S . -B build/fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFINEQUANT_CUDA=OFF \
+	  $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache) -DFINEQUANT_FUZZ=ON -DFINEQUANT_SANITIZE=address,undefined >/dev/null
+	cmake --build build/fuzz -j $(JOBS) --target $(FUZZ_TARGETS)
+	bash fuzz/run.sh build/fuzz $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 clean:
 	rm -rf build dist *.egg-info

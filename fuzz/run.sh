@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs libFuzzer targets for a fixed time each: fuzz/run.sh BUILD_DIR SECONDS TARGET...
+# Each target starts from a copy of its committed seeds (fuzz/corpus/<target>) plus what earlier runs
+# in BUILD_DIR found; a crash, hang, leak, out-of-memory or sanitizer report stops the run with the
+# input saved under BUILD_DIR/artifacts/<target>/. Prints executions and executions/s per target.
+set -euo pipefail
+build=$1 seconds=$2
+shift 2
+here="$(cd "$(dirname "$0")" && pwd)"
+status=0
+summary=""
+for target in "$@"; do
+  work="$build/corpus/$target" artifacts="$build/artifacts/$target"
+  mkdir -p "$work" "$artifacts"
+  extra=()
+  [[ $target == fuzz_config ]] && extra+=(-dict="$here/config.dict")
+  log="$build/$target.log"
+  echo "== $target: $seconds s (log $log)"
+  # -timeout: one input taking 10 s is a hang; -rss_limit_mb / -malloc_limit_mb: a 2 GiB allocation is a finding.
+  if ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+      "$build/fuzz/$target" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
+      -print_final_stats=1 -artifact_prefix="$artifacts/" "${extra[@]}" "$work" "$here/corpus/$target" >"$log" 2>&1; then
+    result=ok
+  else
+    result="FAILED (see $log, input in $artifacts/)"
+    status=1
+    grep -m1 -A12 -E "ERROR|runtime error|deadly signal|Test unit written" "$log" || tail -20 "$log"
+  fi
+  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+  line="$target: ${runs:-?} executions, ${rate:-?} exec/s, $result"
+  echo "$line"
+  summary+="$line"$'\n'
+done
+echo "== fuzz summary ($seconds s per target)"
+printf '%s' "$summary"
+exit $status
