@@ -135,6 +135,16 @@ def _build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a finequant model directory")
     i.add_argument("path", metavar="OUT", help="finequant model directory or model.safetensors")
 
+    tu = sub.add_parser("tune", help="time each GEMM part as stored (integer) and weight-only (fp32/bf16) per "
+                        "token-count bucket on this machine and write MODEL/strategy.json, which the engine reads")
+    tu.add_argument("model", metavar="MODEL", help="finequant model directory")
+    tu.add_argument("--threads", type=_positive_int, help="CPU threads to tune for (default: the engine's default)")
+    tu.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds per case, best kept (default 3)")
+    tu.add_argument("--margin", type=float, default=0.05,
+                    help="a float kernel must be this much faster at every measured M of a bucket (default 0.05)")
+    tu.add_argument("--no-accuracy", action="store_true", help="skip measuring each part's effect on the output")
+    tu.add_argument("-o", "--output", metavar="FILE", help="where to write the table (default MODEL/strategy.json)")
+
     ex = sub.add_parser("export", help="write a finequant model as a compressed-tensors checkpoint that vLLM "
                         "and transformers load (needs torch; pip install finequant[export])")
     ex.add_argument("model", metavar="MODEL", help="finequant model directory")
@@ -415,6 +425,22 @@ def _cmd_info(args) -> int:
     print(f"file size:     {_fmt_bytes(info['file_size'])}")
     print(f"fp32 size:     {_fmt_bytes(info['fp32_bytes'])}")
     print(f"compression:   {info['compression']:.2f}x vs fp32")
+    from .tune import STRATEGY_FILE, describe, model_folder, read_table
+
+    table_path = os.path.join(model_folder(args.path), STRATEGY_FILE)
+    if os.path.isfile(table_path):
+        for line in describe(read_table(table_path)):
+            print(line)
+    else:
+        print("strategy:      none (every GEMM as stored; `finequant tune` measures per-shape choices)")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from .tune import tune
+
+    tune(args.model, threads=args.threads or 0, rounds=args.rounds, margin=args.margin,
+         accuracy=not args.no_accuracy, output=args.output)
     return 0
 
 
@@ -534,7 +560,8 @@ def _cmd_inspect(args) -> int:
 
 
 COMMANDS = {"quantize": _cmd_quantize, "info": _cmd_info, "run": _cmd_run, "embed": _cmd_embed, "ppl": _cmd_ppl,
-            "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export, "serve": _cmd_serve}
+            "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export, "serve": _cmd_serve,
+            "tune": _cmd_tune}
 
 
 def main(argv=None) -> int:

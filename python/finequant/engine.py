@@ -61,16 +61,22 @@ class Engine:
     """
 
     def __init__(self, model_dir: str, threads: Optional[int] = None, device: str = "cpu",
-                 float_precision: str = "fp32", max_memory: int = 0):
+                 float_precision: str = "fp32", max_memory: int = 0, strategy: str = "auto"):
         """float_precision: how Linears with floating-point inputs (fp32 models, weight-only schemes,
         an unquantized LM head) multiply. "fp32": exact fp32 products. "bf16": the weight stored as
         bf16 (half its memory and of the bytes a decode step reads), the inputs rounded to bf16, fp32
         sums; used on CPUs with AVX512-BF16, elsewhere (and on CUDA) those Linears stay fp32.
         max_memory: bytes the weights plus one call's estimated working memory may take; a load or
         call that would need more raises MemoryError naming the limit (0: the physical memory
-        available at the time)."""
+        available at the time).
+        strategy: the per-shape kernel table `finequant tune` writes (docs/DESIGN.md section 12):
+        "auto" uses strategy.json in the model directory when it was measured on this CPU (else it is
+        ignored, see strategy_note), "off" runs every GEMM as stored, or a table's path. A table may
+        run some integer GEMMs weight-only (dequantized weights, float activations): faster where it
+        says so, with the numerics of a weight-only model for those parts."""
         self.path = resolve_model(model_dir)
-        self._engine = _core._Engine.load(self.path, threads or 0, device, float_precision, int(max_memory))
+        self._engine = _core._Engine.load(self.path, threads or 0, device, float_precision, int(max_memory),
+                                          strategy)
         self.float_precision = float_precision
         folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
         tok = os.path.join(folder, "tokenizer.json")
@@ -97,6 +103,12 @@ class Engine:
     backend = property(lambda self: self._engine.backend, doc='the kernels in use, e.g. "cpu (avx2)"')
     max_memory = property(lambda self: self._engine.max_memory, doc="bytes a load or call may take (0: available memory)")
     weight_memory = property(lambda self: self._engine.weight_memory, doc="estimated bytes of the loaded weights")
+    strategy = property(lambda self: self._engine.strategy_summary,
+                        doc="the per-shape strategy in use, one line per part ('' when none)")
+    strategy_note = property(lambda self: self._engine.strategy_note,
+                             doc="why a strategy table was ignored ('' when none was)")
+    strategy_memory = property(lambda self: self._engine.strategy_memory,
+                               doc="bytes of the weight-only weight copies the strategy table made")
 
     def call_memory(self, batch: int, tokens: int, max_new_tokens: int = 0) -> int:
         """Estimated working memory (bytes) of a forward (max_new_tokens=0) or generate call on

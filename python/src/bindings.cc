@@ -257,7 +257,7 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PyLinear>(m, "Linear", "One linear layer y = act(x W^T + b) exactly as the engine runs it.")
       .def(py::init([](const py::array& weight, int weight_bits, bool weight_symmetric, int64_t tile_rows,
                        int64_t tile_cols, int act_bits, bool act_symmetric, py::object bias, const std::string& activation,
-                       const std::string& device, int64_t rotation) {
+                       const std::string& device, int64_t rotation, const std::string& precision) {
              const Borrowed w = from_numpy(weight, "weight", {DType::F32}, 2);
              kernels::LinearWeights lw;
              if (!bias.is_none()) {
@@ -281,6 +281,9 @@ PYBIND11_MODULE(_core, m) {
                lw.act = QuantSpec{act_bits, act_symmetric};
              }
              lw.rotation = rotation;  // Linear::create checks it
+             if (precision != "fp32" && precision != "bf16")
+               throw py::value_error("precision must be 'fp32' or 'bf16', got '" + precision + "'");
+             lw.precision = precision == "bf16" ? kernels::FloatPrecision::BF16 : kernels::FloatPrecision::F32;
              const Device d = Device::parse(device);
              py::gil_scoped_release nogil;
              return PyLinear{Linear::create(kernels::backend_for(d), lw, ThreadPool::shared(0)), d};
@@ -288,12 +291,13 @@ PYBIND11_MODULE(_core, m) {
            py::arg("weight"), py::arg("weight_bits") = 0, py::arg("weight_symmetric") = true, py::arg("tile_rows") = 1,
            py::arg("tile_cols") = 0, py::arg("act_bits") = 0, py::arg("act_symmetric") = true,
            py::arg("bias") = py::none(), py::arg("activation") = "none", py::arg("device") = "cpu",
-           py::arg("rotation") = 0,
+           py::arg("rotation") = 0, py::arg("precision") = "fp32",
            "weight float32 [N, K], quantized with the math contract when weight_bits is 4 or 8 (tile_cols 0: per "
            "channel); act_bits 0 keeps float inputs (weight-only), 4/8 quantizes the rows token-wise. The kernel is "
            "chosen at construction (CPU: the one the active ISA selects, see set_isa; device 'cuda[:N]': the CUDA "
            "backend's). rotation b > 0: the input rows are rotated by blockdiag(H_b) / sqrt(b) before the GEMM "
-           "(the weight given is then W H, see finequant.rotate).")
+           "(the weight given is then W H, see finequant.rotate). precision 'bf16': a floating-point Linear multiplies "
+           "bf16 operands (AVX512-BF16 CPUs; elsewhere fp32), as EngineOptions::float_precision.")
       .def(
           "forward",
           [](const PyLinear& l, const py::array& x) {
@@ -363,6 +367,9 @@ PYBIND11_MODULE(_core, m) {
       "set_isa", [](const std::string& name) { kernels::force_isa(name); }, py::arg("name"),
       "Force the CPU kernels' instruction-set level for Linears built from now on and for attention ('auto' "
       "restores the default; a level the CPU lacks falls back to the next lower one).");
+  m.def(
+      "strategy_machine", []() { return py::make_tuple(machine_cpu_name(), machine_backend_name()); },
+      "(cpu name, CPU backend name): the machine a strategy table from `finequant tune` belongs to.");
   m.def("active_isa", []() { return std::string(kernels::isa_name(kernels::active_isa())); });
   m.def(
       "bf16_available", []() { return kernels::bf16_kernel_eligible(kernels::active_isa()); },

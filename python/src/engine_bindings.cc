@@ -65,8 +65,9 @@ void bind_engine(py::module_& m) {
       .def_static(
           "load",
           [](const std::string& path, int threads, const std::string& device, const std::string& float_precision,
-             int64_t max_memory) {
+             int64_t max_memory, const std::string& strategy) {
             finequant::EngineOptions options;
+            options.strategy = strategy;
             options.threads = threads;
             options.device = device;
             options.float_precision = float_precision;
@@ -75,7 +76,7 @@ void bind_engine(py::module_& m) {
             return Engine::load(path, options);
           },
           py::arg("path"), py::arg("threads") = 0, py::arg("device") = "cpu", py::arg("float_precision") = "fp32",
-          py::arg("max_memory") = 0)
+          py::arg("max_memory") = 0, py::arg("strategy") = "auto")
       .def(
           "forward",
           [](const Engine& e, const py::array& ids, std::optional<py::array> mask) {
@@ -153,6 +154,9 @@ void bind_engine(py::module_& m) {
       .def_property("threads", &Engine::threads, &Engine::set_threads)
       .def_property_readonly("max_memory", &Engine::max_memory)
       .def_property_readonly("weight_memory", &Engine::weight_memory)
+      .def_property_readonly("strategy_summary", &Engine::strategy_summary)
+      .def_property_readonly("strategy_note", &Engine::strategy_note)
+      .def_property_readonly("strategy_memory", &Engine::strategy_memory)
       .def("call_memory", &Engine::call_memory, py::arg("batch"), py::arg("tokens"), py::arg("max_new_tokens") = 0,
            "Estimated working memory (bytes) of a forward (max_new_tokens 0) or generate call on [batch, tokens]");
   bind_scheduler(m);

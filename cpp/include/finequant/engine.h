@@ -26,6 +26,11 @@ struct EngineOptions {
   // Error(ResourceLimit) naming the limit instead of running out of memory. 0: the physical memory
   // available at the time (docs/DESIGN.md, Reliability). Each of several concurrent calls is checked alone.
   int64_t max_memory = 0;
+  // Per-shape strategy table (docs/DESIGN.md section 12, written by `finequant tune`): "auto" reads
+  // strategy.json in the model directory when there is one, "off" ignores any table, else a path
+  // (missing or corrupt: Error). A table measured on another CPU or ISA is ignored with a note
+  // (strategy_note()). The table may run some integer GEMMs weight-only (an accuracy choice it records).
+  std::string strategy = "auto";
 };
 
 struct GenerationOptions {
@@ -92,6 +97,11 @@ class Engine {
   // Estimated bytes of the loaded weights, and of one call on [batch, tokens] inputs (generate:
   // with max_new_tokens new tokens, bounded by max_positions; forward: max_new_tokens 0).
   int64_t weight_memory() const;
+  // The strategy in use, one line per part ("" when none), and why a table was not used ("" when
+  // it was, or there was none); bytes of the weight-only copies the table made.
+  std::string strategy_summary() const;
+  const std::string& strategy_note() const;
+  int64_t strategy_memory() const;
   int64_t call_memory(int64_t batch, int64_t tokens, int64_t max_new_tokens = 0) const;
 
  private:

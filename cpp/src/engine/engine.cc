@@ -116,6 +116,32 @@ void check_call_memory(const Model& model, const MemoryLimits& limits, const std
 
 }  // namespace
 
+// The strategy table EngineOptions::strategy names, when it was measured on this machine
+// (docs/DESIGN.md section 12).
+static void load_strategy(const std::string& model_path, const std::string& option, Device device,
+                          std::unique_ptr<StrategyTable>& strategy, std::string& note) {
+  if (option == "off") return;
+  std::string table_path = option;
+  if (option == "auto") {
+    struct stat st {};
+    const bool dir = ::stat(model_path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+    const size_t slash = model_path.rfind('/');
+    table_path = dir ? model_path + "/strategy.json"
+                 : slash == std::string::npos ? std::string("strategy.json")
+                                              : model_path.substr(0, slash) + "/strategy.json";
+    if (::stat(table_path.c_str(), &st) != 0) return;
+  }
+  StrategyTable table = StrategyTable::read(table_path);
+  if (!device.is_cpu()) {
+    note = table_path + " ignored: tables are measured for the CPU backend";
+  } else if (table.cpu != machine_cpu_name() || table.backend != machine_backend_name()) {
+    note = table_path + " ignored: measured on '" + table.cpu + "' / " + table.backend + ", this is '" +
+                         machine_cpu_name() + "' / " + machine_backend_name() + " (rerun `finequant tune`)";
+  } else {
+    strategy = std::make_unique<StrategyTable>(std::move(table));
+  }
+}
+
 Tensor host_logits(const kernels::Backend& backend, const ExecContext& ctx, const Tensor& t) {
   Tensor host = t.to(Device::cpu());
   backend.finish(ctx);
@@ -155,7 +181,8 @@ std::unique_ptr<Engine> Engine::load(const std::string& path, EngineOptions opti
   check_memory("loading " + path, impl->weight_bytes + one.total(),
                "weights " + format_bytes(impl->weight_bytes) + ", a one-token call " + format_bytes(one.total()),
                memory_limit(options.max_memory), options.max_memory);
-  impl->model = build_model(impl->file, *backend, *impl->pool, precision);
+  load_strategy(path, options.strategy, device, impl->strategy, impl->strategy_note);
+  impl->model = build_model(impl->file, *backend, *impl->pool, precision, impl->strategy.get());
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 
@@ -270,6 +297,9 @@ std::string Engine::backend_name() const { return impl_->model->backend().name()
 int Engine::threads() const { return impl_->threads; }
 int64_t Engine::max_memory() const { return impl_->max_memory; }
 int64_t Engine::weight_memory() const { return static_cast<int64_t>(impl_->weight_bytes); }
+std::string Engine::strategy_summary() const { return impl_->strategy ? impl_->strategy->describe() : std::string(); }
+const std::string& Engine::strategy_note() const { return impl_->strategy_note; }
+int64_t Engine::strategy_memory() const { return impl_->strategy ? impl_->strategy->alternative_bytes : 0; }
 int64_t Engine::call_memory(int64_t batch, int64_t tokens, int64_t max_new_tokens) const {
   FQ_CHECK_ARG(batch > 0 && tokens > 0 && max_new_tokens >= 0,
                "call_memory needs batch > 0, tokens > 0 and max_new_tokens >= 0");

@@ -5,6 +5,7 @@
 #include "core/thread_pool.h"
 #include "finequant/engine.h"
 #include "finequant/model_file.h"
+#include "layers/strategy.h"
 #include "models/model.h"
 
 namespace finequant {
@@ -20,6 +21,8 @@ struct Engine::Impl {
 
   int64_t max_memory = 0;    // EngineOptions::max_memory
   double weight_bytes = 0;   // estimate_weight_memory of the file (engine/memory.h)
+  std::unique_ptr<StrategyTable> strategy;  // in use, or null (docs/DESIGN.md section 12)
+  std::string strategy_note;                // why a table was ignored
 
   std::shared_ptr<ThreadPool> current_pool() const { return std::atomic_load(&pool); }
 };

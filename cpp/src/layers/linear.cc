@@ -61,7 +61,8 @@ LinearWeights stack(const std::vector<LinearWeights>& parts) {
 
 }  // namespace
 
-Linear Linear::create(const kernels::Backend& backend, const LinearWeights& w, ThreadPool& pool) {
+Linear Linear::create(const kernels::Backend& backend, const LinearWeights& w, ThreadPool& pool,
+                      const LinearStrategy* strategy) {
   Linear l;
   FQ_CHECK(w.rotation == 0 || (w.rotation >= 2 && (w.rotation & (w.rotation - 1)) == 0 &&
                                 w.in_features() % w.rotation == 0),
@@ -70,18 +71,27 @@ Linear Linear::create(const kernels::Backend& backend, const LinearWeights& w, T
                std::to_string(w.in_features()) + " input columns");
   l.w_ = backend.prepare_linear(w, pool);
   l.rotation_ = w.rotation;
+  // Only integer kernels have a weight-only alternative (a weight-only model already runs it).
+  if (strategy && strategy->any() && w.quantized() && w.act.bits > 0) {
+    LinearWeights f = w.dequantized();  // still W H under a rotation: the Linear rotates the rows for both
+    f.precision = strategy->precision;
+    l.alt_ = backend.prepare_linear(f, pool);
+    l.strategy_ = *strategy;
+    const int64_t bytes_per_weight = strategy->precision == kernels::FloatPrecision::BF16 ? 2 : 4;
+    l.alt_bytes_ = w.out_features() * w.in_features() * bytes_per_weight;
+  }
   return l;
 }
 
 std::vector<Linear> Linear::create_merged(const kernels::Backend& backend, const std::vector<LinearWeights>& parts,
-                                          ThreadPool& pool) {
+                                          ThreadPool& pool, const LinearStrategy* strategy) {
   bool mergeable = true;
   for (const LinearWeights& p : parts) mergeable = mergeable && same_quantization(parts[0], p);
   std::vector<Linear> out;
   if (!mergeable || parts.size() == 1) {
-    for (const LinearWeights& p : parts) out.push_back(create(backend, p, pool));
+    for (const LinearWeights& p : parts) out.push_back(create(backend, p, pool, strategy));
   } else {
-    out.push_back(create(backend, stack(parts), pool));
+    out.push_back(create(backend, stack(parts), pool, strategy));
   }
   return out;
 }
@@ -104,7 +114,7 @@ Tensor Linear::forward(const ExecContext& ctx, const kernels::GemmInput& x) cons
 
 Tensor Linear::gemm(const ExecContext& ctx, const kernels::GemmInput& x) const {
   Tensor y = Tensor::empty(DType::F32, {x.x.dim(0), w_->N}, ctx.device);
-  ctx.backend->linear(ctx, x, *w_, y);
+  ctx.backend->linear(ctx, x, prepared_for(x.x.dim(0)), y);
   return y;
 }
 

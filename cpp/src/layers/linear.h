@@ -9,25 +9,32 @@
 // are materialized in a buffer of the call (normalized first when the input carries a fused norm),
 // rotated by the backend's `hadamard` op, and handed to the same GEMM as plain rows; the caller's
 // input is never modified. Without one, nothing is copied.
+// With a per-shape strategy (layers/strategy.h, docs/DESIGN.md section 12) an integer Linear also
+// holds its weight dequantized once at load as a weight-only kernel, and each call picks one of the
+// two by its row count M; the copy exists only for Linears whose table chooses it somewhere.
 #pragma once
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "kernels/backend.h"
+#include "layers/strategy.h"
 
 namespace finequant {
 
 class Linear {
  public:
   Linear() = default;
-  // Prepares `w` for `backend` (CPU work while packing on `pool`).
-  static Linear create(const kernels::Backend& backend, const kernels::LinearWeights& w, ThreadPool& pool);
+  // Prepares `w` for `backend` (CPU work while packing on `pool`); with `strategy` (an integer
+  // weight only), also the weight-only alternative the strategy picks for some row counts.
+  static Linear create(const kernels::Backend& backend, const kernels::LinearWeights& w, ThreadPool& pool,
+                       const LinearStrategy* strategy = nullptr);
   // Modules that read the same input (q/k/v, gate/up) as one Linear whose outputs are the parts'
   // outputs side by side, when they quantize identically (one activation quantization, one wider
   // GEMM); otherwise one Linear per module, in order.
   static std::vector<Linear> create_merged(const kernels::Backend& backend,
-                                           const std::vector<kernels::LinearWeights>& parts, ThreadPool& pool);
+                                           const std::vector<kernels::LinearWeights>& parts, ThreadPool& pool,
+                                           const LinearStrategy* strategy = nullptr);
 
   // x: F32 [M, K] rows (normalized on the way in with x.norm) on the context's device -> F32 [M, N].
   Tensor forward(const ExecContext& ctx, const kernels::GemmInput& x) const;
@@ -41,6 +48,9 @@ class Linear {
   int64_t out_features() const { return w_ ? w_->N : 0; }
   const std::string& kernel() const { return w_->kernel; }
   int64_t rotation() const { return rotation_; }
+  // The kernel a call with M rows runs, and the bytes of the weight-only copy (0 without one).
+  const std::string& kernel_for(int64_t M) const { return prepared_for(M).kernel; }
+  int64_t alternative_bytes() const { return alt_bytes_; }
 
  private:
   void check_input(const ExecContext& ctx, const Tensor& x) const;
@@ -49,8 +59,15 @@ class Linear {
   // rows(x) H in a new buffer on the context's device: norm (if any) then the block rotation.
   static Tensor rotated_rows(const ExecContext& ctx, const kernels::GemmInput& x, int64_t block);
 
+  const kernels::PreparedLinear& prepared_for(int64_t M) const {
+    return alt_ && strategy_.chooses_alternative(M) ? *alt_ : *w_;
+  }
+
   std::shared_ptr<const kernels::PreparedLinear> w_;
   int64_t rotation_ = 0;
+  std::shared_ptr<const kernels::PreparedLinear> alt_;  // the weight-only kernel, or null
+  LinearStrategy strategy_;                             // when alt_: which row counts run it
+  int64_t alt_bytes_ = 0;
 };
 
 }  // namespace finequant

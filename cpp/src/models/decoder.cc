@@ -10,7 +10,7 @@
 namespace finequant {
 
 Decoder::Decoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool,
-                 kernels::FloatPrecision precision) {
+                 kernels::FloatPrecision precision, const StrategyTable* strategy) {
   config_ = std::move(config);
   backend_ = &backend;
   const ModelConfig& c = config_;
@@ -21,7 +21,7 @@ Decoder::Decoder(const ModelFile& file, ModelConfig config, const kernels::Backe
   using Kind = kernels::NormParams::Kind;
   Tensor embed_host;
   if (gpt2_) {
-    const Weights w{file, Weights::find_prefix(file, "wte.weight", {"", "transformer."}), backend, pool, precision};
+    const Weights w{file, Weights::find_prefix(file, "wte.weight", {"", "transformer."}), backend, pool, precision, strategy};
     embed_host = w.host_tensor("wte.weight", {V, C});
     position_ = w.tensor("wpe.weight", {c.max_positions, C});
     const kernels::Epilogue act = activation_epilogue(c.hidden_act);
@@ -42,7 +42,7 @@ Decoder::Decoder(const ModelFile& file, ModelConfig config, const kernels::Backe
     final_norm_ = w.norm("ln_f", C, Kind::LayerNorm, c.norm_eps);
   } else {
     // The Llama family; its variants are the config's flags (docs/DESIGN.md section 10).
-    const Weights w{file, Weights::find_prefix(file, "embed_tokens.weight", {"model.", ""}), backend, pool, precision};
+    const Weights w{file, Weights::find_prefix(file, "embed_tokens.weight", {"model.", ""}), backend, pool, precision, strategy};
     embed_host = w.host_tensor("embed_tokens.weight", {V, C});
     rope_ = Rope(c.head_dim, c.rope, backend.device());
     const float offset = c.norm_offset;
@@ -106,7 +106,7 @@ Decoder::Decoder(const ModelFile& file, ModelConfig config, const kernels::Backe
   }
   // LM head: its own weight when the file has one (untied Llama), else tied to the embedding.
   if (file.file.has("lm_head.weight")) {
-    head_ = Weights{file, "", backend, pool, precision}.linear("lm_head", V, C);
+    head_ = Weights{file, "", backend, pool, precision, strategy}.linear("lm_head", V, C);
   } else {
     kernels::LinearWeights tied;
     tied.weight_f32 = embed_host;

@@ -5,12 +5,12 @@
 namespace finequant {
 
 Encoder::Encoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool,
-                 kernels::FloatPrecision precision) {
+                 kernels::FloatPrecision precision, const StrategyTable* strategy) {
   config_ = std::move(config);
   backend_ = &backend;
   const ModelConfig& c = config_;
   const Weights w{file, Weights::find_prefix(file, "embeddings.word_embeddings.weight", {"", "bert."}), backend, pool,
-                  precision};
+                  precision, strategy};
   const int64_t C = c.hidden_size, I = c.intermediate_size;
   using Kind = kernels::NormParams::Kind;
   word_ = w.tensor("embeddings.word_embeddings.weight", {c.vocab_size, C});

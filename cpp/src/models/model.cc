@@ -18,11 +18,11 @@ Tensor last_real_rows(const ExecContext& ctx, const Tensor& x, const uint8_t* ma
 }
 
 std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, ThreadPool& pool,
-                                   kernels::FloatPrecision precision) {
+                                   kernels::FloatPrecision precision, const StrategyTable* strategy) {
   ModelConfig config = ModelConfig::parse(file.architecture, file.config_json);
-  if (config.architecture == "bert") return std::make_unique<Encoder>(file, std::move(config), backend, pool, precision);
-  if (config.architecture == "bart") return std::make_unique<Seq2Seq>(file, std::move(config), backend, pool, precision);
-  return std::make_unique<Decoder>(file, std::move(config), backend, pool, precision);
+  if (config.architecture == "bert") return std::make_unique<Encoder>(file, std::move(config), backend, pool, precision, strategy);
+  if (config.architecture == "bart") return std::make_unique<Seq2Seq>(file, std::move(config), backend, pool, precision, strategy);
+  return std::make_unique<Decoder>(file, std::move(config), backend, pool, precision, strategy);
 }
 
 std::string Weights::find_prefix(const ModelFile& file, const std::string& probe,
@@ -72,6 +72,22 @@ kernels::LinearWeights Weights::linear_weights(const std::string& module, kernel
   return w;
 }
 
+const LinearStrategy* Weights::strategy_of(const std::string& name) const {
+  if (!strategy) return nullptr;
+  auto it = file.linears.find(prefix + name);
+  return it == file.linears.end() ? nullptr : strategy->for_part(it->second.part);
+}
+
+// A Linear with its part's strategy; the table counts the weight-only copies it makes.
+static Linear create_counted(const Weights& w, const kernels::LinearWeights& lw, const std::string& name) {
+  Linear l = Linear::create(w.backend, lw, w.pool, w.strategy_of(name));
+  if (l.alternative_bytes()) {
+    w.strategy->alternative_linears += 1;
+    w.strategy->alternative_bytes += l.alternative_bytes();
+  }
+  return l;
+}
+
 namespace {
 std::string shape2(int64_t a, int64_t b) { return "[" + std::to_string(a) + ", " + std::to_string(b) + "]"; }
 }  // namespace
@@ -81,7 +97,7 @@ Linear Weights::linear(const std::string& name, int64_t out, int64_t in, kernels
   FQ_CHECK(w.out_features() == out && w.in_features() == in, ErrorKind::ModelFormat,
            "linear '" + prefix + name + "' is " + shape2(w.out_features(), w.in_features()) + ", expected " +
                shape2(out, in));
-  return Linear::create(backend, w, pool);
+  return create_counted(*this, w, name);
 }
 
 std::vector<Linear> Weights::linears(const std::vector<std::string>& names, const std::vector<int64_t>& outs,
@@ -94,7 +110,14 @@ std::vector<Linear> Weights::linears(const std::vector<std::string>& names, cons
              "linear '" + prefix + names[i] + "' is " + shape2(w.out_features(), w.in_features()) + ", expected " +
                  shape2(outs[i], in));
   }
-  return Linear::create_merged(backend, parts, pool);
+  std::vector<Linear> out = Linear::create_merged(backend, parts, pool, strategy_of(names[0]));
+  for (const Linear& l : out) {
+    if (l.alternative_bytes()) {
+      strategy->alternative_linears += 1;
+      strategy->alternative_bytes += l.alternative_bytes();
+    }
+  }
+  return out;
 }
 
 Norm Weights::norm(const std::string& name, int64_t size, kernels::NormParams::Kind kind, float eps,

@@ -8,6 +8,7 @@
 
 #include "finequant/model_file.h"
 #include "layers/block.h"
+#include "layers/strategy.h"
 #include "models/config.h"
 
 namespace finequant {
@@ -33,7 +34,7 @@ class Model {
 class Encoder : public Model {
  public:
   Encoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool,
-          kernels::FloatPrecision precision);
+          kernels::FloatPrecision precision, const StrategyTable* strategy = nullptr);
   bool is_decoder() const override { return false; }
   Tensor forward(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T) const override;
 
@@ -55,7 +56,7 @@ struct KVCache {
 class Decoder : public Model {
  public:
   Decoder(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool,
-          kernels::FloatPrecision precision);
+          kernels::FloatPrecision precision, const StrategyTable* strategy = nullptr);
   bool is_decoder() const override { return true; }
   Tensor forward(const ExecContext& ctx, const int64_t* ids, const uint8_t* mask, int64_t B, int64_t T) const override;
 
@@ -91,7 +92,7 @@ struct Seq2SeqCache {
 class Seq2Seq : public Model {
  public:
   Seq2Seq(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool,
-          kernels::FloatPrecision precision);
+          kernels::FloatPrecision precision, const StrategyTable* strategy = nullptr);
   bool is_decoder() const override { return false; }
   bool is_seq2seq() const override { return true; }
   // The encoder's last hidden states F32 [B, T, C].
@@ -125,7 +126,10 @@ Tensor last_real_rows(const ExecContext& ctx, const Tensor& x, const uint8_t* ma
 
 // Builds the model that matches the file's architecture, its weights prepared for `backend`; its
 // floating-point Linears multiply at `precision` (EngineOptions::float_precision).
+// With `strategy`, integer Linears also hold the weight-only kernel the table picks for some row
+// counts (docs/DESIGN.md section 12); the table counts the copies made.
 std::unique_ptr<Model> build_model(const ModelFile& file, const kernels::Backend& backend, ThreadPool& pool,
-                                   kernels::FloatPrecision precision = kernels::FloatPrecision::F32);
+                                   kernels::FloatPrecision precision = kernels::FloatPrecision::F32,
+                                   const StrategyTable* strategy = nullptr);
 
 }  // namespace finequant

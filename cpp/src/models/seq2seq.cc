@@ -22,11 +22,11 @@ void self_attention(const Weights& w, const std::string& p, int64_t heads, int64
 }  // namespace
 
 Seq2Seq::Seq2Seq(const ModelFile& file, ModelConfig config, const kernels::Backend& backend, ThreadPool& pool,
-                 kernels::FloatPrecision precision) {
+                 kernels::FloatPrecision precision, const StrategyTable* strategy) {
   config_ = std::move(config);
   backend_ = &backend;
   const ModelConfig& c = config_;
-  const Weights w{file, Weights::find_prefix(file, "shared.weight", {"model.", ""}), backend, pool, precision};
+  const Weights w{file, Weights::find_prefix(file, "shared.weight", {"model.", ""}), backend, pool, precision, strategy};
   const int64_t C = c.hidden_size, V = c.vocab_size, P = c.max_positions + 2;
   using Kind = kernels::NormParams::Kind;
   const Tensor shared = w.host_tensor("shared.weight", {V, C});
@@ -80,7 +80,7 @@ Seq2Seq::Seq2Seq(const ModelFile& file, ModelConfig config, const kernels::Backe
   // shared embedding; final_logits_bias [1, V] is its bias.
   kernels::LinearWeights head;
   if (file.file.has("lm_head.weight")) {
-    head = Weights{file, "", backend, pool, precision}.linear_weights("lm_head", kernels::Epilogue::None);
+    head = Weights{file, "", backend, pool, precision, strategy}.linear_weights("lm_head", kernels::Epilogue::None);
     FQ_CHECK(head.out_features() == V && head.in_features() == C, ErrorKind::ModelFormat,
              "lm_head has the wrong shape for vocab_size " + std::to_string(V) + " and d_model " + std::to_string(C));
   } else {
@@ -90,7 +90,7 @@ Seq2Seq::Seq2Seq(const ModelFile& file, ModelConfig config, const kernels::Backe
     head.precision = precision;
   }
   if (file.file.has("final_logits_bias"))
-    head.bias = Weights{file, "", backend, pool, precision}.host_tensor("final_logits_bias", {1, V}).reshape({V});
+    head.bias = Weights{file, "", backend, pool, precision, strategy}.host_tensor("final_logits_bias", {1, V}).reshape({V});
   head_ = Linear::create(backend, head, pool);
 }
 

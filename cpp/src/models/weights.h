@@ -9,6 +9,7 @@
 
 #include "finequant/model_file.h"
 #include "layers/block.h"
+#include "layers/strategy.h"
 
 namespace finequant {
 
@@ -18,6 +19,7 @@ struct Weights {
   const kernels::Backend& backend;
   ThreadPool& pool;  // CPU threads for packing at load (the Engine's)
   kernels::FloatPrecision precision = kernels::FloatPrecision::F32;  // of its floating-point Linears
+  const StrategyTable* strategy = nullptr;  // per-shape kernel choice of its integer Linears (docs/DESIGN.md 12)
 
   // The first candidate prefix p for which p + probe is a tensor of the file.
   static std::string find_prefix(const ModelFile& file, const std::string& probe,
@@ -28,6 +30,8 @@ struct Weights {
   // Module `name` as stored (tensors `<name>.weight`, `.bias`, `.weight_scale`, `.weight_zero_point`);
   // a module without a quantization record is a floating-point Linear.
   kernels::LinearWeights linear_weights(const std::string& name, kernels::Epilogue epilogue) const;
+  // The strategy of module `name`'s part (the file's record), or null.
+  const LinearStrategy* strategy_of(const std::string& name) const;
   Linear linear(const std::string& name, int64_t out, int64_t in,
                 kernels::Epilogue epilogue = kernels::Epilogue::None) const;
   // Modules reading the same input (Linear::create_merged), with outs[i] outputs each.
