@@ -10,6 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 JOBS ?= 2
+, := ,
 export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
 
 .PHONY: setup build install demo test test-python test-cpp bench study gpu-check clean test-sanitize test-tsan fuzz
@@ -103,16 +104,20 @@ test-tsan:
 	cmake --build build/tsan -j $(JOBS) --target $(TSAN_TESTS)
 	cd build/tsan && for t in $(TSAN_TESTS); do TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 ./$$t || exit 1; done
 
-# libFuzzer targets (fuzz/; clang, ASan + UBSan), each run for FUZZ_SECONDS on a copy of its seed corpus
-# (fuzz/corpus/<target>); a crash, hang (-timeout), leak or sanitizer report fails the run and leaves the
-# input in build/fuzz/artifacts. FUZZ_TARGETS picks some.
+# Fuzz targets (fuzz/), each run for FUZZ_SECONDS on a copy of its seed corpus (fuzz/corpus/<target>):
+# libFuzzer ones (clang, ASan + UBSan) over the C++ readers and API, and fuzz_server (atheris) over
+# finequant serve's request handling. A crash, hang (-timeout), leak or sanitizer report fails the run
+# and leaves the input in build/fuzz/artifacts. FUZZ_TARGETS picks some. clang: Debian's clang and
+# libclang-rt-14-dev.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= fuzz_model_file fuzz_config fuzz_engine_api
-fuzz:
-	CXX=clang++ cmake -S . -B build/fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFINEQUANT_CUDA=OFF \
-	  $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache) -DFINEQUANT_FUZZ=ON -DFINEQUANT_SANITIZE=address,undefined >/dev/null
-	cmake --build build/fuzz -j $(JOBS) --target $(FUZZ_TARGETS)
-	bash fuzz/run.sh build/fuzz $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+FUZZ_TARGETS ?= fuzz_model_file fuzz_config fuzz_engine_api fuzz_server
+FUZZ_CPP = $(filter-out fuzz_server,$(FUZZ_TARGETS))
+fuzz: install
+	$(if $(filter fuzz_server,$(FUZZ_TARGETS)),$(PIP) install -q atheris==3.0.0)
+	$(if $(FUZZ_CPP),CXX=clang++ cmake -S . -B build/fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFINEQUANT_CUDA=OFF \
+	  $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache) -DFINEQUANT_FUZZ=ON -DFINEQUANT_SANITIZE=address$(,)undefined >/dev/null)
+	$(if $(FUZZ_CPP),cmake --build build/fuzz -j $(JOBS) --target $(FUZZ_CPP))
+	PYTHON=$(CURDIR)/$(PY) bash fuzz/run.sh build/fuzz $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 clean:
 	rm -rf build dist *.egg-info

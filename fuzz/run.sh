@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs libFuzzer targets for a fixed time each: fuzz/run.sh BUILD_DIR SECONDS TARGET...
+# Runs libFuzzer / atheris targets for a fixed time each: fuzz/run.sh BUILD_DIR SECONDS TARGET...
 # Each target starts from a copy of its committed seeds (fuzz/corpus/<target>) plus what earlier runs
 # in BUILD_DIR found; a crash, hang, leak, out-of-memory or sanitizer report stops the run with the
 # input saved under BUILD_DIR/artifacts/<target>/. Prints executions and executions/s per target.
@@ -14,11 +14,14 @@ for target in "$@"; do
   mkdir -p "$work" "$artifacts"
   extra=()
   [[ $target == fuzz_config ]] && extra+=(-dict="$here/config.dict")
+  [[ $target == fuzz_server ]] && extra+=(-dict="$here/server.dict")
+  # C++ targets are libFuzzer binaries in BUILD_DIR/fuzz; Python ones (atheris) run under $PYTHON.
+  if [[ -f "$here/$target.py" ]]; then cmd=("${PYTHON:-python3}" "$here/$target.py"); else cmd=("$build/fuzz/$target"); fi
   log="$build/$target.log"
   echo "== $target: $seconds s (log $log)"
   # -timeout: one input taking 10 s is a hang; -rss_limit_mb / -malloc_limit_mb: a 2 GiB allocation is a finding.
   if ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-      "$build/fuzz/$target" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
+      "${cmd[@]}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
       -print_final_stats=1 -artifact_prefix="$artifacts/" "${extra[@]}" "$work" "$here/corpus/$target" >"$log" 2>&1; then
     result=ok
   else

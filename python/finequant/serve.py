@@ -79,7 +79,8 @@ class Sampling:
         self.temperature = float(_get(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2,
                                       "must be in [0, 2]"))
         self.top_p = float(_get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]"))
-        self.top_k = _get(body, "top_k", int, 0, lambda v: v >= 0, "must be >= 0")  # an extension, as vLLM's
+        # An extension, as vLLM's; any k >= the vocabulary keeps every token (clamped to fit the C++ int).
+        self.top_k = min(_get(body, "top_k", int, 0, lambda v: v >= 0, "must be >= 0"), 2**31 - 1)
         seed = _get(body, "seed", int, None, lambda v: -2**63 <= v < 2**64, "must fit in 64 bits")
         self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else seed % 2**64
         key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
@@ -309,13 +310,16 @@ class Server:
                                 f"{len(prompt)} and {sampling.max_tokens_key} asks for {sampling.max_tokens}",
                            param=sampling.max_tokens_key if len(prompt) < max_length else "prompt",
                            code="context_length_exceeded")
+        vocab = self.engine.vocab_size
+        if not all(0 <= t < vocab for t in prompt):  # checked here too: ids past int64 do not reach C++
+            raise APIError(400, f"the prompt has token ids outside [0, {vocab})", param="prompt")
         pending = _Pending(asyncio.get_running_loop())
         with self._lock:
             try:
                 request = self.scheduler.submit(prompt, sampling.max_tokens, sampling.temperature, sampling.top_k,
                                                 sampling.top_p, sampling.seed,
                                                 [] if sampling.ignore_eos else self.stop_tokens)
-            except ValueError as e:  # e.g. a token id outside the vocabulary
+            except ValueError as e:
                 raise APIError(400, str(e), param="prompt") from None
             self._pending[request] = pending
         return request, pending
@@ -371,6 +375,11 @@ def create_app(server: Server):
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        try:  # "\ud800" escapes decode to lone surrogates, which no tokenizer or UTF-8 answer can take
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise APIError(400, "the request body has an unpaired UTF-16 surrogate (\\ud800-\\udfff)",
+                           code="invalid_json") from None
         model = body.get("model")
         if model is not None and model != server.name:
             raise APIError(404, f"the model '{model}' does not exist; this server serves '{server.name}'",

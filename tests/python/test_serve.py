@@ -414,6 +414,11 @@ def _wait(cond, seconds=10.0):
     ("/v1/completions", {"model": "tiny-gpt2", "prompt": "the " * 30, "max_tokens": 8}, None, 400,
      "context_length_exceeded"),
     ("/v1/completions", {"model": "tiny-gpt2", "prompt": [1, 2, 99]}, None, 400, None),
+    # fuzz_server findings: ids past int64 and negative ids (500 before)
+    ("/v1/completions", {"model": "tiny-gpt2", "prompt": [1, 2, 3 * 10**26]}, None, 400, None),
+    ("/v1/completions", {"model": "tiny-gpt2", "prompt": [-1]}, None, 400, None),
+    ("/v1/completions", None, b'{"model": "\\ud800"}', 400, "invalid_json"),
+    ("/v1/completions", None, b'{"model": "tiny-gpt2", "prompt": "the \\udfff"}', 400, "invalid_json"),
     ("/v1/chat/completions", {"model": "tiny-gpt2", "messages": []}, None, 400, "invalid_type"),
     ("/v1/chat/completions", {"model": "tiny-gpt2", "messages": [{"role": "user", "content": 3}]}, None, 400,
      "invalid_type"),
@@ -430,6 +435,14 @@ def test_bad_requests_get_openai_errors(gpt2, path, body, raw, status, code):
     # the server goes on serving
     ok, _ = gpt2.post("/v1/completions", {"model": "tiny-gpt2", "prompt": "the", "max_tokens": 2})
     assert ok == 200
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token(gpt2):
+    """fuzz_server finding: top_k past the C++ int was a 500; any k >= the vocabulary is no truncation."""
+    body = {"model": "tiny-gpt2", "prompt": [1, 2, 3], "max_tokens": 6, "temperature": 1.0, "seed": 5}
+    answers = [gpt2.post("/v1/completions", {**body, "top_k": k}) for k in (0, 64, 10**30)]
+    assert [status for status, _ in answers] == [200] * 3, answers
+    assert len({a["choices"][0]["text"] for _, a in answers}) == 1, answers
 
 
 def test_wrong_method_and_encoder_routes(gpt2, bert):
