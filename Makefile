@@ -104,12 +104,14 @@ test-tsan:
 	cmake --build build/tsan -j $(JOBS) --target $(TSAN_TESTS)
 	cd build/tsan && for t in $(TSAN_TESTS); do TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 ./$$t || exit 1; done
 
-# Fuzz targets (fuzz/), each run for FUZZ_SECONDS on a copy of its seed corpus (fuzz/corpus/<target>):
+# Fuzz targets (fuzz/), each run for FUZZ_RUNS executions (0: no count) or at most FUZZ_SECONDS on a copy
+# of its seed corpus (fuzz/corpus/<target>):
 # libFuzzer ones (clang, ASan + UBSan) over the C++ readers and API, and fuzz_server (atheris) over
 # finequant serve's request handling. A crash, hang (-timeout), leak or sanitizer report fails the run
 # and leaves the input in build/fuzz/artifacts. FUZZ_TARGETS picks some. clang: Debian's clang and
 # libclang-rt-14-dev.
-FUZZ_SECONDS ?= 60
+FUZZ_RUNS ?= 1000000
+FUZZ_SECONDS ?= 900
 FUZZ_TARGETS ?= fuzz_model_file fuzz_config fuzz_engine_api fuzz_server
 FUZZ_CPP = $(filter-out fuzz_server,$(FUZZ_TARGETS))
 fuzz: install
@@ -117,7 +119,7 @@ fuzz: install
 	$(if $(FUZZ_CPP),CXX=clang++ cmake -S . -B build/fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFINEQUANT_CUDA=OFF \
 	  $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache) -DFINEQUANT_FUZZ=ON -DFINEQUANT_SANITIZE=address$(,)undefined >/dev/null)
 	$(if $(FUZZ_CPP),cmake --build build/fuzz -j $(JOBS) --target $(FUZZ_CPP))
-	PYTHON=$(CURDIR)/$(PY) bash fuzz/run.sh build/fuzz $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+	PYTHON=$(CURDIR)/$(PY) bash fuzz/run.sh build/fuzz $(FUZZ_SECONDS) $(FUZZ_RUNS) $(FUZZ_TARGETS)
 
 clean:
 	rm -rf build dist *.egg-info

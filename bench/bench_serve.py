@@ -130,12 +130,15 @@ def main() -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--model", help="finequant model directory (default: SmolLM2-135M-Instruct w8a8, made here)")
     p.add_argument("--requests", type=int, help="requests per mode (default 32, quick 8)")
+    p.add_argument("--clients", help="comma-separated concurrency levels (default 1,4,16; quick 1,4)")
     args = p.parse_args()
     common.finish_args(args)
     model = args.model or quantized_smollm2()
     n_requests = args.requests or (8 if args.quick else 32)
     new = 8 if args.quick else 64
     concurrency = (1, 4) if args.quick else CONCURRENCY
+    if args.clients:
+        concurrency = tuple(int(c) for c in args.clients.split(","))
 
     import finequant
 

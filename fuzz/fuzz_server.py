@@ -7,7 +7,7 @@ tiny BERT for /v1/embeddings. Every answer must be 200 with a JSON body (or an S
 [DONE]) or a 4xx with OpenAI's error object; a 5xx, an exception out of the app, a response that never
 ends or a slot left busy afterwards is a finding.
 
-    python fuzz/fuzz_server.py [libFuzzer flags] CORPUS...     (make fuzz runs it; docs/DESIGN.md 13)
+    python fuzz/fuzz_server.py [libFuzzer flags] CORPUS...     (make fuzz runs it; docs/DESIGN.md, Reliability)
 """
 import asyncio
 import json

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs libFuzzer / atheris targets for a fixed time each: fuzz/run.sh BUILD_DIR SECONDS TARGET...
+# Runs libFuzzer / atheris targets: fuzz/run.sh BUILD_DIR SECONDS RUNS TARGET... Each target stops after
+# RUNS executions (0: no count) or SECONDS, whichever comes first.
 # Each target starts from a copy of its committed seeds (fuzz/corpus/<target>) plus what earlier runs
 # in BUILD_DIR found; a crash, hang, leak, out-of-memory or sanitizer report stops the run with the
 # input saved under BUILD_DIR/artifacts/<target>/. Prints executions and executions/s per target.
 set -euo pipefail
-build=$1 seconds=$2
-shift 2
+build=$1 seconds=$2 runs=$3
+shift 3
 here="$(cd "$(dirname "$0")" && pwd)"
 status=0
 summary=""
@@ -21,7 +22,7 @@ for target in "$@"; do
   echo "== $target: $seconds s (log $log)"
   # -timeout: one input taking 10 s is a hang; -rss_limit_mb / -malloc_limit_mb: a 2 GiB allocation is a finding.
   if ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-      "${cmd[@]}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
+      "${cmd[@]}" -max_total_time="$seconds" -runs="$((runs > 0 ? runs : -1))" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
       -print_final_stats=1 -artifact_prefix="$artifacts/" "${extra[@]}" "$work" "$here/corpus/$target" >"$log" 2>&1; then
     result=ok
   else
@@ -35,6 +36,6 @@ for target in "$@"; do
   echo "$line"
   summary+="$line"$'\n'
 done
-echo "== fuzz summary ($seconds s per target)"
+echo "== fuzz summary (at most $seconds s$( ((runs > 0)) && echo " or $runs executions") per target)"
 printf '%s' "$summary"
 exit $status

@@ -447,9 +447,10 @@ def _open_checkpoint(directory: str, fingerprint: dict, name: str = "lkd.json") 
         if old != json.loads(json.dumps(fingerprint)):
             raise ValueError(f"checkpoint {directory} was made for another model, scheme or options; "
                              "use a new directory (or delete it) to start over")
-    else:
-        with open(path, "w", encoding="utf-8") as f:
+    else:  # written whole or not at all: a run killed here must not leave a fingerprint that fails to parse
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(fingerprint, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def _save_atomic(obj, path: str) -> None:
