@@ -82,7 +82,8 @@ gpu-check:
 # report visible when the process aborts.
 SANITIZE_PYTESTS ?= tests/python/test_runtime.py tests/python/test_engine_api.py tests/python/test_reader_fuzz.py \
 	tests/python/test_memory_limits.py tests/python/test_threads.py tests/python/test_concurrency.py \
-	tests/python/test_engine.py
+	tests/python/test_engine.py tests/python/test_serve.py tests/python/test_families.py tests/python/test_tune.py \
+	tests/python/test_scale_dtype.py tests/python/test_bart.py tests/python/test_rotate.py
 SANITIZE_CMAKE = -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFINEQUANT_CUDA=OFF -DFINEQUANT_BUILD_TESTS=ON \
 	$(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 UBSAN_ENV = UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
@@ -97,8 +98,9 @@ test-sanitize: setup
 	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	  $(PY) -m pytest -q --capture=sys -p no:cacheprovider $(SANITIZE_PYTESTS)
 
-# ThreadSanitizer over the concurrent C++ tests: the thread pool and one Engine shared by 8 threads.
-TSAN_TESTS ?= test_thread_pool test_engine_threads
+# ThreadSanitizer over the concurrent C++ tests: the thread pool, one Engine shared by 8 threads, and the
+# scheduler driven on one thread while others submit, poll and cancel.
+TSAN_TESTS ?= test_thread_pool test_engine_threads test_scheduler
 test-tsan:
 	cmake -S . -B build/tsan $(SANITIZE_CMAKE) -DFINEQUANT_SANITIZE=thread -DFINEQUANT_BUILD_PYTHON=OFF >/dev/null
 	cmake --build build/tsan -j $(JOBS) --target $(TSAN_TESTS)

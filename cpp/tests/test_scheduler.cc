@@ -6,10 +6,15 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "check.h"
@@ -282,6 +287,70 @@ TEST(bad_requests_and_options_are_refused) {
   CHECK_THROWS_KIND_MSG(Scheduler(engine(), SchedulerOptions{0}), ErrorKind::InvalidArgument, "slots");
   CHECK_THROWS_KIND_MSG(Scheduler(engine(), SchedulerOptions{1, kMaxPos + 1}), ErrorKind::InvalidArgument, "max_length");
   CHECK_THROWS_KIND_MSG(Scheduler(engine(), SchedulerOptions{1, 20, 10}), ErrorKind::InvalidArgument, "cache_length");
+}
+
+// The server's pattern (and make test-tsan's): one driver thread steps while 4 client threads submit,
+// poll and cancel. Every request that was not cancelled gets generate's tokens; cancelled ones end once.
+TEST(clients_on_other_threads_while_a_driver_steps) {
+  Scheduler s(engine(), SchedulerOptions{3, 0, kMaxPos + 4});
+  constexpr int kClients = 4, kEach = 3;
+  std::atomic<bool> stop{false};
+  std::mutex mu;
+  std::map<uint64_t, Outcome> out;
+  std::thread driver([&] {
+    while (!stop.load()) {
+      if (!s.wait_for_work(0.01)) continue;
+      s.step();
+    }
+  });
+  std::vector<std::thread> clients;
+  std::vector<std::vector<std::pair<uint64_t, int>>> submitted(kClients);  // (id, request index)
+  std::vector<uint64_t> cancelled;
+  for (int c = 0; c < kClients; ++c) {
+    clients.emplace_back([&, c] {
+      for (int k = 0; k < kEach; ++k) {
+        const int i = c * kEach + k;
+        GenerationOptions o;
+        o.max_new_tokens = 3 + i % 5;
+        const uint64_t id = s.submit(random_prompt(1 + (7 * i) % 20, 200 + i), o);
+        submitted[c].emplace_back(id, i);
+        if (i % 4 == 3 && s.cancel(id)) {
+          std::lock_guard<std::mutex> lock(mu);
+          cancelled.push_back(id);
+        }
+        std::lock_guard<std::mutex> lock(mu);
+        collect(s, out);
+      }
+    });
+  }
+  for (std::thread& t : clients) t.join();
+  for (int spins = 0; spins < 20000; ++spins) {  // until every request has finished (at most ~20 s)
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      collect(s, out);
+      int finished = 0;
+      for (const auto& [id, o] : out) finished += o.finishes;
+      if (finished == kClients * kEach) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  stop = true;
+  driver.join();
+  for (int c = 0; c < kClients; ++c) {
+    for (const auto& [id, i] : submitted[c]) {
+      const Outcome& o = out[id];
+      CHECK_EQ(o.finishes, 1);
+      if (std::find(cancelled.begin(), cancelled.end(), id) != cancelled.end()) {
+        CHECK(o.finish == FinishReason::Cancelled);
+        continue;
+      }
+      GenerationOptions ref;
+      ref.max_new_tokens = 3 + i % 5;
+      if (o.tokens != alone(random_prompt(1 + (7 * i) % 20, 200 + i), ref))
+        ::fqtest::report(__FILE__, __LINE__, "request " + std::to_string(i) + " differs from generate");
+    }
+  }
+  CHECK_EQ(s.running() + s.waiting(), int64_t{0});
 }
 
 int main() { return RUN_ALL_TESTS(); }

@@ -444,9 +444,10 @@ FQ_VNNI double peak_loop(std::chrono::steady_clock::time_point start, double sec
       for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
     iters += 4096;
   }
+  // Keep every chain live; xor, not a sum: the wrapped accumulators would overflow a signed reduction (UB).
   __m512i s = acc[0];
-  for (int i = 1; i < kAcc; ++i) s = _mm512_add_epi32(s, acc[i]);
-  volatile int sink = _mm512_reduce_add_epi32(s);
+  for (int i = 1; i < kAcc; ++i) s = _mm512_xor_si512(s, acc[i]);
+  volatile int sink = _mm512_reduce_or_epi32(s);
   (void)sink;
   return static_cast<double>(iters) * kAcc * 64 * 2;
 }
