@@ -219,7 +219,7 @@ def serve_section(recs: list, out: str) -> str:
 
     rows = []
     for r in sorted(recs, key=lambda r: (r["mode"] != "serial", r["clients"])):
-        name = "serial Engine.generate" if r["mode"] == "serial" else f"server, {r['clients']} concurrent clients"
+        name = "serial Engine.generate" if r["mode"] == "serial" else f"server, {r['clients']} concurrent client{'s' if r['clients'] > 1 else ''}"
         rows.append([name, num(r["tokens_per_s"], "{:.1f}"), common.fmt_ratio(r.get("ratio_vs_serial", 1.0)),
                      pct(r["latency_s"]), pct(r.get("ttft_s")), str(r.get("text_mismatches", "-"))])
     quick = " **QUICK smoke run**" if r0.get("quick") else ""
