@@ -30,9 +30,9 @@ for target in "$@"; do
     status=1
     grep -m1 -A12 -E "ERROR|runtime error|deadly signal|Test unit written" "$log" || tail -20 "$log"
   fi
-  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  executed=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
-  line="$target: ${runs:-?} executions, ${rate:-?} exec/s, $result"
+  line="$target: ${executed:-?} executions, ${rate:-?} exec/s, $result"
   echo "$line"
   summary+="$line"$'\n'
 done
