@@ -5,13 +5,11 @@
 
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <map>
 #include <mutex>
-#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <thread>
@@ -22,59 +20,22 @@
 #include "finequant/engine.h"
 #include "finequant/scheduler.h"
 #include "kernels/backend.h"
+#include "tiny_model.h"
 
 using namespace finequant;
-using nlohmann::json;
 
 namespace {
 
-constexpr int64_t kVocab = 61, kHidden = 32, kInter = 48, kLayers = 2, kHeads = 4, kKvHeads = 2, kMaxPos = 40;
+constexpr int64_t kVocab = 61, kMaxPos = 40;
 
-// A random fp32 Llama model file (GQA, untied head) written as safetensors.
+// A random fp32 Llama model file (GQA, untied head).
 std::string write_tiny_llama() {
-  std::mt19937 rng(7);
-  json header = json::object();
-  std::string data;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape, float sd, float shift = 0.f) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    std::normal_distribution<float> nd(shift, sd);
-    const size_t begin = data.size();
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = nd(rng);
-      data.append(reinterpret_cast<const char*>(&v), sizeof v);
-    }
-    header[name] = {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {begin, data.size()}}};
-  };
-  const int64_t D = kHidden / kHeads;
-  const float s = 1.f / std::sqrt(static_cast<float>(kHidden));
-  add("model.embed_tokens.weight", {kVocab, kHidden}, 1.f);
-  for (int64_t l = 0; l < kLayers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    add(p + "input_layernorm.weight", {kHidden}, 0.1f, 1.f);
-    add(p + "post_attention_layernorm.weight", {kHidden}, 0.1f, 1.f);
-    add(p + "self_attn.q_proj.weight", {kHeads * D, kHidden}, 2 * s);
-    add(p + "self_attn.k_proj.weight", {kKvHeads * D, kHidden}, 2 * s);
-    add(p + "self_attn.v_proj.weight", {kKvHeads * D, kHidden}, s);
-    add(p + "self_attn.o_proj.weight", {kHidden, kHeads * D}, s);
-    add(p + "mlp.gate_proj.weight", {kInter, kHidden}, s);
-    add(p + "mlp.up_proj.weight", {kInter, kHidden}, s);
-    add(p + "mlp.down_proj.weight", {kHidden, kInter}, 1.f / std::sqrt(static_cast<float>(kInter)));
-  }
-  add("model.norm.weight", {kHidden}, 0.1f, 1.f);
-  add("lm_head.weight", {kVocab, kHidden}, 3 * s);
-  const json config = {{"vocab_size", kVocab},        {"hidden_size", kHidden},           {"intermediate_size", kInter},
-                       {"num_hidden_layers", kLayers}, {"num_attention_heads", kHeads},    {"num_key_value_heads", kKvHeads},
-                       {"max_position_embeddings", kMaxPos}, {"rope_theta", 10000.0}, {"tie_word_embeddings", false}};
-  header["__metadata__"] = {{"format", "finequant"}, {"format_version", "1"}, {"architecture", "llama"},
-                            {"config", config.dump()}, {"scheme", "fp32"}, {"quantization", "{}"}};
-  std::string h = header.dump();
-  while ((8 + h.size()) % 8) h.push_back(' ');
-  std::string bytes(8, '\0');
-  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((static_cast<uint64_t>(h.size()) >> (8 * i)) & 0xFF);
-  const std::string path = "/tmp/fq_test_scheduler_" + std::to_string(getpid()) + ".safetensors";
-  std::ofstream(path, std::ios::binary) << bytes << h << data;
-  return path;
+  fqtest::TinyLlama m;
+  m.vocab = kVocab;
+  m.hidden = 32;
+  m.inter = 48;
+  m.max_positions = kMaxPos;
+  return fqtest::write_tiny_llama("/tmp/fq_test_scheduler_" + std::to_string(getpid()) + ".safetensors", m);
 }
 
 const Engine& engine() {
