@@ -469,14 +469,6 @@ def test_embeddings_are_mean_pooled_and_normalized(bert):
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
 
 
-def _check_tokens_after_disconnects(running, body):
-    made = body["usage"]["completion_tokens"]
-    ref = running.server.tokenizer.decode(_alone(running.server, [1, 2], 3))
-    if made != 3 or body["choices"][0]["text"] != ref:
-        pytest.xfail(f"known bug (DESIGN 11): after two disconnected requests the next one made "
-                     f"{body['choices'][0]['text']!r} ({made} tokens), generate alone {ref!r}")
-
-
 def test_disconnect_cancels_and_frees_the_slot(folders):
     running = _Running(Server(str(folders["long"]), slots=1, name="long", threads=1))
     try:
@@ -493,10 +485,13 @@ def test_disconnect_cancels_and_frees_the_slot(folders):
             sock.close()
             assert _wait(lambda: sched.running == 0, 5), "the slot was not freed"
             assert running.server.cancelled >= (1 if stream else 2)
-        # the freed slot serves the next request
-        status, body = running.post("/v1/completions", {"model": "long", "prompt": [1, 2], "max_tokens": 3})
-        assert status == 200 and body["usage"]["completion_tokens"] >= 1, body
-        _check_tokens_after_disconnects(running, body)
+        # The freed slot serves the next request with generate's tokens (greedy: at the default temperature
+        # 1 a sampled end-of-text token made this flaky, 2 of 3 tokens once in CI).
+        status, body = running.post("/v1/completions", {"model": "long", "prompt": [1, 2], "max_tokens": 3,
+                                                        "temperature": 0})
+        ref = _alone(running.server, [1, 2], 3)
+        assert status == 200 and body["usage"]["completion_tokens"] == len(ref) == 3, body
+        assert body["choices"][0]["text"] == _text(running.server, ref), body
     finally:
         running.stop()
 
