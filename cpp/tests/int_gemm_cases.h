@@ -118,6 +118,13 @@ TEST(k_blocks_with_partial_last_block) {
           CHECK_EQ(run_case(M, 77, G * 4 + 6, 4, wsym, 8, aasym, Tile{1, G}, true, Epilogue::GeluTanh, seed++, true), 0);
           CHECK_EQ(run_case(M, 64, G * 3, 8, wsym, 8, aasym, Tile{1, G}, false, Epilogue::None, seed++, true), 0);
         }
+  // Decode-sized calls over many channel tiles: each pool task is a run of several tiles (decode_run),
+  // the last run shorter, N odd.
+  for (int64_t M : {1, 2, 4})
+    for (bool aasym : {false, true}) {
+      CHECK_EQ(run_case(M, 1001, 130, 4, true, 8, aasym, Tile{1, 32}, true, Epilogue::None, seed++, true), 0);
+      CHECK_EQ(run_case(M, 1001, 130, 8, true, 8, aasym, Tile{1, 130}, false, Epilogue::GeluErf, seed++), 0);
+    }
   // Block lengths that are not a multiple of 4 (every block padded separately).
   CHECK_EQ(run_case(6, 20, 50, 8, true, 8, false, Tile{1, 18}, true, Epilogue::None, 7), 0);
   CHECK_EQ(run_case(6, 20, 50, 8, false, 8, true, Tile{1, 15}, true, Epilogue::None, 8), 0);

@@ -209,6 +209,23 @@ AttentionKernel attention_avx512() { return {CpuIsa::Avx512Vnni, nullptr, nullpt
 
 #endif
 
+namespace {
+// q . k in 16 independent partial sums (then added in a fixed order): a plain loop that every clone
+// vectorizes without reassociating, where a single running sum was a scalar FMA chain (4 cycles per
+// element: 6-8% of a SmolLM2 decode step).
+inline float key_dot(const float* q, const float* k, int64_t D) {
+  constexpr int kLanes = 16;
+  float part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += q[d + l] * k[d + l];
+  for (int l = 0; d + l < D; ++l) part[l] += q[d + l] * k[d + l];
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+}  // namespace
+
 // The loops around the inner products: masking, softmax, GQA head mapping, decode without K^T.
 // One (sequence, head) pair.
 FQ_MULTIVERSION void attention_head(const AttentionArgs& a, const AttentionKernel& kernel, int64_t b, int64_t h) {
@@ -258,13 +275,7 @@ FQ_MULTIVERSION void attention_head(const AttentionArgs& a, const AttentionKerne
       scores_fn(qs, nq, kt.data(), Tkp, (n_block + kAttnKeys - 1) / kAttnKeys * kAttnKeys, D, probs.data(), Tkp);
     } else {
       for (int i = 0; i < nq; ++i)
-        for (int64_t j = 0; j < n_block; ++j) {
-          const float* kv = k.at(b, kvh, j);
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qs[i][d] * kv[d];
-          probs[i * Tkp + j] = s;
-        }
+        for (int64_t j = 0; j < n_block; ++j) probs[i * Tkp + j] = key_dot(qs[i], k.at(b, kvh, j), D);
     }
     for (int i = 0; i < nq; ++i) {
       // Softmax over the visible keys; exact zeros elsewhere (masked, outside a sliding window, or

@@ -207,12 +207,16 @@ class Avx2IntLinear final : public CpuLinear {
     else widen_rows<uint8_t>(xq, c, xw.data(), rowsum.data(), pool);
     const bool wsigned = wsigned_;
     const MicroFn full = pick(kMaxMR, wsigned);
+    // Row chunks x runs of channel tiles (decode_run when the rows are one chunk).
     const int64_t tiles = layout_.Npad / kTile, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
-    pool.run(mchunks * tiles, [&](int64_t t) {
-      const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
-      int64_t m = m0;
-      for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
-      if (m < m1) pick(static_cast<int>(m1 - m), wsigned)(c, m, tile);
+    const int64_t run = mchunks == 1 ? decode_run(tiles, pool.size()) : 1, runs = (tiles + run - 1) / run;
+    pool.run(mchunks * runs, [&](int64_t t) {
+      const int64_t m0 = (t / runs) * mc, m1 = std::min(M, m0 + mc), first = (t % runs) * run;
+      for (int64_t tile = first; tile < std::min(tiles, first + run); ++tile) {
+        int64_t m = m0;
+        for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
+        if (m < m1) pick(static_cast<int>(m1 - m), wsigned)(c, m, tile);
+      }
     });
   }
 

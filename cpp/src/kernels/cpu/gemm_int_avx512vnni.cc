@@ -396,14 +396,18 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
         q.xp, q.rowsum, q.sx, q.zx,
         &v, v.wsym, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
 
-  // Tasks: row chunks x channel tiles. Decode-sized M is one row chunk, so the weight is read once
-  // and the threads split the channels; larger M uses chunks whose rows stay in L2.
+  // Tasks: row chunks x runs of channel tiles. Decode-sized M is one row chunk, so the weight is read
+  // once and the threads split the channels (decode_run); larger M uses chunks whose rows stay in L2.
   const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tiles = v.Npad / kTileN;
-  pool.run(mchunks * tiles, [&](int64_t t) {
-    const int64_t m0 = (t / tiles) * mc, m1 = std::min(M, m0 + mc), tile = t % tiles;
-    int64_t m = m0;
-    for (; m + max_mr <= m1; m += max_mr) full(c, m, tile);
-    if (m < m1) pick(static_cast<int>(m1 - m), xu8, v.bits == 4, multi, colsum)(c, m, tile);
+  const int64_t run = mchunks == 1 ? decode_run(tiles, pool.size()) : 1;
+  const int64_t runs = (tiles + run - 1) / run;
+  pool.run(mchunks * runs, [&](int64_t t) {
+    const int64_t m0 = (t / runs) * mc, m1 = std::min(M, m0 + mc), t0 = (t % runs) * run;
+    for (int64_t tile = t0; tile < std::min(tiles, t0 + run); ++tile) {
+      int64_t m = m0;
+      for (; m + max_mr <= m1; m += max_mr) full(c, m, tile);
+      if (m < m1) pick(static_cast<int>(m1 - m), xu8, v.bits == 4, multi, colsum)(c, m, tile);
+    }
   });
 }
 
