@@ -87,6 +87,7 @@ FQ_AVX512 void scores_tile(const float* const* q, const float* kt, int64_t ld_kt
     const float* kr = kt + d * ld_kt + j0;
     const __m512 k0 = _mm512_loadu_ps(kr), k1 = _mm512_loadu_ps(kr + 16), k2 = _mm512_loadu_ps(kr + 32),
                  k3 = _mm512_loadu_ps(kr + 48);
+#pragma GCC unroll 4
     for (int i = 0; i < NQ; ++i) {
       const __m512 qb = _mm512_set1_ps(q[i][d]);
       acc[i][0] = _mm512_fmadd_ps(qb, k0, acc[i][0]);
@@ -101,10 +102,13 @@ FQ_AVX512 void scores_tile(const float* const* q, const float* kt, int64_t ld_kt
 
 // NQ queries x 64 output values (masked past D): per key, 4 V loads shared by the NQ queries.
 template <int NQ>
+// (Every loop unrolled: otherwise GCC 12 stored all 16 accumulators to the stack on every key.)
 FQ_AVX512 void values_tile(const float* p, int64_t ld, const float* v, int64_t v_stride, int64_t n, int64_t d0,
                            int64_t D, float* const* out) {
   __m512 acc[NQ][4];
+#pragma GCC unroll 4
   for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
   __mmask16 mask[4];
   for (int c = 0; c < 4; ++c) {
@@ -115,6 +119,7 @@ FQ_AVX512 void values_tile(const float* p, int64_t ld, const float* v, int64_t v
     const float* vr = v + j * v_stride + d0;
     const __m512 v0 = _mm512_maskz_loadu_ps(mask[0], vr), v1 = _mm512_maskz_loadu_ps(mask[1], vr + 16),
                  v2 = _mm512_maskz_loadu_ps(mask[2], vr + 32), v3 = _mm512_maskz_loadu_ps(mask[3], vr + 48);
+#pragma GCC unroll 4
     for (int i = 0; i < NQ; ++i) {
       const __m512 pb = _mm512_set1_ps(p[i * ld + j]);
       acc[i][0] = _mm512_fmadd_ps(pb, v0, acc[i][0]);
@@ -123,7 +128,9 @@ FQ_AVX512 void values_tile(const float* p, int64_t ld, const float* v, int64_t v
       acc[i][3] = _mm512_fmadd_ps(pb, v3, acc[i][3]);
     }
   }
+#pragma GCC unroll 4
   for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, mask[c], acc[i][c]);
 }
 
