@@ -100,9 +100,9 @@ FQ_AVX512 void scores_tile(const float* const* q, const float* kt, int64_t ld_kt
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(scores + i * ld + j0 + 16 * c, acc[i][c]);
 }
 
-// NQ queries x 64 output values (masked past D): per key, 4 V loads shared by the NQ queries.
+// NQ queries x 64 output values (masked past D): per key, 4 V loads shared by the NQ queries. (Every
+// loop unrolled: otherwise GCC 12 stored all 16 accumulators to the stack on every key.)
 template <int NQ>
-// (Every loop unrolled: otherwise GCC 12 stored all 16 accumulators to the stack on every key.)
 FQ_AVX512 void values_tile(const float* p, int64_t ld, const float* v, int64_t v_stride, int64_t n, int64_t d0,
                            int64_t D, float* const* out) {
   __m512 acc[NQ][4];
