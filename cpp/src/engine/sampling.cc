@@ -38,6 +38,18 @@ int64_t choose_token(const float* logits, int64_t V, const GenerationOptions& o,
   if (o.temperature <= 0.f) return best;
   std::vector<float> w(static_cast<size_t>(V));
   token_weights(logits, V, logits[best], 1.f / o.temperature, w.data());
+  int64_t keep = o.top_k > 0 ? std::min<int64_t>(o.top_k, V) : V;
+  if (keep == V && o.top_p >= 1.f) {  // no filter: the draw needs no order
+    double total = 0.0;
+    for (int64_t i = 0; i < V; ++i) total += w[i];
+    const double u = std::uniform_real_distribution<double>(0.0, total)(rng);
+    double cum = 0.0;
+    for (int64_t i = 0; i < V; ++i) {
+      cum += w[i];
+      if (u < cum) return i;
+    }
+    return best;  // (rounding: u at the very end of the total)
+  }
   std::vector<int64_t> order(static_cast<size_t>(V));
   std::iota(order.begin(), order.end(), 0);
   int64_t sorted = 0;  // order[0, sorted) holds the best tokens in order
@@ -49,7 +61,6 @@ int64_t choose_token(const float* logits, int64_t V, const GenerationOptions& o,
     std::sort(order.begin() + sorted, order.begin() + n, first);
     sorted = n;
   };
-  int64_t keep = o.top_k > 0 ? std::min<int64_t>(o.top_k, V) : V;
   double total = 0.0;
   if (keep < V) {
     sort_to(keep);
@@ -70,13 +81,6 @@ int64_t choose_token(const float* logits, int64_t V, const GenerationOptions& o,
   }
   const double u = std::uniform_real_distribution<double>(0.0, total)(rng);
   double cum = 0.0;
-  if (keep == V && sorted < V) {  // no filter cut the vocabulary: the draw needs no order
-    for (int64_t i = 0; i < V; ++i) {
-      cum += w[i];
-      if (u < cum) return i;
-    }
-    return best;  // (rounding: u at the very end of the total)
-  }
   for (int64_t i = 0; i < keep; ++i) {
     cum += w[order[i]];
     if (u < cum) return order[i];
