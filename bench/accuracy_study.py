@@ -109,6 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--distill-batch", type=int, default=16)
     p.add_argument("--distill-seq", type=int, default=64)
     p.add_argument("--distill-lr", type=float, default=2e-4)
+    p.add_argument("--distill-clip", action="store_true", help="distillation also learns the weight clip ranges")
     p.add_argument("--eval-text", default="emma")
     p.add_argument("--lkd-text", default="prideprejudice")
     p.add_argument("--seed", type=int, default=0)
@@ -163,6 +164,8 @@ def budget(cfg: Config, args) -> dict:
     if cfg.table == "distill" and cfg.lkd != "none":
         b.update(distill_steps=args.distill_steps, distill_batch=args.distill_batch, distill_seq=args.distill_seq,
                  distill_lr=args.distill_lr)
+        if args.distill_clip:  # keyed only when set: the cells measured without it keep their keys
+            b["distill_clip"] = True
         if cfg.lkd == "text":
             b["distill_text"] = args.lkd_text
     elif cfg.lkd != "none":
@@ -296,7 +299,8 @@ class Study:
         a = self.args
         data = "random" if cfg.lkd == "random" else str(prepare() / f"{a.lkd_text}.txt")
         options = distill.DistillOptions(data=data, steps=a.distill_steps, batch=a.distill_batch, seq=a.distill_seq,
-                                         lr=a.distill_lr, seed=a.seed, progress=not a.quiet)
+                                         lr=a.distill_lr, learn_clip=a.distill_clip, seed=a.seed,
+                                         progress=not a.quiet)
         trained = model.copy()
         t0 = time.time()
         _, stats = distill.apply(trained, scheme, options)

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -276,26 +275,19 @@ def export(model_dir: str, out_dir: str, fmt: str = "compressed-tensors", overwr
         raise ValueError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     from safetensors.torch import save_file
 
-    from .modelfile import check_output_dir
+    from .modelfile import check_output_dir, write_dir_atomically
 
     check_output_dir(out_dir, overwrite)
     tensors, config, report = build(model_dir)
     src = model_dir if os.path.isdir(model_dir) else os.path.dirname(model_dir)
-    out_dir = os.path.abspath(out_dir)
-    parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
-    try:
+
+    def write(tmp: str) -> None:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         for fname in hf.tokenizer_files(src):
             shutil.copyfile(os.path.join(src, fname), os.path.join(tmp, fname))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    report.path = out_dir
+
+    write_dir_atomically(out_dir, write)
+    report.path = os.path.abspath(out_dir)
     return report

@@ -198,33 +198,62 @@ def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
         raise ValueError(f"{out_dir} exists and is not empty: pass --overwrite to replace it")
 
 
-def publish(out_dir: str, tensors: Dict[str, Any], metadata: Dict[str, str],
-            tokenizer_src: Optional[str] = None) -> str:
-    """Write a complete model directory under a temporary name beside out_dir, then move it into place
-    (replacing out_dir if it exists): an interrupted or failed run never leaves a half-written directory
-    that looks like a model. Returns the model file's path."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a pid at all
+        return pid < 2**31
+    return True
+
+
+def _clear_dead_leftovers(parent: str, name: str) -> None:
+    """Remove `.NAME.partial-PID-*` / `.NAME.old-PID-*` directories whose writer (PID, this machine) is gone:
+    what a killed run (SIGKILL, power loss) leaves beside OUT. A live writer's directories are kept."""
+    for entry in os.listdir(parent):
+        for kind in (".partial-", ".old-"):
+            prefix = f".{name}{kind}"
+            if not entry.startswith(prefix):
+                continue
+            pid = entry[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def write_dir_atomically(out_dir: str, write) -> None:
+    """Call write(tmp) on a new directory beside out_dir, then move it into place (replacing out_dir if
+    it exists): an interrupted or failed run never leaves a half-written directory at out_dir's name, and
+    the previous one is put back if the move fails. Leftovers of killed earlier runs are removed first."""
+    import tempfile
+
     out_dir = os.path.abspath(out_dir)
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    import tempfile
-
-    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    _clear_dead_leftovers(parent, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent)
     old = None
     try:
-        save(tmp, tensors, metadata, tokenizer_src)
+        write(tmp)
         if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{name}.old-{os.getpid()}-", dir=parent)
             os.rename(out_dir, os.path.join(old, name))
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old and not os.path.exists(out_dir) and os.path.exists(os.path.join(old, name)):
-            os.rename(os.path.join(old, name), out_dir)  # put the previous model back
+            os.rename(os.path.join(old, name), out_dir)  # put the previous directory back
         raise
     finally:
         if old:
             shutil.rmtree(old, ignore_errors=True)
-    return os.path.join(out_dir, MODEL_FILE)
+
+
+def publish(out_dir: str, tensors: Dict[str, Any], metadata: Dict[str, str],
+            tokenizer_src: Optional[str] = None) -> str:
+    """Write a complete model directory atomically (write_dir_atomically). Returns the model file's path."""
+    write_dir_atomically(out_dir, lambda tmp: save(tmp, tensors, metadata, tokenizer_src))
+    return os.path.join(os.path.abspath(out_dir), MODEL_FILE)
 
 
 def quantize_folder(src: str, out_dir: str, scheme: QuantScheme, progress: bool = False,

@@ -243,3 +243,23 @@ def test_a_failed_quantize_leaves_nothing_and_keeps_the_previous_model(tiny_mode
     assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(fresh), "--quiet"]) == 2
     assert not fresh.exists()
     assert sorted(os.listdir(tmp_path)) == ["out", "seen"]  # no partial directories
+
+
+def test_quantize_removes_leftovers_of_killed_runs_only(tiny_models, tmp_path):
+    """A run killed outright (SIGKILL) leaves its hidden staging directory; the next write to the same
+    OUT removes those of writers that are gone and keeps a live writer's."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid whose process has exited (its staging directory is a leftover)
+    dead = [tmp_path / f".out.partial-{gone.pid}-abc", tmp_path / f".out.old-{gone.pid}-def"]
+    live = tmp_path / f".out.partial-{os.getpid()}-ghi"  # this process: a writer still running
+    other = tmp_path / f".other.partial-{gone.pid}-jkl"  # another OUT's leftovers are not ours to clear
+    for d in dead + [live, other]:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    assert not any(d.exists() for d in dead)
+    assert live.exists() and other.exists()
+    assert (tmp_path / "out" / "model.safetensors").exists()
