@@ -106,10 +106,11 @@ def parse_args(argv=None):
                    help="labels of DISTILL_SCHEMES that get distilled, comma-separated (PTQ rows: all of them; "
                         "default: the best PTQ one, ~8 min per data variant)")
     p.add_argument("--distill-steps", type=int, default=400)
-    p.add_argument("--distill-batch", type=int, default=16)
-    p.add_argument("--distill-seq", type=int, default=64)
+    p.add_argument("--distill-batch", type=int, default=32)
+    p.add_argument("--distill-seq", type=int, default=32)
     p.add_argument("--distill-lr", type=float, default=2e-4)
-    p.add_argument("--distill-clip", action="store_true", help="distillation also learns the weight clip ranges")
+    p.add_argument("--distill-clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="distillation also learns the weight clip ranges (finequant.distill's default)")
     p.add_argument("--eval-text", default="emma")
     p.add_argument("--lkd-text", default="prideprejudice")
     p.add_argument("--seed", type=int, default=0)
@@ -164,7 +165,7 @@ def budget(cfg: Config, args) -> dict:
     if cfg.table == "distill" and cfg.lkd != "none":
         b.update(distill_steps=args.distill_steps, distill_batch=args.distill_batch, distill_seq=args.distill_seq,
                  distill_lr=args.distill_lr)
-        if args.distill_clip:  # keyed only when set: the cells measured without it keep their keys
+        if args.distill_clip:  # keyed only when on: the cells measured without clips keep their keys
             b["distill_clip"] = True
         if cfg.lkd == "text":
             b["distill_text"] = args.lkd_text
@@ -470,7 +471,8 @@ def report(args, cache: dict) -> str:
         lines += ["## all-MiniLM-L6-v2 W4A4: whole-encoder distillation (`quantize --distill`)", "",
                   f"finequant.distill: the whole quantized encoder trained against fp32 (per-layer hidden states + pooled "
                   f"cosine), {args.distill_steps} steps x batch {args.distill_batch} x {args.distill_seq} tokens, lr "
-                  f"{args.distill_lr}, from random token ids or `{args.lkd_text}`; asym = asymmetric INT4 weights and "
+                  f"{args.distill_lr}{', learned weight clips' if args.distill_clip else ''}, from random token ids or "
+                  f"`{args.lkd_text}`; asym = asymmetric INT4 weights and "
                   "activations, rotate=64 = block-Hadamard input rotation (finequant.rotate). Probe and cosine as above, "
                   "through the engine's W4A4 integer path.", "",
                   "| scheme | probe PTQ | probe distilled random | probe distilled Austen | cosine PTQ | cosine "

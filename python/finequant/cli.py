@@ -124,11 +124,12 @@ def _build_parser() -> argparse.ArgumentParser:
                           "states and pooled embeddings (instead of --lkd's block by block)")
     dis.add_argument("--distill-data", metavar="SRC", help="random (token ids, the default) or a text file")
     dis.add_argument("--distill-steps", type=_positive_int, metavar="N", help="optimizer steps (default 400)")
-    dis.add_argument("--distill-batch", type=_positive_int, metavar="B", help="sequences per step (default 16)")
-    dis.add_argument("--distill-seq", type=_positive_int, metavar="T", help="tokens per sequence (default 64)")
+    dis.add_argument("--distill-batch", type=_positive_int, metavar="B", help="sequences per step (default 32)")
+    dis.add_argument("--distill-seq", type=_positive_int, metavar="T", help="tokens per sequence (default 32)")
     dis.add_argument("--distill-lr", type=_positive_float, metavar="LR",
                      help="Adam learning rate, decayed linearly to 0 (default 2e-4)")
-    dis.add_argument("--distill-clip", action="store_true", help="also learn the weight clip ranges")
+    dis.add_argument("--distill-clip", action=argparse.BooleanOptionalAction,
+                     help="also learn the weight clip ranges (default: on)")
     dis.add_argument("--distill-checkpoint", metavar="DIR",
                      help="save the training state here every 50 steps and resume from it if interrupted")
 
@@ -278,7 +279,7 @@ def _cmd_quantize(args) -> int:
     given = {field: getattr(args, opt) for opt, field in _LKD_OPTIONS.items()
              if getattr(args, opt) not in (None, False)}
     given_distill = {field: getattr(args, opt) for opt, field in _DISTILL_OPTIONS.items()
-                     if getattr(args, opt) not in (None, False)}
+                     if getattr(args, opt) is not None}
     if args.lkd and args.distill:
         raise ValueError("--distill and --lkd are two ways of training: choose one")
     if args.lkd or args.distill:  # training runs in torch; plain PTQ needs neither (DESIGN.md section 2)

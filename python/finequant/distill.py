@@ -53,11 +53,13 @@ def check_family(family: str) -> None:
 class DistillOptions:
     data: str = "random"   # "random" token ids or a text file path
     steps: int = 400       # optimizer steps
-    batch: int = 16        # sequences per step
-    seq: int = 64          # tokens per sequence, [CLS] and [SEP] included
+    # 32 x 32 tokens and learned clips: MiniLM W4A4 embedding cosine 0.9614 (16 x 64, no clips) -> 0.9664 on
+    # Rotten Tomatoes snippets (median 26 tokens); docs/DESIGN.md section 8
+    batch: int = 32        # sequences per step
+    seq: int = 32          # tokens per sequence, [CLS] and [SEP] included
     lr: float = 2e-4       # Adam learning rate, decayed linearly to 0
     seed: int = 0
-    learn_clip: bool = False
+    learn_clip: bool = True
     checkpoint: Optional[str] = None  # directory: resume from it if it holds a checkpoint of this run
     checkpoint_every: int = 50        # steps between checkpoints
     progress: bool = True

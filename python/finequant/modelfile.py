@@ -200,11 +200,11 @@ def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # gone, or no pid at all
         return False
-    except (PermissionError, OverflowError):  # another user's process, or not a pid at all
-        return pid < 2**31
+    except PermissionError:  # another user's process
+        return True
     return True
 
 

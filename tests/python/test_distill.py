@@ -132,6 +132,11 @@ def test_cli_quantize_with_distill(tiny_models, tmp_path):
     plain = tmp_path / "plain"
     assert main(["quantize", str(tiny_models["bert"]), "-o", str(plain), "--scheme", "w4a4", "--quiet"]) == 0
     assert load_info(str(plain))["distillation"] is None
+    unclipped = tmp_path / "unclipped"  # clips are on by default; --no-distill-clip turns them off
+    assert main(["quantize", str(tiny_models["bert"]), "-o", str(unclipped), "--scheme", "w4a4", "--quiet",
+                 "--distill", "--distill-steps", "2", "--distill-batch", "2", "--distill-seq", "8",
+                 "--no-distill-clip"]) == 0
+    assert load_info(str(unclipped))["distillation"]["learn_clip"] is False
     ids = np.arange(12, dtype=np.int64)[None] + 5
     a, b = Engine(str(out)).forward(ids), Engine(str(plain)).forward(ids)
     assert a.shape == b.shape and not np.array_equal(a, b)
@@ -139,6 +144,7 @@ def test_cli_quantize_with_distill(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("family,args,message", [
     ("bert", ["--distill-steps", "3"], "--distill-steps only apply with --distill"),
+    ("bert", ["--no-distill-clip"], "--distill-clip only apply with --distill"),
     ("bert", ["--distill", "--lkd"], "choose one"),
     ("bert", ["--distill", "--scheme", "fp32"], "--distill needs a quantized scheme"),
     ("bert", ["--distill", "--distill-data", "missing.txt"], "'random' or a text file"),
