@@ -209,16 +209,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clear_dead_leftovers(parent: str, name: str) -> None:
-    """Remove `.NAME.partial-PID-*` / `.NAME.old-PID-*` directories whose writer (PID, this machine) is gone:
-    what a killed run (SIGKILL, power loss) leaves beside OUT. A live writer's directories are kept."""
-    for entry in os.listdir(parent):
+    """Clean up after writers (PID, this machine) that are gone, e.g. killed by SIGKILL or a power loss:
+    their `.NAME.partial-PID-*` directories are removed; a `.NAME.old-PID-*` directory holds the previous
+    NAME, which is moved back if NAME is missing (the writer died between its two renames), else removed.
+    A live writer's directories are kept."""
+    out_dir = os.path.join(parent, name)
+    for entry in sorted(os.listdir(parent)):
         for kind in (".partial-", ".old-"):
             prefix = f".{name}{kind}"
-            if not entry.startswith(prefix):
+            pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
+            if not pid.isdigit() or _pid_alive(int(pid)):
                 continue
-            pid = entry[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            path = os.path.join(parent, entry)
+            if kind == ".old-" and not os.path.exists(out_dir) and os.path.isdir(os.path.join(path, name)):
+                os.rename(os.path.join(path, name), out_dir)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def write_dir_atomically(out_dir: str, write) -> None:

@@ -263,3 +263,29 @@ def test_quantize_removes_leftovers_of_killed_runs_only(tiny_models, tmp_path):
     assert not any(d.exists() for d in dead)
     assert live.exists() and other.exists()
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_writer_killed_between_its_renames_gets_its_previous_model_back(tiny_models, tmp_path):
+    """Killed after moving the previous OUT aside and before moving the new one in: the next write to OUT
+    puts the previous model back first, so a failing write still leaves it in place."""
+    import subprocess
+    import sys
+
+    import finequant.modelfile as modelfile
+
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(out), "--quiet"]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    aside = tmp_path / f".out.old-{gone.pid}-xyz"
+    aside.mkdir()
+    out.rename(aside / "out")  # what the killed writer left: no OUT, the previous one aside
+
+    def failing(tmp):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        modelfile.write_dir_atomically(str(out), failing)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
