@@ -75,7 +75,9 @@ DISTILL_SCHEMES = {
     "w4a4 asym": ("w4a4", {"weight_symmetric": False, "act_symmetric": False}),
     "w4a4 asym rotate=64": ("w4a4", {"weight_symmetric": False, "act_symmetric": False, "rotation": 64}),
 }
-DISTILL_DATA = ("random", "text")
+# ... and from the Rotten Tomatoes snippets of the probe's train split, without their labels (in-domain
+# unlabelled text; the cosine and the probe are measured on the test split, which distillation never sees)
+DISTILL_DATA = ("random", "text", "reviews")
 ABLATION_SCHEME = "w4/8a8"
 ABLATION_GROUPS = 64  # ZeroQuant row groups: divides every output dimension of both models
 ABLATION_WEIGHTS = {"per-tensor": "tensor", f"group-wise (G={ABLATION_GROUPS})": ("rows", ABLATION_GROUPS)}
@@ -100,8 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--lkd-batch", type=int, default=4)
     p.add_argument("--lkd-seq", type=int, default=128)
     p.add_argument("--lkd-lr", type=float, default=3e-4)
-    p.add_argument("--distill", default="random,text",
-                   help="MiniLM W4A4 distillation data variants to run: random,text (or none)")
+    p.add_argument("--distill", default="random,text,reviews",
+                   help="MiniLM W4A4 distillation data variants to run: random,text,reviews (or none)")
     p.add_argument("--distill-schemes", default="w4a4 asym rotate=64",
                    help="labels of DISTILL_SCHEMES that get distilled, comma-separated (PTQ rows: all of them; "
                         "default: the best PTQ one, ~8 min per data variant)")
@@ -169,6 +171,8 @@ def budget(cfg: Config, args) -> dict:
             b["distill_clip"] = True
         if cfg.lkd == "text":
             b["distill_text"] = args.lkd_text
+        elif cfg.lkd == "reviews":
+            b["distill_text"] = "rotten tomatoes train split"
     elif cfg.lkd != "none":
         b.update(lkd_steps=args.lkd_steps, lkd_samples=args.lkd_samples, lkd_batch=args.lkd_batch,
                  lkd_seq=args.lkd_seq, lkd_lr=args.lkd_lr, lkd_version=LKD_VERSION)
@@ -298,7 +302,7 @@ class Study:
         from finequant import distill
 
         a = self.args
-        data = "random" if cfg.lkd == "random" else str(prepare() / f"{a.lkd_text}.txt")
+        data = {"random": "random", "reviews": self.review_text()}.get(cfg.lkd) or str(prepare() / f"{a.lkd_text}.txt")
         options = distill.DistillOptions(data=data, steps=a.distill_steps, batch=a.distill_batch, seq=a.distill_seq,
                                          lr=a.distill_lr, learn_clip=a.distill_clip, seed=a.seed,
                                          progress=not a.quiet)
@@ -306,6 +310,18 @@ class Study:
         t0 = time.time()
         _, stats = distill.apply(trained, scheme, options)
         return trained, time.time() - t0, stats
+
+    def review_text(self) -> str:
+        """A text file of the probe's train-split Rotten Tomatoes snippets (no labels), one per line."""
+        from finequant.evaluate import probe_split, rotten_tomatoes
+
+        texts, _ = rotten_tomatoes()
+        train, _ = probe_split(len(texts), self.args.probe_texts or None, seed=self.args.seed)
+        path = os.path.join(os.path.dirname(LKD_CACHE), f"rotten-tomatoes-train-{self.args.seed}.txt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(texts[i] for i in train))
+        return path
 
     def measure(self, cfg: Config) -> dict:
         from finequant import Engine
@@ -471,13 +487,16 @@ def report(args, cache: dict) -> str:
         lines += ["## all-MiniLM-L6-v2 W4A4: whole-encoder distillation (`quantize --distill`)", "",
                   f"finequant.distill: the whole quantized encoder trained against fp32 (per-layer hidden states + pooled "
                   f"cosine), {args.distill_steps} steps x batch {args.distill_batch} x {args.distill_seq} tokens, lr "
-                  f"{args.distill_lr}{', learned weight clips' if args.distill_clip else ''}, from random token ids or "
-                  f"`{args.lkd_text}`; asym = asymmetric INT4 weights and "
+                  f"{args.distill_lr}{', learned weight clips' if args.distill_clip else ''}, from random token ids, "
+                  f"`{args.lkd_text}`, or the Rotten Tomatoes snippets of the probe's train split without their labels "
+                  "(reviews: unlabelled in-domain text; the test split, where probe and cosine are measured, is never "
+                  "seen); asym = asymmetric INT4 weights and "
                   "activations, rotate=64 = block-Hadamard input rotation (finequant.rotate). Probe and cosine as above, "
                   "through the engine's W4A4 integer path.", "",
-                  "| scheme | probe PTQ | probe distilled random | probe distilled Austen | cosine PTQ | cosine "
-                  "distilled random | cosine distilled Austen | seconds (random / Austen) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| scheme | probe PTQ | probe distilled random | probe distilled Austen | probe distilled reviews | "
+                  "cosine PTQ | cosine distilled random | cosine distilled Austen | cosine distilled reviews | "
+                  "seconds (random / Austen / reviews) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for s in DISTILL_SCHEMES:
             cs = [Config("minilm", s, lkd=d, table="distill") for d in ("none",) + DISTILL_DATA]
             acc = [_fmt(get(c, "probe_accuracy") and 100 * get(c, "probe_accuracy"), "{:.2f}%") for c in cs]
