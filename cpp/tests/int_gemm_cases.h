@@ -151,6 +151,38 @@ TEST(larger_shapes_many_tasks) {
   CHECK_EQ(run_case(258, 40, 100, 8, false, 4, true, Tile{1, 100}, true, Epilogue::None, 303), 0);
 }
 
+// Activations whose quotient x / s lies on or next to a half-integer (the rounding boundary), where a
+// kernel that multiplies by 1 / s instead of dividing could round to another integer.
+TEST(activation_quotients_at_half_integers) {
+  std::mt19937 rng(11);
+  const int64_t M = 9, N = 24, K = 256;
+  const Tensor w = random_tensor({N, K}, rng, 0.f);
+  const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, K});
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  std::uniform_int_distribution<int> side(0, 2);
+  for (bool asym : {false, true})
+    for (int bits : {8, 4}) {
+      Tensor x = Tensor::empty(DType::F32, {M, K});
+      for (int64_t m = 0; m < M; ++m) {
+        float* r = x.data<float>() + m * K;
+        // The row's range fixes s as quantize computes it: [-A, A] (symmetric) or [-A, 2A].
+        const float A = 0.37f * static_cast<float>(m + 1), qmax = static_cast<float>((1 << (bits - (asym ? 0 : 1))) - 1);
+        r[0] = -A;
+        r[1] = asym ? 2 * A : A;
+        const float s = asym ? (r[1] - r[0]) / qmax : A / qmax;
+        const float first = std::ceil(r[0] / s), span = std::floor(r[1] / s) - first;  // integer quotients inside
+        for (int64_t k = 2; k < K; ++k) {
+          const float h = first + std::floor(u(rng) * (span - 1)) + 0.5f;  // a half-integer quotient
+          const float v = h * s;
+          const int d = side(rng);  // that value, or a neighbouring float
+          r[k] = d == 0 ? v : std::nextafter(v, d == 1 ? -INFINITY : INFINITY);
+        }
+      }
+      CHECK_EQ(compare(kernels::RowInput{x.data<float>(), M, K, nullptr}, wq, QuantSpec{bits, !asym}, nullptr,
+                       Epilogue::None), 0);
+    }
+}
+
 // Raw weight integers over the full storage ranges (including -128, which quantize() never
 // produces), activation rows that quantize to the extremes, and large K: the operand shifts and
 // the int32 corrections must stay exact.

@@ -338,6 +338,16 @@ inline void store_tile(const Ctx& c, int64_t m0, int64_t rows, int64_t n0, int64
 #else
 // The same operations, 16 channels per zmm (act_math_avx512.h rounds like act_math.h).
 // The terms of a symmetric side are zero (zx = 0, zw = 0) and skipped.
+// sum + one block's contribution to 16 outputs of a row (table columns t..): the block's exact
+// correction of the int32 sums acc, then + (sx * sw) * float(corrected).
+template <bool XU8, bool WU8>
+FQ_AMX inline __m512 add_block(const Layout& v, int64_t t, __m512i acc, __m512i zx, __m512i rs, __m512 sx, __m512 sum) {
+  if (XU8) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(zx, _mm512_loadu_si512(v.colsum_minus.data() + t)));
+  if (WU8) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_loadu_si512(v.zw.data() + t), rs));
+  const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(sx, _mm512_loadu_ps(v.scale.data() + t)), _mm512_cvtepi32_ps(acc));
+  return _mm512_add_ps(sum, scaled);
+}
+
 template <bool XU8, bool WU8>
 FQ_AMX inline void accumulate_tile(const Ctx& c, int64_t m0, int64_t rows, int nt, int64_t strip, int64_t b,
                                    const int32_t (*acc)[2 * kPanel], TileF32& out) {
@@ -348,13 +358,9 @@ FQ_AMX inline void accumulate_tile(const Ctx& c, int64_t m0, int64_t rows, int n
     const __m512i zx = _mm512_set1_epi32(XU8 ? c.zx[m] : 0), rs = _mm512_set1_epi32(c.rowsum[m * v.nb + b]);
     const __m512 sx = _mm512_set1_ps(c.sx[m]);
     for (int j = 0; j < nt; ++j) {
-      const int64_t t = col + j * kPanel;
-      __m512i corr = _mm512_load_si512(&acc[i][j * kPanel]);
-      if (XU8) corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(zx, _mm512_loadu_si512(v.colsum_minus.data() + t)));
-      if (WU8) corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_loadu_si512(v.zw.data() + t), rs));
-      const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(sx, _mm512_loadu_ps(v.scale.data() + t)), _mm512_cvtepi32_ps(corr));
       const __m512 sum = b == 0 ? _mm512_setzero_ps() : _mm512_load_ps(&out[i][j * kPanel]);
-      _mm512_store_ps(&out[i][j * kPanel], _mm512_add_ps(sum, scaled));
+      _mm512_store_ps(&out[i][j * kPanel], add_block<XU8, WU8>(v, col + j * kPanel, _mm512_load_si512(&acc[i][j * kPanel]),
+                                                               zx, rs, sx, sum));
     }
   }
 }
@@ -492,15 +498,30 @@ struct PendingTile {
   alignas(64) TileI32 acc;
 };
 
-// Rows [r0, r1) of a pending tile (clamped to its real rows): epilogue and store.
+// Rows [r0, r1) of a pending (single-block) tile, clamped to its real rows: epilogue and store.
 template <bool XU8, bool WU8>
 FQ_AMX void finish_pending(const Ctx& c, const PendingTile& p, int64_t r0, int64_t r1) {
   r1 = std::min<int64_t>(r1, std::min<int64_t>(p.mt * kTileRows, c.M - p.m0));
   if (r0 >= r1) return;
-  const int64_t n0 = p.strip * 2 * kPanel;
+  const int64_t n0 = p.strip * 2 * kPanel, cols = std::min<int64_t>(p.nt * kPanel, c.v->N - n0);
+#if FQ_KERNEL_EMULATE
   alignas(64) TileF32 out;
   accumulate_tile<XU8, WU8>(c, p.m0 + r0, r1 - r0, p.nt, p.strip, 0, p.acc + r0, out);
-  store_tile(c, p.m0 + r0, r1 - r0, n0, std::min<int64_t>(p.nt * kPanel, c.v->N - n0), out);
+  store_tile(c, p.m0 + r0, r1 - r0, n0, cols, out);
+#else
+  // accumulate_tile + store_tile in one pass, without the fp32 tile in between.
+  const Layout& v = *c.v;
+  const int64_t col = p.strip * v.nb * 2 * kPanel;
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t m = p.m0 + i;
+    const __m512i zx = _mm512_set1_epi32(XU8 ? c.zx[m] : 0), rs = _mm512_set1_epi32(c.rowsum[m]);
+    const __m512 sx = _mm512_set1_ps(c.sx[m]);
+    for (int64_t j = 0; j < cols; j += kPanel)
+      store_activated(c.y + m * v.N + n0 + j, c.bias ? c.bias + n0 + j : nullptr, cols - j,
+                      add_block<XU8, WU8>(v, col + j, _mm512_load_si512(&p.acc[i][j]), zx, rs, sx, _mm512_setzero_ps()),
+                      c.epilogue);
+  }
+#endif
 }
 
 // Rows m0.. (mt row tiles, of which `rows` are real) x channels of panels 2 strip.. (nt panels)
