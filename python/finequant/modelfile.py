@@ -191,7 +191,11 @@ def save(out_dir: str, tensors: Dict[str, Any], metadata: Dict[str, str],
 
 
 def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
-    """Refuse an output directory that exists and is not empty, unless told to replace it."""
+    """Refuse an output directory that exists and is not empty, unless told to replace it. A killed
+    writer's set-aside previous directory is put back first (_clear_dead_leftovers), so it counts too."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    if os.path.isdir(parent):
+        _clear_dead_leftovers(parent, name)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:

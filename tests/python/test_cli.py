@@ -289,3 +289,22 @@ def test_a_writer_killed_between_its_renames_gets_its_previous_model_back(tiny_m
         modelfile.write_dir_atomically(str(out), failing)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_killed_writers_previous_model_is_back_before_the_overwrite_check(tiny_models, tmp_path, capsys):
+    """The restored previous OUT is an existing model: quantize refuses to replace it without --overwrite."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(out), "--quiet"]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    aside = tmp_path / f".out.old-{gone.pid}-xyz"
+    aside.mkdir()
+    out.rename(aside / "out")
+    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(out), "--scheme", "w4a8", "--quiet"]) != 0
+    assert "exists and is not empty: pass --overwrite" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
