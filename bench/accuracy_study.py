@@ -62,6 +62,9 @@ SCHEMES = {
     "w4/8a8": ("w4/8a8", {}),
     "w4a8 kblock=32": ("w4a8", {"grouping": ("kblock", 32)}),
     "w4a4": ("w4a4", {}),
+    # block-Hadamard input rotation, which `finequant quantize` applies to INT4 schemes with quantized activations
+    "w4/8a8 rotate=64": ("w4/8a8", {"rotation": 64}),
+    "w4a8 kblock=32 rotate=64": ("w4a8", {"grouping": ("kblock", 32), "rotation": 64}),
 }
 # Labels quantized after outlier smoothing (finequant.smooth, its defaults: alpha 0.7, random ids): what
 # `finequant quantize` does unless --no-smooth.

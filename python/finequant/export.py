@@ -112,7 +112,7 @@ def _scheme_of(module: str, lq: LinearQuant, n: int, k: int, notes: List[str]) -
     where = f"{module} ({lq.part})"
     if lq.rotation:
         raise ExportError(f"{where}: rotation={lq.rotation} (block-Hadamard input rotation) cannot be expressed "
-                          "in compressed-tensors: re-quantize without --rotate")
+                          "in compressed-tensors: re-quantize with --no-rotate")
     if not lq.weight_symmetric and lq.act_bits:
         raise ExportError(f"{where}: weight_symmetric=false with INT{lq.act_bits} activations: vLLM's integer "
                           "GEMMs take symmetric weights (only weight-only schemes export zero points): re-quantize "

@@ -27,7 +27,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import hf
-from .rotate import hadamard_blocks, rotate_weight
+from .rotate import hadamard_matmul, rotate_weight
 from .quantize import _expand, _tiles, fake_quant_activation, fake_quant_weight, quant_max, round_scale_to_half
 from .schemes import LinearQuant, QuantScheme
 from .simulate import _find_module, _linear_weight
@@ -158,8 +158,9 @@ class LKDLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         s = self.spec
-        # The master weight stays unrotated (what the model file is made from); the file holds W H.
-        w = rotate_weight(self.weight, s.rotation) if s.rotation else self.weight
+        # The master weight stays unrotated (what the model file is made from); the file holds W H,
+        # which training approximates to fp32 rounding (hadamard_matmul: the exact form is 2x slower).
+        w = hadamard_matmul(self.weight, s.rotation) if s.rotation else self.weight
         if not s.weight_bits:
             return w
         if self.clip is not None:  # the clip factors need the gradient through the scale
@@ -194,7 +195,7 @@ class LKDLinear(nn.Module):
         x = x.to(torch.float32)
         s = self.spec
         if s.rotation:
-            x = hadamard_blocks(x, s.rotation)
+            x = hadamard_matmul(x, s.rotation)
         if s.act_bits:
             x = _StraightThrough.apply(x, fake_quant_activation(x.detach(), s.act_bits, s.act_symmetric))
         return F.linear(x, self.quantized_weight(), self.bias)

@@ -76,8 +76,10 @@ def _dequantize_stored(f, module, entry):
 def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
     src = tiny_models[family]
     out = tmp_path / "out"
-    # --no-smooth: the stored weights must be the fake-quantized source weights (smoothing: test_smooth.py)
-    assert main(["quantize", str(src), "-o", str(out), "--scheme", name, "--quiet", "--no-smooth"] + opts) == 0
+    # --no-smooth, --no-rotate: the stored weights must be the fake-quantized source weights (smoothing:
+    # test_smooth.py; rotation: test_rotate.py)
+    assert main(["quantize", str(src), "-o", str(out), "--scheme", name, "--quiet", "--no-smooth", "--no-rotate"]
+                + opts) == 0
     path = out / "model.safetensors"
     scheme = _scheme_from_args(name, opts)
     model = hf.load(src)

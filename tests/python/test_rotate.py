@@ -167,7 +167,7 @@ def test_rotated_engine_matches_simulation(tiny, tmp_path, family, block, scheme
 def test_rotation_changes_the_quantized_model_not_the_float_one(tiny, tmp_path):
     # LM head in the parts: quantized, never rotated; the block GEMMs rotated
     folder = tiny["llama"][0]
-    for name, extra in (("plain", []), ("rot", ["--rotate"])):
+    for name, extra in (("plain", ["--no-rotate"]), ("rot", ["--rotate"])):
         code, err = _cli("quantize", folder, "-o", tmp_path / name, "--scheme", "w4a4", "--quiet", "--no-smooth",
                          "--parts", "qkv,attn_out,fc1,fc2,head", *extra)
         assert code == 0, err
@@ -188,6 +188,45 @@ def test_rotation_changes_the_quantized_model_not_the_float_one(tiny, tmp_path):
     code, err = _cli("quantize", folder, "-o", tmp_path / "fp2", "--scheme", "fp32", "--rotate", "--quiet")
     assert code == 2 and "rotation applies to quantized Linears" in err
     assert parse_scheme("w8a8", rotation=32).describe() == "w8a8 rotate=32"
+
+
+def test_hadamard_matmul_is_the_transform_to_rounding():
+    # LKD and distillation train through this form (one GEMM instead of log2(b) stages)
+    x = torch.randn(3, 7, 192, dtype=torch.float32, requires_grad=True)
+    y = rotate.hadamard_matmul(x, 64)
+    ref = rotate.hadamard_blocks(x.detach(), 64)
+    assert torch.allclose(y, ref, atol=1e-6 * float(ref.abs().max()), rtol=0)
+    y.backward(torch.ones_like(y))
+    # d/dx of sum(x H) = row sums of H: sqrt(b) on the block's first element, 0 elsewhere
+    expect = torch.zeros(192)
+    expect[::64] = 8.0
+    assert torch.allclose(x.grad[0, 0], expect, atol=1e-5)
+
+
+def test_default_block_divides_every_width():
+    assert rotate.default_block([576, 1536]) == 64  # SmolLM2
+    assert rotate.default_block([96, 384]) == 32
+    assert rotate.default_block([24, 64]) == 8
+    assert rotate.default_block([100, 64]) == 0  # 4 would spread an outlier over too few channels
+
+
+def test_int4_schemes_with_quantized_activations_rotate_by_default(tiny, tmp_path):
+    folder = tiny["llama"][0]  # input widths 64 and 128
+    cases = (("w4a8", []), 64), (("w4/8a8", []), 64), (("w4a4", []), 64), (("w8a8", []), 0), (("w4a16", []), 0), \
+        (("w4a8", ["--no-rotate"]), 0), (("w4a8", ["--rotate", "16"]), 16)
+    for i, ((scheme, extra), block) in enumerate(cases):
+        code, err = _cli("quantize", folder, "-o", tmp_path / str(i), "--scheme", scheme, "--quiet", "--no-smooth",
+                         *extra)
+        assert code == 0, err
+        records = read_records(str(tmp_path / str(i)))
+        assert {lq.rotation for lq in records.values() if lq.weight_bits} == {block}, (scheme, extra)
+    # an encoder-decoder whose encoder stack is INT4 with INT8 activations: both stacks rotated
+    code, err = _cli("quantize", tiny["bart"][0], "-o", tmp_path / "bart", "--scheme", "w8a8", "--encoder-scheme",
+                     "w4a8", "--quiet")
+    assert code == 0, err
+    assert {lq.rotation for lq in read_records(str(tmp_path / "bart")).values() if lq.weight_bits} == {64}
+    code, err = _cli("quantize", folder, "-o", tmp_path / "x", "--scheme", "w4a8", "--rotate", "--no-rotate", "--quiet")
+    assert code == 2 and "--rotate contradicts --no-rotate" in err
 
 
 def test_cli_rotate_errors_and_info(tiny, tmp_path):
