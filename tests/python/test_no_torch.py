@@ -304,6 +304,10 @@ def test_weights_match_the_torch_reference(runs, models, model, case):
         w = src[name]
         if model == "gpt2":
             w = w.t().contiguous()  # Conv1D stores [in, out]
+        if entry.get("rotation"):  # INT4 schemes with quantized activations are rotated by default: W H
+            from finequant.rotate import rotate_weight
+
+            w = rotate_weight(w, entry["rotation"])
         bits, sym = entry["weight_bits"], entry["weight_symmetric"]
         q, s, z = _torch_reference(w, bits, sym, tuple(entry["tile"]), entry.get("scale_dtype") == "fp16")
         stored = tensors[module + ".weight"].numpy()
