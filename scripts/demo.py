@@ -33,6 +33,8 @@ SCHEMES = [
     ("w8a8", "w8a8", {}),
     ("w8a8 asym", "w8a8", {"weight_symmetric": False, "act_symmetric": False}),
     ("w4a8 kblock=32", "w4a8", {"grouping": ("kblock", 32)}),
+    # the block-Hadamard input rotation `finequant quantize` applies to INT4 schemes by default
+    ("w4a8 rotate=64", "w4a8", {"grouping": ("kblock", 32), "rotation": 64}),
     ("w4/8a8", "w4/8a8", {}),
     ("w4a4", "w4a4", {}),
 ]
