@@ -554,7 +554,8 @@ def targets(args, get, fp, gaps):
             out.append(within(what, get(Config("smollm2", s, lkd=lkd), "perplexity"), 0.02))
         out.append(within("SmolLM2 w8a8 as `finequant quantize` makes it by default (issue 12)",
                           get(Config("smollm2", "w8a8 a-asym smooth (default)"), "perplexity"), 0.01))
-        for s in ("w4/8a8", "w4a8 kblock=32"):
+        for s in [s for s in ("w4/8a8", "w4a8 kblock=32", "w4/8a8 rotate=64", "w4a8 kblock=32 rotate=64")
+                  if s in args.schemes]:
             for d in LKD_DATA:
                 g = gaps.get(s, {}).get(d)
                 what = f"- LKD ({d}) closes >= 50% of the PTQ-to-fp32 perplexity gap for {s}: "

@@ -87,9 +87,9 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rotate", type=_positive_int, nargs="?", const=64, metavar="B",
                    help="rotate the inputs of the quantized block GEMMs by a block-Hadamard matrix of B x B blocks "
                         "(default 64; a power of two dividing every such GEMM's input width) and their weights to "
-                        "match: outlier channels spread over their block. On by default for schemes with INT4 "
-                        "weights and quantized activations (block 64, or the largest power of two >= 8 dividing "
-                        "the widths); off for the others, whose prefill it would slow by 5-10%%")
+                        "match: outlier channels spread over their block. On by default where outlier smoothing "
+                        "runs on a scheme with INT4 weights (block 64, or the largest power of two >= 8 dividing "
+                        "the widths); off for the others (W8A8: its prefill would be 5-10%% slower)")
     q.add_argument("--no-rotate", action="store_true",
                    help="no rotation, also for INT4 schemes (e.g. for `finequant export`, which cannot express it)")
     q.add_argument("--scale-dtype", choices=("fp32", "fp16"),
@@ -238,12 +238,6 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def _rotates_by_default(scheme) -> bool:
-    """INT4 weights and quantized activations somewhere (a BART stack counts)."""
-    schemes = [scheme] + [s for _, s in scheme.stacks]
-    return scheme.has_int4_weights and any(s.act_bits for s in schemes)
-
-
 def _cmd_quantize(args) -> int:
     from . import hf
     from .modelfile import check_output_dir, publish, quantize_model
@@ -319,14 +313,6 @@ def _cmd_quantize(args) -> int:
     if progress:
         print(f"reading {args.src}", file=sys.stderr)
     model = hf.load(args.src, tensors="numpy")
-    if args.rotate is None and not args.no_rotate and _rotates_by_default(scheme):
-        # INT4 weights with quantized activations are rotated unless told otherwise: SmolLM2-135M W4A8
-        # perplexity 39.5 -> 36.6, W4/8A8 37.8 -> 35.4 (fp32 32.0) for ~1% of decode speed (DESIGN.md section 6).
-        from .rotate import default_block
-
-        block = default_block(model.tensors[m + ".weight"].shape[1] for m in model.linear_parts())
-        if block:
-            scheme = scheme_with(scale_dtype, block)
     if args.distill:
         from .distill import check_family
 
@@ -366,6 +352,16 @@ def _cmd_quantize(args) -> int:
                 ratios = ", ".join(f"{p} {r:.1f}x" for p, r in smoothing["outlier_reduction"].items())
                 print(f"smoothed activation outliers (alpha {alpha}, {smoothing['data']}): peak/mean "
                       f"input range down {ratios}", file=sys.stderr)
+    if args.rotate is None and not args.no_rotate and scheme.has_int4_weights and smoothing \
+            and "skipped" not in smoothing:
+        # Smoothed INT4 schemes are rotated unless told otherwise: smoothing moves activation outliers into
+        # weight columns, which INT4 K-blocks then lose; the rotation spreads them. SmolLM2-135M W4A8 39.5 ->
+        # 36.6, W4/8A8 37.8 -> 35.4 (fp32 32.0); unsmoothed W4A8 it made worse, 41.8 -> 44.6 (DESIGN.md section 6).
+        from .rotate import default_block
+
+        block = default_block(model.tensors[m + ".weight"].shape[1] for m in model.linear_parts())
+        if block:
+            scheme = scheme_with(scale_dtype, block)
     if args.lkd or args.distill:
         model = model.to_torch()
     if args.lkd:

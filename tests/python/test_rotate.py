@@ -210,21 +210,21 @@ def test_default_block_divides_every_width():
     assert rotate.default_block([100, 64]) == 0  # 4 would spread an outlier over too few channels
 
 
-def test_int4_schemes_with_quantized_activations_rotate_by_default(tiny, tmp_path):
+def test_smoothed_int4_schemes_rotate_by_default(tiny, tmp_path):
     folder = tiny["llama"][0]  # input widths 64 and 128
-    cases = (("w4a8", []), 64), (("w4/8a8", []), 64), (("w4a4", []), 64), (("w8a8", []), 0), (("w4a16", []), 0), \
-        (("w4a8", ["--no-rotate"]), 0), (("w4a8", ["--rotate", "16"]), 16)
+    cases = (("w4a8", []), 64), (("w4/8a8", []), 64), (("w4a4", []), 64), (("w8a8", []), 0), \
+        (("w4a16", []), 0), (("w4a8", ["--no-smooth"]), 0), (("w4a8", ["--no-rotate"]), 0), \
+        (("w4a8", ["--rotate", "16"]), 16)  # w4a16: nothing to smooth
     for i, ((scheme, extra), block) in enumerate(cases):
-        code, err = _cli("quantize", folder, "-o", tmp_path / str(i), "--scheme", scheme, "--quiet", "--no-smooth",
-                         *extra)
+        code, err = _cli("quantize", folder, "-o", tmp_path / str(i), "--scheme", scheme, "--quiet", *extra)
         assert code == 0, err
         records = read_records(str(tmp_path / str(i)))
         assert {lq.rotation for lq in records.values() if lq.weight_bits} == {block}, (scheme, extra)
-    # an encoder-decoder whose encoder stack is INT4 with INT8 activations: both stacks rotated
+    # encoder-decoders are not smoothed, so not rotated unless told
     code, err = _cli("quantize", tiny["bart"][0], "-o", tmp_path / "bart", "--scheme", "w8a8", "--encoder-scheme",
                      "w4a8", "--quiet")
     assert code == 0, err
-    assert {lq.rotation for lq in read_records(str(tmp_path / "bart")).values() if lq.weight_bits} == {64}
+    assert {lq.rotation for lq in read_records(str(tmp_path / "bart")).values() if lq.weight_bits} == {0}
     code, err = _cli("quantize", folder, "-o", tmp_path / "x", "--scheme", "w4a8", "--rotate", "--no-rotate", "--quiet")
     assert code == 2 and "--rotate contradicts --no-rotate" in err
 
