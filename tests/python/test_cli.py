@@ -267,14 +267,9 @@ def test_quantize_removes_leftovers_of_killed_runs_only(tiny_models, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_a_writer_killed_between_its_renames_gets_its_previous_model_back(tiny_models, tmp_path):
-    """Killed after moving the previous OUT aside and before moving the new one in: the next write to OUT
-    puts the previous model back first, so a failing write still leaves it in place."""
-    import subprocess
-    import sys
-
-    import finequant.modelfile as modelfile
-
+def _model_set_aside_by_a_killed_writer(tiny_models, tmp_path):
+    """(OUT, its model file's bytes) after a writer that no longer runs moved OUT aside and died before
+    moving its new one in: no OUT, the previous one in `.out.old-PID-*`."""
     out = tmp_path / "out"
     assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(out), "--quiet"]) == 0
     before = (out / "model.safetensors").read_bytes()
@@ -282,7 +277,16 @@ def test_a_writer_killed_between_its_renames_gets_its_previous_model_back(tiny_m
     gone.wait()
     aside = tmp_path / f".out.old-{gone.pid}-xyz"
     aside.mkdir()
-    out.rename(aside / "out")  # what the killed writer left: no OUT, the previous one aside
+    out.rename(aside / "out")
+    return out, before
+
+
+def test_a_writer_killed_between_its_renames_gets_its_previous_model_back(tiny_models, tmp_path):
+    """Killed after moving the previous OUT aside and before moving the new one in: the next write to OUT
+    puts the previous model back first, so a failing write still leaves it in place."""
+    import finequant.modelfile as modelfile
+
+    out, before = _model_set_aside_by_a_killed_writer(tiny_models, tmp_path)
 
     def failing(tmp):
         raise OSError("disk full")
@@ -295,17 +299,7 @@ def test_a_writer_killed_between_its_renames_gets_its_previous_model_back(tiny_m
 
 def test_a_killed_writers_previous_model_is_back_before_the_overwrite_check(tiny_models, tmp_path, capsys):
     """The restored previous OUT is an existing model: quantize refuses to replace it without --overwrite."""
-    import subprocess
-    import sys
-
-    out = tmp_path / "out"
-    assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(out), "--quiet"]) == 0
-    before = (out / "model.safetensors").read_bytes()
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    aside = tmp_path / f".out.old-{gone.pid}-xyz"
-    aside.mkdir()
-    out.rename(aside / "out")
+    out, before = _model_set_aside_by_a_killed_writer(tiny_models, tmp_path)
     assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(out), "--scheme", "w4a8", "--quiet"]) != 0
     assert "exists and is not empty: pass --overwrite" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before
