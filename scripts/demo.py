@@ -24,17 +24,19 @@ from finequant.evaluate import cosine_agreement, perplexity  # noqa: E402
 from finequant.modelfile import load_info, quantize_model, save  # noqa: E402
 from finequant.schemes import parse_scheme  # noqa: E402
 
-# (label, scheme name, options for parse_scheme); DEFAULT is what `finequant quantize SRC -o OUT` makes:
-# outlier smoothing first (finequant.smooth), then w8a8 with asymmetric activations.
+# (label, scheme name, options for parse_scheme); the DEFAULTS are what `finequant quantize SRC -o OUT
+# [--scheme w4a8]` makes: outlier smoothing first (finequant.smooth), then asymmetric activations, and for
+# INT4 the block-Hadamard rotation and fp16 scales.
 DEFAULT = "w8a8 default"
+DEFAULT_W4 = "w4a8 default"
+DEFAULTS = (DEFAULT, DEFAULT_W4)
 SCHEMES = [
     ("fp32", "fp32", {}),
     (DEFAULT, "w8a8", {"act_symmetric": False}),
     ("w8a8", "w8a8", {}),
     ("w8a8 asym", "w8a8", {"weight_symmetric": False, "act_symmetric": False}),
     ("w4a8 kblock=32", "w4a8", {"grouping": ("kblock", 32)}),
-    # the block-Hadamard input rotation `finequant quantize` applies to INT4 schemes by default
-    ("w4a8 rotate=64", "w4a8", {"grouping": ("kblock", 32), "rotation": 64}),
+    (DEFAULT_W4, "w4a8", {"act_symmetric": False, "rotation": 64, "scale_dtype": "fp16"}),
     ("w4/8a8", "w4/8a8", {}),
     ("w4a4", "w4a4", {}),
 ]
@@ -95,7 +97,7 @@ def main() -> int:
             scheme = parse_scheme(name, **opts)
             errors: dict = {}
             quantized = model
-            if label == DEFAULT:
+            if label in DEFAULTS:
                 quantized = model.copy()
                 smooth.smooth_model(quantized, scheme, load_torch_model(src, model.family))
             tensors, metadata = quantize_model(quantized, scheme, errors=errors)
