@@ -96,11 +96,11 @@ struct Ctx {
 // nearbyint(x / s) (the reference's rounding of the correctly rounded quotient) with a multiply by
 // inv = fl(1 / s) where that gives the same integer: y = fl(x * inv) is within 3 * 2^-24 |x / s| of
 // fl(x / s), so their nearest integers can differ only when y lies within that of a half-integer;
-// those lanes (about 1 in 10^5) take the divide. vdivps alone was ~1/3 of quantizing a row (BERT-base).
+// those lanes (a few in 10^5) take the divide. vdivps alone was ~1/3 of quantizing a row (BERT-base).
 FQ_VNNI inline __m512 round_quotient(__m512 x, __m512 s, __m512 inv) {
   const __m512 y = _mm512_mul_ps(x, inv);
   const __m512 r = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // 0.5 - |y - r|: y's distance to the nearest half-integer (both steps exact: Sterbenz)
+  // 0.5 - |y - r|: y's distance to the nearest half-integer (exact by Sterbenz wherever it is below 0.25)
   const __m512 gap = _mm512_sub_ps(_mm512_set1_ps(0.5f), _mm512_abs_ps(_mm512_sub_ps(y, r)));
   const __mmask16 near = _mm512_cmp_ps_mask(gap, _mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(0x1p-21f)), _CMP_LE_OQ);
   if (near == 0) return r;
