@@ -62,7 +62,7 @@ SCHEMES = {
     "w4/8a8": ("w4/8a8", {}),
     "w4a8 kblock=32": ("w4a8", {"grouping": ("kblock", 32)}),
     "w4a4": ("w4a4", {}),
-    # block-Hadamard input rotation, which `finequant quantize` applies to INT4 schemes with quantized activations
+    # block-Hadamard input rotation, which `finequant quantize` applies to smoothed INT4 schemes (these rows: unsmoothed)
     "w4/8a8 rotate=64": ("w4/8a8", {"rotation": 64}),
     "w4a8 kblock=32 rotate=64": ("w4a8", {"grouping": ("kblock", 32), "rotation": 64}),
 }
@@ -305,7 +305,8 @@ class Study:
         from finequant import distill
 
         a = self.args
-        data = {"random": "random", "reviews": self.review_text()}.get(cfg.lkd) or str(prepare() / f"{a.lkd_text}.txt")
+        data = ("random" if cfg.lkd == "random" else self.review_text() if cfg.lkd == "reviews"
+                else str(prepare() / f"{a.lkd_text}.txt"))
         options = distill.DistillOptions(data=data, steps=a.distill_steps, batch=a.distill_batch, seq=a.distill_seq,
                                          lr=a.distill_lr, learn_clip=a.distill_clip, seed=a.seed,
                                          progress=not a.quiet)

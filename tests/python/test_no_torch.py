@@ -304,7 +304,7 @@ def test_weights_match_the_torch_reference(runs, models, model, case):
         w = src[name]
         if model == "gpt2":
             w = w.t().contiguous()  # Conv1D stores [in, out]
-        if entry.get("rotation"):  # INT4 schemes with quantized activations are rotated by default: W H
+        if entry.get("rotation"):  # a rotated Linear stores W H
             from finequant.rotate import rotate_weight
 
             w = rotate_weight(w, entry["rotation"])
