@@ -145,6 +145,17 @@ class CudaBackend final : public kernels::Backend {
   void linear(const ExecContext& ctx, const GemmInput& in, const PreparedLinear& w, Tensor& y) const override {
     const int64_t M = in.x.dim(0), K = in.x.dim(1);
     if (M == 0) return;
+    if (in.rotation) {  // the rows (normalized first) rotated into a buffer of the call, then plain rows
+      Tensor rows = Tensor::empty(DType::F32, in.x.shape(), ctx.device);
+      const float* x = in.x.data<float>();
+      if (in.norm) {
+        norm_rows(x, M, K, norm_dev(*in.norm), rows.data<float>(), stream(ctx));
+        x = rows.data<float>();
+      }
+      cuda::hadamard(x, rows.data<float>(), M, K, in.rotation, stream(ctx));
+      linear(ctx, GemmInput{rows}, w, y);
+      return;
+    }
     const float* bias = w.bias.defined() ? w.bias.data<float>() : nullptr;
     if (const auto* f = dynamic_cast<const CudaF32Linear*>(&w)) {
       Tensor normed;

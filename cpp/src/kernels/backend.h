@@ -67,9 +67,13 @@ struct NormParams {
 // The rows entering a GEMM: x [M, K], normalized on the way in when `norm` is set (a fused
 // producer: pre-LN blocks hand their norm to the q/k/v and fc1 kernels, so an integer kernel
 // quantizes each normalized row where it is made and the F32 rows are never stored).
+// With `rotation` (a block b > 0) the GEMM reads the (normalized) rows times the block-Hadamard H
+// (DESIGN section 2, the backend's `hadamard`): the CPU kernels rotate each row where they quantize
+// it; x itself is never modified.
 struct GemmInput {
   const Tensor& x;
   const NormParams* norm = nullptr;
+  int64_t rotation = 0;
 };
 
 // A strided view of a 4-D F32 array [B, heads, T, D]: element (b, h, t, d) is at

@@ -105,42 +105,14 @@ void Linear::check_input(const ExecContext& ctx, const Tensor& t) const {
 
 Tensor Linear::forward(const ExecContext& ctx, const kernels::GemmInput& x) const {
   check_input(ctx, x.x);
-  if (rotation_) {
-    const Tensor rows = rotated_rows(ctx, x, rotation_);
-    return gemm(ctx, kernels::GemmInput{rows});
-  }
-  return gemm(ctx, x);
-}
-
-Tensor Linear::gemm(const ExecContext& ctx, const kernels::GemmInput& x) const {
   Tensor y = Tensor::empty(DType::F32, {x.x.dim(0), w_->N}, ctx.device);
-  ctx.backend->linear(ctx, x, prepared_for(x.x.dim(0)), y);
+  ctx.backend->linear(ctx, kernels::GemmInput{x.x, x.norm, rotation_}, prepared_for(x.x.dim(0)), y);
   return y;
-}
-
-Tensor Linear::rotated_rows(const ExecContext& ctx, const kernels::GemmInput& x, int64_t block) {
-  Tensor rows = Tensor::empty(DType::F32, x.x.shape(), ctx.device);
-  if (x.norm) {
-    ctx.backend->norm(ctx, x.x, *x.norm, rows);
-    ctx.backend->hadamard(ctx, rows, rows, block);
-  } else {
-    ctx.backend->hadamard(ctx, x.x, rows, block);  // the caller's rows stay as they are
-  }
-  return rows;
 }
 
 std::vector<Tensor> Linear::forward_each(const ExecContext& ctx, const std::vector<Linear>& linears,
                                          const kernels::GemmInput& x) {
   std::vector<Tensor> outs;
-  bool same_rotation = true;
-  for (const Linear& l : linears) same_rotation = same_rotation && l.rotation_ == linears[0].rotation_;
-  if (linears.size() > 1 && same_rotation && linears[0].rotation_) {
-    // Linears that rotate by the same block share one normalized, rotated copy of the rows.
-    for (const Linear& l : linears) l.check_input(ctx, x.x);
-    const Tensor rows = rotated_rows(ctx, x, linears[0].rotation_);
-    for (const Linear& l : linears) outs.push_back(l.gemm(ctx, kernels::GemmInput{rows}));
-    return outs;
-  }
   if (linears.size() == 1 || !x.norm) {
     for (const Linear& l : linears) outs.push_back(l.forward(ctx, x));
     return outs;

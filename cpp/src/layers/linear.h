@@ -5,10 +5,9 @@
 //   integer weight, act bits 0      -> weight dequantized once at load (W8A16 / W4A16), FP GEMM
 //   integer weight, act bits 8 / 4  -> activations quantized per row at run time, integer GEMM with a
 //                                      fused dequantization epilogue (+ bias, + activation)
-// With a block-Hadamard rotation (LinearWeights::rotation, docs/DESIGN.md section 2) the input rows
-// are materialized in a buffer of the call (normalized first when the input carries a fused norm),
-// rotated by the backend's `hadamard` op, and handed to the same GEMM as plain rows; the caller's
-// input is never modified. Without one, nothing is copied.
+// With a block-Hadamard rotation (LinearWeights::rotation, docs/DESIGN.md section 2) the GEMM gets
+// the rotation with its input (GemmInput::rotation): the backend rotates the (normalized) rows on
+// the way in, as it normalizes them; the caller's input is never modified.
 // With a per-shape strategy (layers/strategy.h, docs/DESIGN.md section 12) an integer Linear also
 // holds its weight dequantized once at load as a weight-only kernel, and each call picks one of the
 // two by its row count M; the copy exists only for Linears whose table chooses it somewhere.
@@ -54,10 +53,6 @@ class Linear {
 
  private:
   void check_input(const ExecContext& ctx, const Tensor& x) const;
-  // The GEMM on rows ready for it (rotated already when the Linear has a rotation).
-  Tensor gemm(const ExecContext& ctx, const kernels::GemmInput& x) const;
-  // rows(x) H in a new buffer on the context's device: norm (if any) then the block rotation.
-  static Tensor rotated_rows(const ExecContext& ctx, const kernels::GemmInput& x, int64_t block);
 
   const kernels::PreparedLinear& prepared_for(int64_t M) const {
     return alt_ && strategy_.chooses_alternative(M) ? *alt_ : *w_;

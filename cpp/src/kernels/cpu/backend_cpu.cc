@@ -53,7 +53,7 @@ class CpuBackend final : public Backend {
   }
 
   void linear(const ExecContext& ctx, const GemmInput& in, const PreparedLinear& w, Tensor& y) const override {
-    const RowInput rows{in.x.data<float>(), in.x.dim(0), in.x.dim(1), in.norm};
+    const RowInput rows{in.x.data<float>(), in.x.dim(0), in.x.dim(1), in.norm, row_rotation(in.rotation, in.x.dim(1))};
     if (rows.rows == 0) return;
     static_cast<const CpuLinear&>(w).run(ctx, rows, y.data<float>());
   }

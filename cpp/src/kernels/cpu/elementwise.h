@@ -14,9 +14,20 @@ void softcap(float* x, int64_t n, float cap, ThreadPool& pool);  // x <- tanh(x 
 void rope(float* x, int64_t row_stride, int64_t M, int64_t heads, const float* inv_freq, int64_t half,
           const int64_t* positions, ThreadPool& pool);
 // y = x H, the block-Hadamard rotation of `rows` rows of K values (kernels/backend.h `hadamard`);
-// y may be x. hadamard_scale(b) = float(1 / sqrt(b)), the one multiply of each value.
+// y may be x.
 void hadamard_rows(const float* x, float* y, int64_t rows, int64_t K, int64_t block, ThreadPool& pool);
-float hadamard_scale(int64_t block);
+
+// The rotation of one row of K values by blocks of `block` (none when 0), with the row kernel of
+// the active ISA level chosen once (row_rotation, hadamard.cc); y may be x.
+struct RowRotation {
+  int64_t block = 0;
+  float scale = 0.f;  // float(1 / sqrt(block)), the one multiply of each value
+  void (*kernel)(const float* x, float* y, int64_t K, int64_t block, float scale) = nullptr;
+
+  explicit operator bool() const { return block > 0; }
+  void apply(const float* x, float* y, int64_t K) const { kernel(x, y, K, block, scale); }
+};
+RowRotation row_rotation(int64_t block, int64_t K);
 void gather_rows(const float* table, int64_t C, const int64_t* ids, int64_t n, float* out, bool add);
 void kv_append(const HeadView& k, const HeadView& v, float* k_cache, float* v_cache, int64_t B, int64_t KVH,
                int64_t cap, int64_t past, int64_t T, int64_t D);

@@ -13,6 +13,7 @@
 #include "finequant/tensor.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/cpu_isa.h"
+#include "kernels/cpu/elementwise.h"
 
 namespace finequant {
 namespace kernels {
@@ -22,20 +23,27 @@ void normalize_row(const NormParams& norm, const float* x, float* y);
 // Every row of x [M, C] into y [M, C] (threaded when large).
 void normalize_rows(const NormParams& norm, const float* x, int64_t M, float* y, ThreadPool& pool);
 
-// The input rows of a CPU GEMM: stored F32 rows, normalized on demand when `norm` is set (the
-// fused producer of GemmInput), so that an integer kernel quantizes each row straight from L1.
+// The input rows of a CPU GEMM: stored F32 rows, normalized and then rotated on demand when `norm`
+// or `rotation` is set (the fused producers of GemmInput), so that an integer kernel quantizes each
+// row straight from L1.
 struct RowInput {
   const float* x = nullptr;  // [rows, cols]
   int64_t rows = 0, cols = 0;
   const NormParams* norm = nullptr;
+  RowRotation rotation = {};  // none unless its block is set (elementwise.h)
 
-  // Row m: a pointer into x, or `scratch` (cols floats) holding the normalized row.
+  // Row m: a pointer into x, or `scratch` (cols floats) holding the normalized and/or rotated row.
   const float* row(int64_t m, float* scratch) const {
-    if (!norm) return x + m * cols;
-    normalize_row(*norm, x + m * cols, scratch);
+    const float* r = x + m * cols;
+    if (!norm && !rotation) return r;
+    if (norm) {
+      normalize_row(*norm, r, scratch);
+      r = scratch;
+    }
+    if (rotation) rotation.apply(r, scratch, cols);
     return scratch;
   }
-  // All rows as one [rows, cols] F32 tensor (stored rows are borrowed, normalized ones computed).
+  // All rows as one [rows, cols] F32 tensor (stored rows are borrowed, the others computed).
   Tensor materialize(ThreadPool& pool) const;
 };
 

@@ -146,9 +146,10 @@ void quantize_rows_into(const RowInput& x, const RowLayout& l, QuantSpec act, co
 }
 
 Tensor RowInput::materialize(ThreadPool& pool) const {
-  if (!norm) return Tensor::borrow(const_cast<float*>(x), DType::F32, {rows, cols});
+  if (!norm && !rotation) return Tensor::borrow(const_cast<float*>(x), DType::F32, {rows, cols});
   Tensor t = Tensor::empty(DType::F32, {rows, cols});
-  normalize_rows(*norm, x, rows, t.data<float>(), pool);
+  if (norm) normalize_rows(*norm, x, rows, t.data<float>(), pool);
+  if (rotation) hadamard_rows(norm ? t.data<float>() : x, t.data<float>(), rows, cols, rotation.block, pool);
   return t;
 }
 
