@@ -18,7 +18,7 @@ from prepare_models import cache_dir, prepare  # noqa: E402
 from prepare_text import prepare as prepare_text  # noqa: E402
 from prepare_text import rotten_tomatoes  # noqa: E402
 
-from finequant import Engine, _core, hf, smooth  # noqa: E402
+from finequant import Engine, _core, hf, rotate, smooth  # noqa: E402
 from finequant.lkd import load_torch_model  # noqa: E402
 from finequant.evaluate import cosine_agreement, perplexity  # noqa: E402
 from finequant.modelfile import load_info, quantize_model, save  # noqa: E402
@@ -36,7 +36,7 @@ SCHEMES = [
     ("w8a8", "w8a8", {}),
     ("w8a8 asym", "w8a8", {"weight_symmetric": False, "act_symmetric": False}),
     ("w4a8 kblock=32", "w4a8", {"grouping": ("kblock", 32)}),
-    (DEFAULT_W4, "w4a8", {"act_symmetric": False, "rotation": 64, "scale_dtype": "fp16"}),
+    (DEFAULT_W4, "w4a8", {"act_symmetric": False, "rotation": rotate.DEFAULT_BLOCK, "scale_dtype": "fp16"}),
     ("w4/8a8", "w4/8a8", {}),
     ("w4a4", "w4a4", {}),
 ]

@@ -159,8 +159,7 @@ class LKDLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         s = self.spec
         # The master weight stays unrotated (what the model file is made from); the file holds W H,
-        # which training approximates to fp32 rounding (hadamard_matmul; the exact fp64 butterfly on every
-        # step made SmolLM2 W4A8 LKD take 927 s, against 547 s for W4/8A8 this way and ~500 s unrotated).
+        # which training approximates to fp32 rounding (hadamard_matmul: the fast form, its docstring says why).
         w = hadamard_matmul(self.weight, s.rotation) if s.rotation else self.weight
         if not s.weight_bits:
             return w
