@@ -192,6 +192,28 @@ TEST(attention_kernels_match_reference) {
   }
 }
 
+// K^T is pure data movement: every kernel's transpose is exact, including partial 16 x 16 blocks, and
+// leaves the padding of kt alone.
+TEST(attention_transpose_is_exact) {
+  std::mt19937 rng(23);
+  for (int64_t n : {1, 9, 16, 17, 45})
+    for (int64_t D : {1, 7, 16, 24, 64, 80}) {
+      const int64_t stride = D + 3, ld = n + 5;
+      const Tensor k = random_tensor({n, stride}, rng, 0.f);
+      for (const kernels::AttentionKernel& kern : kernels::attention_kernels()) {
+        if (!kernels::cpu_supports(kern.level)) continue;
+        std::vector<float> kt(static_cast<size_t>(D * ld), -7.f);
+        kern.transpose(k.data<float>(), stride, n, D, kt.data(), ld);
+        bool exact = true;
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < ld; ++j)
+            exact &= kt[d * ld + j] == (j < n ? k.data<float>()[j * stride + d] : -7.f);
+        if (!exact) std::printf("  %s n=%lld D=%lld\n", kernels::isa_name(kern.level), (long long)n, (long long)D);
+        CHECK(exact);
+      }
+    }
+}
+
 TEST(isa_levels_and_selection) {
   const auto& table = kernels::isa_table();
   for (size_t i = 0; i < table.size(); ++i) CHECK(static_cast<size_t>(table[i].level) == i);  // ordered, one name each

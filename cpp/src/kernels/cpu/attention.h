@@ -27,11 +27,16 @@ using AttnValuesFn = void (*)(const float* p, int64_t ld, int nq, const float* v
 // keys; all zeros (and false) when no key is valid.
 using AttnSoftmaxFn = bool (*)(float* p, const uint8_t* valid, int64_t n, float scale);
 
+// kt[d * ld + j] = k[j * k_stride + d] for j < n, d < D (K^T for the score tiles); the rest of kt
+// is left as it is.
+using AttnTransposeFn = void (*)(const float* k, int64_t k_stride, int64_t n, int64_t D, float* kt, int64_t ld);
+
 struct AttentionKernel {
   CpuIsa level;
   AttnScoresFn scores;
   AttnValuesFn values;
   AttnSoftmaxFn softmax;
+  AttnTransposeFn transpose;
 };
 AttentionKernel attention_ref();
 AttentionKernel attention_avx512();
