@@ -22,11 +22,11 @@ from finequant import Engine, _core, hf, rotate, smooth  # noqa: E402
 from finequant.lkd import load_torch_model  # noqa: E402
 from finequant.evaluate import cosine_agreement, perplexity  # noqa: E402
 from finequant.modelfile import load_info, quantize_model, save  # noqa: E402
-from finequant.schemes import parse_scheme  # noqa: E402
+from finequant.schemes import HEAD, PARTS, parse_scheme  # noqa: E402
 
 # (label, scheme name, options for parse_scheme); the DEFAULTS are what `finequant quantize SRC -o OUT
 # [--scheme w4a8]` makes: outlier smoothing first (finequant.smooth), then asymmetric activations, and for
-# INT4 the block-Hadamard rotation and fp16 scales.
+# INT4 the block-Hadamard rotation, fp16 scales and an INT8 LM head.
 DEFAULT = "w8a8 default"
 DEFAULT_W4 = "w4a8 default"
 DEFAULTS = (DEFAULT, DEFAULT_W4)
@@ -36,7 +36,8 @@ SCHEMES = [
     ("w8a8", "w8a8", {}),
     ("w8a8 asym", "w8a8", {"weight_symmetric": False, "act_symmetric": False}),
     ("w4a8 kblock=32", "w4a8", {"grouping": ("kblock", 32)}),
-    (DEFAULT_W4, "w4a8", {"act_symmetric": False, "rotation": rotate.DEFAULT_BLOCK, "scale_dtype": "fp16"}),
+    (DEFAULT_W4, "w4a8", {"act_symmetric": False, "rotation": rotate.DEFAULT_BLOCK, "scale_dtype": "fp16",
+                          "parts": PARTS + (HEAD,)}),
     ("w4/8a8", "w4/8a8", {}),
     ("w4a4", "w4a4", {}),
 ]

@@ -13,7 +13,9 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 PARTS = ("qkv", "attn_out", "fc1", "fc2")  # the block GEMMs, quantized by default
-HEAD = "head"  # a decoder's LM head: opt-in (it sees every logit); INT8 per channel, or INT4 (head_bits=4)
+# a decoder's LM head: opt-in here (it sees every logit; the CLI adds it for INT4 schemes); INT8 per channel,
+# or INT4 (head_bits=4)
+HEAD = "head"
 KNOWN_PARTS = PARTS + (HEAD,)
 ATTENTION_PARTS = ("qkv", "attn_out")
 MLP_PARTS = ("fc1", "fc2")

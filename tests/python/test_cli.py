@@ -43,6 +43,9 @@ def _scheme_from_args(name, opts):
     if "--per-tensor" in opts:
         grouping = "tensor"
     parts = opts[opts.index("--parts") + 1] if "--parts" in opts else None
+    named = parse_scheme(name)
+    if parts is None and named.act_bits and named.has_int4_weights:  # the CLI's default: INT8 LM head too
+        parts = PARTS + ("head",)
     scheme = parse_scheme(name, weight_symmetric=not ({"--asym", "--w-asym"} & set(opts)),
                           act_symmetric=bool({"--sym", "--a-sym"} & set(opts)),  # the CLI's default: asymmetric
                           grouping=grouping, parts=parts)
@@ -84,6 +87,10 @@ def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
     scheme = _scheme_from_args(name, opts)
     model = hf.load(src)
     parts = hf.linear_parts(family, model.num_layers)
+    weights = {module: model.tensors[module + ".weight"] for module in parts}
+    if "head" in scheme.parts and family != "bert":  # its own quantized tensor, also when tied
+        parts["lm_head"] = "head"
+        weights["lm_head"] = model.tensors.get("lm_head.weight", model.tensors.get(hf.embedding_name(family)))
 
     with safe_open(path, "pt") as f:
         meta = f.metadata()
@@ -95,7 +102,7 @@ def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
         assert set(quant) == set(parts)
         for module, part in parts.items():
             entry = quant[module]
-            w = model.tensors[module + ".weight"]
+            w = weights[module]
             lq = scheme.for_linear(part, *w.shape)
             assert entry == lq.to_json()
             stored = f.get_tensor(module + ".weight")
@@ -127,6 +134,20 @@ def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
         assert _rec(rec, "part") == quant[module]["part"]
     if family == "bert":
         assert (out / "vocab.txt").read_text() == (src / "vocab.txt").read_text()
+
+
+@pytest.mark.parametrize("scheme,opts,head_bits", [
+    ("w4a8", [], 8), ("w4/8a8", [], 8), ("w4a4", [], 8), ("w8a8", [], None), ("w4a16", [], None),
+    ("w4a8", ["--parts", "qkv,attn_out,fc1,fc2"], None), ("w4a8", ["--head-bits", "4"], 4)])
+def test_lm_head_quantized_by_default_for_int4_schemes(tiny_models, tmp_path, scheme, opts, head_bits):
+    """Schemes with INT4 weights and integer activations quantize a decoder's LM head (INT8) unless
+    --parts leaves it out; w8a8 and weight-only schemes keep it floating point."""
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_models["llama"]), "-o", str(out), "--scheme", scheme, "--quiet",
+                 "--no-smooth", *opts]) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        quant = json.loads(f.metadata()["quantization"])
+    assert (quant["lm_head"]["weight_bits"] if "lm_head" in quant else None) == head_bits
 
 
 def test_info(tiny_models, tmp_path, capsys):

@@ -46,7 +46,7 @@ def test_example_reads_a_quantized_file(example_binary, tmp_path):
 
     out = run([example_binary, tmp_path / "q" / "model.safetensors"]).stdout
     assert "architecture: llama" in out
-    assert "quantized linears: 14 of 14" in out  # 2 layers x (q, k, v, o, gate, up, down)
+    assert "quantized linears: 15 of 15" in out  # 2 layers x (q, k, v, o, gate, up, down), and the LM head
 
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes((tmp_path / "q" / "model.safetensors").read_bytes()[:-10])

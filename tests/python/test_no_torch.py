@@ -299,11 +299,12 @@ def test_weights_match_the_torch_reference(runs, models, model, case):
         if not entry["weight_bits"]:
             continue
         name = ("transformer." if model == "gpt2" else "") + module + ".weight"
-        if module == "lm_head" and name not in src:  # tied: the embedding
-            name = "model.embed_tokens.weight"
+        conv1d = model == "gpt2"  # Conv1D stores [in, out]
+        if module == "lm_head" and name not in src:  # tied: the embedding, [vocab, hidden] as the head's
+            name, conv1d = ("transformer.wte.weight" if model == "gpt2" else "model.embed_tokens.weight"), False
         w = src[name]
-        if model == "gpt2":
-            w = w.t().contiguous()  # Conv1D stores [in, out]
+        if conv1d:
+            w = w.t().contiguous()
         if entry.get("rotation"):  # a rotated Linear stores W H
             from finequant.rotate import rotate_weight
 
