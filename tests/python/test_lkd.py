@@ -50,9 +50,26 @@ def test_learned_clip_is_what_ptq_of_the_stored_weight_gives(sym):
 def test_lkd_lowers_block_error(family, tiny_models):
     _, _, stats = _lkd(tiny_models[family])
     assert len(stats) == 2
-    for s in stats:  # "loss" is the KL on the logits for a decoder's last block, else the MSE
+    for s in stats:  # "loss" is the KL on the logits for a decoder's last block, else the relative MSE
+        assert s["loss"] == ("kl" if family != "bert" and s["block"] == 1 else "token_mse")
         assert s["loss_lkd"] < 0.8 * s["loss_ptq"], s
     assert stats[0]["mse_lkd"] < 0.8 * stats[0]["mse_ptq"]
+
+
+def test_block_loss_weighs_every_token_alike():
+    """Each token's error counts relative to its own norm: a token 1000x larger (a decoder's first
+    token) neither dominates the loss nor hides the others' errors."""
+    torch.manual_seed(0)
+    target = torch.randn(2, 5, 8)
+    out = target.clone()
+    out[:, 3] *= 1.1  # 10% off in 2 of the 10 tokens: mean relative squared error 0.01 * 2 / 10
+    loss = lkd.relative_token_mse(out, target)
+    assert loss.item() == pytest.approx(0.002, rel=1e-5)
+    target[:, 0] *= 1000
+    out[:, 0] *= 1000
+    assert lkd.relative_token_mse(out, target).item() == pytest.approx(0.002, rel=1e-5)
+    out[:, 0] *= 1.1
+    assert lkd.relative_token_mse(out, target).item() == pytest.approx(0.004, rel=1e-5)
 
 
 def test_lkd_with_learned_clips_and_asymmetric_weights(tiny_models):
