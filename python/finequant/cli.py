@@ -322,6 +322,9 @@ def _cmd_quantize(args) -> int:
     if progress:
         print(f"reading {args.src}", file=sys.stderr)
     model = hf.load(args.src, tensors="numpy")
+    if args.parts is None and parts is not None and model.family == "bert":  # the default's head: encoders have none
+        parts = None
+        scheme = scheme_with(scale_dtype)
     if args.distill:
         from .distill import check_family
 

@@ -32,7 +32,7 @@ CASES = [
 ]
 
 
-def _scheme_from_args(name, opts):
+def _scheme_from_args(name, opts, family):
     grouping = None
     if "--group" in opts:
         grouping = ("rows", int(opts[opts.index("--group") + 1]))
@@ -44,7 +44,7 @@ def _scheme_from_args(name, opts):
         grouping = "tensor"
     parts = opts[opts.index("--parts") + 1] if "--parts" in opts else None
     named = parse_scheme(name)
-    if parts is None and named.act_bits and named.has_int4_weights:  # the CLI's default: INT8 LM head too
+    if parts is None and named.act_bits and named.has_int4_weights and family != "bert":  # the CLI's: INT8 LM head
         parts = PARTS + ("head",)
     scheme = parse_scheme(name, weight_symmetric=not ({"--asym", "--w-asym"} & set(opts)),
                           act_symmetric=bool({"--sym", "--a-sym"} & set(opts)),  # the CLI's default: asymmetric
@@ -84,7 +84,7 @@ def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
     assert main(["quantize", str(src), "-o", str(out), "--scheme", name, "--quiet", "--no-smooth", "--no-rotate"]
                 + opts) == 0
     path = out / "model.safetensors"
-    scheme = _scheme_from_args(name, opts)
+    scheme = _scheme_from_args(name, opts, family)
     model = hf.load(src)
     parts = hf.linear_parts(family, model.num_layers)
     weights = {module: model.tensors[module + ".weight"] for module in parts}
@@ -148,6 +148,11 @@ def test_lm_head_quantized_by_default_for_int4_schemes(tiny_models, tmp_path, sc
     with safe_open(out / "model.safetensors", "pt") as f:
         quant = json.loads(f.metadata()["quantization"])
     assert (quant["lm_head"]["weight_bits"] if "lm_head" in quant else None) == head_bits
+    if scheme == "w4a8" and not opts:  # an encoder's scheme does not name a head it does not have
+        assert main(["quantize", str(tiny_models["bert"]), "-o", str(tmp_path / "bert"), "--scheme", scheme,
+                     "--quiet", "--no-smooth"]) == 0
+        with safe_open(tmp_path / "bert" / "model.safetensors", "pt") as f:
+            assert "head" not in f.metadata()["scheme"]
 
 
 def test_info(tiny_models, tmp_path, capsys):
