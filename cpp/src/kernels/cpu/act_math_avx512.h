@@ -41,14 +41,14 @@ FQ_VNNI inline __m512 erf_v(__m512 x) {
   using namespace actmath;
   const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
   const __m512 ax = _mm512_min_ps(_mm512_set1_ps(kErfSaturate), _mm512_andnot_ps(sign, x));  // NaN: the 2nd operand
-  const __m512 t = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(kErfP), ax)));
-  __m512 p = _mm512_set1_ps(kErfA5);
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA4));
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA3));
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA2));
-  p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(kErfA1));
-  p = _mm512_mul_ps(p, t);
-  const __m512 y = _mm512_sub_ps(one, _mm512_mul_ps(p, exp_v(_mm512_xor_ps(_mm512_mul_ps(ax, ax), sign))));
+  const __m512 x2 = _mm512_mul_ps(ax, ax);
+  __m512 p = _mm512_set1_ps(kErfP6);
+  for (const float c : {kErfP5, kErfP4, kErfP3, kErfP2, kErfP1, kErfP0})
+    p = _mm512_add_ps(_mm512_mul_ps(p, x2), _mm512_set1_ps(c));
+  p = _mm512_mul_ps(p, ax);
+  __m512 q = _mm512_set1_ps(kErfQ4);
+  for (const float c : {kErfQ3, kErfQ2, kErfQ1, kErfQ0}) q = _mm512_add_ps(_mm512_mul_ps(q, x2), _mm512_set1_ps(c));
+  const __m512 y = _mm512_min_ps(one, _mm512_div_ps(p, q));  // NaN: the 2nd operand
   return _mm512_or_ps(_mm512_andnot_ps(sign, y), _mm512_and_ps(sign, x));  // copysign(y, x)
 }
 
