@@ -322,9 +322,12 @@ def _cmd_quantize(args) -> int:
     if progress:
         print(f"reading {args.src}", file=sys.stderr)
     model = hf.load(args.src, tensors="numpy")
-    if args.parts is None and parts is not None and model.family == "bert":  # the default's head: encoders have none
-        parts = None
-        scheme = scheme_with(scale_dtype)
+    if model.family == "bert":  # encoders have no LM head: the default's is dropped ('head' in --parts is ignored)
+        if args.head_bits != 8 and args.parts is None:
+            raise ValueError(f"--head-bits {args.head_bits}: {args.src} is an encoder ({model.family}) and has no LM head")
+        if parts is not None and args.parts is None:
+            parts = None
+            scheme = scheme_with(scale_dtype)
     if args.distill:
         from .distill import check_family
 

@@ -139,7 +139,7 @@ def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
 @pytest.mark.parametrize("scheme,opts,head_bits", [
     ("w4a8", [], 8), ("w4/8a8", [], 8), ("w4a4", [], 8), ("w8a8", [], None), ("w4a16", [], None),
     ("w4a8", ["--parts", "qkv,attn_out,fc1,fc2"], None), ("w4a8", ["--head-bits", "4"], 4)])
-def test_lm_head_quantized_by_default_for_int4_schemes(tiny_models, tmp_path, scheme, opts, head_bits):
+def test_lm_head_quantized_by_default_for_int4_schemes(tiny_models, tmp_path, capsys, scheme, opts, head_bits):
     """Schemes with INT4 weights and integer activations quantize a decoder's LM head (INT8) unless
     --parts leaves it out; w8a8 and weight-only schemes keep it floating point."""
     out = tmp_path / "q"
@@ -153,6 +153,12 @@ def test_lm_head_quantized_by_default_for_int4_schemes(tiny_models, tmp_path, sc
                      "--quiet", "--no-smooth"]) == 0
         with safe_open(tmp_path / "bert" / "model.safetensors", "pt") as f:
             assert "head" not in f.metadata()["scheme"]
+    if head_bits == 4:  # ... nor takes head options for it
+        capsys.readouterr()
+        assert main(["quantize", str(tiny_models["bert"]), "-o", str(tmp_path / "bert4"), "--scheme", scheme,
+                     "--quiet", "--no-smooth", *opts]) == 2
+        assert "is an encoder (bert) and has no LM head" in capsys.readouterr().err
+        assert not (tmp_path / "bert4").exists()
 
 
 def test_info(tiny_models, tmp_path, capsys):
