@@ -404,9 +404,12 @@ FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b
   // offset: what the operand adds to each weight; sign: +1 if the u8 side is the weight.
   constexpr int32_t offset = W4 ? (WU8 ? 0 : 8) : (XU8 == WU8 ? (XU8 ? -128 : 128) : 0);
   const __m512i nibble = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8), high = _mm512_set1_epi8(-128);
-  __m512i acc[R][2];
+  // Two sums per output vector (even / odd quads, or an INT4 load's low / high nibbles), so a row has
+  // four vpdpbusd chains, not two behind its latency: 1 x 2304 x 768 W8A8 asymmetric 14.7-15.0 -> 11.9 us,
+  // other decode shapes 0-10%, GPT-2 decode within noise (DESIGN.md 5.4); int32 sums are exact in any order.
+  __m512i acc[R][2][2];
 #pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+  for (int i = 0; i < R; ++i) acc[i][0][0] = acc[i][1][0] = acc[i][0][1] = acc[i][1][1] = _mm512_setzero_si512();
   const uint8_t* rows = c.xp + (m0 / kTileRows) * kTileRows * v.Kp + (m0 % kTileRows) * kTileK;
   const int64_t panel1 = nt == 2 ? 2 * strip + 1 : 2 * strip;  // a lone last panel: computed twice, stored once
   // Chunk by chunk (64 padded positions, 16 quads: quad r of a chunk is row r of its tiles).
@@ -439,29 +442,34 @@ FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b
         for (int i = 0; i < R; ++i) {
           if (lo) {
             const __m512i x = quad(a, i, r);
-            acc[i][0] = dot<XU8>(acc[i][0], x, wl[0]);
-            acc[i][1] = dot<XU8>(acc[i][1], x, wl[1]);
+            acc[i][0][0] = dot<XU8>(acc[i][0][0], x, wl[0]);
+            acc[i][1][0] = dot<XU8>(acc[i][1][0], x, wl[1]);
           }
           if (hi) {
             const __m512i x = quad(a, i, r + 8);
-            acc[i][0] = dot<XU8>(acc[i][0], x, wh[0]);
-            acc[i][1] = dot<XU8>(acc[i][1], x, wh[1]);
+            acc[i][0][1] = dot<XU8>(acc[i][0][1], x, wh[0]);
+            acc[i][1][1] = dot<XU8>(acc[i][1][1], x, wh[1]);
           }
         }
       }
     } else {
-      for (int r = r0; r < r1; ++r) {
-        __m512i w[2];
+      // Quads in pairs, the first of each into sums 0, the second into sums 1 (r1 - r0 may be odd).
+      for (int r = r0; r < r1; r += 2) {
 #pragma GCC unroll 2
-        for (int j = 0; j < 2; ++j) {
-          w[j] = _mm512_loadu_si512(bt[j] + r * kTileK);
-          if (offset != 0) w[j] = _mm512_xor_si512(w[j], high);
-        }
+        for (int h = 0; h < 2; ++h) {
+          if (h == 1 && r + 1 >= r1) break;
+          __m512i w[2];
+#pragma GCC unroll 2
+          for (int j = 0; j < 2; ++j) {
+            w[j] = _mm512_loadu_si512(bt[j] + (r + h) * kTileK);
+            if (offset != 0) w[j] = _mm512_xor_si512(w[j], high);
+          }
 #pragma GCC unroll 8
-        for (int i = 0; i < R; ++i) {
-          const __m512i x = quad(a, i, r);
-          acc[i][0] = dot<XU8>(acc[i][0], x, w[0]);
-          acc[i][1] = dot<XU8>(acc[i][1], x, w[1]);
+          for (int i = 0; i < R; ++i) {
+            const __m512i x = quad(a, i, r + h);
+            acc[i][0][h] = dot<XU8>(acc[i][0][h], x, w[0]);
+            acc[i][1][h] = dot<XU8>(acc[i][1][h], x, w[1]);
+          }
         }
       }
     }
@@ -471,7 +479,8 @@ FQ_AMX void vnni_rows(const Ctx& c, int64_t m0, int64_t strip, int nt, int64_t b
     const __m512i fix = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset) *
                                                                static_cast<uint32_t>(c.rowsum[(m0 + i) * v.nb + b])));
 #pragma GCC unroll 2
-    for (int j = 0; j < 2; ++j) _mm512_storeu_si512(&acc_out[i][j * kPanel], _mm512_sub_epi32(acc[i][j], fix));
+    for (int j = 0; j < 2; ++j)
+      _mm512_storeu_si512(&acc_out[i][j * kPanel], _mm512_sub_epi32(_mm512_add_epi32(acc[i][j][0], acc[i][j][1]), fix));
   }
 }
 
