@@ -96,7 +96,7 @@ constexpr float kErfSaturate = 4.0f;
 
 // erf(ax) for ax in [0, 4]: a rational function, no exp: max abs error 4.2e-7 on [0, 4] (relative
 // 2.3e-7 near 0, where A&S 7.1.26's 1 - p * exp(-x^2) cancels to 1.7%), and in a GeLU epilogue half
-// the instructions, in two independent chains (docs/DESIGN.md 5.4). It rises to 1 + 4e-7 near 4:
+// the instructions, in two independent chains (docs/DESIGN.md section 2). It rises to 1 + 4e-7 near 4:
 // capped at 1.0f (NaN passes the comparison unchanged).
 FQ_ALWAYS_INLINE float erf_of_abs(float ax) {
   const float x2 = ax * ax;
