@@ -189,7 +189,10 @@ def decode_section(recs: list, out: str) -> str:
         md += [f"\nThe memory limit: DRAM read bandwidth measured in the same run, "
                f"{memory[0]['dram_read_gbps']:.1f} GB/s (`_core.dram_read_gbps`); weight bytes a decode step reads "
                "(the model file without the embedding tables) x steps/s, as a fraction of it (goal >= 80% at batch 1; "
-               "prefill is in the wall time, so this is a floor).\n",
+               "prefill is in the wall time, so this is a floor)."
+               + (" Above 100%: the weights were read (partly) from a last-level cache that holds the model, "
+                  "not from DRAM; there decode is bound by its per-step work, not its bytes."
+                  if any(r["fraction_of_dram"] > 1.0 for r in memory) else "") + "\n",
                table(["model", "batch", "system", "MB / step", "weights read GB/s", "of DRAM"],
                      [[r.get("model_dir", r["model"]), r["batch"], r["system"], num(r["bytes_per_step"] / 1e6, "{:.1f}"),
                        num(r["weights_read_gbps"], "{:.1f}"), num(r["fraction_of_dram"] * 100, "{:.0f}%")]
