@@ -22,7 +22,7 @@ from finequant import Engine, _core, hf, rotate, smooth  # noqa: E402
 from finequant.lkd import load_torch_model  # noqa: E402
 from finequant.evaluate import cosine_agreement, perplexity  # noqa: E402
 from finequant.modelfile import load_info, quantize_model, save  # noqa: E402
-from finequant.schemes import HEAD, PARTS, parse_scheme  # noqa: E402
+from finequant.schemes import default_parts, parse_scheme  # noqa: E402
 
 # (label, scheme name, options for parse_scheme); the DEFAULTS are what `finequant quantize SRC -o OUT
 # [--scheme w4a8]` makes: outlier smoothing first (finequant.smooth), then asymmetric activations, and for
@@ -36,8 +36,7 @@ SCHEMES = [
     ("w8a8", "w8a8", {}),
     ("w8a8 asym", "w8a8", {"weight_symmetric": False, "act_symmetric": False}),
     ("w4a8 kblock=32", "w4a8", {"grouping": ("kblock", 32)}),
-    (DEFAULT_W4, "w4a8", {"act_symmetric": False, "rotation": rotate.DEFAULT_BLOCK, "scale_dtype": "fp16",
-                          "parts": PARTS + (HEAD,)}),
+    (DEFAULT_W4, "w4a8", {"act_symmetric": False, "rotation": rotate.DEFAULT_BLOCK, "scale_dtype": "fp16"}),
     ("w4/8a8", "w4/8a8", {}),
     ("w4a4", "w4a4", {}),
 ]
@@ -95,8 +94,8 @@ def main() -> int:
         print(f"{'scheme':<18}{'file MB':>10}{'vs fp32':>10}{'weight err':>12}")
         dirs = {}
         for label, name, opts in SCHEMES:
-            if model.family == "bert":  # no LM head: its scheme names none, as `quantize` makes it
-                opts = {k: v for k, v in opts.items() if k != "parts"}
+            if label in DEFAULTS:  # the parts `quantize` gives it (INT4: a decoder's LM head too)
+                opts = {**opts, "parts": default_parts(name, model.family)}
             scheme = parse_scheme(name, **opts)
             errors: dict = {}
             quantized = model

@@ -242,7 +242,7 @@ def _fmt_bytes(n: float) -> str:
 def _cmd_quantize(args) -> int:
     from . import hf
     from .modelfile import check_output_dir, publish, quantize_model
-    from .schemes import HEAD, PARTS, parse_scheme
+    from .schemes import default_parts, parse_scheme
 
     grouping = None
     if args.per_tensor:
@@ -270,14 +270,8 @@ def _cmd_quantize(args) -> int:
             check_block(args.rotate, args.rotate)
         except ValueError as e:
             raise ValueError(f"--rotate {args.rotate}: {e}") from None
-    parts = args.parts
-    if parts is None:
-        # Schemes with INT4 weights and integer activations quantize a decoder's LM head too (INT8 per
-        # channel; encoders have none): SmolLM2-135M W4A8 decodes ~2x faster (its fp32 head is 113 MB a
-        # step) for +0.5% perplexity. W8A8 keeps it fp32: +1.1% over fp32 would break its 1% (DESIGN.md 6).
-        named = parse_scheme(args.scheme)
-        if named.act_bits and named.has_int4_weights:
-            parts = PARTS + (HEAD,)
+    # Without --parts, INT4 schemes' default LM head (the family is not known until the model is read).
+    parts = args.parts if args.parts is not None else default_parts(args.scheme)
     # Activations default to asymmetric: with smoothing, W8A8 on SmolLM2-135M costs +0.5-0.75% perplexity
     # against +0.7-1.3% symmetric (docs/DESIGN.md section 6).
     def scheme_with(scale_dtype="fp32", rotation=args.rotate or 0):
@@ -325,8 +319,8 @@ def _cmd_quantize(args) -> int:
     if model.family == "bert":  # encoders have no LM head: the default's is dropped ('head' in --parts is ignored)
         if args.head_bits != 8 and args.parts is None:
             raise ValueError(f"--head-bits {args.head_bits}: {args.src} is an encoder ({model.family}) and has no LM head")
-        if parts is not None and args.parts is None:
-            parts = None
+        if args.parts is None and parts != default_parts(args.scheme, model.family):
+            parts = default_parts(args.scheme, model.family)
             scheme = scheme_with(scale_dtype)
     if args.distill:
         from .distill import check_family
