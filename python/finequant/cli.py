@@ -120,6 +120,10 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="Adam learning rate, decayed linearly to 0 (default: 3e-4 for blocks with INT4 weights, "
                           "1e-4 for INT8-only ones)")
     lkd.add_argument("--lkd-clip", action="store_true", help="also learn the weight clip ranges")
+    lkd.add_argument("--gptq", action="store_true",
+                     help="round each block's weights with GPTQ's error compensation, on the same samples LKD "
+                          "uses (no data needed); alone it is the whole method (no training, ~40%% of --lkd's "
+                          "time), with --lkd the training starts from it")
     lkd.add_argument("--lkd-checkpoint", metavar="DIR",
                      help="save each trained block here and resume from it if interrupted")
     lkd.add_argument("--seed", type=int, help="LKD / distillation data and shuffling seed (default 0)")
@@ -289,13 +293,19 @@ def _cmd_quantize(args) -> int:
              if getattr(args, opt) not in (None, False)}
     given_distill = {field: getattr(args, opt) for opt, field in _DISTILL_OPTIONS.items()
                      if getattr(args, opt) is not None}
-    if args.lkd and args.distill:
-        raise ValueError("--distill and --lkd are two ways of training: choose one")
-    if args.lkd or args.distill:  # training runs in torch; plain PTQ needs neither (DESIGN.md section 2)
-        hf.require_torch("--lkd" if args.lkd else "--distill")
-    if given and not args.lkd and not (args.distill and set(given) == {"seed"}):
-        names = [f"--{opt.replace('_', '-')}" for opt, field in _LKD_OPTIONS.items() if field in given]
-        raise ValueError(f"{', '.join(names)} only apply with --lkd")
+    blockwise = args.lkd or args.gptq  # block by block, on LKD's samples
+    if blockwise and args.distill:
+        raise ValueError(f"--distill and {'--lkd' if args.lkd else '--gptq'} are two ways of fitting the "
+                         "quantized weights: choose one")
+    if blockwise or args.distill:  # these run in torch; plain PTQ needs neither (DESIGN.md section 2)
+        hf.require_torch("--lkd" if args.lkd else "--gptq" if args.gptq else "--distill")
+    if given and not args.lkd:
+        training = {"steps", "lr", "learn_clip"}  # what GPTQ alone does not use
+        allowed = set(given) - training if args.gptq else {"seed"} if args.distill else set()
+        bad = set(given) - allowed
+        if bad:
+            names = [f"--{opt.replace('_', '-')}" for opt, field in _LKD_OPTIONS.items() if field in bad]
+            raise ValueError(f"{', '.join(names)} only apply with --lkd" + ("" if bad & training else " or --gptq"))
     if given_distill and not args.distill and not (args.lkd and set(given_distill) == {"seed"}):
         names = [f"--{opt.replace('_', '-')}" for opt, field in _DISTILL_OPTIONS.items() if field in given_distill]
         raise ValueError(f"{', '.join(names)} only apply with --distill")
@@ -305,12 +315,13 @@ def _cmd_quantize(args) -> int:
         distill_options = DistillOptions(progress=not args.quiet, **given_distill).check()
         if not scheme.is_quantized:
             raise ValueError(f"--distill needs a quantized scheme, not {scheme.name}")
-    if args.lkd:
+    if blockwise:
         from .lkd import LKDOptions
 
-        lkd_options = LKDOptions(progress=not args.quiet, **given).check()
+        lkd_options = LKDOptions(progress=not args.quiet, gptq=args.gptq, **given,
+                                 **({} if args.lkd else {"steps": 0})).check()
         if not scheme.is_quantized:
-            raise ValueError(f"--lkd needs a quantized scheme, not {scheme.name}")
+            raise ValueError(f"{'--lkd' if args.lkd else '--gptq'} needs a quantized scheme, not {scheme.name}")
     check_output_dir(args.output, args.overwrite)  # before any slow work
     progress = not args.quiet
     if progress:
@@ -328,8 +339,9 @@ def _cmd_quantize(args) -> int:
         check_family(model.family)  # before smoothing loads the torch model
     torch_model, smoothing = None, {}
     if model.family in hf.SEQ2SEQ_FAMILIES:  # smoothing and LKD know decoder-only and encoder-only blocks
-        if args.lkd:
-            raise ValueError(f"--lkd is not supported for {model.family} (encoder-decoder) models")
+        if blockwise:
+            raise ValueError(f"{'--lkd' if args.lkd else '--gptq'} is not supported for {model.family} "
+                             "(encoder-decoder) models")
         if args.smooth_alpha is not None:
             raise ValueError(f"outlier smoothing is not supported for {model.family} (encoder-decoder) models")
         if not args.no_smooth and scheme.is_quantized and progress:
@@ -371,9 +383,9 @@ def _cmd_quantize(args) -> int:
         block = default_block(model.tensors[m + ".weight"].shape[1] for m in model.linear_parts())
         if block:
             scheme = scheme_with(scale_dtype, block)
-    if args.lkd or args.distill:
+    if blockwise or args.distill:
         model = model.to_torch()
-    if args.lkd:
+    if blockwise:
         from .lkd import apply
 
         apply(model, scheme, lkd_options, torch_model=torch_model)

@@ -9,6 +9,10 @@ model (unless it ended worse than plain PTQ of the original block: then the orig
 block's optimizer state is ever in memory. The trained fp32 weights are quantized
 afterwards by the normal PTQ path (modelfile.quantize_model), so the file format does not change.
 
+With `gptq`, each block's quantized Linears are first rounded by GPTQ (error compensation through each
+Linear's input Hessian on the same samples; `gptq_weight`), and with steps = 0 that is all: GPTQ without
+training, in a fraction of LKD's time (DESIGN.md section 6 has both measured).
+
 Learned clip ranges (`learn_clip`) shrink each weight tile's range by a factor in (0, 1]; at the end
 the weights are clamped to it, so PTQ of the clamped weights recomputes exactly the learned scales.
 """
@@ -28,7 +32,8 @@ import torch.nn.functional as F
 
 from . import hf
 from .rotate import hadamard_matmul, rotate_weight
-from .quantize import _expand, _tiles, fake_quant_activation, fake_quant_weight, quant_max, round_scale_to_half
+from .quantize import (_expand, _tiles, fake_quant_activation, fake_quant_weight, quant_max, quantize_tensor,
+                       round_scale_to_half)
 from .schemes import LinearQuant, QuantScheme
 from .simulate import _find_module, _linear_weight
 
@@ -51,7 +56,7 @@ class LKDOptions:
     # samples) or a text file path. Own samples closed 34% / 45% of SmolLM2's w4/8a8 / w4a8 PTQ gap against
     # 21% / 25% for random ids (bench/results/ACCURACY.md), for ~25 s of sampling.
     data: str = "auto"
-    steps: int = 100       # optimizer steps per block
+    steps: int = 100       # optimizer steps per block (0: no training, with gptq)
     batch: int = 4         # sequences per step
     seq: int = 128         # tokens per sequence
     samples: int = 64      # distinct sequences whose hidden states are held (rounded up to a batch multiple)
@@ -59,13 +64,15 @@ class LKDOptions:
     lr: Optional[float] = None
     seed: int = 0
     learn_clip: bool = False
+    # each block's weights rounded by GPTQ on the samples first (alone, with steps 0, the whole method)
+    gptq: bool = False
     checkpoint: Optional[str] = None  # directory of per-block checkpoints: resume from it if present
     progress: bool = True
 
     def check(self, max_positions: Optional[int] = None) -> "LKDOptions":
         for name in ("steps", "batch", "samples"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" and self.gptq else 1):
                 raise ValueError(f"LKD {name} must be a positive integer, got {v!r}")
         if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 2:
             raise ValueError(f"LKD sequence length must be an integer >= 2, got {self.seq!r}")
@@ -191,14 +198,107 @@ class LKDLinear(nn.Module):
         # (rotating back and again when the file is written may move a clipped value by an ulp)
         return rotate_weight(w, self.spec.rotation) if self.spec.rotation else w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepared_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the (rotated) weight multiplies it: rotated, then fake-quantized token-wise."""
         x = x.to(torch.float32)
         s = self.spec
         if s.rotation:
             x = hadamard_matmul(x, s.rotation)
         if s.act_bits:
             x = _StraightThrough.apply(x, fake_quant_activation(x.detach(), s.act_bits, s.act_symmetric))
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.prepared_input(x), self.quantized_weight(), self.bias)
+
+
+# ---- GPTQ rounding: the students' starting point (DESIGN.md section 6) -----------------------------
+
+GPTQ_DAMP = 1.0
+GPTQ_COLUMNS = 128  # columns rounded before their errors reach the rest of the weight (GPTQ's lazy batch)
+
+
+@torch.no_grad()
+def gptq_weight(w: torch.Tensor, h: torch.Tensor, spec: LinearQuant) -> torch.Tensor:
+    """GPTQ (Frantar et al. 2022) of a weight w [N, K] as the Linear multiplies it (rotated), for inputs
+    whose second moment is h = sum_t x_t x_t^T [K, K]: the columns are rounded in order, each one's error
+    spread over the columns not yet rounded through the inverse Hessian's Cholesky factor, so the output
+    error over those inputs is (nearly) least squares instead of each weight's own rounding. Each tile's
+    scale (and zero point) comes from its current values when the loop reaches it, and the element that
+    set it keeps its end of the range, so PTQ of the result (quantize.quantize_tensor) finds the same
+    scales and integers. Returns the dequantized weights [N, K], fp32."""
+    w = w.detach().to(torch.float32).clone()
+    n, k = w.shape
+    rows, cols = int(spec.tile[0]), int(spec.tile[1])
+    bits, sym = spec.weight_bits, spec.weight_symmetric
+    qmax = quant_max(bits, sym)
+    h = h.to(torch.float64).clone()
+    dead = torch.diagonal(h) <= 0  # inputs that are always 0: any weight serves, keep it
+    h[dead, dead] = 1.0
+    h.diagonal().add_(GPTQ_DAMP * torch.diagonal(h).mean())
+    # Upper Cholesky factor of H^-1: row i holds how column i's error moves the columns after it.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    out = torch.empty_like(w)
+    span = (GPTQ_COLUMNS // cols) * cols if cols <= GPTQ_COLUMNS else GPTQ_COLUMNS  # tiles whole in a span
+    for c0 in range(0, k, span):
+        c1 = min(k, c0 + span)
+        ws, err = w[:, c0:c1].clone(), torch.empty(n, c1 - c0)
+        for j in range(c0, c1):
+            if j % cols == 0:  # a new column of tiles: its scales from the current values
+                g1 = min(k, j + cols)
+                cur = torch.cat([ws[:, j - c0:], w[:, c1:g1]], dim=1) if g1 > c1 else ws[:, j - c0:g1 - c0]
+                qt = quantize_tensor(cur, bits, sym, (rows, g1 - j), spec.half_scales)
+                s = qt.scale[:, 0].repeat_interleave(rows)
+                z = None if sym else qt.zero_point[:, 0].to(torch.float32).repeat_interleave(rows)
+                t = cur.reshape(n // rows, -1)  # each tile's values in a row
+                if sym:
+                    ends = t.abs() == t.abs().amax(1, keepdim=True)
+                else:
+                    ends = ((t == t.amax(1, keepdim=True)) & (t > 0)) | ((t == t.amin(1, keepdim=True)) & (t < 0))
+                keep = ends.reshape(cur.shape)  # the range's ends: their integers stay at the ends
+                q_ends = qt.q.to(torch.float32)
+            col = ws[:, j - c0]
+            q = torch.round(col / s)
+            q = torch.clamp(q, -qmax, qmax) if sym else torch.clamp(q + z, 0, qmax)
+            q = torch.where(keep[:, j % cols], q_ends[:, j % cols], q)
+            value = q * s if sym else (q - z) * s
+            out[:, j] = value
+            e = (col - value) / u[j, j]
+            ws[:, j - c0:] -= e[:, None] * u[j, j:c1][None, :]
+            err[:, j - c0] = e
+        w[:, c1:] -= err @ u[c0:c1, c1:]
+    return out
+
+
+@torch.no_grad()
+def _gptq_student(student: nn.Module, x: torch.Tensor, y: torch.Tensor, rest, kwargs, batch: int) -> None:
+    """Replace each quantized LKDLinear's weight in `student` by its GPTQ rounding for the inputs it sees
+    on the samples x. Each token's input counts by 1 / |y_t|^2 (y: the teacher's block output), the
+    weight relative_token_mse gives its error: a decoder's first token, ~100x the others, would
+    otherwise own the Hessians of the Linears after the norms."""
+    linears = [m for m in student.modules() if isinstance(m, LKDLinear) and m.spec.weight_bits]
+    hessians = {id(m): torch.zeros(m.weight.shape[1], m.weight.shape[1], dtype=torch.float64) for m in linears}
+    current = {}
+
+    def hook(module, args):
+        xs = module.prepared_input(args[0]).reshape(-1, module.weight.shape[1])
+        xs = xs * current["weight"].reshape(-1, 1).sqrt()
+        hessians[id(module)] += (xs.T @ xs).to(torch.float64)
+
+    handles = [m.register_forward_pre_hook(hook) for m in linears]
+    try:
+        for i in range(0, len(x), batch):
+            norms = y[i:i + batch].pow(2).sum(-1).clamp_min(1e-30)
+            current["weight"] = 1.0 / norms
+            _call(student, x[i:i + batch], rest, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for m in linears:
+        s = m.spec
+        w = hadamard_matmul(m.weight, s.rotation) if s.rotation else m.weight
+        wq = gptq_weight(w, hessians[id(m)], s)
+        m.weight.copy_(rotate_weight(wq, s.rotation) if s.rotation else wq)
 
 
 # ---- the torch model, its blocks and the data -----------------------------------------------------
@@ -488,7 +588,9 @@ def _distill_block(block, linears, x, y, rest, kwargs, loss_fn, o: LKDOptions, k
     t0 = time.time()
     student = _student(block, linears, o.learn_clip).eval()  # eval: no dropout
     mse0, loss0 = _evaluate(student, x, y, rest, kwargs, o.batch, loss_fn)
-    last = _train_block(student, x, y, rest, kwargs, loss_fn, o, k, desc)
+    if o.gptq:
+        _gptq_student(student, x, y, rest, kwargs, o.batch)
+    last = _train_block(student, x, y, rest, kwargs, loss_fn, o, k, desc) if o.steps else float("nan")
     _write_back(block, student, linears)
     # Measured on what the file will hold: PTQ of the written-back weights.
     mse1, loss1 = _evaluate(_student(block, linears, False).eval(), x, y, rest, kwargs, o.batch, loss_fn)
@@ -518,6 +620,7 @@ def distill(model: nn.Module, family: str, config: dict, scheme: QuantScheme, op
     x, _, _ = _block_inputs(model, blocks[0][1], ids, o.batch, family != "bert")
     arguments = _per_block_arguments(model, [b for _, b in blocks], ids[:o.batch], family != "bert")
     stats = []
+    method = "LKD" if o.steps else "GPTQ"
     for k, (full, block) in enumerate(blocks):
         rest, kwargs = arguments[k]
         with torch.no_grad():  # the original block's output: the target, and the next block's input
@@ -532,7 +635,7 @@ def distill(model: nn.Module, family: str, config: dict, scheme: QuantScheme, op
         else:
             loss_fn = _Loss(model, family, kl=family != "bert" and k == n_layers - 1)
             s = _distill_block(block, _block_linears(model, family, full, k, parts, scheme), x, y, rest, kwargs,
-                               loss_fn, o, k, f"LKD block {k + 1}/{n_layers}")
+                               loss_fn, o, k, f"{method} block {k + 1}/{n_layers}")
         if s["loss_lkd"] > s["loss_ptq"]:
             # Training made the block worse than plain PTQ of its original weights (a learning rate too high
             # for the scheme's step: INT8 weights move by many quantization steps): keep the original.
@@ -546,9 +649,9 @@ def distill(model: nn.Module, family: str, config: dict, scheme: QuantScheme, op
             from tqdm import tqdm
 
             kl = f", kl {s['loss_ptq']:.4g} -> {s['loss_lkd']:.4g}" if s["loss"] == "kl" else ""
-            kept = (f"; training reached {s['loss']} {s['loss_trained']:.4g}, kept the PTQ weights"
-                    if s.get("kept_ptq") else "")
-            tqdm.write(f"LKD block {k + 1}/{n_layers}: mse {s['mse_ptq']:.4g} -> {s['mse_lkd']:.4g}{kl}{kept} "
+            kept = (f"; {'training' if o.steps else 'GPTQ'} reached {s['loss']} {s['loss_trained']:.4g}, kept the "
+                    "PTQ weights" if s.get("kept_ptq") else "")
+            tqdm.write(f"{method} block {k + 1}/{n_layers}: mse {s['mse_ptq']:.4g} -> {s['mse_lkd']:.4g}{kl}{kept} "
                        f"({s['seconds']:.1f} s)")
         x = y
     return stats

@@ -46,6 +46,43 @@ def test_learned_clip_is_what_ptq_of_the_stored_weight_gives(sym):
     assert lin.weight.grad.abs().sum() > 0 and lin.clip.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("bits,sym,tile,half", [(4, True, (1, 32), True), (4, False, (1, 32), False),
+                                                  (4, True, (4, 64), False), (8, True, (1, 200), False),
+                                                  (8, False, (2, 200), True)])
+def test_gptq_rounding_is_on_the_grid_and_beats_plain_rounding(bits, sym, tile, half):
+    """GPTQ's weights are what PTQ of them stores (same scales, same integers), and their output error on
+    the inputs it saw is well under plain rounding's. K = 200 leaves a partial last K-block."""
+    torch.manual_seed(0)
+    n, k = 16, 200
+    spec = LinearQuant(part="fc1", weight_bits=bits, weight_symmetric=sym, tile=tile, act_bits=8,
+                       scale_dtype="fp16" if half else "fp32")
+    w = torch.randn(n, k) * 0.05
+    w[:, 40:50] += 0.2  # one-sided columns: asymmetric tiles whose range does not straddle 0 evenly
+    x = torch.randn(2048, k) @ (0.2 * torch.randn(k, k) + torch.eye(k))  # correlated inputs
+    x[:, 7] = 0  # an input that is always 0
+    got = lkd.gptq_weight(w, x.T @ x, spec)
+    assert torch.allclose(fake_quant_weight(got, bits, sym, tile, half), got, rtol=0, atol=1e-7)
+    plain = fake_quant_weight(w, bits, sym, tile, half)
+    error = lambda v: ((x @ (v - w).T) ** 2).sum().item()
+    assert error(got) < 0.7 * error(plain)
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_lkd_starts_from_gptq_or_plain_rounding(gptq, tiny_models, monkeypatch):
+    """With gptq the students start from GPTQ's rounding: their loss before training is below plain PTQ's."""
+    starts = []
+    train = lkd._train_block
+
+    def first_loss(student, x, y, rest, kwargs, loss_fn, *args):
+        starts.append(lkd._evaluate(student, x, y, rest, kwargs, 4, loss_fn)[1])
+        return train(student, x, y, rest, kwargs, loss_fn, *args)
+
+    monkeypatch.setattr(lkd, "_train_block", first_loss)
+    _, _, stats = _lkd(tiny_models["llama"], gptq=gptq)
+    for start, s in zip(starts, stats):
+        assert (start < 0.9 * s["loss_ptq"]) if gptq else (start == s["loss_ptq"]), (start, s)
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_lkd_lowers_block_error(family, tiny_models):
     _, _, stats = _lkd(tiny_models[family])
@@ -195,6 +232,26 @@ def test_cli_quantize_with_lkd(tiny_models, tmp_path):
     assert a.shape == b.shape and not np.array_equal(a, b)
 
 
+def test_cli_gptq_alone_trains_nothing(tiny_models, tmp_path, monkeypatch):
+    """--gptq without --lkd: GPTQ's rounding on LKD's samples, no optimizer step; each block's error is
+    below plain rounding's, and the file differs from plain PTQ's."""
+    def no_training(*args):
+        raise AssertionError("GPTQ alone must not train")
+
+    monkeypatch.setattr(lkd, "_train_block", no_training)
+    _, _, stats = _lkd(tiny_models["llama"], gptq=True, steps=0)
+    assert all(s["loss_lkd"] < s["loss_ptq"] and not s.get("kept_ptq") for s in stats), stats
+    out, plain = tmp_path / "q", tmp_path / "plain"
+    assert main(["quantize", str(tiny_models["llama"]), "-o", str(out), "--scheme", "w4a8", "--quiet", "--gptq",
+                 "--lkd-batch", "2", "--lkd-seq", "8", "--lkd-samples", "4"]) == 0
+    assert main(["quantize", str(tiny_models["llama"]), "-o", str(plain), "--scheme", "w4a8", "--quiet"]) == 0
+    ids = np.arange(12, dtype=np.int64)[None]
+    a, b = Engine(str(out)).forward(ids), Engine(str(plain)).forward(ids)
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        LKDOptions(steps=0).check()  # no training needs GPTQ
+
+
 @pytest.mark.parametrize("args,message", [
     (["--lkd-steps", "3"], "--lkd-steps only apply with --lkd"),
     (["--seed", "3", "--lkd-clip"], "--lkd-clip, --seed only apply with --lkd"),
@@ -202,6 +259,10 @@ def test_cli_quantize_with_lkd(tiny_models, tmp_path):
     (["--lkd", "--lkd-data", "missing.txt"], "'auto', 'random', 'generate' or a text file"),
     (["--lkd", "--lkd-seq", "1000"], "exceeds the model's 32 positions"),
     (["--lkd", "--lkd-seq", "1"], "sequence length must be an integer >= 2"),
+    (["--gptq", "--lkd-steps", "3", "--lkd-samples", "8"], "--lkd-steps only apply with --lkd"),
+    (["--lkd-samples", "8"], "--lkd-samples only apply with --lkd or --gptq"),
+    (["--gptq", "--scheme", "fp32"], "--gptq needs a quantized scheme"),
+    (["--gptq", "--distill"], "--distill and --gptq are two ways"),
 ])
 def test_cli_bad_lkd_options(args, message, tiny_models, tmp_path, capsys):
     assert main(["quantize", str(tiny_models["gpt2"]), "-o", str(tmp_path / "q"), "--quiet", *args]) == 2
