@@ -212,8 +212,10 @@ class LKDLinear(nn.Module):
         return F.linear(self.prepared_input(x), self.quantized_weight(), self.bias)
 
 
-# ---- GPTQ rounding: the students' starting point (DESIGN.md section 6) -----------------------------
+# ---- GPTQ rounding (quantize --gptq; optionally LKD's starting point; DESIGN.md section 6) ---------
 
+# Added to the Hessian's diagonal, times its mean diagonal: GPTQ's usual 0.01 fitted the own samples and lost to
+# plain rounding on held-out text in later SmolLM2 blocks; 1.0 lowered every block measured (DESIGN.md 6).
 GPTQ_DAMP = 1.0
 GPTQ_COLUMNS = 128  # columns rounded before their errors reach the rest of the weight (GPTQ's lazy batch)
 
@@ -600,8 +602,8 @@ def _distill_block(block, linears, x, y, rest, kwargs, loss_fn, o: LKDOptions, k
 
 def distill(model: nn.Module, family: str, config: dict, scheme: QuantScheme, options: LKDOptions,
             folder: str = "") -> List[dict]:
-    """Run LKD on the transformers `model` in place: afterwards its block weights are the trained fp32
-    weights (clamped to learned clips). Returns per-block stats: MSE to the teacher's block output with
+    """Run LKD (or GPTQ alone: options.steps 0) on the transformers `model` in place: afterwards its block
+    weights are the trained (or GPTQ-rounded) fp32 weights (clamped to learned clips). Returns per-block stats: MSE to the teacher's block output with
     plain PTQ ("mse_ptq") and after LKD ("mse_lkd"), the training loss ("loss": "kl" for a decoder's
     last block, else "token_mse") before and after ("loss_ptq", "loss_lkd"), and the seconds taken ("resumed": True
     for blocks loaded from the checkpoint). A block that training made worse than PTQ keeps its original
