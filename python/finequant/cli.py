@@ -294,11 +294,12 @@ def _cmd_quantize(args) -> int:
     given_distill = {field: getattr(args, opt) for opt, field in _DISTILL_OPTIONS.items()
                      if getattr(args, opt) is not None}
     blockwise = args.lkd or args.gptq  # block by block, on LKD's samples
+    blockwise_flag = "--lkd" if args.lkd else "--gptq"
     if blockwise and args.distill:
-        raise ValueError(f"--distill and {'--lkd' if args.lkd else '--gptq'} are two ways of fitting the "
+        raise ValueError(f"--distill and {blockwise_flag} are two ways of fitting the "
                          "quantized weights: choose one")
     if blockwise or args.distill:  # these run in torch; plain PTQ needs neither (DESIGN.md section 2)
-        hf.require_torch("--lkd" if args.lkd else "--gptq" if args.gptq else "--distill")
+        hf.require_torch(blockwise_flag if blockwise else "--distill")
     if given and not args.lkd:
         training = {"steps", "lr", "learn_clip"}  # what GPTQ alone does not use
         allowed = set(given) - training if args.gptq else {"seed"} if args.distill else set()
@@ -321,7 +322,7 @@ def _cmd_quantize(args) -> int:
         lkd_options = LKDOptions(progress=not args.quiet, gptq=args.gptq, **given,
                                  **({} if args.lkd else {"steps": 0})).check()
         if not scheme.is_quantized:
-            raise ValueError(f"{'--lkd' if args.lkd else '--gptq'} needs a quantized scheme, not {scheme.name}")
+            raise ValueError(f"{blockwise_flag} needs a quantized scheme, not {scheme.name}")
     check_output_dir(args.output, args.overwrite)  # before any slow work
     progress = not args.quiet
     if progress:
@@ -340,7 +341,7 @@ def _cmd_quantize(args) -> int:
     torch_model, smoothing = None, {}
     if model.family in hf.SEQ2SEQ_FAMILIES:  # smoothing and LKD know decoder-only and encoder-only blocks
         if blockwise:
-            raise ValueError(f"{'--lkd' if args.lkd else '--gptq'} is not supported for {model.family} "
+            raise ValueError(f"{blockwise_flag} is not supported for {model.family} "
                              "(encoder-decoder) models")
         if args.smooth_alpha is not None:
             raise ValueError(f"outlier smoothing is not supported for {model.family} (encoder-decoder) models")
