@@ -404,13 +404,16 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "int8_peak_gops",
       [](int threads, double seconds, const std::string& unit) {
-        if (unit != "vnni" && unit != "amx") throw py::value_error("unit must be 'vnni' or 'amx', got '" + unit + "'");
+        if (unit != "vnni" && unit != "amx" && unit != "amx-loads")
+          throw py::value_error("unit must be 'vnni', 'amx' or 'amx-loads', got '" + unit + "'");
         py::gil_scoped_release nogil;
+        if (unit == "amx-loads") return kernels::amx_tile_loop_gops(threads, seconds);
         return unit == "amx" ? kernels::amx_int8_peak_gops(threads, seconds) : kernels::int8_peak_gops(threads, seconds);
       },
       py::arg("threads") = 1, py::arg("seconds") = 0.5, py::arg("unit") = "vnni",
       "Measured INT8 throughput (GOPS, 2 ops per multiply-add) on register operands: the peak of vpdpbusd "
-      "(unit='vnni', AVX512-VNNI) or of tdpbssd (unit='amx'); 0 where the CPU lacks the unit.");
+      "(unit='vnni', AVX512-VNNI) or of tdpbssd (unit='amx'); unit='amx-loads': tdpbssd with its four operand "
+      "tiles loaded from L1 every step, the ceiling of a 2 x 2 tile-loop GEMM. 0 where the CPU lacks the unit.");
 
   // ---- runtime info -------------------------------------------------------------------------------
   m.def("cuda_backend_built", &cuda_backend_built);

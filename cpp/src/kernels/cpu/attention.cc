@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "kernels/act_math.h"
+#include "kernels/cpu/aligned_vector.h"
 #include "kernels/cpu/multiversion.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -314,7 +315,7 @@ FQ_MULTIVERSION void attention_head(const AttentionArgs& a, const AttentionKerne
   // Decode (fewer queries than a block): a dot product per cached key beats transposing the
   // whole cache every step.
   const bool transposed = Tq >= kAttnQueries;
-  thread_local std::vector<float> kt, probs;  // reused by the thread's next heads
+  thread_local AlignedVector<float> kt, probs;  // reused by the thread's next heads
   probs.resize(static_cast<size_t>(kAttnQueries * Tkp));
   if (transposed) {
     kt.resize(static_cast<size_t>(D * Tkp));

@@ -12,6 +12,7 @@
 #include "finequant/quant.h"
 #include "finequant/tensor.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/aligned_vector.h"
 #include "kernels/cpu/cpu_isa.h"
 #include "kernels/cpu/elementwise.h"
 
@@ -93,7 +94,7 @@ struct QuantizedRows {
 // Buffers for QuantizedRows, reused across calls (thread_local in a kernel: no page faults per GEMM;
 // worker threads must be handed the pointers, not the thread_local).
 struct RowScratch {
-  std::vector<uint8_t> xp;
+  AlignedVector<uint8_t> xp;
   std::vector<int32_t> rowsum, zx;
   std::vector<float> sx;
   // Room for `rows` rows (a kernel may round rows up, e.g. to whole AMX tiles; the extra rows hold
@@ -174,6 +175,9 @@ double peak_gops(int threads, double seconds, PeakLoop loop);
 double int8_peak_gops(int threads, double seconds);
 // The same for AMX-INT8 (tdpbssd on tile registers), 0 without AMX.
 double amx_int8_peak_gops(int threads, double seconds);
+// AMX-INT8 with its operands loaded from L1 every step, as a 2 x 2 GEMM tile loop needs (4 tile loads
+// per 4 tdpbssd): the ceiling of any tile-loop GEMM on this CPU, 0 without AMX (DESIGN 5.4).
+double amx_tile_loop_gops(int threads, double seconds);
 
 }  // namespace kernels
 }  // namespace finequant

@@ -177,11 +177,11 @@ class Bf16Linear final : public CpuLinear {
     const int64_t M = x.rows;
     ThreadPool& pool = ctx.threads();
     const bool tiles = amx_ && M >= kAmxMinRows;
-    thread_local std::vector<uint16_t> rows_bf16;
+    thread_local AlignedVector<uint16_t> rows_bf16;
     rows_bf16.resize(static_cast<size_t>((tiles ? (M + 2 * kPanel - 1) / (2 * kPanel) * 2 * kPanel : M) * Kp_));
     uint16_t* xb = rows_bf16.data();  // worker threads must not name the thread_local
     parallel_for(pool, M, 1, [&](int64_t r0, int64_t r1) {
-      thread_local std::vector<float> scratch;  // a computed row (fused producer)
+      thread_local AlignedVector<float> scratch;  // a computed row (fused producer)
       scratch.resize(static_cast<size_t>(K));
       for (int64_t m = r0; m < r1; ++m) round_row(x, m, scratch.data(), xb + m * Kp_, Kp_);
     });
@@ -208,7 +208,7 @@ class Bf16Linear final : public CpuLinear {
  private:
   bool amx_;  // tdpbf16ps for calls of kAmxMinRows rows or more
   int64_t Kp_ = 0;
-  std::vector<uint16_t> packed_;  // the only copy of the weight in memory
+  AlignedVector<uint16_t> packed_;  // the only copy of the weight in memory
 };
 
 std::unique_ptr<CpuLinear> prepare_bf16(Tensor w, ThreadPool& pool) { return std::make_unique<Bf16Linear>(w, pool); }

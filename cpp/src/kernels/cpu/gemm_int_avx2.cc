@@ -46,9 +46,9 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // per block and table (the 50257 x 768 LM head GEMM at K-blocks of 32, M = 1: 8.5 ms instead of 2.1).
 struct Avx2Layout {
   int64_t Kp = 0, block_padded = 0, Npad = 0;
-  std::vector<uint8_t> packed;
-  std::vector<float> scale;
-  std::vector<int32_t> zw, colsum_minus;
+  AlignedVector<uint8_t> packed;
+  AlignedVector<float> scale;
+  AlignedVector<int32_t> zw, colsum_minus;
 };
 
 struct Ctx {
@@ -199,7 +199,7 @@ class Avx2IntLinear final : public CpuLinear {
     const int64_t M = x.rows;
     ThreadPool& pool = ctx.threads();
     const QuantizedTensor xq = quantize_rows(x.materialize(pool), act_);
-    std::vector<int16_t> xw(static_cast<size_t>(M * layout_.Kp));
+    AlignedVector<int16_t> xw(static_cast<size_t>(M * layout_.Kp));
     std::vector<int32_t> rowsum(static_cast<size_t>(M * nb_));
     const Ctx c{M, N, K, nb_, bk_, layout_.block_padded, layout_.Kp, xw.data(), rowsum.data(),
                 &xq, &layout_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
