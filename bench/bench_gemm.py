@@ -8,7 +8,9 @@ int8 x int8 -> int32 kernel (oneDNN; the strictest baseline, no quantization or 
 for context also inside the same full path in eager torch ("torch int8 e2e") and torch fp32 F.linear.
 GOPS = 2*M*N*K / median time. The peak is that of the active level's unit: tdpbssd tiles when it is
 amx, else vpdpbusd (_core.int8_peak_gops). Goals: with AMX >= 50% of its peak at M >= 128 and >= 1.3x
-torch._int_mm; with AVX512-VNNI >= 85% of its peak at M >= 128; >= torch._int_mm everywhere.
+torch._int_mm; with AVX512-VNNI >= 85% of its peak at M >= 128; >= torch._int_mm everywhere. With AMX the
+run also measures the tile loop with its loads (unit "amx-loads": 4 tile loads from L1 per 4 tdpbssd, what a
+2 x 2 GEMM tile loop needs), the ceiling of a tile-loop GEMM on the machine.
 """
 from __future__ import annotations
 
@@ -71,11 +73,19 @@ def main() -> int:
         except TypeError:  # a build before the unit argument: VNNI only
             return _core.int8_peak_gops(args.threads, peak_s) if unit == "vnni" else None
 
-    peaks = [peak()]
+    def tile_loop() -> float | None:
+        # AMX only: the 2 x 2 tile loop with its four operand loads per step from L1, the ceiling of any
+        # tile-loop GEMM on this CPU (tile loads cost time the register-only peak does not show).
+        try:
+            return _core.int8_peak_gops(args.threads, peak_s, "amx-loads") if unit == "amx" else None
+        except ValueError:  # a build before the unit
+            return None
+
+    peaks, loops = [peak()], [tile_loop()]
     ms, shapes = (QUICK_MS, QUICK_SHAPES) if args.quick else (MS, SHAPES)
     res = common.Results(args.out, "gemm", args, {"isa": isa})
     print(f"threads={args.threads} isa={isa} {unit.upper()} peak={peaks[0] and f'{peaks[0]:.0f} GOPS'} "
-          f"repeats={args.repeats}")
+          + (f"tile loop with loads={loops[0]:.0f} GOPS " if loops[0] else "") + f"repeats={args.repeats}")
     print("torch._int_mm on CPU takes any 2-D int8 shapes (CUDA's M > 16 and K, N % 8 limits do not apply): "
           "no padding unless noted per row")
     hdr = (f"{'M':>5} {'N':>5} {'K':>5} | {'fq w8a8':>8} {'_int_mm':>8} {'int8 e2e':>8} {'fp32':>8} {'fq w4a8':>8}"
@@ -132,10 +142,14 @@ def main() -> int:
                   f"{of_peak:>8} {('-' if err is None else f'{err:.4f}'):>8}" + (f"  [{note}]" if note else ""),
                   flush=True)
     peaks.append(peak())
+    loops.append(tile_loop())
     if peaks[0] is not None:
         # The peak is a best case: keep the higher of the two measurements (before and after).
         res.add(system=f"{unit} peak", gops=max(peaks), peaks=peaks)
         print(f"{unit.upper()} peak before/after: {peaks[0]:.0f} / {peaks[1]:.0f} GOPS")
+    if loops[0] is not None:
+        res.add(system="amx tile loop", gops=max(loops), peaks=loops)
+        print(f"AMX tile loop with loads before/after: {loops[0]:.0f} / {loops[1]:.0f} GOPS")
     print(f"results appended to {res.path}")
     return 0
 
