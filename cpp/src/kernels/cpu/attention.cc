@@ -83,7 +83,8 @@ AttentionKernel attention_ref() {
 
 namespace {
 
-// NQ queries x 64 keys: 4 * NQ accumulators; per d, 4 K^T loads shared by the NQ queries.
+// NQ queries x 64 keys: 4 * NQ accumulators; per d, 4 K^T loads shared by the NQ queries. Up to 6
+// (24 accumulators): 4 queries left the loads (4 K^T + 4 broadcasts per 16 FMAs) at the ports' limit.
 template <int NQ>
 FQ_AVX512 void scores_tile(const float* const* q, const float* kt, int64_t ld_kt, int64_t j0, int64_t D, float* scores,
                            int64_t ld) {
@@ -94,7 +95,7 @@ FQ_AVX512 void scores_tile(const float* const* q, const float* kt, int64_t ld_kt
     const float* kr = kt + d * ld_kt + j0;
     const __m512 k0 = _mm512_loadu_ps(kr), k1 = _mm512_loadu_ps(kr + 16), k2 = _mm512_loadu_ps(kr + 32),
                  k3 = _mm512_loadu_ps(kr + 48);
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int i = 0; i < NQ; ++i) {
       const __m512 qb = _mm512_set1_ps(q[i][d]);
       acc[i][0] = _mm512_fmadd_ps(qb, k0, acc[i][0]);
@@ -108,12 +109,12 @@ FQ_AVX512 void scores_tile(const float* const* q, const float* kt, int64_t ld_kt
 }
 
 // NQ queries x 64 output values (masked past D): per key, 4 V loads shared by the NQ queries. (Every
-// loop unrolled: otherwise GCC 12 stored all 16 accumulators to the stack on every key.)
+// loop unrolled: otherwise GCC 12 stored all the accumulators to the stack on every key.)
 template <int NQ>
 FQ_AVX512 void values_tile(const float* p, int64_t ld, const float* v, int64_t v_stride, int64_t n, int64_t d0,
                            int64_t D, float* const* out) {
   __m512 acc[NQ][4];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int i = 0; i < NQ; ++i)
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
@@ -126,7 +127,7 @@ FQ_AVX512 void values_tile(const float* p, int64_t ld, const float* v, int64_t v
     const float* vr = v + j * v_stride + d0;
     const __m512 v0 = _mm512_maskz_loadu_ps(mask[0], vr), v1 = _mm512_maskz_loadu_ps(mask[1], vr + 16),
                  v2 = _mm512_maskz_loadu_ps(mask[2], vr + 32), v3 = _mm512_maskz_loadu_ps(mask[3], vr + 48);
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int i = 0; i < NQ; ++i) {
       const __m512 pb = _mm512_set1_ps(p[i * ld + j]);
       acc[i][0] = _mm512_fmadd_ps(pb, v0, acc[i][0]);
@@ -135,7 +136,7 @@ FQ_AVX512 void values_tile(const float* p, int64_t ld, const float* v, int64_t v
       acc[i][3] = _mm512_fmadd_ps(pb, v3, acc[i][3]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int i = 0; i < NQ; ++i)
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, mask[c], acc[i][c]);
@@ -238,7 +239,9 @@ void attention_scores_avx512(const float* const* q, int nq, const float* kt, int
       case 1: scores_tile<1>(q, kt, ld_kt, j0, D, scores, ld); break;
       case 2: scores_tile<2>(q, kt, ld_kt, j0, D, scores, ld); break;
       case 3: scores_tile<3>(q, kt, ld_kt, j0, D, scores, ld); break;
-      default: scores_tile<4>(q, kt, ld_kt, j0, D, scores, ld); break;
+      case 4: scores_tile<4>(q, kt, ld_kt, j0, D, scores, ld); break;
+      case 5: scores_tile<5>(q, kt, ld_kt, j0, D, scores, ld); break;
+      default: scores_tile<6>(q, kt, ld_kt, j0, D, scores, ld); break;
     }
   }
 }
@@ -250,7 +253,9 @@ void attention_values_avx512(const float* p, int64_t ld, int nq, const float* v,
       case 1: values_tile<1>(p, ld, v, v_stride, n, d0, D, out); break;
       case 2: values_tile<2>(p, ld, v, v_stride, n, d0, D, out); break;
       case 3: values_tile<3>(p, ld, v, v_stride, n, d0, D, out); break;
-      default: values_tile<4>(p, ld, v, v_stride, n, d0, D, out); break;
+      case 4: values_tile<4>(p, ld, v, v_stride, n, d0, D, out); break;
+      case 5: values_tile<5>(p, ld, v, v_stride, n, d0, D, out); break;
+      default: values_tile<6>(p, ld, v, v_stride, n, d0, D, out); break;
     }
   }
 }
@@ -314,14 +319,18 @@ FQ_MULTIVERSION void attention_head(const AttentionArgs& a, const AttentionKerne
   // K^T of this head ([D, Tkp], zeros past the keys) and the probabilities of a query block.
   // Decode (fewer queries than a block): a dot product per cached key beats transposing the
   // whole cache every step.
-  const bool transposed = Tq >= kAttnQueries;
-  thread_local AlignedVector<float> kt, probs;  // reused by the thread's next heads
+  const bool transposed = Tq >= kAttnTransposeQueries;
+  thread_local AlignedVector<float> kt, vc, probs;  // reused by the thread's next heads
   probs.resize(static_cast<size_t>(kAttnQueries * Tkp));
   if (transposed) {
     kt.resize(static_cast<size_t>(D * Tkp));
     const int64_t keys = seen(Tq - 1);
     transpose_fn(k.at(b, kvh, 0), k.st, keys, D, kt.data(), Tkp);
     for (int64_t d = 0; d < D; ++d) std::fill(kt.data() + d * Tkp + keys, kt.data() + (d + 1) * Tkp, 0.f);
+    // The values too, contiguous: rows of a fused QKV output lie 3 H D floats apart, so one head's
+    // values fall into a few L1 sets (16 of 64 for BERT-base) and every query block re-read them from L2.
+    vc.resize(static_cast<size_t>(keys * D));
+    for (int64_t j = 0; j < keys; ++j) std::copy(v.at(b, kvh, j), v.at(b, kvh, j) + D, vc.data() + j * D);
   }
   for (int64_t t0 = 0; t0 < Tq; t0 += kAttnQueries) {
     const int nq = static_cast<int>(std::min<int64_t>(kAttnQueries, Tq - t0));
@@ -353,7 +362,7 @@ FQ_MULTIVERSION void attention_head(const AttentionArgs& a, const AttentionKerne
       std::fill(p, p + first, 0.f);
       std::fill(p + n, p + n_block, 0.f);
     }
-    values_fn(probs.data(), Tkp, nq, v.at(b, kvh, 0), v.st, n_block, D, os);
+    values_fn(probs.data(), Tkp, nq, transposed ? vc.data() : v.at(b, kvh, 0), transposed ? D : v.st, n_block, D, os);
   }
 }
 

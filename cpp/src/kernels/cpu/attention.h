@@ -1,6 +1,6 @@
 // CPU attention (kernels/backend.h AttentionArgs): the loops over sequences, heads and blocks of
-// up to 4 queries, with masking and softmax, around the inner products of a registered kernel: a
-// portable form and an AVX-512 form (register tiles of 4 queries x 64 keys / 64 values).
+// up to 6 queries, with masking and softmax, around the inner products of a registered kernel: a
+// portable form and an AVX-512 form (register tiles of up to 6 queries x 64 keys / 64 values).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -11,7 +11,10 @@
 namespace finequant {
 namespace kernels {
 
-constexpr int kAttnQueries = 4;  // queries per block
+constexpr int kAttnQueries = 6;  // queries per block
+// Calls with at least this many queries transpose K for the score tiles; fewer (decode) take a dot
+// product per key.
+constexpr int kAttnTransposeQueries = 4;
 constexpr int64_t kAttnKeys = 64;  // keys per score tile; K^T rows are padded to a multiple
 
 // scores[i * ld + j] = sum_d q[i][d] * kt[d * ld_kt + j] for i < nq, j < nkeys (a multiple of
