@@ -169,8 +169,9 @@ def test_peak_measures():
     for unit, level in (("vnni", "avx512vnni"), ("amx", "amx"), ("amx-loads", "amx")):
         gops = _core.int8_peak_gops(1, 0.02, unit)
         assert (gops > 1.0) if names[level] else gops == 0.0
-    if names["amx"]:  # the loads can only slow the products down (a margin for a noisy machine)
-        assert _core.int8_peak_gops(1, 0.1, "amx-loads") < 1.2 * _core.int8_peak_gops(1, 0.1, "amx")
+    if names["amx"]:  # the loads can only slow the products down (best of two, a margin for a noisy machine)
+        peak = max(_core.int8_peak_gops(1, 0.1, "amx") for _ in range(2))
+        assert _core.int8_peak_gops(1, 0.1, "amx-loads") < 1.3 * peak
     with pytest.raises(ValueError, match="unit"):
         _core.int8_peak_gops(1, 0.02, "avx")
 
