@@ -146,16 +146,17 @@ class Results:
             f.write(json.dumps({**self.meta, **record}) + "\n")
 
 
-def load_latest(path: str) -> list:
-    """Records of the latest run in a JSON Lines results file ([] if missing)."""
+def load_latest(path: str) -> dict:
+    """Records of the latest run on each ISA level (the kernels a run used) in a JSON Lines results file:
+    {isa: records}, {} if missing. Records from before the level was recorded are left out."""
     if not os.path.isfile(path):
-        return []
+        return {}
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    if not records:
-        return []
-    last = max(r["run"] for r in records)
-    return [r for r in records if r["run"] == last]
+        records = [r for r in (json.loads(line) for line in f if line.strip()) if r.get("isa")]
+    latest = {}
+    for r in records:
+        latest[r["isa"]] = max(latest.get(r["isa"], ""), r["run"])
+    return {isa: [r for r in records if r["isa"] == isa and r["run"] == run] for isa, run in latest.items()}
 
 
 def fmt_ratio(x: Optional[float]) -> str:

@@ -1,4 +1,4 @@
-"""Turn the latest run of each benchmark (bench/results/*.json) into RESULTS.md and PNG plots.
+"""Turn the latest run of each benchmark on each ISA level (bench/results/*.json) into RESULTS.md and PNG plots.
 
     python bench/report.py [--quick | --dir DIR]
 
@@ -63,7 +63,7 @@ def header_line(recs: list) -> str:
             f"{extra}; medians of {len(r['samples_s'])} alternated samples._{quick}")
 
 
-def gemm_section(recs: list, out: str) -> str:
+def gemm_section(recs: list, out: str, isa: str) -> str:
     peak_rec = next((r for r in recs if r["system"] in ("vnni peak", "amx peak")), None)
     peak = peak_rec["gops"] if peak_rec else None
     unit = peak_rec["system"].split()[0].upper() if peak_rec else "VNNI"
@@ -87,7 +87,7 @@ def gemm_section(recs: list, out: str) -> str:
                      num(fq / mm if fq and mm else None, "{:.2f}x"), num(of_peak and 100 * of_peak, "{:.0f}%"), *of_loop,
                      verdict(fq >= mm if fq and mm else None),
                      verdict(of_peak >= peak_goal if of_peak and s[0] >= 128 else None) + (f" ({note})" if note else "")])
-    md = ["## GEMM y = x W^T (GOPS)", header_line(recs),
+    md = ["### GEMM y = x W^T (GOPS)", header_line(recs),
           f"\n{unit} peak ({'tdpbssd' if unit == 'AMX' else 'vpdpbusd'} loop, this machine, same run): {num(peak)} GOPS. "
           + (f"AMX tile loop with its loads (4 tile loads from L1 per 4 tdpbssd, the 2 x 2 loop a GEMM needs; same "
              f"run): {num(loop)} GOPS, {loop / peak:.0%} of the peak: the ceiling of a tile-loop GEMM here. "
@@ -111,13 +111,13 @@ def gemm_section(recs: list, out: str) -> str:
         ax.set_xlabel("M")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "gemm.png"), dpi=120)
+    fig.savefig(os.path.join(out, f"gemm-{isa}.png"), dpi=120)
     plt.close(fig)
-    md.append("\n![GEMM](gemm.png)")
+    md.append(f"\n![GEMM](gemm-{isa}.png)")
     return "\n".join(md)
 
 
-def bert_section(recs: list, out: str) -> str:
+def bert_section(recs: list, out: str, isa: str) -> str:
     g = defaultdict(dict)
     for r in recs:
         g[(r["batch"], r["seq"])][r["system"]] = r
@@ -133,7 +133,7 @@ def bert_section(recs: list, out: str) -> str:
                      *[num(fq / peers[k] if fq and k in peers else None, "{:.2f}x") for k in BERT_SYSTEMS[1:]],
                      fastest, verdict(ratio <= BERT_GOAL if ratio else None)])
     layers = recs[0].get("layers", 12)
-    md = [f"## BERT-base forward, random weights, {layers} layers (latency ms)", header_line(recs),
+    md = [f"### BERT-base forward, random weights, {layers} layers (latency ms)", header_line(recs),
           "\nRatios are finequant latency / peer latency (< 1: finequant is faster). Outputs checked against "
           "torch fp32 (cosine per token, in bert.json).\n",
           table(["(batch, seq)", *BERT_SYSTEMS, *[f"fq / {k}" for k in BERT_SYSTEMS[1:]], "fastest peer",
@@ -145,13 +145,13 @@ def bert_section(recs: list, out: str) -> str:
     ax.set_title(f"BERT-base forward ({layers} layers)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "bert.png"), dpi=120)
+    fig.savefig(os.path.join(out, f"bert-{isa}.png"), dpi=120)
     plt.close(fig)
-    md.append("\n![BERT](bert.png)")
+    md.append(f"\n![BERT](bert-{isa}.png)")
     return "\n".join(md)
 
 
-def decode_section(recs: list, out: str) -> str:
+def decode_section(recs: list, out: str, isa: str) -> str:
     g = defaultdict(dict)
     for r in recs:
         g[(r["model"], r["batch"])][r["system"]] = r
@@ -169,7 +169,7 @@ def decode_section(recs: list, out: str) -> str:
                      num(r_peer, "{:.2f}x"), verdict(r_peer >= PEER_GOAL if r_peer and key[1] == 1 else None),
                      num(r_w4, "{:.2f}x"), verdict(r_w4 >= W4_GOAL if r_w4 else None)])
     r0 = recs[0]
-    md = [f"## Greedy decode (tokens/s), prompt {r0['prompt']}, {r0['new_tokens']} new tokens", header_line(recs),
+    md = [f"### Greedy decode (tokens/s), prompt {r0['prompt']}, {r0['new_tokens']} new tokens", header_line(recs),
           "\ntokens/s = batch x new tokens / wall time of the generate call (prefill included). GPT-2 small has "
           "random weights; SmolLM2-135M is the real model. The peer goal applies at batch 1. finequant w8a8 and "
           "w4a8 (K-blocks of 32) quantize the LM head too (INT8 per channel), as the int8 peers do. decode.json's "
@@ -188,9 +188,9 @@ def decode_section(recs: list, out: str) -> str:
         ax.set_xlabel("batch")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "decode.png"), dpi=120)
+    fig.savefig(os.path.join(out, f"decode-{isa}.png"), dpi=120)
     plt.close(fig)
-    md.append("\n![decode](decode.png)")
+    md.append(f"\n![decode](decode-{isa}.png)")
     memory = [r for r in recs if "fraction_of_dram" in r]
     if memory:
         md += [f"\nThe memory limit: DRAM read bandwidth measured in the same run, "
@@ -207,12 +207,12 @@ def decode_section(recs: list, out: str) -> str:
     return "\n".join(md)
 
 
-def neighbour_section(recs: list, out: str) -> str:
+def neighbour_section(recs: list, out: str, isa: str) -> str:
     r0 = recs[0]
     rows = [[r["build"], num(r["quiet_tok_s"], "{:.1f}"), num(r["busy_tok_s"], "{:.1f}"), num(r["kept"], "{:.2f}"),
              verdict(r["kept"] >= r["goal"])] for r in recs]
     return "\n".join([
-        "## Decode beside a busy neighbour (tokens/s)",
+        "### Decode beside a busy neighbour (tokens/s)",
         f"_Run {r0['run']} on {r0['cpu']} ({r0['cores']} cores), {r0['threads']} threads; every build and condition "
         "alternated round by round, each call in a fresh process._",
         f"\nGPT-2 small (random weights) w8a8, batch 1, prompt {r0['prompt']}, {r0['new_tokens']} new tokens: quiet, "
@@ -221,7 +221,7 @@ def neighbour_section(recs: list, out: str) -> str:
         table(["build", "quiet", "beside a spinner", "kept", f"goal >= {r0['goal']:.2f}"], rows)])
 
 
-def serve_section(recs: list, out: str) -> str:
+def serve_section(recs: list, out: str, isa: str) -> str:
     r0 = recs[0]
 
     def pct(d) -> str:
@@ -234,7 +234,7 @@ def serve_section(recs: list, out: str) -> str:
                      pct(r["latency_s"]), pct(r.get("ttft_s")), str(r.get("text_mismatches", "-"))])
     quick = " **QUICK smoke run**" if r0.get("quick") else ""
     return "\n".join([
-        "## Serving: continuous batching (tokens/s)",
+        "### Serving: continuous batching (tokens/s)",
         f"_Run {r0['run']} on {r0['cpu']} ({r0['cores']} cores), {r0['threads']} threads; `bench/bench_serve.py`._{quick}",
         f"\n{os.path.basename(r0['model'].rstrip('/'))} ({r0['scheme']}), {r0['requests']} requests of "
         f"{r0['new_tokens']} new tokens (greedy), prompts of 24-40 tokens; the server (`finequant serve`, its own "
@@ -250,13 +250,26 @@ def main() -> int:
     p.add_argument("--dir", help="results directory (default bench/results)")
     args = p.parse_args()
     out = args.dir or (common.QUICK_RESULTS_DIR if args.quick else common.RESULTS_DIR)
+    names = {"amx": "AMX-INT8", "avx512vnni": "AVX512-VNNI, no AMX", "avxvnni": "AVX-VNNI, no AVX-512",
+             "avx2": "AVX2 only", "ref": "reference kernels"}
+    benches = (("gemm", gemm_section), ("bert", bert_section), ("decode", decode_section),
+               ("neighbour", neighbour_section), ("serve", serve_section))
+    latest = {name: common.load_latest(os.path.join(out, f"{name}.json")) for name, _ in benches}
+    # One part per ISA level (the machines change between sessions), the most recently measured first.
+    levels = sorted({isa for runs in latest.values() for isa in runs},
+                    key=lambda isa: max(runs[isa][0]["run"] for runs in latest.values() if isa in runs), reverse=True)
     sections = ["# finequant benchmarks",
-                "Generated by `bench/report.py` from the JSON records of the latest run of each benchmark "
-                "(`make bench`). All systems of a table were measured in the same process, alternating."]
-    for name, fn in (("gemm", gemm_section), ("bert", bert_section), ("decode", decode_section),
-                     ("neighbour", neighbour_section), ("serve", serve_section)):
-        recs = common.load_latest(os.path.join(out, f"{name}.json"))
-        sections.append(fn(recs, out) if recs else f"## {name}\n\nNot run (no {name}.json in {out}).")
+                "Generated by `bench/report.py` from the JSON records of the latest run of each benchmark on each "
+                "ISA level finequant's kernels ran at (`make bench`; the CPU differs between sessions). All systems "
+                "of a table were measured in the same process, alternating."]
+    for isa in levels:
+        cpus = sorted({runs[isa][0]["cpu"] for runs in latest.values() if isa in runs})
+        sections.append(f"## {names.get(isa, isa)}: {', '.join(cpus)}")
+        for name, fn in benches:
+            recs = latest[name].get(isa)
+            sections.append(fn(recs, out, isa) if recs else f"### {name}\n\nNot run at this level.")
+    if not levels:
+        sections.append(f"No results in {out}.")
     path = os.path.join(out, "RESULTS.md")
     os.makedirs(out, exist_ok=True)
     with open(path, "w") as f:
