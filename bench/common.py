@@ -146,6 +146,11 @@ class Results:
             f.write(json.dumps({**self.meta, **record}) + "\n")
 
 
+def bert_goal(isa: str) -> float:
+    """The issue's BERT goal: finequant latency <= 0.6x the fastest peer with AMX, <= 0.85x without."""
+    return 0.6 if isa == "amx" else 0.85
+
+
 def load_latest(path: str) -> dict:
     """Records of the latest run on each ISA level (the kernels a run used) in a JSON Lines results file:
     {isa: records}, {} if missing. Records from before the level was recorded are left out."""
