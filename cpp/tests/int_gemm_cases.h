@@ -125,6 +125,13 @@ TEST(k_blocks_with_partial_last_block) {
       CHECK_EQ(run_case(M, 1001, 130, 4, true, 8, aasym, Tile{1, 32}, true, Epilogue::None, seed++, true), 0);
       CHECK_EQ(run_case(M, 1001, 130, 8, true, 8, aasym, Tile{1, 130}, false, Epilogue::GeluErf, seed++), 0);
     }
+  // One row chunk of several row groups over runs of tiles (BERT at batch 1, decode at batch 8): later
+  // groups prefetch the run's next tile; a remainder group last.
+  for (int64_t M : {8, 32, 50})
+    for (bool aasym : {false, true}) {
+      CHECK_EQ(run_case(M, 1001, 130, 4, true, 8, aasym, Tile{1, 32}, true, Epilogue::None, seed++, true), 0);
+      CHECK_EQ(run_case(M, 1001, 130, 8, !aasym, 8, aasym, Tile{1, 130}, false, Epilogue::GeluErf, seed++), 0);
+    }
   // Block lengths that are not a multiple of 4 (every block padded separately).
   CHECK_EQ(run_case(6, 20, 50, 8, true, 8, false, Tile{1, 18}, true, Epilogue::None, 7), 0);
   CHECK_EQ(run_case(6, 20, 50, 8, false, 8, true, Tile{1, 15}, true, Epilogue::None, 8), 0);
