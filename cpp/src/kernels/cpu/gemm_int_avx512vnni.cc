@@ -96,16 +96,20 @@ struct Ctx {
 // nearbyint(x / s) (the reference's rounding of the correctly rounded quotient) with a multiply by
 // inv = fl(1 / s) where that gives the same integer: y = fl(x * inv) is within 3 * 2^-24 |x / s| of
 // fl(x / s), so their nearest integers can differ only when y lies within that of a half-integer;
-// those lanes (a few in 10^5) take the divide. With the AMX kernel's direct-store epilogue, M = 128 GEMMs
-// with asymmetric activations ran 4-12% faster (Xeon with AMX, old and new builds alternated; DESIGN 5.4).
-FQ_VNNI inline __m512 round_quotient(__m512 x, __m512 s, __m512 inv) {
+// those lanes (a few in 10^5) take the divide. |x / s| <= qmax (1 + 2^-22) for every value of the row
+// (s is its range over qmax), so one bound, `near` = (qmax + 1) 2^-21, serves all lanes. With the AMX
+// kernel's direct-store epilogue, M = 128 GEMMs with asymmetric activations ran 4-12% faster (Xeon with
+// AMX, old and new builds alternated; DESIGN 5.4). A NaN lane takes the divide path too, where it is
+// reported in `nan` (the range pass does not look for NaN: vminps / vmaxps may drop it).
+FQ_VNNI inline __m512 round_quotient(__m512 x, __m512 s, __m512 inv, __m512 near, __mmask16& nan) {
   const __m512 y = _mm512_mul_ps(x, inv);
   const __m512 r = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // 0.5 - |y - r|: y's distance to the nearest half-integer (exact by Sterbenz wherever it is below 0.25)
   const __m512 gap = _mm512_sub_ps(_mm512_set1_ps(0.5f), _mm512_abs_ps(_mm512_sub_ps(y, r)));
-  const __mmask16 near = _mm512_cmp_ps_mask(gap, _mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(0x1p-21f)), _CMP_LE_OQ);
-  if (near == 0) return r;
-  return _mm512_mask_roundscale_ps(r, near, _mm512_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 close = _mm512_cmp_ps_mask(gap, near, _CMP_NGT_UQ);  // gap <= near, or NaN
+  if (close == 0) return r;
+  nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_mask_roundscale_ps(r, close, _mm512_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
 // dst: the row's first byte (RowLayout::row_offset). Returns false if the row holds NaN/Inf (or,
@@ -113,42 +117,38 @@ FQ_VNNI inline __m512 round_quotient(__m512 x, __m512 s, __m512 inv) {
 FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, float qmax, uint8_t* dst,
                           int32_t* rowsum, float* scale, int32_t* zero_point) {
   const int64_t K = c.K;
-  __m512 vmin = _mm512_setzero_ps(), vmax = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
+  __m512 vmin = _mm512_setzero_ps(), vmax = _mm512_setzero_ps();
   int64_t k = 0;
   {
-    // Four independent chains: one min / max / add chain ran at its 4-cycle latency per 16 values,
-    // ~40% of the whole quantization (perf, M = 128, K = 3072). Min and max are order-free; the NaN
-    // probe only asks whether a NaN appeared.
-    __m512 mn[4], mx[4], bd[4];
-    for (int i = 0; i < 4; ++i) mn[i] = mx[i] = bd[i] = _mm512_setzero_ps();
+    // Four independent chains: one min / max chain ran at its 4-cycle latency per 16 values, ~40% of
+    // the whole quantization (perf, M = 128, K = 3072). Min and max are order-free; NaN is looked for in
+    // the second pass (see round_quotient), +-Inf by the range below.
+    __m512 mn[4], mx[4];
+    for (int i = 0; i < 4; ++i) mn[i] = mx[i] = _mm512_setzero_ps();
     for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
         const __m512 v = _mm512_loadu_ps(x + k + 16 * i);
         mn[i] = _mm512_min_ps(mn[i], v);
         mx[i] = _mm512_max_ps(mx[i], v);
-        bd[i] = _mm512_add_ps(bd[i], _mm512_mul_ps(v, _mm512_setzero_ps()));
       }
     }
     vmin = _mm512_min_ps(_mm512_min_ps(mn[0], mn[1]), _mm512_min_ps(mn[2], mn[3]));
     vmax = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
-    bad = _mm512_add_ps(_mm512_add_ps(bd[0], bd[1]), _mm512_add_ps(bd[2], bd[3]));
   }
   for (; k + 16 <= K; k += 16) {
     const __m512 v = _mm512_loadu_ps(x + k);
     vmin = _mm512_min_ps(vmin, v);
     vmax = _mm512_max_ps(vmax, v);
-    bad = _mm512_add_ps(bad, _mm512_mul_ps(v, _mm512_setzero_ps()));  // NaN for NaN / Inf
   }
   if (k < K) {
     const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + k);
     vmin = _mm512_min_ps(vmin, v);
     vmax = _mm512_max_ps(vmax, v);
-    bad = _mm512_add_ps(bad, _mm512_mul_ps(v, _mm512_setzero_ps()));
   }
-  if (_mm512_reduce_add_ps(bad) != 0.0f) return false;  // NaN never compares equal
   const float lo = _mm512_reduce_min_ps(vmin), hi = _mm512_reduce_max_ps(vmax);  // both include 0
+  if (!std::isfinite(lo) || !std::isfinite(hi)) return false;  // +-Inf (or a NaN that min / max kept)
   // The scale and zero point exactly as quantize() computes them.
   float s, z = 0.0f;
   if (symmetric) {
@@ -168,6 +168,8 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
   const bool by_inverse = std::isnormal(inv) && std::isnormal(s);
   const __m512 vs = _mm512_set1_ps(s), vinv = _mm512_set1_ps(inv), vz = _mm512_set1_ps(z);
   const __m512 qlo = _mm512_set1_ps(symmetric ? -qmax : 0.0f), qhi = _mm512_set1_ps(qmax);
+  const __m512 near = _mm512_set1_ps((qmax + 1.0f) * 0x1p-21f);
+  __mmask16 nan = 0;
   for (int64_t b = 0; b < c.nb; ++b) {
     const int64_t k0 = b * c.bk, kb = std::min(K, k0 + c.bk) - k0;
     const int64_t kk0 = b * c.block_padded;  // the block's first padded position
@@ -175,8 +177,13 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
     for (int64_t i = 0; i < kb; i += 16) {
       const __mmask16 m = kb - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (kb - i)) - 1);
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + k0 + i);
-      __m512 q = by_inverse ? round_quotient(xv, vs, vinv)
-                            : _mm512_roundscale_ps(_mm512_div_ps(xv, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m512 q;
+      if (by_inverse) {
+        q = round_quotient(xv, vs, vinv, near, nan);
+      } else {
+        nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+        q = _mm512_roundscale_ps(_mm512_div_ps(xv, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      }
       if (!symmetric) q = _mm512_add_ps(q, vz);
       const __m512i qi = _mm512_maskz_cvtps_epi32(m, _mm512_min_ps(_mm512_max_ps(q, qlo), qhi));
       sum = _mm512_add_epi32(sum, qi);
@@ -192,7 +199,7 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
     }
     rowsum[b] = _mm512_reduce_add_epi32(sum);
   }
-  return true;
+  return nan == 0;
 }
 
 // ---- 2 + 3. micro-kernel: MR rows x 64 channels over all blocks --------------------------------
