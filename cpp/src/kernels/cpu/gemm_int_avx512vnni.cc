@@ -97,10 +97,10 @@ struct Ctx {
 // inv = fl(1 / s) where that gives the same integer: y = fl(x * inv) is within 3 * 2^-24 |x / s| of
 // fl(x / s), so their nearest integers can differ only when y lies within that of a half-integer;
 // those lanes (a few in 10^5) take the divide. |x / s| <= qmax (1 + 2^-22) for every value of the row
-// (s is its range over qmax), so one bound, `near` = (qmax + 1) 2^-21, serves all lanes. With the AMX
-// kernel's direct-store epilogue, M = 128 GEMMs with asymmetric activations ran 4-12% faster (Xeon with
-// AMX, old and new builds alternated; DESIGN 5.4). A NaN lane takes the divide path too, where it is
-// reported in `nan` (the range pass does not look for NaN: vminps / vmaxps may drop it).
+// (s is its range over qmax), so one bound, `near` = (qmax + 1) 2^-21, serves all lanes. A NaN lane
+// takes the divide path too, where it is reported in `nan` (the range pass does not look for NaN:
+// vminps / vmaxps may drop it). The multiply, with the AMX kernel's direct-store epilogue, made M = 128
+// GEMMs with asymmetric activations 4-12% faster (Xeon with AMX, old and new builds alternated; DESIGN 5.4).
 FQ_VNNI inline __m512 round_quotient(__m512 x, __m512 s, __m512 inv, __m512 near, __mmask16& nan) {
   const __m512 y = _mm512_mul_ps(x, inv);
   const __m512 r = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
