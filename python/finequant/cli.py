@@ -78,8 +78,12 @@ def _build_parser() -> argparse.ArgumentParser:
                         "head (INT8). Default: the four, plus head for schemes with INT4 weights and integer "
                         "activations (w4a8, w4/8a8, w4a4)")
     q.add_argument("--head-bits", type=int, choices=(4, 8), default=8,
-                   help="with head in the parts: the LM head's weight bits (8: per channel, the default; 4: grouped "
-                        "like the INT4 weights, K-blocks of 32 unless --kblock/--group/... say otherwise)")
+                   help="with head in the parts: the LM head's weight bits (8: per channel, the default; 4: K-blocks "
+                        "of 16 unless --kblock/--group/... say otherwise, rounded as --head-rounding says)")
+    q.add_argument("--head-rounding", choices=("gptq", "nearest"),
+                   help="an INT4 LM head's rounding: gptq (default; error compensation on ~8k tokens the model "
+                        "samples itself, ~1-2 min on 2 cores for SmolLM2-135M; needs torch, else nearest with a "
+                        "note) or nearest")
     q.add_argument("--encoder-scheme", metavar="S",
                    help="encoder-decoder models (BART): scheme of the encoder's Linears instead of --scheme, same "
                         "options (e.g. --scheme w8a8 --encoder-scheme w4a4: W4A4 encoder, W8A8 decoder)")
@@ -246,7 +250,7 @@ def _fmt_bytes(n: float) -> str:
 def _cmd_quantize(args) -> int:
     from . import hf
     from .modelfile import check_output_dir, publish, quantize_model
-    from .schemes import default_parts, parse_scheme
+    from .schemes import HEAD, default_parts, parse_scheme
 
     grouping = None
     if args.per_tensor:
@@ -289,6 +293,8 @@ def _cmd_quantize(args) -> int:
     # step reads; rounding them moved SmolLM2-135M's W4A8 perplexity by noise (docs/DESIGN.md section 2).
     scale_dtype = args.scale_dtype or ("fp16" if scheme.has_int4_weights else "fp32")
     scheme = scheme_with(scale_dtype)
+    if args.head_rounding and not (HEAD in scheme.parts and scheme.head_bits == 4):
+        raise ValueError("--head-rounding applies to an INT4 LM head (--head-bits 4)")
     given = {field: getattr(args, opt) for opt, field in _LKD_OPTIONS.items()
              if getattr(args, opt) not in (None, False)}
     given_distill = {field: getattr(args, opt) for opt, field in _DISTILL_OPTIONS.items()
@@ -394,9 +400,12 @@ def _cmd_quantize(args) -> int:
         from . import distill
 
         _, stats = distill.apply(model, scheme, distill_options, torch_model=torch_model)
+    head_rounding = _round_int4_head(args, model, scheme, torch_model, progress)
     tensors, metadata = quantize_model(model, scheme, progress=progress)
     if smoothing:
         metadata["smoothing"] = json.dumps(smoothing)
+    if head_rounding:
+        metadata["head_rounding"] = json.dumps(head_rounding)
     if args.distill:
         o = distill_options
         metadata["distillation"] = json.dumps({
@@ -408,6 +417,37 @@ def _cmd_quantize(args) -> int:
         print(f"wrote {path} ({model.family}, {model.num_layers} layers, scheme "
               f"{metadata['scheme']})", file=sys.stderr)
     return 0
+
+
+def _round_int4_head(args, model, scheme, torch_model, progress: bool) -> dict:
+    """GPTQ rounding of an INT4 LM head (the default for --head-bits 4, DESIGN.md section 6): sets the
+    head's weights in model.tensors; returns the file's "head_rounding" record ({} when the head is not
+    INT4 or --head-rounding nearest)."""
+    import time
+
+    from . import hf
+    from .schemes import HEAD
+
+    int4_head = HEAD in scheme.parts and scheme.head_bits == 4 and model.family != "bert"
+    if not int4_head or args.head_rounding == "nearest":
+        return {}
+    why = ("not implemented for encoder-decoder models" if model.family in hf.SEQ2SEQ_FAMILIES
+           else "torch not installed" if not hf.torch_available() else None)
+    if why:
+        if args.head_rounding == "gptq":
+            raise ValueError(f"--head-rounding gptq: {why}" + (f" ({hf.TORCH_EXTRA})" if "torch" in why else ""))
+        if progress:
+            print(f"note: the INT4 LM head is rounded to nearest: GPTQ rounding is {why} "
+                  "(--head-rounding nearest silences this note)", file=sys.stderr)
+        return {"skipped": why}
+    from .lkd import round_head
+
+    t0 = time.time()
+    record = round_head(model, scheme, torch_model)
+    if progress:
+        print(f"rounded the INT4 LM head by GPTQ on the model's own samples ({record['data']}, "
+              f"{time.time() - t0:.0f} s)", file=sys.stderr)
+    return record
 
 
 def _describe_linear(lq) -> str:

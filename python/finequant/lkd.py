@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from . import hf
 from .rotate import hadamard_matmul, rotate_weight
 from .quantize import (_expand, _tiles, fake_quant_activation, fake_quant_weight, quant_max, quantize_tensor,
                        round_scale_to_half)
-from .schemes import LinearQuant, QuantScheme
+from .schemes import HEAD, LinearQuant, QuantScheme
 from .simulate import _find_module, _linear_weight
 
 # Canonical module name of block i, and the final norm before the LM head, per family.
@@ -218,10 +219,13 @@ class LKDLinear(nn.Module):
 # plain rounding on held-out text in later SmolLM2 blocks; 1.0 lowered every block measured (DESIGN.md 6).
 GPTQ_DAMP = 1.0
 GPTQ_COLUMNS = 128  # columns rounded before their errors reach the rest of the weight (GPTQ's lazy batch)
+# The INT4 LM head's damping (round_head): its input, the final norm's output, has no late-block drift, and 1%
+# did best on held-out text (SmolLM2-135M Emma, fp32 body: 33.81 against 34.00 at 100%; DESIGN.md section 6).
+HEAD_GPTQ_DAMP = 0.01
 
 
 @torch.no_grad()
-def gptq_weight(w: torch.Tensor, h: torch.Tensor, spec: LinearQuant) -> torch.Tensor:
+def gptq_weight(w: torch.Tensor, h: torch.Tensor, spec: LinearQuant, damp: float = GPTQ_DAMP) -> torch.Tensor:
     """GPTQ (Frantar et al. 2022) of a weight w [N, K] as the Linear multiplies it (rotated), for inputs
     whose second moment is h = sum_t x_t x_t^T [K, K]: the columns are rounded in order, each one's error
     spread over the columns not yet rounded through the inverse Hessian's Cholesky factor, so the output
@@ -237,7 +241,7 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, spec: LinearQuant) -> torch.Te
     h = h.to(torch.float64).clone()
     dead = torch.diagonal(h) <= 0  # inputs that are always 0: any weight serves, keep it
     h[dead, dead] = 1.0
-    h.diagonal().add_(GPTQ_DAMP * torch.diagonal(h).mean())
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
     # Upper Cholesky factor of H^-1: row i holds how column i's error moves the columns after it.
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
     out = torch.empty_like(w)
@@ -301,6 +305,48 @@ def _gptq_student(student: nn.Module, x: torch.Tensor, y: torch.Tensor, rest, kw
         w = hadamard_matmul(m.weight, s.rotation) if s.rotation else m.weight
         wq = gptq_weight(w, hessians[id(m)], s)
         m.weight.copy_(rotate_weight(wq, s.rotation) if s.rotation else wq)
+
+
+@torch.no_grad()
+def round_head(model: hf.HFModel, scheme: QuantScheme, torch_model: Optional[nn.Module] = None) -> dict:
+    """GPTQ rounding of a decoder's INT4 LM head (quantize --head-bits 4; DESIGN.md section 6): the Hessian of
+    its inputs (the final norm's output, INT8-quantized as the engine will) over the model's own samples
+    (LKD's default data, make_data "generate"), damping HEAD_GPTQ_DAMP. Sets model.tensors["lm_head.weight"]
+    to the rounded fp32 weights, which PTQ stores exactly; a tied embedding table keeps its fp32 rows for the
+    lookups. `torch_model`: the transformers model of model.tensors (loaded from model.folder when not given).
+    Returns the record of the file's "head_rounding" metadata."""
+    if model.family == "bert" or model.family in hf.SEQ2SEQ_FAMILIES:
+        raise ValueError(f"GPTQ rounding of the LM head needs a decoder-only model, not {model.family}")
+    name = "lm_head.weight" if "lm_head.weight" in model.tensors else hf.embedding_name(model.family)
+    t = model.tensors[name]
+    w = t.detach().to(torch.float32) if torch.is_tensor(t) else torch.from_numpy(np.array(t, dtype=np.float32))
+    n, k = w.shape
+    lq = scheme.for_linear(HEAD, n, k)
+    if lq.weight_bits != 4:
+        raise ValueError(f"GPTQ rounding of the LM head is for INT4 heads; this scheme's head has "
+                         f"{lq.weight_bits or 'floating-point'} weights")
+    if torch_model is None:
+        torch_model = load_torch_model(model.folder, model.family)
+    positions = _max_positions(model.config)
+    o = LKDOptions(data="generate", seq=min(LKDOptions.seq, positions or LKDOptions.seq), progress=False)
+    ids = make_data(o, torch_model, model.folder, model.family, n)
+    h = torch.zeros(k, k, dtype=torch.float64)
+
+    def hook(module, args):
+        x = args[0].reshape(-1, k).to(torch.float32)
+        if lq.act_bits:
+            x = fake_quant_activation(x, lq.act_bits, lq.act_symmetric)
+        h.add_((x.T @ x).to(torch.float64))
+
+    handle = torch_model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        for i in range(0, len(ids), o.batch):
+            torch_model(ids[i:i + o.batch])
+    finally:
+        handle.remove()
+    rounded = gptq_weight(w, h, lq, damp=HEAD_GPTQ_DAMP)
+    model.tensors["lm_head.weight"] = rounded if torch.is_tensor(t) else rounded.numpy()
+    return {"method": "gptq", "data": f"generate {len(ids)}x{ids.shape[1]}", "damp": HEAD_GPTQ_DAMP}
 
 
 # ---- the torch model, its blocks and the data -----------------------------------------------------

@@ -161,6 +161,30 @@ def test_lm_head_quantized_by_default_for_int4_schemes(tiny_models, tmp_path, ca
         assert not (tmp_path / "bert4").exists()
 
 
+def test_int4_head_is_rounded_by_gptq_unless_told_otherwise(tiny_models, tmp_path, capsys):
+    """--head-bits 4 rounds the head by GPTQ on own samples and records it; --head-rounding nearest is plain
+    PTQ; only the head differs between the two files; the option without an INT4 head is an error."""
+    src = str(tiny_models["llama"])
+    files = {}
+    for rounding in ("gptq", "nearest"):
+        out = tmp_path / rounding
+        assert main(["quantize", src, "-o", str(out), "--scheme", "w4a8", "--head-bits", "4", "--quiet",
+                     "--no-smooth", *([] if rounding == "gptq" else ["--head-rounding", "nearest"])]) == 0
+        with safe_open(out / "model.safetensors", "np") as f:
+            files[rounding] = ({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    (gptq, gptq_meta), (nearest, nearest_meta) = files["gptq"], files["nearest"]
+    assert json.loads(gptq_meta["head_rounding"])["method"] == "gptq" and "head_rounding" not in nearest_meta
+    assert json.loads(gptq_meta["quantization"])["lm_head"]["tile"] == [1, 16]
+    assert set(gptq) == set(nearest)
+    changed = {k for k in gptq if not np.array_equal(gptq[k], nearest[k])}
+    assert "lm_head.weight" in changed and changed <= {"lm_head.weight", "lm_head.weight_scale"}, changed
+    capsys.readouterr()
+    assert main(["quantize", src, "-o", str(tmp_path / "no"), "--scheme", "w4a8", "--quiet", "--no-smooth",
+                 "--head-rounding", "nearest"]) == 2
+    assert "--head-rounding applies to an INT4 LM head (--head-bits 4)" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
 def test_info(tiny_models, tmp_path, capsys):
     out = tmp_path / "w4"
     assert main(["quantize", str(tiny_models["llama"]), "-o", str(out), "--scheme", "w4/8a8",

@@ -68,7 +68,7 @@ ALL_CASES = [
     ("w4a16-wasym", ["--scheme", "w4a16", "--w-asym"]),
     ("w8a8-head-group", ["--scheme", "w8a8", "--parts", "qkv,fc1,head", "--group", "4"]),
     ("w4a8-head4-kblock16", ["--scheme", "w4a8", "--parts", "qkv,attn_out,fc1,fc2,head", "--head-bits", "4",
-                             "--kblock", "16"]),
+                             "--kblock", "16", "--head-rounding", "nearest"]),
     ("w8a8-per-tensor", ["--scheme", "w8a8", "--per-tensor"]),
     ("w4a8-rotate16", ["--scheme", "w4a8", "--rotate", "16"]),
     ("bf16", ["--scheme", "bf16"]),  # bf16 storage of every float tensor
@@ -176,6 +176,9 @@ def runs(models, tmp_path_factory):
         "lkd": _quantize(models["llama"], nt / "lkd", ["--lkd"], smooth=True),
         "distill": _quantize(models["bert"], nt / "distill", ["--distill"], smooth=True),
         "smooth_alpha": _quantize(models["llama"], nt / "alpha", ["--smooth-alpha", "0.5"], smooth=True),
+        "head4": _quantize(models["llama"], nt / "head4", ["--scheme", "w4a8", "--head-bits", "4"], quiet=False),
+        "head4_gptq": _quantize(models["llama"], nt / "head4-gptq", ["--scheme", "w4a8", "--head-bits", "4",
+                                                                    "--head-rounding", "gptq"]),
         "info": ["info", str(nt / "llama" / "w4a8")],
         "run": ["run", str(nt / "gpt2" / "w8a8"), "--prompt", "w5 w6 w7", "--max-tokens", "4", "--threads", "1"],
         "ppl": ["ppl", str(nt / "llama" / "w4a8"), str(text), "--ctx", "32", "--threads", "1"],
@@ -220,6 +223,19 @@ def test_default_recipe_without_torch_skips_smoothing_and_says_so(runs):
         # the weights are those of --no-smooth with torch
         assert got_meta == want_meta and set(got) == set(want)
         assert all(torch.equal(got[k], want[k]) for k in want), f"{m} {case}"
+
+
+def test_int4_head_without_torch_is_rounded_to_nearest_and_says_so(runs):
+    """GPTQ rounding of an INT4 head (the default) needs torch: without it the head is rounded to nearest,
+    with a note and a record; asked for by name, it is an error naming the extra."""
+    nt, _, extra, _ = runs
+    rc, _, err = extra["head4"]
+    assert rc == 0 and "note: the INT4 LM head is rounded to nearest: GPTQ rounding is torch not installed" in err
+    _, meta = _tensors_and_metadata(nt / "head4" / "model.safetensors")
+    assert json.loads(meta["head_rounding"]) == {"skipped": "torch not installed"}
+    rc, _, err = extra["head4_gptq"]
+    assert rc == 2 and err.strip().splitlines()[-1].endswith(f"--head-rounding gptq: torch not installed ({TRAIN_EXTRA})")
+    assert not (nt / "head4-gptq").exists()
 
 
 def test_training_options_need_torch_in_one_line(runs):

@@ -106,7 +106,7 @@ def test_head_part_is_opt_in_and_int8():
 def test_int4_head_is_explicit_and_grouped_like_int4_weights():
     parts = "qkv,attn_out,fc1,fc2,head"
     lq = parse_scheme("w4a8", parts=parts, head_bits=4).for_linear("head", 50, 96)
-    assert (lq.weight_bits, lq.tile, lq.act_bits) == (4, (1, 32), 8)  # default K-blocks of 32
+    assert (lq.weight_bits, lq.tile, lq.act_bits) == (4, (1, 16), 8)  # the head's default K-blocks of 16
     lq = parse_scheme("w4a8", parts=parts, head_bits=4, grouping=("kblock", 48)).for_linear("head", 50, 96)
     assert lq.tile == (1, 48)
     assert parse_scheme("w4a8", parts=parts, head_bits=4).describe().endswith("head=int4")
