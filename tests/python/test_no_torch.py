@@ -234,7 +234,8 @@ def test_int4_head_without_torch_is_rounded_to_nearest_and_says_so(runs):
     _, meta = _tensors_and_metadata(nt / "head4" / "model.safetensors")
     assert json.loads(meta["head_rounding"]) == {"skipped": "torch not installed"}
     rc, _, err = extra["head4_gptq"]
-    assert rc == 2 and err.strip().splitlines()[-1].endswith(f"--head-rounding gptq: torch not installed ({TRAIN_EXTRA})")
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.endswith(f"--head-rounding gptq: torch not installed ({TRAIN_EXTRA})"), err
     assert not (nt / "head4-gptq").exists()
 
 

@@ -103,7 +103,7 @@ def test_head_part_is_opt_in_and_int8():
     assert parse_scheme("w8a8", parts="head,qkv").describe() == "w8a8 parts=qkv,head"
 
 
-def test_int4_head_is_explicit_and_grouped_like_int4_weights():
+def test_int4_head_is_explicit_in_k_blocks_of_16_or_the_schemes_grouping():
     parts = "qkv,attn_out,fc1,fc2,head"
     lq = parse_scheme("w4a8", parts=parts, head_bits=4).for_linear("head", 50, 96)
     assert (lq.weight_bits, lq.tile, lq.act_bits) == (4, (1, 16), 8)  # the head's default K-blocks of 16
