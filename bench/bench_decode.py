@@ -11,8 +11,8 @@ transformers fp32 and dynamic int8
 (torch quantize_dynamic of every Linear, GPT-2's Conv1D swapped for Linear first); CTranslate2 int8.
 Goals: finequant w8a8 >= 2x the fastest peer at batch 1; w4a8 >= 1.4x w8a8 (printed for both heads); and,
 against the DRAM read bandwidth (_core.dram_read_gbps, one sweep per round alternated with the systems: a
-shared VM's bandwidth moves by a third from minute to minute), the weight bytes a decode step reads x steps/s >= 80% of its
-median (the memory limit of decode; prefill counts in the wall time, so this is a floor).
+shared VM's bandwidth moves by a third from minute to minute), the weight bytes a decode step reads x steps/s
+>= 80% of its median (the memory limit of decode; prefill counts in the wall time, so this is a floor).
 """
 from __future__ import annotations
 
