@@ -250,7 +250,7 @@ def _fmt_bytes(n: float) -> str:
 def _cmd_quantize(args) -> int:
     from . import hf
     from .modelfile import check_output_dir, publish, quantize_model
-    from .schemes import HEAD, default_parts, parse_scheme
+    from .schemes import default_parts, parse_scheme
 
     grouping = None
     if args.per_tensor:
@@ -293,7 +293,7 @@ def _cmd_quantize(args) -> int:
     # step reads; rounding them moved SmolLM2-135M's W4A8 perplexity by noise (docs/DESIGN.md section 2).
     scale_dtype = args.scale_dtype or ("fp16" if scheme.has_int4_weights else "fp32")
     scheme = scheme_with(scale_dtype)
-    if args.head_rounding and not (HEAD in scheme.parts and scheme.head_bits == 4):
+    if args.head_rounding and not scheme.int4_head:
         raise ValueError("--head-rounding applies to an INT4 LM head (--head-bits 4)")
     given = {field: getattr(args, opt) for opt, field in _LKD_OPTIONS.items()
              if getattr(args, opt) not in (None, False)}
@@ -426,10 +426,8 @@ def _round_int4_head(args, model, scheme, torch_model, progress: bool) -> dict:
     import time
 
     from . import hf
-    from .schemes import HEAD
 
-    int4_head = HEAD in scheme.parts and scheme.head_bits == 4 and model.family != "bert"
-    if not int4_head or args.head_rounding == "nearest":
+    if not scheme.int4_head or model.family == "bert" or args.head_rounding == "nearest":
         return {}
     why = ("not implemented for encoder-decoder models" if model.family in hf.SEQ2SEQ_FAMILIES
            else "torch not installed" if not hf.torch_available() else None)

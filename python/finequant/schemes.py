@@ -111,8 +111,13 @@ class QuantScheme:
         return bool(self.attn_weight_bits or self.mlp_weight_bits) or any(s.is_quantized for _, s in self.stacks)
 
     @property
+    def int4_head(self) -> bool:
+        """A decoder's LM head is quantized to INT4 (head in the parts, head_bits 4)."""
+        return HEAD in self.parts and self.head_bits == 4
+
+    @property
     def has_int4_weights(self) -> bool:
-        return (4 in (self.attn_weight_bits, self.mlp_weight_bits) or (HEAD in self.parts and self.head_bits == 4)
+        return (4 in (self.attn_weight_bits, self.mlp_weight_bits) or self.int4_head
                 or any(s.has_int4_weights for _, s in self.stacks))
 
     def _tile(self, bits: int, n: int, k: int, part: str) -> Tuple[int, int]:

@@ -13,12 +13,6 @@ namespace kernels {
 
 namespace {
 
-// Below twice this many elements an op runs on the calling thread: waking workers costs more. 8192, not
-// 65536: BERT-base 1 x 32's residual adds and LayerNorms (24,576 values) then split, 0.985x its time on
-// Zen 4 (paired A/B in one process; DESIGN 5.5).
-constexpr int64_t kParallelElements = 8192;
-int64_t rows_grain(int64_t row) { return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(row, 1)); }
-
 FQ_MULTIVERSION void add_range(float* a, const float* b, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) a[i] += b[i];
@@ -54,7 +48,7 @@ void add_inplace(float* a, const float* b, int64_t n, ThreadPool& pool) {
 
 void gated_mul(GateActivation act, const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
                float* out, int64_t M, int64_t I, ThreadPool& pool) {
-  parallel_for(pool, M, rows_grain(I), [&](int64_t m0, int64_t m1) {
+  parallel_for(pool, M, parallel_rows_grain(I), [&](int64_t m0, int64_t m1) {
     if (act == GateActivation::Silu) silu_mul_rows(gate, gate_stride, up, up_stride, out, m0, m1, I);
     else gelu_tanh_mul_rows(gate, gate_stride, up, up_stride, out, m0, m1, I);
   });
@@ -69,7 +63,7 @@ void softcap(float* x, int64_t n, float cap, ThreadPool& pool) {
 void rope(float* xs, int64_t row, int64_t M, int64_t heads, const float* inv_freq, int64_t half,
           const int64_t* positions, ThreadPool& pool) {
   const int64_t head_dim = 2 * half;
-  parallel_for(pool, M, rows_grain(row), [&](int64_t m0, int64_t m1) {
+  parallel_for(pool, M, parallel_rows_grain(row), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       std::vector<float> cs(half), sn(half);
       for (int64_t i = 0; i < half; ++i) {

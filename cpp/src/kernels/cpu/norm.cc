@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/multiversion.h"
 
@@ -33,8 +34,7 @@ FQ_MULTIVERSION void normalize_row(const NormParams& norm, const float* xr, floa
 
 void normalize_rows(const NormParams& norm, const float* x, int64_t M, float* y, ThreadPool& pool) {
   const int64_t C = norm.C;
-  // Split from 2 x 8,192 values up, as elementwise.cc's ops (DESIGN 5.5).
-  parallel_for(pool, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1)), [&](int64_t m0, int64_t m1) {
+  parallel_for(pool, M, parallel_rows_grain(C), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) normalize_row(norm, x + m * C, y + m * C);
   });
 }
