@@ -43,6 +43,47 @@ TEST(fused_norm_rows_match_stored_rows) {
   }
 }
 
+// The AVX-512 row quantization (VNNI and AMX kernels) against the portable one, byte for byte over the
+// whole buffer (padding included), in both layouts: rows one after another (VNNI) and rows grouped by
+// 16 in 64-byte chunks (AMX; block_padded 64 or 16-aligned, so that blocks start inside a chunk too).
+// Here because the AMX layout is only reached on AMX hardware otherwise (the emulated AMX kernel
+// quantizes with the portable code).
+TEST(avx512_row_quantization_matches_portable) {
+  if (!kernels::cpu_supports(kernels::CpuIsa::Avx512Vnni)) return;
+  std::mt19937 rng(23);
+  uint32_t cases = 0;
+  for (int64_t group_rows : {1, 16})
+    for (int64_t bk : {0, 32, 64, 96, 200})  // 0: one block (bk = K)
+      for (int64_t K : {1, 63, 64, 130, 768, 1031}) {
+        const int64_t b = bk ? bk : K, nb = (K + b - 1) / b;
+        const int64_t unit = group_rows > 1 ? (b % 64 ? 16 : 64) : 8;
+        const int64_t padded = (b + unit - 1) / unit * unit, last = K - (nb - 1) * b;
+        int64_t Kp = (nb - 1) * padded + (last + unit - 1) / unit * unit;
+        if (group_rows > 1) Kp = (Kp + 63) / 64 * 64;
+        const kernels::RowLayout l{K, nb, b, padded, Kp, group_rows};
+        for (int bits : {8, 4})
+          for (bool sym : {true, false}) {
+            const int64_t M = 21, rows = (M + 15) / 16 * 16;
+            Tensor x = random_tensor({M, K}, rng, 0.1f);
+            x.data<float>()[3 * K + K / 2] = 0.f;          // a row whose scale is set by one value
+            for (int64_t k = 0; k < K; ++k) x.data<float>()[5 * K + k] = 0.f;  // an all-zero row
+            kernels::RowScratch a, c;
+            const kernels::QuantizedRows qa = a.resize(rows, l), qc = c.resize(rows, l);
+            std::memset(qa.xp, 0xa5, static_cast<size_t>(rows * Kp));
+            std::memset(qc.xp, 0xa5, static_cast<size_t>(rows * Kp));
+            const kernels::RowInput in{x.data<float>(), M, K, nullptr};
+            kernels::quantize_rows_into_avx512(in, l, QuantSpec{bits, sym}, qa, pool());
+            kernels::quantize_rows_into(in, l, QuantSpec{bits, sym}, qc, pool());
+            CHECK(std::memcmp(qa.xp, qc.xp, static_cast<size_t>(rows * Kp)) == 0);
+            CHECK(std::memcmp(qa.rowsum, qc.rowsum, static_cast<size_t>(M * nb) * 4) == 0);
+            CHECK(std::memcmp(qa.sx, qc.sx, static_cast<size_t>(M) * 4) == 0);
+            if (!sym) CHECK(std::memcmp(qa.zx, qc.zx, static_cast<size_t>(M) * 4) == 0);
+            ++cases;
+          }
+      }
+  CHECK_EQ(cases, 2u * 5 * 6 * 4);
+}
+
 TEST(peak_measure_runs) {
   if (!kernels::cpu_supports(kernels::CpuIsa::Avx512Vnni)) {
     CHECK(kernels::int8_peak_gops(1, 0.02) == 0.0);
