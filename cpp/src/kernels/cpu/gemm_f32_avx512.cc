@@ -99,7 +99,7 @@ class Avx512F32Linear final : public CpuLinear {
   }
 
  private:
-  AlignedVector<float> packed_;  // the only copy of the weight in memory
+  WeightVector<float> packed_;  // the only copy of the weight in memory
 };
 
 std::unique_ptr<CpuLinear> prepare_avx512(Tensor w, ThreadPool&) { return std::make_unique<Avx512F32Linear>(w); }

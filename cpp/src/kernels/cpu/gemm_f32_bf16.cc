@@ -208,7 +208,7 @@ class Bf16Linear final : public CpuLinear {
  private:
   bool amx_;  // tdpbf16ps for calls of kAmxMinRows rows or more
   int64_t Kp_ = 0;
-  AlignedVector<uint16_t> packed_;  // the only copy of the weight in memory
+  WeightVector<uint16_t> packed_;  // the only copy of the weight in memory
 };
 
 std::unique_ptr<CpuLinear> prepare_bf16(Tensor w, ThreadPool& pool) { return std::make_unique<Bf16Linear>(w, pool); }

@@ -208,9 +208,9 @@ struct Layout {
   int64_t unit = kTileK;  // k per tile step: 64, or 32 (half tiles) where that pads the K-blocks less
   bool w4 = false, wu8 = false;
   QuantSpec act;
-  AlignedVector<uint8_t> packed;
-  AlignedVector<float> scale;
-  AlignedVector<int32_t> zw, colsum_minus;
+  WeightVector<uint8_t> packed;
+  WeightVector<float> scale;
+  WeightVector<int32_t> zw, colsum_minus;
 
   int64_t chunks() const { return Kp / kTileK; }
   int64_t tile_bytes() const { return w4 ? kBTileBytes / 2 : kBTileBytes; }
@@ -696,15 +696,15 @@ class AmxIntLinear final : public CpuLinear {
     // Row chunks x runs of strips of 32 channels (2 panels; the last strip may have 1). Decode-sized
     // M is one chunk, so the weight is read once and the threads split the channels. Runs of up to
     // 4 strips, at least 4 runs per thread: a pool task per strip cost 5% in GPT-2 decode and 10-25%
-    // at M = 128-512 (BERT shapes, 2 threads). Decode (M <= 4): decode_run, runs of any length.
+    // at M = 128-512 (BERT shapes, 2 threads). Decode (M <= 4): decode_runs.
     const int64_t strips = (v.Npad / kPanel + 1) / 2;
-    const int64_t run = M <= kVnniMaxRows ? decode_run(strips, pool.size())
-                                          : std::clamp<int64_t>(strips / (4 * pool.size()), 1, 4);
-    const int64_t runs = (strips + run - 1) / run;
+    const TileRuns runs = M <= kVnniMaxRows
+                              ? decode_runs(strips, pool.size())
+                              : uniform_runs(strips, std::clamp<int64_t>(strips / (4 * pool.size()), 1, 4));
     const int64_t mc = M <= 128 ? M : 128, mchunks = (M + mc - 1) / mc;
-    pool.run(mchunks * runs, [&](int64_t t) {
-      const int64_t m0 = (t / runs) * mc, s0 = (t % runs) * run;
-      run_task(c, micro, finish, m0, std::min(M, m0 + mc), s0, std::min(strips, s0 + run));
+    pool.run(mchunks * runs.count, [&](int64_t t) {
+      const int64_t m0 = (t / runs.count) * mc, r = t % runs.count;
+      run_task(c, micro, finish, m0, std::min(M, m0 + mc), runs.begin(r), runs.end(r));
     });
   }
 

@@ -46,9 +46,9 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // per block and table (the 50257 x 768 LM head GEMM at K-blocks of 32, M = 1: 8.5 ms instead of 2.1).
 struct Avx2Layout {
   int64_t Kp = 0, block_padded = 0, Npad = 0;
-  AlignedVector<uint8_t> packed;
-  AlignedVector<float> scale;
-  AlignedVector<int32_t> zw, colsum_minus;
+  WeightVector<uint8_t> packed;
+  WeightVector<float> scale;
+  WeightVector<int32_t> zw, colsum_minus;
 };
 
 struct Ctx {
@@ -207,12 +207,12 @@ class Avx2IntLinear final : public CpuLinear {
     else widen_rows<uint8_t>(xq, c, xw.data(), rowsum.data(), pool);
     const bool wsigned = wsigned_;
     const MicroFn full = pick(kMaxMR, wsigned);
-    // Row chunks x runs of channel tiles (decode_run when the rows are one chunk).
+    // Row chunks x runs of channel tiles (decode_runs when the rows are one chunk).
     const int64_t tiles = layout_.Npad / kTile, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
-    const int64_t run = mchunks == 1 ? decode_run(tiles, pool.size()) : 1, runs = (tiles + run - 1) / run;
-    pool.run(mchunks * runs, [&](int64_t t) {
-      const int64_t m0 = (t / runs) * mc, m1 = std::min(M, m0 + mc), first = (t % runs) * run;
-      for (int64_t tile = first; tile < std::min(tiles, first + run); ++tile) {
+    const TileRuns runs = mchunks == 1 ? decode_runs(tiles, pool.size()) : uniform_runs(tiles, 1);
+    pool.run(mchunks * runs.count, [&](int64_t t) {
+      const int64_t m0 = (t / runs.count) * mc, m1 = std::min(M, m0 + mc), r = t % runs.count;
+      for (int64_t tile = runs.begin(r); tile < runs.end(r); ++tile) {
         int64_t m = m0;
         for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
         if (m < m1) pick(static_cast<int>(m1 - m), wsigned)(c, m, tile);

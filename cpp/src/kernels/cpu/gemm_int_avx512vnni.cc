@@ -71,11 +71,11 @@ struct VnniLayout {
   bool wsym = true;
   int32_t wc = 0;
   int64_t Kp = 0, Npad = 0, block_padded = 0;
-  AlignedVector<uint8_t> packed;
-  AlignedVector<float> scale;            // sw of the column's tile (empty when scale_half holds them)
-  AlignedVector<uint16_t> scale_half;    // the same values as IEEE half, when every one is exactly one
-  AlignedVector<int32_t> zw_plus_wc;     // zw + wc (asymmetric weights only)
-  AlignedVector<int32_t> colsum_minus;   // colsum - kb * zw (asymmetric activations only)
+  WeightVector<uint8_t> packed;
+  WeightVector<float> scale;            // sw of the column's tile (empty when scale_half holds them)
+  WeightVector<uint16_t> scale_half;    // the same values as IEEE half, when every one is exactly one
+  WeightVector<int32_t> zw_plus_wc;     // zw + wc (asymmetric weights only)
+  WeightVector<int32_t> colsum_minus;   // colsum - kb * zw (asymmetric activations only)
 };
 
 // ---- the call's context -----------------------------------------------------------------------
@@ -508,16 +508,15 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
         &v, v.wsym, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
 
   // Tasks: row chunks x runs of channel tiles. Decode-sized M is one row chunk, so the weight is read
-  // once and the threads split the channels (decode_run); larger M uses chunks whose rows stay in L2.
+  // once and the threads split the channels (decode_runs); larger M uses chunks whose rows stay in L2.
   const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tiles = v.Npad / kTileN;
-  const int64_t run = mchunks == 1 ? decode_run(tiles, pool.size()) : 1;
-  const int64_t runs = (tiles + run - 1) / run;
+  const TileRuns runs = mchunks == 1 ? decode_runs(tiles, pool.size()) : uniform_runs(tiles, 1);
   const int64_t last_rows = (M - (mchunks - 1) * mc) % max_mr;  // the last chunk's remainder (others: none)
   const MicroFn rest = last_rows ? pick(static_cast<int>(last_rows), xu8, v.bits == 4, multi, colsum) : full;
   const int64_t tile_bytes = v.bits == 4 ? v.Kp * 32 : v.Kp * 64;
-  pool.run(mchunks * runs, [&](int64_t t) {
-    const int64_t m0 = (t / runs) * mc, m1 = std::min(M, m0 + mc), t0 = (t % runs) * run;
-    const int64_t t1 = std::min(tiles, t0 + run), groups = (m1 - m0 + max_mr - 1) / max_mr;
+  pool.run(mchunks * runs.count, [&](int64_t t) {
+    const int64_t m0 = (t / runs.count) * mc, m1 = std::min(M, m0 + mc), t0 = runs.begin(t % runs.count);
+    const int64_t t1 = runs.end(t % runs.count), groups = (m1 - m0 + max_mr - 1) / max_mr;
     for (int64_t tile = t0; tile < t1; ++tile) {
       // Row groups after the first prefetch the run's next tile (see Prefetch), when there is one.
       const bool next = mchunks == 1 && groups > 1 && tile + 1 < t1;

@@ -107,11 +107,11 @@ struct Layout {
   int bits = 8;
   QuantSpec act;
   int32_t wc = 0;
-  AlignedVector<uint8_t> packed;
-  AlignedVector<float> scale;          // empty when scale_half holds the scales
-  AlignedVector<uint16_t> scale_half;  // K-blocked weights whose scales are all exact halves (DESIGN 2)
-  AlignedVector<int32_t> zw_plus_wc;    // empty for symmetric weights (zw + wc = wc)
-  AlignedVector<int32_t> colsum_minus;  // empty for symmetric activations (zx = 0 multiplies it)
+  WeightVector<uint8_t> packed;
+  WeightVector<float> scale;          // empty when scale_half holds the scales
+  WeightVector<uint16_t> scale_half;  // K-blocked weights whose scales are all exact halves (DESIGN 2)
+  WeightVector<int32_t> zw_plus_wc;    // empty for symmetric weights (zw + wc = wc)
+  WeightVector<int32_t> colsum_minus;  // empty for symmetric activations (zx = 0 multiplies it)
 };
 
 Layout pack(const IntWeight& w, ThreadPool& pool) {
