@@ -6,6 +6,9 @@
 #include <random>
 #include <vector>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "check.h"
 #include "kernels/cpu/aligned_vector.h"
 
@@ -38,6 +41,23 @@ TEST(weight_blocks_are_aligned_distinct_and_keep_their_bytes) {
   kernels::WeightVector<float> w(300000, 1.5f);
   CHECK(reinterpret_cast<uintptr_t>(w.data()) % 64 == 0);
   CHECK(w[299999] == 1.5f);
+}
+
+// After fork() the child allocates and frees weights too (the arena's lock is taken around the fork).
+TEST(weights_allocate_in_a_fork_child) {
+  void* kept = kernels::weight_allocate(1 << 20);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    void* p = kernels::weight_allocate(3 << 20);
+    static_cast<uint8_t*>(p)[0] = 1;
+    kernels::weight_deallocate(p, 3 << 20);
+    _exit(0);
+  }
+  CHECK(pid > 0);
+  int status = -1;
+  CHECK(waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  kernels::weight_deallocate(kept, 1 << 20);
 }
 
 int main() { return RUN_ALL_TESTS(); }

@@ -5,6 +5,9 @@
 #include <mutex>
 #include <new>
 
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -46,7 +49,15 @@ struct Arena {
 };
 
 Arena& arena() {
-  static auto* a = new Arena;  // never destroyed: weights may be freed during static destruction
+  static Arena* a = [] {
+    auto* made = new Arena;  // never destroyed: weights may be freed during static destruction
+#if defined(__unix__)
+    // A fork() while another thread allocates would leave the child's copy of the mutex locked: take it
+    // around the fork, as malloc does for its own locks.
+    pthread_atfork([] { arena().mutex.lock(); }, [] { arena().mutex.unlock(); }, [] { arena().mutex.unlock(); });
+#endif
+    return made;
+  }();
   return *a;
 }
 
