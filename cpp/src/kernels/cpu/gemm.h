@@ -130,7 +130,8 @@ inline TileRuns uniform_runs(int64_t tiles, int64_t run) { return {nullptr, tile
 // claims on the pool's shared word: a task per tile, 48 for a SmolLM2 gate_up and 1,536 for an LM head,
 // cost each decode GEMM a claim per tile) and the last ones single tiles, so that the threads finish
 // together. Equal runs (4 per thread) left a thread idle while the other ran the last long run: guided
-// runs made decode 2-6% faster (GPT-2 small, SmolLM2; w8a8, w4a8; DESIGN 5.5). A thread descheduled
+// runs made batch-1 decode 1.012-1.064x faster in 11 of 12 cells (GPT-2 small, SmolLM2; w8a8, w4a8, INT4
+// head; Zen 4), 0.971x in one (DESIGN 5.5). A thread descheduled
 // mid-run holds at most a quarter of the tiles (2 threads). The starts live in a thread_local of the
 // calling thread, valid until its next call (the pool's workers read them through the pointer).
 inline TileRuns decode_runs(int64_t tiles, int threads) {
