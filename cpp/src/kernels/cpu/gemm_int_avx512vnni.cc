@@ -97,16 +97,16 @@ struct Ctx {
 // inv = fl(1 / s) where that gives the same integer: y = fl(x * inv) is within 3 * 2^-24 |x / s| of
 // fl(x / s), so their nearest integers can differ only when y lies within that of a half-integer;
 // those lanes (a few in 10^5) take the divide. |x / s| <= qmax (1 + 2^-22) for every value of the row
-// (s is its range over qmax), so one bound, `near` = (qmax + 1) 2^-21, serves all lanes. A NaN lane
+// (s is its range over qmax), so one bound, near = (qmax + 1) 2^-21, serves all lanes: the test is
+// |y - r| >= 0.5 - near (`far`; 0.5 - |y - r| <= near rearranged, exact where it matters: 0.5 - near is a
+// float and 0.5 - t is exact for t >= 0.25, Sterbenz). A NaN lane
 // takes the divide path too, where it is reported in `nan` (the range pass does not look for NaN:
 // vminps / vmaxps may drop it). The multiply, with the AMX kernel's direct-store epilogue, made M = 128
 // GEMMs with asymmetric activations 4-12% faster (Xeon with AMX, old and new builds alternated; DESIGN 5.4).
-FQ_VNNI inline __m512 round_quotient(__m512 x, __m512 s, __m512 inv, __m512 near, __mmask16& nan) {
+FQ_VNNI inline __m512 round_quotient(__m512 x, __m512 s, __m512 inv, __m512 far, __mmask16& nan) {
   const __m512 y = _mm512_mul_ps(x, inv);
   const __m512 r = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // 0.5 - |y - r|: y's distance to the nearest half-integer (exact by Sterbenz wherever it is below 0.25)
-  const __m512 gap = _mm512_sub_ps(_mm512_set1_ps(0.5f), _mm512_abs_ps(_mm512_sub_ps(y, r)));
-  const __mmask16 close = _mm512_cmp_ps_mask(gap, near, _CMP_NGT_UQ);  // gap <= near, or NaN
+  const __mmask16 close = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, r)), far, _CMP_NLT_UQ);  // or NaN
   if (close == 0) return r;
   nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   return _mm512_mask_roundscale_ps(r, close, _mm512_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -114,19 +114,16 @@ FQ_VNNI inline __m512 round_quotient(__m512 x, __m512 s, __m512 inv, __m512 near
 
 // The bulk of one block of a row: whole 64-value steps starting at a 64-byte chunk (kk0 + i, i a multiple
 // of 64), each stored as one 64-byte vector; the caller quantizes the rest 16 at a time. Same values as
-// round_quotient and the clamp, with fewer instructions (a whole row of 768 from L2, both passes: 193 -> 125
-// ns on Zen 4; quantization was 10% of a 1024 x 768 x 768 GEMM there; DESIGN 5.4):
-//  - the half-integer test is |y - r| >= 0.5 - near (0.5 - |y - r| <= near rearranged: both sides exact
-//    where it matters, since 0.5 - near is a float and 0.5 - t is exact for t >= 0.25), one branch per lane group;
+// the 16-value loop, with fewer instructions (a whole row of 768 from L2, both passes: 193 -> 125 ns on
+// Zen 4; quantization was 10% of a 1024 x 768 x 768 GEMM there; DESIGN 5.4):
 //  - the int32 -> int16 -> 8-bit packs saturate, which is the clamp for 8-bit ranges ([-128, 127] holds the
 //    symmetric [-qmax, qmax]; [0, 255] is the asymmetric range); the symmetric values need no clamp at all,
 //    since |x / s| <= qmax (1 + 2^-22) rounds to at most qmax; 4-bit asymmetric ranges clamp as before;
 //  - the block's sum is one vpdpbusd of the 64 bytes against ones.
 // Needs the multiply path (inv normal, see quantize_row). Returns the values done.
 FQ_VNNI inline int64_t quantize_chunks(const float* x, int64_t kb, const RowLayout& c, int64_t kk0, bool symmetric,
-                                       float qmax, __m512 vs, __m512 vinv, __m512 vz, __m512 near, uint8_t* dst,
+                                       float qmax, __m512 vs, __m512 vinv, __m512 vz, __m512 far, uint8_t* dst,
                                        __m512i& sum, __mmask16& nan) {
-  const __m512 half_minus_near = _mm512_sub_ps(_mm512_set1_ps(0.5f), near);
   const __m512 qlo = _mm512_setzero_ps(), qhi = _mm512_set1_ps(qmax);
   const bool clamp = !symmetric && qmax != 255.0f;
   // After the two packs, 128-bit lane l holds 4 values of each input vector: q0[4l..4l+3], q1[...], ...
@@ -137,14 +134,7 @@ FQ_VNNI inline int64_t quantize_chunks(const float* x, int64_t kb, const RowLayo
     __m512i q[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      const __m512 xv = _mm512_loadu_ps(x + i + 16 * j);
-      const __m512 y = _mm512_mul_ps(xv, vinv);
-      __m512 r = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __mmask16 close = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, r)), half_minus_near, _CMP_NLT_UQ);
-      if (close) {  // a few lanes in 10^5, or NaN
-        nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
-        r = _mm512_mask_roundscale_ps(r, close, _mm512_div_ps(xv, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      }
+      __m512 r = round_quotient(_mm512_loadu_ps(x + i + 16 * j), vs, vinv, far, nan);
       if (!symmetric) r = _mm512_add_ps(r, vz);
       if (clamp) r = _mm512_min_ps(_mm512_max_ps(r, qlo), qhi);
       q[j] = _mm512_cvtps_epi32(r);
@@ -214,7 +204,7 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
   const bool by_inverse = std::isnormal(inv) && std::isnormal(s);
   const __m512 vs = _mm512_set1_ps(s), vinv = _mm512_set1_ps(inv), vz = _mm512_set1_ps(z);
   const __m512 qlo = _mm512_set1_ps(symmetric ? -qmax : 0.0f), qhi = _mm512_set1_ps(qmax);
-  const __m512 near = _mm512_set1_ps((qmax + 1.0f) * 0x1p-21f);
+  const __m512 far = _mm512_set1_ps(0.5f - (qmax + 1.0f) * 0x1p-21f);  // see round_quotient
   __mmask16 nan = 0;
   for (int64_t b = 0; b < c.nb; ++b) {
     const int64_t k0 = b * c.bk, kb = std::min(K, k0 + c.bk) - k0;
@@ -222,13 +212,13 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
     __m512i sum = _mm512_setzero_si512();
     int64_t i = 0;
     if (by_inverse && (c.group_rows == 1 || kk0 % 64 == 0))
-      i = quantize_chunks(x + k0, kb, c, kk0, symmetric, qmax, vs, vinv, vz, near, dst, sum, nan);
+      i = quantize_chunks(x + k0, kb, c, kk0, symmetric, qmax, vs, vinv, vz, far, dst, sum, nan);
     for (; i < kb; i += 16) {
       const __mmask16 m = kb - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (kb - i)) - 1);
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + k0 + i);
       __m512 q;
       if (by_inverse) {
-        q = round_quotient(xv, vs, vinv, near, nan);
+        q = round_quotient(xv, vs, vinv, far, nan);
       } else {
         nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
         q = _mm512_roundscale_ps(_mm512_div_ps(xv, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
