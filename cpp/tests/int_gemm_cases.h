@@ -114,7 +114,7 @@ TEST(k_blocks_with_partial_last_block) {
   for (int64_t G : {32, 64})
     for (bool wsym : {true, false})
       for (bool aasym : {false, true})
-        for (int64_t M : {1, 2, 7}) {
+        for (int64_t M : {1, 2, 7, 11}) {
           CHECK_EQ(run_case(M, 77, G * 4 + 6, 4, wsym, 8, aasym, Tile{1, G}, true, Epilogue::GeluTanh, seed++, true), 0);
           CHECK_EQ(run_case(M, 64, G * 3, 8, wsym, 8, aasym, Tile{1, G}, false, Epilogue::None, seed++, true), 0);
         }

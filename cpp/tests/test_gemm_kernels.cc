@@ -3,6 +3,7 @@
 // fp32 epilogue order, so every output must be bit-identical, over the case matrix of
 // int_gemm_cases.h, plus fused norm rows; the FP32 and attention kernels against their reference
 // forms; the level selection of cpu_isa.
+#include <array>
 #include <cstdlib>
 
 #include "core/convert.h"
@@ -206,9 +207,11 @@ TEST(bf16_kernel_matches_rounded_reference) {
 TEST(attention_kernels_match_reference) {
   const ExecContext ctx = cpu_context();
   std::mt19937 rng(21);
-  for (int64_t Tq : {1, 3, 9}) {
-    const int64_t B = 2, H = 4, KVH = 2, D = 24, Tk = Tq == 1 ? 13 : Tq;
-    const int64_t causal = Tq == 1 ? Tk - 1 : 0;
+  // {queries, keys, head size}: decode (a dot product per cached key, blocks of 16 keys and a tail; D a
+  // multiple of 16 or not) and prefill (K^T tiles).
+  for (const auto& [Tq, Tk, D] : std::vector<std::array<int64_t, 3>>{{1, 13, 24}, {1, 37, 64}, {2, 21, 40}, {3, 3, 24}, {9, 9, 24}}) {
+    const int64_t B = 2, H = 4, KVH = 2;
+    const int64_t causal = Tk - Tq;  // the queries are the last Tq positions
     const Tensor q = random_tensor({B * H * Tq, D}, rng, 0.f), k = random_tensor({B * KVH * Tk, D}, rng, 0.f),
                  v = random_tensor({B * KVH * Tk, D}, rng, 0.f);
     std::vector<uint8_t> valid(static_cast<size_t>(B * Tk), 1);

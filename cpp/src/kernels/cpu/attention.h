@@ -26,6 +26,11 @@ using AttnScoresFn = void (*)(const float* const* q, int nq, const float* kt, in
 using AttnValuesFn = void (*)(const float* p, int64_t ld, int nq, const float* v, int64_t v_stride, int64_t n,
                               int64_t D, float* const* out);
 
+// Decode (fewer queries than kAttnTransposeQueries): scores[j] = sum_d q[d] * k[j * k_stride + d] for j < n,
+// straight from the cache rows. Every key's sum is formed in the same order wherever the key sits, so a
+// key's score does not depend on its slot (masked slots between keys change nothing; DESIGN section 11).
+using AttnKeyScoresFn = void (*)(const float* q, const float* k, int64_t k_stride, int64_t n, int64_t D, float* scores);
+
 // In place: p[j] <- softmax_j(valid[j] ? p[j] * scale : -inf) over j < n, exact zeros at invalid
 // keys; all zeros (and false) when no key is valid.
 using AttnSoftmaxFn = bool (*)(float* p, const uint8_t* valid, int64_t n, float scale);
@@ -37,6 +42,7 @@ using AttnTransposeFn = void (*)(const float* k, int64_t k_stride, int64_t n, in
 struct AttentionKernel {
   CpuIsa level;
   AttnScoresFn scores;
+  AttnKeyScoresFn key_scores;
   AttnValuesFn values;
   AttnSoftmaxFn softmax;
   AttnTransposeFn transpose;
