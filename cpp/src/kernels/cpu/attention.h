@@ -1,6 +1,7 @@
 // CPU attention (kernels/backend.h AttentionArgs): the loops over sequences, heads and blocks of
 // up to 6 queries, with masking and softmax, around the inner products of a registered kernel: a
-// portable form and an AVX-512 form (register tiles of up to 6 queries x 64 keys / 64 values).
+// portable form and an AVX-512 form (register tiles of up to 6 queries x 64 keys / 64 values; decode:
+// 16 cached keys per step).
 #pragma once
 #include <cstdint>
 #include <vector>
