@@ -256,6 +256,16 @@ struct Prefetch {
   int32_t stride = 1, phase = 0;
 };
 
+// The prefetch of the 256 weight bytes `delta` past `at`, when due: 4 lines into L2 (T1; T0 held L1 miss
+// buffers that the streams need: GPT-2 small w8a8 decode went ~1.2x faster on Zen 4, DESIGN 5.4; not yet
+// measured on Intel). `wait`: 256-byte chunks before the next one.
+FQ_VNNI inline void prefetch_due(const Prefetch& pf, int32_t& wait, const uint8_t* at) {
+  if (pf.delta == 0 || --wait >= 0) return;
+  wait = pf.stride - 1;
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(at + pf.delta + j * 64), _MM_HINT_T1);
+}
+
 // Bias, activation and masked store of 16 outputs of row m starting at channel n0 (< N).
 FQ_VNNI inline void store_outputs(const Ctx& c, int64_t m, int64_t n0, __m512 o) {
   store_activated(c.y + m * c.N + n0, c.bias ? c.bias + n0 : nullptr, c.N - n0, o, c.epilogue);
@@ -264,7 +274,7 @@ FQ_VNNI inline void store_outputs(const Ctx& c, int64_t m, int64_t n0, __m512 o)
 // MULTI: several K-blocks, whose fp32 sums stay in registers (so MR <= 3); otherwise one block and
 // the fp32 values go straight to the output (MR <= 6 without spilling).
 // COLSUM (asymmetric activations, several blocks, MR <= 2: decode): each block's weight column sums
-// are computed here, one vpdpbusd of ones per weight vector, instead of read from colsum_minus: at
+// are computed here (vpdpbusd of the weights with ones), instead of read from colsum_minus: at
 // K-blocks of 32 that table is 4 bytes per 16 bytes of INT4 weight, a quarter more DRAM traffic for
 // a memory-bound call, while these extra instructions are free there (DESIGN 5.4).
 template <int MR, bool XU8, bool W4, bool MULTI, bool COLSUM = false>
@@ -303,39 +313,74 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
     const int64_t pair_bytes = W4 ? 256 : 512;
     const uint8_t* wp = v.packed.data() + tile * (c.Kp / 8) * pair_bytes + s0 * pair_bytes;
     const uint8_t* xr = c.xp + m0 * c.Kp + s0 * 8;
-    // One 4-k step per iteration: 24 accumulators + 4 weight vectors + 1 broadcast fit the 32
-    // registers. (Unrolling two steps, holding two steps' weights, or a helper lambda over acc made
-    // GCC 12 copy and spill the accumulators on every step: half the throughput.) INT4: step s
-    // takes the low (even s) or high (odd s) nibbles of its pair's 64 bytes per panel.
-    for (int64_t s = 0; s < 2 * pairs; ++s) {
-      __m512i w[4];
-      const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(s & 1) * 4);
-      // 4 lines per 256 bytes of weights (see Prefetch), into L2 (T1): T0 held L1 miss buffers that the
-      // streams need; GPT-2 small w8a8 decode went ~1.2x faster on Zen 4 (DESIGN 5.4; not yet measured on Intel).
-      if (pf.delta != 0 && (W4 ? (s & 1) == 0 : true) && --pf_wait < 0) {
-        pf_wait = pf.stride - 1;
-        const uint8_t* ahead = wp + (W4 ? (s >> 1) : s) * 256 + pf.delta;
+    if constexpr (W4 && MR <= 2) {
+      // INT4 decode rows: one iteration per pair of 4-k steps, so that each 64 bytes of nibbles is
+      // loaded and split once, and the column sums add bytes (a nibble pair <= 30, 8 pairs <= 240), one
+      // vpdpbusd per panel per 8 pairs. A one-row GEMV from L2 ran 1.2-1.25x faster than with the general
+      // loop; decode, which waits on DRAM, ~1.02x (Zen 4, DESIGN 5.4).
+      __m512i colbytes[4];
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * 64), _MM_HINT_T1);
-      }
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        if (W4) {
-          const __m512i packed = _mm512_loadu_si512(wp + (s >> 1) * 256 + j * 64);
-          w[j] = _mm512_and_si512(_mm512_srl_epi16(packed, shift), nibble);
-        } else {
-          w[j] = _mm512_loadu_si512(wp + s * 256 + j * 64);
+      for (int j = 0; j < 4; ++j) colbytes[j] = _mm512_setzero_si512();
+      for (int64_t p = 0; p < pairs; ++p) {
+        prefetch_due(pf, pf_wait, wp + p * 256);
+        __m512i xlo[MR], xhi[MR];
+#pragma GCC unroll 2
+        for (int i = 0; i < MR; ++i) {
+          int32_t words[2];
+          std::memcpy(words, xr + i * c.Kp + p * 8, 8);
+          xlo[i] = _mm512_set1_epi32(words[0]);
+          xhi[i] = _mm512_set1_epi32(words[1]);
         }
-        if constexpr (COLSUM) colacc[j] = _mm512_dpbusd_epi32(colacc[j], ones, w[j]);
-      }
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        int32_t word;
-        std::memcpy(&word, xr + i * c.Kp + s * 4, 4);
-        const __m512i xb = _mm512_set1_epi32(word);
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j)
-          acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xb, w[j]) : _mm512_dpbusd_epi32(acc[i][j], w[j], xb);
+        for (int j = 0; j < 4; ++j) {
+          const __m512i packed = _mm512_loadu_si512(wp + p * 256 + j * 64);
+          const __m512i lo = _mm512_and_si512(packed, nibble);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+          if constexpr (COLSUM) colbytes[j] = _mm512_add_epi8(colbytes[j], _mm512_add_epi8(lo, hi));
+#pragma GCC unroll 2
+          for (int i = 0; i < MR; ++i) {
+            acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xlo[i], lo) : _mm512_dpbusd_epi32(acc[i][j], lo, xlo[i]);
+            acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xhi[i], hi) : _mm512_dpbusd_epi32(acc[i][j], hi, xhi[i]);
+          }
+        }
+        if constexpr (COLSUM) {
+          if ((p & 7) == 7 || p + 1 == pairs) {
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+              colacc[j] = _mm512_dpbusd_epi32(colacc[j], colbytes[j], ones);
+              colbytes[j] = _mm512_setzero_si512();
+            }
+          }
+        }
+      }
+    } else {
+      // One 4-k step per iteration: 24 accumulators + 4 weight vectors + 1 broadcast fit the 32
+      // registers. (Unrolling two steps, holding two steps' weights, or a helper lambda over acc made
+      // GCC 12 copy and spill the accumulators on every step: half the throughput.) INT4: step s
+      // takes the low (even s) or high (odd s) nibbles of its pair's 64 bytes per panel.
+      for (int64_t s = 0; s < 2 * pairs; ++s) {
+        __m512i w[4];
+        const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(s & 1) * 4);
+        if (!W4 || (s & 1) == 0) prefetch_due(pf, pf_wait, wp + (W4 ? (s >> 1) : s) * 256);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          if (W4) {
+            const __m512i packed = _mm512_loadu_si512(wp + (s >> 1) * 256 + j * 64);
+            w[j] = _mm512_and_si512(_mm512_srl_epi16(packed, shift), nibble);
+          } else {
+            w[j] = _mm512_loadu_si512(wp + s * 256 + j * 64);
+          }
+          if constexpr (COLSUM) colacc[j] = _mm512_dpbusd_epi32(colacc[j], ones, w[j]);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; ++i) {
+          int32_t word;
+          std::memcpy(&word, xr + i * c.Kp + s * 4, 4);
+          const __m512i xb = _mm512_set1_epi32(word);
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j)
+            acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xb, w[j]) : _mm512_dpbusd_epi32(acc[i][j], w[j], xb);
+        }
       }
     }
     // Block epilogue: the exact integer correction, then out += (sx * sw) * float(corrected).
@@ -352,18 +397,22 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
       for (int j = 0; j < 4; ++j) {
         const int64_t col = (tile * c.nb + b) * kTileN + j * kPanel;  // padding panels read zeros
         __m512i corr = acc[i][j];
-        if (c.wsym) corr = _mm512_sub_epi32(corr, wc_rx);
-        else corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_loadu_si512(v.zw_plus_wc.data() + col), vrx));
         if constexpr (COLSUM) {
-          // colacc = sum of q + wc over the block's kb real k (padding is stored as 0), so
-          // colsum - kb zw = colacc - kb (zw + wc).
-          const __m512i zw_wc = c.wsym ? _mm512_set1_epi32(v.wc) : _mm512_loadu_si512(v.zw_plus_wc.data() + col);
-          const __m512i colsum_minus =
-              _mm512_sub_epi32(colacc[j], _mm512_mullo_epi32(_mm512_set1_epi32(static_cast<int32_t>(kb)), zw_wc));
-          corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), colsum_minus));
-        } else if (XU8) {
+          // colacc = sum of q + wc over the block's kb real k (padding is stored as 0), so colsum - kb zw =
+          // colacc - kb (zw + wc), and the correction below regrouped (equal modulo 2^32):
+          // corr = acc - zx colacc - (zw + wc) (rx - zx kb), one per-row constant for symmetric weights.
+          const uint32_t rx_minus = rx - static_cast<uint32_t>(c.zx[m]) * static_cast<uint32_t>(kb);
+          corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), colacc[j]));
           corr = _mm512_sub_epi32(
-              corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), _mm512_loadu_si512(v.colsum_minus.data() + col)));
+              corr, c.wsym ? _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v.wc) * rx_minus))
+                           : _mm512_mullo_epi32(_mm512_loadu_si512(v.zw_plus_wc.data() + col),
+                                                _mm512_set1_epi32(static_cast<int32_t>(rx_minus))));
+        } else {
+          if (c.wsym) corr = _mm512_sub_epi32(corr, wc_rx);
+          else corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_loadu_si512(v.zw_plus_wc.data() + col), vrx));
+          if (XU8)
+            corr = _mm512_sub_epi32(
+                corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), _mm512_loadu_si512(v.colsum_minus.data() + col)));
         }
         const __m512 sw = v.scale_half.empty()
                               ? _mm512_loadu_ps(v.scale.data() + col)
