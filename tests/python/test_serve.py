@@ -66,13 +66,14 @@ def folders(tiny_models, tmp_path_factory):
     tok.pre_tokenizer = Whitespace()
     tok.save(str(bert / "tokenizer.json"))
     out["bert"] = bert
-    # A wider GPT-2 with 2048 positions: long enough generations to disconnect in the middle of.
+    # A wider GPT-2 with 8192 positions: generations long enough (8,000 tokens, ~25 s on a 2-core Zen 4) that a
+    # client disconnects in the middle even on a loaded machine (2,000 tokens, ~1 s, once finished first).
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(3)
     big = root / "gpt2_long_src"
-    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=256, n_layer=4, n_head=4, n_positions=2048)).eval() \
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=256, n_layer=4, n_head=4, n_positions=8192)).eval() \
         .save_pretrained(big)
     out["long"] = _with_tokenizer(big, root / "long", 64)
     return out
@@ -475,7 +476,7 @@ def test_disconnect_cancels_and_frees_the_slot(folders):
         sched = running.server.scheduler
         for stream in (True, False):
             sock = socket.create_connection(("127.0.0.1", running.port))
-            body = json.dumps({"model": "long", "prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0,
+            body = json.dumps({"model": "long", "prompt": [1, 2, 3], "max_tokens": 8000, "temperature": 0,
                                "stream": stream}).encode()
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
