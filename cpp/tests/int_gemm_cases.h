@@ -232,13 +232,14 @@ TEST(nan_input_is_an_error) {
   const QuantizedTensor wq = quantize(w, QuantSpec{8, true}, Tile{1, 40});
   const ExecContext ctx = cpu_context();
   for (const KernelUnderTest& k : kernels_under_test()) {
-    for (bool asym : {false, true}) {
-      const auto p = prepare_with(k.kernel, wq, QuantSpec{8, !asym}, nullptr, Epilogue::None);
-      Tensor x = random_tensor({3, 40}, rng, 0.f);
-      x.data<float>()[1 * 40 + 17] = asym ? INFINITY : NAN;
-      Tensor y = Tensor::empty(DType::F32, {3, 20});
-      CHECK_THROWS_KIND(p->run(ctx, kernels::RowInput{x.data<float>(), 3, 40, nullptr}, y.data<float>()),
-                        ErrorKind::InvalidArgument);
-    }
+    for (bool asym : {false, true})
+      for (float bad : {NAN, INFINITY, -INFINITY}) {
+        const auto p = prepare_with(k.kernel, wq, QuantSpec{8, !asym}, nullptr, Epilogue::None);
+        Tensor x = random_tensor({3, 40}, rng, 0.f);
+        x.data<float>()[1 * 40 + 17] = bad;
+        Tensor y = Tensor::empty(DType::F32, {3, 20});
+        CHECK_THROWS_KIND(p->run(ctx, kernels::RowInput{x.data<float>(), 3, 40, nullptr}, y.data<float>()),
+                          ErrorKind::InvalidArgument);
+      }
   }
 }

@@ -115,6 +115,10 @@ void quantize_rows_into(const RowInput& x, const RowLayout& l, QuantSpec act, co
 // AVX-512 (the AVX512-VNNI and AMX kernels): each row quantized straight from L1, in one pass.
 void quantize_rows_into_avx512(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
                                ThreadPool& pool);
+// AVX2 (the AVX2 and AVX-VNNI kernels; plain rows, group_rows 1): 8 values a vector, with the
+// reference's division (portable where the build is not x86).
+void quantize_rows_into_avx2(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
+                             ThreadPool& pool);
 
 // The channel tiles of a call, in runs (one pool task each): run r covers tiles [begin(r), end(r)).
 struct TileRuns {

@@ -5,13 +5,16 @@
 // vpmaddubsw would saturate on u8 x s8 pairs, so both operands are widened to int16 and multiplied
 // with vpmaddwd: each int32 lane gets q[n, k] x[k] + q[n, k+1] x[k+1], the exact products of the
 // stored values. Weights stay one byte each in the packed layout (Avx2IntLinear below) and are
-// widened in registers. The activation rows are quantized with
-// quantize_rows and widened once per call. The integer sums are vectorized, and so is each
+// widened in registers. The activation rows are quantized by quantize_rows_into_avx2 (below; the
+// reference's values) and widened once per call. The integer sums are vectorized, and so is each
 // K-block's correction and fp32 accumulation (correct_block, accumulate_block of epilogue.h:
 // wrap-around int32 like the VNNI kernels, then the reference's fp32 operations in its order; this
 // file is compiled with -ffp-contract=off), so the outputs match it bit for bit.
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstring>
+#include <string>
 
 #include "kernels/cpu/gemm.h"
 
@@ -55,7 +58,8 @@ struct Ctx {
   int64_t M, N, K, nb, bk, bkp, Kp;
   const int16_t* xw;       // [M, Kp] widened activation values, zero padded per block
   const int32_t* rowsum;   // [M, nb]
-  const QuantizedTensor* x;
+  const float* sx;         // [M]
+  const int32_t* zx;       // [M] (asymmetric activations; else null)
   const Avx2Layout* layout;
   const float* bias;
   float* y;
@@ -65,8 +69,8 @@ struct Ctx {
 template <int MR, bool WSIGNED>
 FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
   const Avx2Layout& v = *c.layout;
-  const float* sx = c.x->scale.data<float>();
-  const uint8_t* zx = c.x->zero_point.defined() ? c.x->zero_point.data<uint8_t>() : nullptr;
+  const float* sx = c.sx;
+  const int32_t* zx = c.zx;
   __m256 out[MR][2];  // the fp32 sums over blocks, as the reference: 0, then + each block
   for (int i = 0; i < MR; ++i) out[i][0] = out[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < c.nb; ++b) {
@@ -133,24 +137,11 @@ MicroFn pick_rows(int mr) {
 
 MicroFn pick(int mr, bool wsigned) { return wsigned ? pick_rows<true>(mr) : pick_rows<false>(mr); }
 
-// Widens the quantized rows into [M, Kp] int16 (zero padded per block) and sums each block.
+// Widens the quantized rows (bytes as stored: I8 or U8) into [M, Kp] int16; padding stays zero.
 template <class TX>
-void widen_rows(const QuantizedTensor& x, const Ctx& c, int16_t* xw, int32_t* rowsum, ThreadPool& pool) {
-  const TX* xq = static_cast<const TX*>(x.q.raw());
-  parallel_for(pool, c.M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      std::fill(xw + m * c.Kp, xw + (m + 1) * c.Kp, int16_t{0});
-      for (int64_t b = 0; b < c.nb; ++b) {
-        const int64_t k0 = b * c.bk, kb = std::min(c.K, k0 + c.bk) - k0;
-        int32_t s = 0;
-        for (int64_t k = 0; k < kb; ++k) {
-          xw[m * c.Kp + b * c.bkp + k] = static_cast<int16_t>(xq[m * c.K + k0 + k]);
-          s += xq[m * c.K + k0 + k];
-        }
-        rowsum[m * c.nb + b] = s;
-      }
-    }
-  });
+FQ_AVX2 void widen_rows(const uint8_t* xp, int64_t M, int64_t Kp, int16_t* xw) {
+  const TX* q = reinterpret_cast<const TX*>(xp);
+  for (int64_t i = 0; i < M * Kp; ++i) xw[i] = static_cast<int16_t>(q[i]);
 }
 
 Avx2Layout pack(const IntWeight& w, ThreadPool& pool) {
@@ -198,13 +189,16 @@ class Avx2IntLinear final : public CpuLinear {
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
     const int64_t M = x.rows;
     ThreadPool& pool = ctx.threads();
-    const QuantizedTensor xq = quantize_rows(x.materialize(pool), act_);
-    AlignedVector<int16_t> xw(static_cast<size_t>(M * layout_.Kp));
-    std::vector<int32_t> rowsum(static_cast<size_t>(M * nb_));
-    const Ctx c{M, N, K, nb_, bk_, layout_.block_padded, layout_.Kp, xw.data(), rowsum.data(),
-                &xq, &layout_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
-    if (xq.q.dtype() == DType::I8) widen_rows<int8_t>(xq, c, xw.data(), rowsum.data(), pool);
-    else widen_rows<uint8_t>(xq, c, xw.data(), rowsum.data(), pool);
+    const RowLayout rows{K, nb_, bk_, layout_.block_padded, layout_.Kp};
+    thread_local RowScratch scratch;
+    thread_local AlignedVector<int16_t> widened;
+    const QuantizedRows q = scratch.resize(M, rows);
+    quantize_rows_into_avx2(x, rows, act_, q, pool);
+    widened.resize(static_cast<size_t>(M * layout_.Kp));
+    if (act_.symmetric) widen_rows<int8_t>(q.xp, M, layout_.Kp, widened.data());
+    else widen_rows<uint8_t>(q.xp, M, layout_.Kp, widened.data());
+    const Ctx c{M, N, K, nb_, bk_, layout_.block_padded, layout_.Kp, widened.data(), q.rowsum, q.sx,
+                act_.symmetric ? nullptr : q.zx, &layout_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
     const bool wsigned = wsigned_;
     const MicroFn full = pick(kMaxMR, wsigned);
     // Row chunks x runs of channel tiles (decode_runs when the rows are one chunk).
@@ -227,6 +221,94 @@ class Avx2IntLinear final : public CpuLinear {
   bool wsigned_;
 };
 
+// ---- token-wise quantization of plain rows (quantize_rows_into_avx2) -----------------------------
+FQ_AVX2 float reduce_min(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_min_ss(m, _mm_movehdup_ps(m)));
+}
+FQ_AVX2 float reduce_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+// Lanes [0, n) of 8 set (n <= 8).
+FQ_AVX2 __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// One row of quantize() (Tile{1, K}): the same range, scale, zero point and nearbyint(x / s) (+ z),
+// clamped, into dst (the row's Kp bytes, zero padded per block) with each block's sum. Returns false
+// for a row holding NaN / Inf (or, asymmetric, a range that overflows fp32).
+FQ_AVX2 bool quantize_row(const float* x, const RowLayout& l, bool symmetric, float qmax, uint8_t* dst,
+                          int32_t* rowsum, float* scale, int32_t* zero_point) {
+  const int64_t K = l.K;
+  __m256 mn[2], mx[2];  // two chains: min / max are order-free, and one chain waits on its latency
+  for (int i = 0; i < 2; ++i) mn[i] = mx[i] = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();  // NaN lanes (min / max may drop NaN)
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16)
+    for (int i = 0; i < 2; ++i) {
+      const __m256 v = _mm256_loadu_ps(x + k + 8 * i);
+      mn[i] = _mm256_min_ps(mn[i], v);
+      mx[i] = _mm256_max_ps(mx[i], v);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+  for (; k < K; k += 8) {
+    const __m256 v = _mm256_maskload_ps(x + k, first_lanes(K - k));  // masked lanes read 0
+    mn[0] = _mm256_min_ps(mn[0], v);
+    mx[0] = _mm256_max_ps(mx[0], v);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  const float lo = reduce_min(_mm256_min_ps(mn[0], mn[1])), hi = reduce_max(_mm256_max_ps(mx[0], mx[1]));
+  if (_mm256_movemask_ps(bad) != 0 || !std::isfinite(lo) || !std::isfinite(hi)) return false;
+  // The scale and zero point exactly as quantize() computes them (both ranges include 0: amax = max(hi, -lo)).
+  float s, z = 0.0f;
+  if (symmetric) {
+    s = std::max(hi, -lo) / qmax;
+  } else {
+    const float range = hi - lo;
+    if (!std::isfinite(range)) return false;
+    s = range / qmax;
+  }
+  if (s == 0.0f) s = 1.0f;
+  if (!symmetric) z = std::clamp(std::nearbyint(-lo / s), 0.0f, qmax);
+  *scale = s;
+  if (zero_point) *zero_point = static_cast<int32_t>(z);
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  const __m256 qlo = _mm256_set1_ps(symmetric ? -qmax : 0.0f), qhi = _mm256_set1_ps(qmax);
+  std::memset(dst, 0, static_cast<size_t>(l.Kp));
+  for (int64_t b = 0; b < l.nb; ++b) {
+    const int64_t k0 = b * l.bk, kb = std::min(K, k0 + l.bk) - k0;
+    uint8_t* out = dst + b * l.block_padded;
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t i = 0; i < kb; i += 8) {
+      const int64_t n = std::min<int64_t>(8, kb - i);
+      const __m256i lanes = first_lanes(n);
+      const __m256 v = _mm256_maskload_ps(x + k0 + i, lanes);
+      // (round to nearest even = nearbyint in the default rounding mode; the division is the reference's)
+      __m256 q = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      if (!symmetric) q = _mm256_add_ps(q, vz);
+      const __m256i qi = _mm256_and_si256(_mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, qlo), qhi)), lanes);
+      sum = _mm256_add_epi32(sum, qi);
+      // int32 -> int16 -> 8 bits: the values fit ([-127, 127] or [0, 255]), so the saturating packs are exact.
+      const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+      const __m128i b8 = symmetric ? _mm_packs_epi16(w16, w16) : _mm_packus_epi16(w16, w16);
+      if (n == 8) {
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), b8);
+      } else {
+        alignas(16) uint8_t tail[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(tail), b8);
+        std::memcpy(out + i, tail, static_cast<size_t>(n));
+      }
+    }
+    const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    rowsum[b] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, _MM_SHUFFLE(2, 3, 0, 1))));
+  }
+  return true;
+}
+
 std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, ThreadPool& pool) {
   if (avx2_maddubs_exact(w)) return int_gemm_avx2_maddubs().prepare(std::move(w), pool);
   return std::make_unique<Avx2IntLinear>(w, pool);
@@ -236,9 +318,32 @@ std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, ThreadPool& pool) {
 
 IntGemmKernel int_gemm_avx2() { return {CpuIsa::Avx2, prepare_avx2}; }
 
+void quantize_rows_into_avx2(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
+                             ThreadPool& pool) {
+  FQ_CHECK(l.group_rows == 1, ErrorKind::Runtime, "quantize_rows_into_avx2 writes plain rows");
+  const float qmax = static_cast<float>(quant_max(act));
+  std::atomic<int64_t> bad_row{-1};
+  parallel_for(pool, x.rows, 1, [&](int64_t r0, int64_t r1) {
+    thread_local AlignedVector<float> row_scratch;  // a computed row (fused producer)
+    row_scratch.resize(static_cast<size_t>(l.K));
+    for (int64_t m = r0; m < r1; ++m)
+      if (!quantize_row(x.row(m, row_scratch.data()), l, act.symmetric, qmax, out.xp + l.row_offset(m),
+                        out.rowsum + m * l.nb, out.sx + m, act.symmetric ? nullptr : out.zx + m)) {
+        int64_t seen = bad_row.load();
+        while (seen < m && !bad_row.compare_exchange_weak(seen, m)) {
+        }
+      }
+  });
+  FQ_CHECK_ARG(bad_row < 0, "input contains NaN or Inf (or an unrepresentable range) in row " + std::to_string(bad_row));
+}
+
 #else  // no x86 build: the entry is never selected (the CPU does not support the level)
 
 IntGemmKernel int_gemm_avx2() { return {CpuIsa::Avx2, nullptr}; }
+void quantize_rows_into_avx2(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
+                             ThreadPool& pool) {
+  quantize_rows_into(x, l, act, out, pool);
+}
 
 #endif
 

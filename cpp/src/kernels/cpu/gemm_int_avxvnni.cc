@@ -7,7 +7,7 @@
 // activations, 8 for signed INT4, else 0), undone exactly through the activation row sums:
 //   acc' = sum_k x (q + wc) = acc + wc rowsum_x
 //   corrected = acc' - zx (colsum_w - kb zw) - (zw + wc) rowsum_x          (correct_block)
-// Rows are quantized with quantize_rows (the reference's own values) and laid out per K-block; the
+// Rows are quantized by quantize_rows_into_avx2 (the reference's own values) per K-block; the
 // micro-kernel accumulates MR rows x 16 channels in int32 over one block, then the block's
 // correction and fp32 accumulation run in the reference's scalar order (this file is compiled with
 // -ffp-contract=off).
@@ -312,7 +312,7 @@ class AvxVnniIntLinear final : public CpuLinear {
     const RowLayout rows{v.K, v.nb, v.bk, v.block_padded, v.Kp};
     thread_local RowScratch scratch;
     const QuantizedRows q = scratch.resize(M, rows);
-    quantize_rows_into(x, rows, v.act, q, pool);
+    quantize_rows_into_avx2(x, rows, v.act, q, pool);
     const bool xu8 = !v.act.symmetric, w4 = v.bits == 4;
     const Ctx c{M, q.xp, q.rowsum, q.sx, xu8 ? q.zx : nullptr, &v, bias.defined() ? bias.data<float>() : nullptr,
                 y, epilogue};
