@@ -9,8 +9,8 @@
 //   corrected = acc' - zx (colsum_w - kb zw) - (zw + wc) rowsum_x          (correct_block)
 // Rows are quantized by quantize_rows_into_avx2 (the reference's own values) per K-block; the
 // micro-kernel accumulates MR rows x 16 channels in int32 over one block, then the block's
-// correction and fp32 accumulation run in the reference's scalar order (this file is compiled with
-// -ffp-contract=off).
+// correction and fp32 accumulation run 8 channels a vector, each lane in the reference's order (this
+// file is compiled with -ffp-contract=off).
 //
 // The only AVX-VNNI instruction goes through dpbusd() below. With FQ_KERNEL_EMULATE defined (the
 // test build, cpp/tests/gemm_emulated_kernels.cc) it is computed exactly with AVX2 and the entry is
@@ -183,17 +183,34 @@ struct Ctx {
   Epilogue epilogue;
 };
 
+// acc + x_lo . w_lo + x_hi . w_hi per 32-bit lane (the two 4-k steps of an INT4 pair; XU8: x is the u8
+// operand). With vpmaddubsw the two steps' int16 pair sums are added before one vpmaddwd: exact, as INT4
+// pairs stay far inside int16 (u8 x [0, 15]: two pairs <= 2 x 2 x 255 x 15 = 15300; s8 x: 7620).
+template <bool XU8>
+FQ_AVXVNNI inline __m256i dot_int4_pair(__m256i acc, __m256i x_lo, __m256i w_lo, __m256i x_hi, __m256i w_hi) {
+  if constexpr (kMaddubs) {
+    const __m256i p = XU8 ? _mm256_add_epi16(_mm256_maddubs_epi16(x_lo, w_lo), _mm256_maddubs_epi16(x_hi, w_hi))
+                          : _mm256_add_epi16(_mm256_maddubs_epi16(w_lo, x_lo), _mm256_maddubs_epi16(w_hi, x_hi));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  } else {
+    return XU8 ? dpbusd(dpbusd(acc, x_lo, w_lo), x_hi, w_hi) : dpbusd(dpbusd(acc, w_lo, x_lo), w_hi, x_hi);
+  }
+}
+
 // MR rows x 16 channels over every K-block: int32 sums per block, then the reference's correction
-// and fp32 accumulation per output, then bias and activation.
+// and fp32 accumulation (8 channels a vector, each lane in correct_block's and accumulate_block's
+// order), then bias and activation.
 // COLSUM (asymmetric activations, several K-blocks, decode-sized MR <= 2): each block's weight column
-// sums come from one dpbusd of ones per weight vector instead of the colsum_minus table, which at
-// K-blocks of 32 is a quarter more bytes per INT4 weight for a memory-bound call (DESIGN 5.4).
+// sums are computed here instead of read from the colsum_minus table, which at K-blocks of 32 is a
+// quarter more bytes per INT4 weight for a memory-bound call (DESIGN 5.4).
 template <int MR, bool XU8, bool W4, bool COLSUM = false>
 FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
   static_assert(!COLSUM || (XU8 && MR <= 2), "in-kernel column sums: asymmetric activations, MR <= 2");
   const Layout& v = *c.v;
   const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi8(1);
-  float out[MR][kTileN] = {};
+  __m256 out[MR][2];  // the fp32 sums over blocks, as the reference: 0, then + each block
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) out[i][0] = out[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < v.nb; ++b) {
     const int64_t kb = std::min(v.K, b * v.bk + v.bk) - b * v.bk;
     const int64_t s0 = b * v.block_padded / 8, pairs = round_up(kb, 8) / 8;  // pairs of 4-k steps
@@ -206,74 +223,103 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
     const uint8_t* wp = v.packed.data() + (tile * (v.Kp / 8) + s0) * pair_bytes;
     const uint8_t* xr = c.xp + m0 * v.Kp + b * v.block_padded;
     constexpr bool kSignTrick = kMaddubs && !XU8 && !W4;  // dp_s8s8
-    for (int64_t s = 0; s < 2 * pairs; ++s) {
-      __m256i w[2], w_abs[2];
-      const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(s & 1) * 4);  // INT4: low or high nibbles
-      // The weight stream kPrefetchBytes ahead (decode reads it once, from DRAM): a line per 64 bytes.
-      if (W4 ? (s & 1) == 0 : true)
-        _mm_prefetch(reinterpret_cast<const char*>(wp + (W4 ? (s >> 1) : s) * 64 + kPrefetchBytes), _MM_HINT_T0);
+    if constexpr (W4 && MR <= 2) {
+      // INT4 decode rows: one iteration per pair of steps (each 32 bytes of nibbles loaded and split
+      // once), column sums as byte adds (a nibble pair <= 30, 8 pairs <= 240) summed per 8 pairs.
+      __m256i colbytes[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+      for (int64_t p = 0; p < pairs; ++p) {
+        _mm_prefetch(reinterpret_cast<const char*>(wp + p * 64 + kPrefetchBytes), _MM_HINT_T0);
+        __m256i x_lo[MR], x_hi[MR];
 #pragma GCC unroll 2
-      for (int j = 0; j < 2; ++j) {
-        if (W4) {
-          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (s >> 1) * 64 + j * 32));
-          w[j] = _mm256_and_si256(_mm256_srl_epi16(packed, shift), nibble);
-        } else {
-          w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + s * 64 + j * 32));
+        for (int i = 0; i < MR; ++i) {
+          int32_t words[2];
+          std::memcpy(words, xr + i * v.Kp + p * 8, 8);
+          x_lo[i] = _mm256_set1_epi32(words[0]);
+          x_hi[i] = _mm256_set1_epi32(words[1]);
         }
-        if constexpr (kSignTrick) w_abs[j] = _mm256_abs_epi8(w[j]);
-        if constexpr (COLSUM) colacc[j] = dpbusd(colacc[j], ones, w[j]);  // sum of the stored q + wc
-      }
-#pragma GCC unroll 4
-      for (int i = 0; i < MR; ++i) {
-        int32_t word;
-        std::memcpy(&word, xr + i * v.Kp + s * 4, 4);
-        const __m256i xb = _mm256_set1_epi32(word);
 #pragma GCC unroll 2
         for (int j = 0; j < 2; ++j) {
-          if constexpr (kSignTrick) acc[i][j] = dp_s8s8(acc[i][j], w_abs[j], w[j], xb);
-          else acc[i][j] = XU8 ? dpbusd(acc[i][j], xb, w[j]) : dpbusd(acc[i][j], w[j], xb);
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + p * 64 + j * 32));
+          const __m256i lo = _mm256_and_si256(packed, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+          if constexpr (COLSUM) colbytes[j] = _mm256_add_epi8(colbytes[j], _mm256_add_epi8(lo, hi));
+#pragma GCC unroll 2
+          for (int i = 0; i < MR; ++i) acc[i][j] = dot_int4_pair<XU8>(acc[i][j], x_lo[i], lo, x_hi[i], hi);
+        }
+        if constexpr (COLSUM) {
+          if ((p & 7) == 7 || p + 1 == pairs)
+            for (int j = 0; j < 2; ++j) {
+              colacc[j] = dpbusd(colacc[j], colbytes[j], ones);
+              colbytes[j] = _mm256_setzero_si256();
+            }
+        }
+      }
+    } else {
+      for (int64_t s = 0; s < 2 * pairs; ++s) {
+        __m256i w[2], w_abs[2];
+        const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(s & 1) * 4);  // INT4: low or high nibbles
+        // The weight stream kPrefetchBytes ahead (decode reads it once, from DRAM): a line per 64 bytes.
+        if (W4 ? (s & 1) == 0 : true)
+          _mm_prefetch(reinterpret_cast<const char*>(wp + (W4 ? (s >> 1) : s) * 64 + kPrefetchBytes), _MM_HINT_T0);
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; ++j) {
+          if (W4) {
+            const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (s >> 1) * 64 + j * 32));
+            w[j] = _mm256_and_si256(_mm256_srl_epi16(packed, shift), nibble);
+          } else {
+            w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + s * 64 + j * 32));
+          }
+          if constexpr (kSignTrick) w_abs[j] = _mm256_abs_epi8(w[j]);
+          if constexpr (COLSUM) colacc[j] = dpbusd(colacc[j], ones, w[j]);  // sum of the stored q + wc
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i) {
+          int32_t word;
+          std::memcpy(&word, xr + i * v.Kp + s * 4, 4);
+          const __m256i xb = _mm256_set1_epi32(word);
+#pragma GCC unroll 2
+          for (int j = 0; j < 2; ++j) {
+            if constexpr (kSignTrick) acc[i][j] = dp_s8s8(acc[i][j], w_abs[j], w[j], xb);
+            else acc[i][j] = XU8 ? dpbusd(acc[i][j], xb, w[j]) : dpbusd(acc[i][j], w[j], xb);
+          }
         }
       }
     }
-    alignas(32) int32_t sums[MR][kTileN], colsum_minus[kTileN];
-    alignas(32) float scale[kTileN];
+    // The block's correct_block and accumulate_block, 8 channels a vector (wrap-around int32, then
+    // out + (sx * sw) * float(corrected)); padding channels read zeros.
+    const int64_t col = (tile * v.nb + b) * kTileN;
+#pragma GCC unroll 2
+    for (int j = 0; j < 2; ++j) {
+      const __m256 sw = v.scale_half.empty()
+                            ? _mm256_loadu_ps(v.scale.data() + col + j * kPanel)
+                            : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.scale_half.data() + col + j * kPanel)));
+      const __m256i zw = v.zw_plus_wc.empty()
+                             ? _mm256_set1_epi32(v.wc)
+                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.zw_plus_wc.data() + col + j * kPanel));
+      __m256i cm = _mm256_setzero_si256();  // colsum - kb zw
+      if constexpr (COLSUM)  // = sum of (q + wc) - kb (zw + wc); padding is stored as 0
+        cm = _mm256_sub_epi32(colacc[j], _mm256_mullo_epi32(_mm256_set1_epi32(static_cast<int32_t>(kb)), zw));
+      else if constexpr (XU8)
+        cm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.colsum_minus.data() + col + j * kPanel));
 #pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(sums[i]), acc[i][0]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(sums[i] + kPanel), acc[i][1]);
-    }
-    const int64_t col = (tile * v.nb + b) * kTileN;  // padding channels read zeros
-    if (v.scale_half.empty()) {
-      std::memcpy(scale, v.scale.data() + col, sizeof(scale));
-    } else {
-      const __m128i* h = reinterpret_cast<const __m128i*>(v.scale_half.data() + col);
-      _mm256_store_ps(scale, _mm256_cvtph_ps(_mm_loadu_si128(h)));
-      _mm256_store_ps(scale + kPanel, _mm256_cvtph_ps(_mm_loadu_si128(h + 1)));
-    }
-    if constexpr (COLSUM) {  // colsum - kb zw = sum of (q + wc) - kb (zw + wc); padding is stored as 0
-      _mm256_store_si256(reinterpret_cast<__m256i*>(colsum_minus), colacc[0]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(colsum_minus + kPanel), colacc[1]);
-      for (int64_t j = 0; j < kTileN; ++j)
-        colsum_minus[j] = static_cast<int32_t>(
-            static_cast<uint32_t>(colsum_minus[j]) -
-            static_cast<uint32_t>(kb) * static_cast<uint32_t>(v.zw_plus_wc.empty() ? v.wc : v.zw_plus_wc[col + j]));
-    }
-    for (int i = 0; i < MR; ++i) {
-      const int64_t m = m0 + i;
-      const int32_t zxm = c.zx ? c.zx[m] : 0, rs = c.rowsum[m * v.nb + b];
-      for (int64_t j = 0; j < kTileN; ++j) {
-        const int32_t cm = COLSUM ? colsum_minus[j] : XU8 ? v.colsum_minus[col + j] : 0;
-        const int32_t corrected = correct_block(sums[i][j], zxm, cm, v.zw_plus_wc.empty() ? v.wc : v.zw_plus_wc[col + j], rs);
-        out[i][j] = accumulate_block(out[i][j], c.sx[m], scale[j], corrected);
+      for (int i = 0; i < MR; ++i) {
+        const int64_t m = m0 + i;
+        __m256i corrected = _mm256_sub_epi32(acc[i][j], _mm256_mullo_epi32(zw, _mm256_set1_epi32(c.rowsum[m * v.nb + b])));
+        if constexpr (XU8) corrected = _mm256_sub_epi32(corrected, _mm256_mullo_epi32(_mm256_set1_epi32(c.zx[m]), cm));
+        out[i][j] = _mm256_add_ps(out[i][j], _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c.sx[m]), sw),
+                                                           _mm256_cvtepi32_ps(corrected)));
       }
     }
   }
-  for (int i = 0; i < MR; ++i)
+  for (int i = 0; i < MR; ++i) {
+    alignas(32) float sums[kTileN];
+    _mm256_store_ps(sums, out[i][0]);
+    _mm256_store_ps(sums + kPanel, out[i][1]);
     for (int64_t j = 0; j < kTileN; ++j) {
       const int64_t n = tile * kTileN + j;
       if (n >= v.N) break;
-      c.y[(m0 + i) * v.N + n] = finish_output(out[i][j], c.bias != nullptr, c.bias ? c.bias[n] : 0.f, c.epilogue);
+      c.y[(m0 + i) * v.N + n] = finish_output(sums[j], c.bias != nullptr, c.bias ? c.bias[n] : 0.f, c.epilogue);
     }
+  }
 }
 
 using MicroFn = void (*)(const Ctx&, int64_t, int64_t);
