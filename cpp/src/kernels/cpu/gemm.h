@@ -169,10 +169,9 @@ struct F32GemmKernel {
 // ---- the registry: one line per ISA (registry.cc) ----------------------------------------------
 IntGemmKernel int_gemm_ref();
 IntGemmKernel int_gemm_avx2();
-// The schemes int_gemm_avx2 hands to int_gemm_avx2_maddubs (vpmaddubsw exact for them).
-inline bool avx2_maddubs_exact(const IntWeight& w) {
-  return w.bits == 4 || (w.q.dtype() == DType::I8 && w.act.symmetric);
-}
+// The schemes int_gemm_avx2 hands to int_gemm_avx2_maddubs (vpmaddubsw exact for them): INT4, and
+// symmetric INT8 weights (against asymmetric activations only without the value -128).
+bool avx2_maddubs_exact(const IntWeight& w);
 IntGemmKernel int_gemm_avx2_maddubs();
 IntGemmKernel int_gemm_avxvnni();
 IntGemmKernel int_gemm_avx512vnni();

@@ -1,6 +1,6 @@
 // AVX2 integer GEMM for CPUs without AVX512-VNNI; bit-identical to gemm_int_ref. This file's
-// widening path takes INT8 weights with an asymmetric side; the rest goes to
-// gemm_int_avx2_maddubs.cc, where vpmaddubsw is exact (avx2_maddubs_exact).
+// widening path takes asymmetric INT8 weights, and symmetric ones holding -128 against asymmetric
+// activations; the rest goes to gemm_int_avx2_maddubs.cc, where vpmaddubsw is exact (avx2_maddubs_exact).
 //
 // vpmaddubsw would saturate on u8 x s8 pairs, so both operands are widened to int16 and multiplied
 // with vpmaddwd: each int32 lane gets q[n, k] x[k] + q[n, k+1] x[k+1], the exact products of the
@@ -308,6 +308,18 @@ FQ_AVX2 bool quantize_row(const float* x, const RowLayout& l, bool symmetric, fl
   }
   return true;
 }
+
+}  // namespace
+
+bool avx2_maddubs_exact(const IntWeight& w) {
+  if (w.bits == 4) return true;
+  if (w.q.dtype() != DType::I8) return false;
+  if (w.act.symmetric) return true;
+  const int8_t* q = w.q.data<int8_t>();
+  return std::find(q, q + w.q.numel(), int8_t{-128}) == q + w.q.numel();
+}
+
+namespace {
 
 std::unique_ptr<CpuLinear> prepare_avx2(IntWeight w, ThreadPool& pool) {
   if (avx2_maddubs_exact(w)) return int_gemm_avx2_maddubs().prepare(std::move(w), pool);

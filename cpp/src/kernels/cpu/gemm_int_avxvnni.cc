@@ -88,9 +88,18 @@ FQ_AVXVNNI inline __m256i dp_s8s8(__m256i acc, __m256i w_abs, __m256i w, __m256i
   const __m256i pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+// acc + the four products (x - 128) w per lane, for u8 activations against symmetric INT8 weights
+// without -128 (avx2_maddubs_exact checks): |x - 128| (<= 128 as u8) x (w with the sign of x - 128), so
+// that the pairs stay within int16 (<= 2 x 128 x 127). The sum lacks 128 colsum, which the epilogue
+// adds back by taking zx - 128 for zx (x_shifted = x - 128 as s8, x_abs = its magnitude, once per row).
+FQ_AVXVNNI inline __m256i dp_shifted_u8(__m256i acc, __m256i x_abs, __m256i x_shifted, __m256i w) {
+  const __m256i pairs = _mm256_maddubs_epi16(x_abs, _mm256_sign_epi8(w, x_shifted));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
 #else
 constexpr bool kMaddubs = false;
-FQ_AVXVNNI inline __m256i dp_s8s8(__m256i acc, __m256i, __m256i, __m256i) { return acc; }  // never called
+FQ_AVXVNNI inline __m256i dp_s8s8(__m256i acc, __m256i, __m256i, __m256i) { return acc; }        // never called
+FQ_AVXVNNI inline __m256i dp_shifted_u8(__m256i acc, __m256i, __m256i, __m256i) { return acc; }  // never called
 #endif
 
 // ---- the layout -------------------------------------------------------------------------------
@@ -223,6 +232,7 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
     const uint8_t* wp = v.packed.data() + (tile * (v.Kp / 8) + s0) * pair_bytes;
     const uint8_t* xr = c.xp + m0 * v.Kp + b * v.block_padded;
     constexpr bool kSignTrick = kMaddubs && !XU8 && !W4;  // dp_s8s8
+    constexpr bool kShiftedX = kMaddubs && XU8 && !W4;    // dp_shifted_u8
     if constexpr (W4 && MR <= 2) {
       // INT4 decode rows: one iteration per pair of steps (each 32 bytes of nibbles loaded and split
       // once), column sums as byte adds (a nibble pair <= 30, 8 pairs <= 240) summed per 8 pairs.
@@ -276,9 +286,15 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
           int32_t word;
           std::memcpy(&word, xr + i * v.Kp + s * 4, 4);
           const __m256i xb = _mm256_set1_epi32(word);
+          __m256i x_shifted = xb, x_abs = xb;
+          if constexpr (kShiftedX) {
+            x_shifted = _mm256_xor_si256(xb, _mm256_set1_epi8(static_cast<char>(0x80)));
+            x_abs = _mm256_abs_epi8(x_shifted);
+          }
 #pragma GCC unroll 2
           for (int j = 0; j < 2; ++j) {
-            if constexpr (kSignTrick) acc[i][j] = dp_s8s8(acc[i][j], w_abs[j], w[j], xb);
+            if constexpr (kShiftedX) acc[i][j] = dp_shifted_u8(acc[i][j], x_abs, x_shifted, w[j]);
+            else if constexpr (kSignTrick) acc[i][j] = dp_s8s8(acc[i][j], w_abs[j], w[j], xb);
             else acc[i][j] = XU8 ? dpbusd(acc[i][j], xb, w[j]) : dpbusd(acc[i][j], w[j], xb);
           }
         }
@@ -304,7 +320,8 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
       for (int i = 0; i < MR; ++i) {
         const int64_t m = m0 + i;
         __m256i corrected = _mm256_sub_epi32(acc[i][j], _mm256_mullo_epi32(zw, _mm256_set1_epi32(c.rowsum[m * v.nb + b])));
-        if constexpr (XU8) corrected = _mm256_sub_epi32(corrected, _mm256_mullo_epi32(_mm256_set1_epi32(c.zx[m]), cm));
+        if constexpr (XU8)
+          corrected = _mm256_sub_epi32(corrected, _mm256_mullo_epi32(_mm256_set1_epi32(c.zx[m] - (kShiftedX ? 128 : 0)), cm));
         out[i][j] = _mm256_add_ps(out[i][j], _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c.sx[m]), sw),
                                                            _mm256_cvtepi32_ps(corrected)));
       }
