@@ -5,6 +5,7 @@
 #pragma once
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -119,6 +120,30 @@ void quantize_rows_into_avx512(const RowInput& x, const RowLayout& l, QuantSpec 
 // reference's division (portable where the build is not x86).
 void quantize_rows_into_avx2(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
                              ThreadPool& pool);
+
+// The scale and zero point of a row from its range (lo <= 0 <= hi), exactly as quantize() computes them;
+// false when the asymmetric range overflows fp32. (The vectorized row quantizers above share it.)
+inline bool row_scale_and_zero(float lo, float hi, bool symmetric, float qmax, float& s, float& z) {
+  z = 0.0f;
+  if (symmetric) {
+    s = std::max(hi, -lo) / qmax;  // = the largest magnitude, as the range includes 0
+  } else {
+    const float range = hi - lo;
+    if (!std::isfinite(range)) return false;
+    s = range / qmax;
+  }
+  if (s == 0.0f) s = 1.0f;
+  if (!symmetric) z = std::clamp(std::nearbyint(-lo / s), 0.0f, qmax);
+  return true;
+}
+// A kernel's one-row quantizer: row x into dst (the row's first byte, RowLayout::row_offset) with each
+// block's sum, its scale and zero point; false for a row holding NaN / Inf (or an unrepresentable range).
+using QuantizeRowFn = bool (*)(const float* x, const RowLayout& l, bool symmetric, float qmax, uint8_t* dst,
+                               int32_t* rowsum, float* scale, int32_t* zero_point);
+// Every row of x through `row`, the rows split over the pool (a fused producer's rows computed on the way
+// into a per-thread scratch); throws naming the first row with NaN / Inf.
+void quantize_rows_with(QuantizeRowFn row, const RowInput& x, const RowLayout& l, QuantSpec act,
+                        const QuantizedRows& out, ThreadPool& pool);
 
 // The channel tiles of a call, in runs (one pool task each): run r covers tiles [begin(r), end(r)).
 struct TileRuns {

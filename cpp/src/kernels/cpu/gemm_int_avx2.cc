@@ -11,10 +11,8 @@
 // wrap-around int32 like the VNNI kernels, then the reference's fp32 operations in its order; this
 // file is compiled with -ffp-contract=off), so the outputs match it bit for bit.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <string>
 
 #include "kernels/cpu/gemm.h"
 
@@ -262,17 +260,8 @@ FQ_AVX2 bool quantize_row(const float* x, const RowLayout& l, bool symmetric, fl
   }
   const float lo = reduce_min(_mm256_min_ps(mn[0], mn[1])), hi = reduce_max(_mm256_max_ps(mx[0], mx[1]));
   if (_mm256_movemask_ps(bad) != 0 || !std::isfinite(lo) || !std::isfinite(hi)) return false;
-  // The scale and zero point exactly as quantize() computes them (both ranges include 0: amax = max(hi, -lo)).
-  float s, z = 0.0f;
-  if (symmetric) {
-    s = std::max(hi, -lo) / qmax;
-  } else {
-    const float range = hi - lo;
-    if (!std::isfinite(range)) return false;
-    s = range / qmax;
-  }
-  if (s == 0.0f) s = 1.0f;
-  if (!symmetric) z = std::clamp(std::nearbyint(-lo / s), 0.0f, qmax);
+  float s, z;
+  if (!row_scale_and_zero(lo, hi, symmetric, qmax, s, z)) return false;
   *scale = s;
   if (zero_point) *zero_point = static_cast<int32_t>(z);
   const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
@@ -333,20 +322,7 @@ IntGemmKernel int_gemm_avx2() { return {CpuIsa::Avx2, prepare_avx2}; }
 void quantize_rows_into_avx2(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
                              ThreadPool& pool) {
   FQ_CHECK(l.group_rows == 1, ErrorKind::Runtime, "quantize_rows_into_avx2 writes plain rows");
-  const float qmax = static_cast<float>(quant_max(act));
-  std::atomic<int64_t> bad_row{-1};
-  parallel_for(pool, x.rows, 1, [&](int64_t r0, int64_t r1) {
-    thread_local AlignedVector<float> row_scratch;  // a computed row (fused producer)
-    row_scratch.resize(static_cast<size_t>(l.K));
-    for (int64_t m = r0; m < r1; ++m)
-      if (!quantize_row(x.row(m, row_scratch.data()), l, act.symmetric, qmax, out.xp + l.row_offset(m),
-                        out.rowsum + m * l.nb, out.sx + m, act.symmetric ? nullptr : out.zx + m)) {
-        int64_t seen = bad_row.load();
-        while (seen < m && !bad_row.compare_exchange_weak(seen, m)) {
-        }
-      }
-  });
-  FQ_CHECK_ARG(bad_row < 0, "input contains NaN or Inf (or an unrepresentable range) in row " + std::to_string(bad_row));
+  quantize_rows_with(quantize_row, x, l, act, out, pool);
 }
 
 #else  // no x86 build: the entry is never selected (the CPU does not support the level)

@@ -16,11 +16,9 @@
 //   acc' = sum_k x (q + wc) = acc + wc rowsum_x
 //   corrected = acc' - (zw + wc) rowsum_x - zx (colsum_w - kb zw)
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 
 #include "core/convert.h"
 #include "kernels/cpu/act_math_avx512.h"
@@ -185,17 +183,8 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
   }
   const float lo = _mm512_reduce_min_ps(vmin), hi = _mm512_reduce_max_ps(vmax);  // both include 0
   if (!std::isfinite(lo) || !std::isfinite(hi)) return false;  // +-Inf (or a NaN that min / max kept)
-  // The scale and zero point exactly as quantize() computes them.
-  float s, z = 0.0f;
-  if (symmetric) {
-    s = std::max(hi, -lo) / qmax;
-  } else {
-    const float range = hi - lo;
-    if (!std::isfinite(range)) return false;
-    s = range / qmax;
-  }
-  if (s == 0.0f) s = 1.0f;
-  if (!symmetric) z = std::clamp(std::nearbyint(-lo / s), 0.0f, qmax);
+  float s, z;
+  if (!row_scale_and_zero(lo, hi, symmetric, qmax, s, z)) return false;
   *scale = s;
   if (zero_point) *zero_point = static_cast<int32_t>(z);
 
@@ -592,20 +581,7 @@ IntGemmKernel int_gemm_avx512vnni() { return {CpuIsa::Avx512Vnni, prepare_vnni};
 
 void quantize_rows_into_avx512(const RowInput& x, const RowLayout& l, QuantSpec act, const QuantizedRows& out,
                                ThreadPool& pool) {
-  const float qmax = static_cast<float>(quant_max(act));
-  std::atomic<int64_t> bad_row{-1};
-  parallel_for(pool, x.rows, 1, [&](int64_t r0, int64_t r1) {
-    thread_local AlignedVector<float> row_scratch;  // a computed row (fused producer), in L1
-    row_scratch.resize(static_cast<size_t>(l.K));
-    for (int64_t m = r0; m < r1; ++m)
-      if (!quantize_row(x.row(m, row_scratch.data()), l, act.symmetric, qmax, out.xp + l.row_offset(m),
-                        out.rowsum + m * l.nb, out.sx + m, act.symmetric ? nullptr : out.zx + m)) {
-        int64_t seen = bad_row.load();
-        while (seen < m && !bad_row.compare_exchange_weak(seen, m)) {
-        }
-      }
-  });
-  FQ_CHECK_ARG(bad_row < 0, "input contains NaN or Inf (or an unrepresentable range) in row " + std::to_string(bad_row));
+  quantize_rows_with(quantize_row, x, l, act, out, pool);
 }
 
 namespace {

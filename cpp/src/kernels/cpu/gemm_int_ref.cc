@@ -2,7 +2,9 @@
 // channels (each thread owns whole weight rows, the memory that matters for small M). Every
 // integer kernel is tested bit for bit against it. Compiled with -ffp-contract=off.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <string>
 
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/multiversion.h"
@@ -143,6 +145,24 @@ void quantize_rows_into(const RowInput& x, const RowLayout& l, QuantSpec act, co
   };
   if (xq.q.dtype() == DType::I8) rows(xq.q.data<int8_t>());
   else rows(xq.q.data<uint8_t>());
+}
+
+void quantize_rows_with(QuantizeRowFn row, const RowInput& x, const RowLayout& l, QuantSpec act,
+                        const QuantizedRows& out, ThreadPool& pool) {
+  const float qmax = static_cast<float>(quant_max(act));
+  std::atomic<int64_t> bad_row{-1};
+  parallel_for(pool, x.rows, 1, [&](int64_t r0, int64_t r1) {
+    thread_local AlignedVector<float> row_scratch;  // a computed row (fused producer), in L1
+    row_scratch.resize(static_cast<size_t>(l.K));
+    for (int64_t m = r0; m < r1; ++m)
+      if (!row(x.row(m, row_scratch.data()), l, act.symmetric, qmax, out.xp + l.row_offset(m), out.rowsum + m * l.nb,
+               out.sx + m, act.symmetric ? nullptr : out.zx + m)) {
+        int64_t seen = bad_row.load();
+        while (seen < m && !bad_row.compare_exchange_weak(seen, m)) {
+        }
+      }
+  });
+  FQ_CHECK_ARG(bad_row < 0, "input contains NaN or Inf (or an unrepresentable range) in row " + std::to_string(bad_row));
 }
 
 Tensor RowInput::materialize(ThreadPool& pool) const {
