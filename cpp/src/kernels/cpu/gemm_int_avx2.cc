@@ -135,11 +135,11 @@ MicroFn pick_rows(int mr) {
 
 MicroFn pick(int mr, bool wsigned) { return wsigned ? pick_rows<true>(mr) : pick_rows<false>(mr); }
 
-// Widens the quantized rows (bytes as stored: I8 or U8) into [M, Kp] int16; padding stays zero.
+// Widens rows [m0, m1) of the quantized rows (bytes as stored: I8 or U8) into [M, Kp] int16; padding stays zero.
 template <class TX>
-FQ_AVX2 void widen_rows(const uint8_t* xp, int64_t M, int64_t Kp, int16_t* xw) {
+FQ_AVX2 void widen_rows(const uint8_t* xp, int64_t m0, int64_t m1, int64_t Kp, int16_t* xw) {
   const TX* q = reinterpret_cast<const TX*>(xp);
-  for (int64_t i = 0; i < M * Kp; ++i) xw[i] = static_cast<int16_t>(q[i]);
+  for (int64_t i = m0 * Kp; i < m1 * Kp; ++i) xw[i] = static_cast<int16_t>(q[i]);
 }
 
 Avx2Layout pack(const IntWeight& w, ThreadPool& pool) {
@@ -193,9 +193,12 @@ class Avx2IntLinear final : public CpuLinear {
     const QuantizedRows q = scratch.resize(M, rows);
     quantize_rows_into_avx2(x, rows, act_, q, pool);
     widened.resize(static_cast<size_t>(M * layout_.Kp));
-    if (act_.symmetric) widen_rows<int8_t>(q.xp, M, layout_.Kp, widened.data());
-    else widen_rows<uint8_t>(q.xp, M, layout_.Kp, widened.data());
-    const Ctx c{M, N, K, nb_, bk_, layout_.block_padded, layout_.Kp, widened.data(), q.rowsum, q.sx,
+    int16_t* xw = widened.data();  // (the workers take the pointer, not their own thread_local)
+    parallel_for(pool, M, 16, [&](int64_t m0, int64_t m1) {
+      if (act_.symmetric) widen_rows<int8_t>(q.xp, m0, m1, layout_.Kp, xw);
+      else widen_rows<uint8_t>(q.xp, m0, m1, layout_.Kp, xw);
+    });
+    const Ctx c{M, N, K, nb_, bk_, layout_.block_padded, layout_.Kp, xw, q.rowsum, q.sx,
                 act_.symmetric ? nullptr : q.zx, &layout_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
     const bool wsigned = wsigned_;
     const MicroFn full = pick(kMaxMR, wsigned);
