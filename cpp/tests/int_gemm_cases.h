@@ -197,6 +197,10 @@ TEST(extreme_integer_values) {
   std::mt19937 rng(5);
   const int64_t M = 7, N = 35, K = 4099;
   std::uniform_int_distribution<int> byte(0, 255), pick(0, 3);
+  auto p_zero = [&](std::mt19937& r) {  // weight zero points: mostly the extremes too
+    const int p = pick(r);
+    return p == 0 ? 0 : p == 1 ? 255 : byte(r);
+  };
   auto val = [&]() {  // mostly the extremes
     const int p = pick(rng);
     return p == 0 ? 0 : p == 1 ? 255 : p == 2 ? 128 : byte(rng);
@@ -206,24 +210,41 @@ TEST(extreme_integer_values) {
     const int p = pick(rng);
     x.data<float>()[i] = p == 0 ? -3.f : p == 1 ? 3.f : p == 2 ? 0.f : 0.01f * static_cast<float>(byte(rng) - 128);
   }
-  for (bool ws : {true, false})
-    for (bool xs : {true, false}) {
-      Tensor wq = Tensor::empty(ws ? DType::I8 : DType::U8, {N, K});
-      Tensor sw = Tensor::empty(DType::F32, {N, 2}), zw;
-      if (!ws) zw = Tensor::empty(DType::U8, {N, 2});
-      for (int64_t i = 0; i < N * K; ++i) static_cast<uint8_t*>(wq.raw())[i] = static_cast<uint8_t>(val());
-      for (int64_t i = 0; i < N * 2; ++i) {
-        sw.data<float>()[i] = 1e-4f * (1 + i % 7);
-        if (!ws) zw.data<uint8_t>()[i] = static_cast<uint8_t>(byte(rng));
+  // Row 0 quantizes to all 255 (asymmetric) or 127: the largest row sums.
+  for (int64_t k = 0; k < K; ++k) x.data<float>()[k] = 3.f;
+  // K-blocks of 2052 (int32 corrections), of 128, the longest whose corrections take the AVX-512 kernel's
+  // int16 pairs (row sums and weight column sums up to 255 x 128), and of 129, just past it.
+  for (int64_t bk : {2052, 128, 129})
+    for (bool ws : {true, false})
+      for (bool xs : {true, false}) {
+        const int64_t nb = (K + bk - 1) / bk;
+        Tensor wq = Tensor::empty(ws ? DType::I8 : DType::U8, {N, K});
+        Tensor sw = Tensor::empty(DType::F32, {N, nb}), zw;
+        if (!ws) zw = Tensor::empty(DType::U8, {N, nb});
+        for (int64_t i = 0; i < N * K; ++i) static_cast<uint8_t*>(wq.raw())[i] = static_cast<uint8_t>(val());
+        for (int64_t i = 0; i < N * nb; ++i) {
+          sw.data<float>()[i] = 1e-4f * (1 + i % 7);
+          if (!ws) zw.data<uint8_t>()[i] = static_cast<uint8_t>(p_zero(rng));
+        }
+        // The largest column sums: channel 0 all 127 (symmetric) or 255 with zero point 0, channel N - 1 all
+        // -128 or 0 with zero point 255.
+        for (int64_t k = 0; k < K; ++k) {
+          static_cast<uint8_t*>(wq.raw())[k] = ws ? 127 : 255;
+          static_cast<uint8_t*>(wq.raw())[(N - 1) * K + k] = ws ? 0x80 : 0;
+        }
+        if (!ws)
+          for (int64_t b = 0; b < nb; ++b) {
+            zw.data<uint8_t>()[b] = 0;
+            zw.data<uint8_t>()[(N - 1) * nb + b] = 255;
+          }
+        QuantizedTensor qt;
+        qt.q = wq;
+        qt.scale = sw;
+        qt.zero_point = zw;
+        qt.spec = QuantSpec{8, ws};
+        qt.tile = Tile{1, bk};
+        CHECK_EQ(compare(kernels::RowInput{x.data<float>(), M, K, nullptr}, qt, QuantSpec{8, xs}, nullptr, Epilogue::None), 0);
       }
-      QuantizedTensor qt;
-      qt.q = wq;
-      qt.scale = sw;
-      qt.zero_point = zw;
-      qt.spec = QuantSpec{8, ws};
-      qt.tile = Tile{1, 2052};
-      CHECK_EQ(compare(kernels::RowInput{x.data<float>(), M, K, nullptr}, qt, QuantSpec{8, xs}, nullptr, Epilogue::None), 0);
-    }
 }
 
 TEST(nan_input_is_an_error) {

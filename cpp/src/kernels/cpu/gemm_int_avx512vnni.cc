@@ -47,6 +47,16 @@ constexpr int64_t kPrefetchBytes = 2048;  // software prefetch distance in a til
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// Asymmetric activations against K-blocks of at most kPairBlock: a column's two block corrections,
+// colsum - kb zw and zw + wc, are kept as the int16 halves of one int32 (int16_pair) and applied with one
+// vpdpwssd against the row's (-zx, -rowsum): every factor fits int16 (row sums of u8 values up to 255 x 128,
+// column sums of |q - zw| <= 255 the same), the products are exact and their sum wraps like the int32
+// operations it replaces. (The AVX2 build of gemm_int_avxvnni.cc, with vpmaddwd, measured 0.97-1.0x.)
+constexpr int64_t kPairBlock = 128;
+inline int32_t int16_pair(int32_t lo, int32_t hi) {
+  return static_cast<int32_t>((static_cast<uint32_t>(lo) & 0xffffu) | (static_cast<uint32_t>(hi) << 16));
+}
+
 // ---- the layout -------------------------------------------------------------------------------
 // vpdpbusd multiplies u8 by s8: symmetric activations (s8) take the u8 side's other operand, so the
 // weight is stored as u8; asymmetric activations (u8) get an s8 weight. Either way the stored value
@@ -73,7 +83,8 @@ struct VnniLayout {
   WeightVector<float> scale;            // sw of the column's tile (empty when scale_half holds them)
   WeightVector<uint16_t> scale_half;    // the same values as IEEE half, when every one is exactly one
   WeightVector<int32_t> zw_plus_wc;     // zw + wc (asymmetric weights only)
-  WeightVector<int32_t> colsum_minus;   // colsum - kb * zw (asymmetric activations only)
+  WeightVector<int32_t> colsum_minus;   // colsum - kb * zw (asymmetric activations only, without corr_pairs)
+  WeightVector<int32_t> corr_pairs;     // int16_pair(colsum - kb zw, zw + wc) (kPairBlock)
 };
 
 // ---- the call's context -----------------------------------------------------------------------
@@ -255,6 +266,12 @@ FQ_VNNI inline void prefetch_due(const Prefetch& pf, int32_t& wait, const uint8_
   for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(at + pf.delta + j * 64), _MM_HINT_T1);
 }
 
+FQ_VNNI inline int32_t load_word(const uint8_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+
 // Bias, activation and masked store of 16 outputs of row m starting at channel n0 (< N).
 FQ_VNNI inline void store_outputs(const Ctx& c, int64_t m, int64_t n0, __m512 o) {
   store_activated(c.y + m * c.N + n0, c.bias ? c.bias + n0 : nullptr, c.N - n0, o, c.epilogue);
@@ -273,6 +290,13 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
   const int64_t panel0 = tile * 4;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   const __m512i ones = _mm512_set1_epi8(1);
+  // The layout's tables and switches, read once (GCC re-read them for every panel of every block).
+  const bool wsym = c.wsym;
+  const uint16_t* scale_half = v.scale_half.empty() ? nullptr : v.scale_half.data();
+  const float* scale = v.scale.data();
+  const int32_t* zw_plus_wc = v.zw_plus_wc.data();
+  const int32_t* colsum_minus = v.colsum_minus.data();
+  const int32_t* corr_pairs = v.corr_pairs.empty() ? nullptr : v.corr_pairs.data();
   // MULTI: the fp32 sum over blocks, as the reference: 0, then + each block. Up to 3 rows in registers;
   // more in an L1 buffer (`sums`), so that the accumulators of 6 rows fit the registers: 6 rows share each
   // unpacked weight vector, where the sums in registers allowed 3 (INT4, K-blocks of 32: up to 7% faster
@@ -307,39 +331,37 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
       // loaded and split once, and the column sums add bytes (a nibble pair <= 30, 8 pairs <= 240), one
       // vpdpbusd per panel per 8 pairs. A one-row GEMV from L2 ran 1.2-1.25x faster than with the general
       // loop; decode, which waits on DRAM, ~1.02x (Zen 4, DESIGN 5.4).
-      __m512i colbytes[4];
+      // Chunks of up to 8 pairs, so that the byte sums flush once per chunk rather than on a test in
+      // every iteration (the test, and the copies GCC made around it, cost ~1/4 of the loop).
+      for (int64_t p0 = 0; p0 < pairs; p0 += 8) {
+        __m512i colbytes[4];
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) colbytes[j] = _mm512_setzero_si512();
-      for (int64_t p = 0; p < pairs; ++p) {
-        prefetch_due(pf, pf_wait, wp + p * 256);
-        __m512i xlo[MR], xhi[MR];
-#pragma GCC unroll 2
-        for (int i = 0; i < MR; ++i) {
-          int32_t words[2];
-          std::memcpy(words, xr + i * c.Kp + p * 8, 8);
-          xlo[i] = _mm512_set1_epi32(words[0]);
-          xhi[i] = _mm512_set1_epi32(words[1]);
-        }
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          const __m512i packed = _mm512_loadu_si512(wp + p * 256 + j * 64);
-          const __m512i lo = _mm512_and_si512(packed, nibble);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
-          if constexpr (COLSUM) colbytes[j] = _mm512_add_epi8(colbytes[j], _mm512_add_epi8(lo, hi));
+        for (int j = 0; j < 4; ++j) colbytes[j] = _mm512_setzero_si512();
+        const int64_t p1 = std::min(pairs, p0 + 8);
+        for (int64_t p = p0; p < p1; ++p) {
+          prefetch_due(pf, pf_wait, wp + p * 256);
+          __m512i xlo[MR], xhi[MR];
 #pragma GCC unroll 2
           for (int i = 0; i < MR; ++i) {
-            acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xlo[i], lo) : _mm512_dpbusd_epi32(acc[i][j], lo, xlo[i]);
-            acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xhi[i], hi) : _mm512_dpbusd_epi32(acc[i][j], hi, xhi[i]);
+            xlo[i] = _mm512_set1_epi32(load_word(xr + i * c.Kp + p * 8));
+            xhi[i] = _mm512_set1_epi32(load_word(xr + i * c.Kp + p * 8 + 4));
+          }
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) {
+            const __m512i packed = _mm512_loadu_si512(wp + p * 256 + j * 64);
+            const __m512i lo = _mm512_and_si512(packed, nibble);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+            if constexpr (COLSUM) colbytes[j] = _mm512_add_epi8(colbytes[j], _mm512_add_epi8(lo, hi));
+#pragma GCC unroll 2
+            for (int i = 0; i < MR; ++i) {
+              acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xlo[i], lo) : _mm512_dpbusd_epi32(acc[i][j], lo, xlo[i]);
+              acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xhi[i], hi) : _mm512_dpbusd_epi32(acc[i][j], hi, xhi[i]);
+            }
           }
         }
         if constexpr (COLSUM) {
-          if ((p & 7) == 7 || p + 1 == pairs) {
 #pragma GCC unroll 4
-            for (int j = 0; j < 4; ++j) {
-              colacc[j] = _mm512_dpbusd_epi32(colacc[j], colbytes[j], ones);
-              colbytes[j] = _mm512_setzero_si512();
-            }
-          }
+          for (int j = 0; j < 4; ++j) colacc[j] = _mm512_dpbusd_epi32(colacc[j], colbytes[j], ones);
         }
       }
     } else {
@@ -393,19 +415,24 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
           const uint32_t rx_minus = rx - static_cast<uint32_t>(c.zx[m]) * static_cast<uint32_t>(kb);
           corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), colacc[j]));
           corr = _mm512_sub_epi32(
-              corr, c.wsym ? _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v.wc) * rx_minus))
-                           : _mm512_mullo_epi32(_mm512_loadu_si512(v.zw_plus_wc.data() + col),
+              corr, wsym ? _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v.wc) * rx_minus))
+                         : _mm512_mullo_epi32(_mm512_loadu_si512(zw_plus_wc + col),
                                                 _mm512_set1_epi32(static_cast<int32_t>(rx_minus))));
+        } else if (XU8 && corr_pairs) {
+          // corr = acc - zx (colsum - kb zw) - (zw + wc) rx in one vpdpwssd (kPairBlock): INT4 K-blocks of
+          // 32 at M = 8-128, where the per-block epilogue costs as much as the dot products, 6-9% more GOPS
+          // (Zen 4, DESIGN 5.4).
+          corr = _mm512_dpwssd_epi32(corr, _mm512_loadu_si512(corr_pairs + col),
+                                     _mm512_set1_epi32(int16_pair(-c.zx[m], -static_cast<int32_t>(rx))));
         } else {
-          if (c.wsym) corr = _mm512_sub_epi32(corr, wc_rx);
-          else corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_loadu_si512(v.zw_plus_wc.data() + col), vrx));
+          if (wsym) corr = _mm512_sub_epi32(corr, wc_rx);
+          else corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_loadu_si512(zw_plus_wc + col), vrx));
           if (XU8)
             corr = _mm512_sub_epi32(
-                corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), _mm512_loadu_si512(v.colsum_minus.data() + col)));
+                corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), _mm512_loadu_si512(colsum_minus + col)));
         }
-        const __m512 sw = v.scale_half.empty()
-                              ? _mm512_loadu_ps(v.scale.data() + col)
-                              : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.scale_half.data() + col)));
+        const __m512 sw = scale_half ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale_half + col)))
+                                     : _mm512_loadu_ps(scale + col);
         const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(vsx, sw), _mm512_cvtepi32_ps(corr));
         if constexpr (kSumsInL1) {
           float* o = sums[i] + j * kPanel;
@@ -478,7 +505,9 @@ VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
   v.packed.assign(static_cast<size_t>(w4 ? v.Npad * v.Kp / 2 : v.Npad * v.Kp), 0);
   v.scale.assign(static_cast<size_t>(nb * v.Npad), 0.f);
   v.zw_plus_wc.assign(wsym ? 0 : static_cast<size_t>(nb * v.Npad), 0);
-  v.colsum_minus.assign(xu8 ? static_cast<size_t>(nb * v.Npad) : 0, 0);
+  const bool pairs = xu8 && bk <= kPairBlock;
+  v.colsum_minus.assign(xu8 && !pairs ? static_cast<size_t>(nb * v.Npad) : 0, 0);
+  v.corr_pairs.assign(pairs ? static_cast<size_t>(nb * v.Npad) : 0, 0);
   const float* sw = w.scale.data<float>();
   // Scales that are all exact halves (quantize --scale-dtype fp16, DESIGN 2) take half the bytes:
   // with K-blocks of 32 the fp32 table is 4 bytes per 16 bytes of INT4 weight, read on every decode step.
@@ -511,7 +540,9 @@ VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
         if (half) v.scale_half[col] = float_to_half(sw[g * nb + b]);  // exact
         else v.scale[col] = sw[g * nb + b];
         if (!wsym) v.zw_plus_wc[col] = z + v.wc;
-        if (xu8) v.colsum_minus[col] = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
+        const int32_t colsum_minus = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
+        if (pairs) v.corr_pairs[col] = int16_pair(colsum_minus, z + v.wc);
+        else if (xu8) v.colsum_minus[col] = colsum_minus;
       }
     }
   });
