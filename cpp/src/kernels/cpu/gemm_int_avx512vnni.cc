@@ -290,7 +290,7 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
   const int64_t panel0 = tile * 4;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   const __m512i ones = _mm512_set1_epi8(1);
-  // The layout's tables and switches, read once (GCC re-read them for every panel of every block).
+  // The layout's tables and switches, read once per call.
   const bool wsym = c.wsym;
   const uint16_t* scale_half = v.scale_half.empty() ? nullptr : v.scale_half.data();
   const float* scale = v.scale.data();
@@ -540,9 +540,11 @@ VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
         if (half) v.scale_half[col] = float_to_half(sw[g * nb + b]);  // exact
         else v.scale[col] = sw[g * nb + b];
         if (!wsym) v.zw_plus_wc[col] = z + v.wc;
-        const int32_t colsum_minus = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
-        if (pairs) v.corr_pairs[col] = int16_pair(colsum_minus, z + v.wc);
-        else if (xu8) v.colsum_minus[col] = colsum_minus;
+        if (xu8) {
+          const int32_t colsum_minus = w.colsum[n * nb + b] - static_cast<int32_t>(kb) * z;
+          if (pairs) v.corr_pairs[col] = int16_pair(colsum_minus, z + v.wc);
+          else v.colsum_minus[col] = colsum_minus;
+        }
       }
     }
   });
