@@ -39,8 +39,8 @@ def _positive_float(text: str) -> float:
 
 
 # --lkd-* option -> LKDOptions field
-_LKD_OPTIONS = {"lkd_data": "data", "lkd_steps": "steps", "lkd_step_ramp": "step_ramp", "lkd_batch": "batch",
-                "lkd_seq": "seq", "lkd_samples": "samples", "lkd_lr": "lr", "lkd_clip": "learn_clip",
+_LKD_OPTIONS = {"lkd_data": "data", "lkd_steps": "steps", "lkd_batch": "batch", "lkd_seq": "seq",
+                "lkd_samples": "samples", "lkd_lr": "lr", "lkd_clip": "learn_clip",
                 "lkd_checkpoint": "checkpoint", "seed": "seed"}
 _DISTILL_OPTIONS = {"distill_data": "data", "distill_steps": "steps", "distill_batch": "batch",
                     "distill_seq": "seq", "distill_lr": "lr", "distill_clip": "learn_clip",
@@ -115,10 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="generate (the model's own samples; the default for decoders), random (token ids; "
                           "the default for encoders) or a text file")
     lkd.add_argument("--lkd-steps", type=_positive_int, metavar="N",
-                     help="optimizer steps per block on average (default 100)")
-    lkd.add_argument("--lkd-step-ramp", type=float, metavar="R",
-                     help="deeper blocks train longer: steps rise linearly from (1 - R) x N in the first block to "
-                          "(1 + R) x N in the last, the same total (0..1; default 0: equal steps)")
+                     help="optimizer steps per block (default 100)")
     lkd.add_argument("--lkd-batch", type=_positive_int, metavar="B", help="sequences per step (default 4)")
     lkd.add_argument("--lkd-seq", type=_positive_int, metavar="T", help="tokens per sequence (default 128)")
     lkd.add_argument("--lkd-samples", type=_positive_int, metavar="N",
@@ -310,7 +307,7 @@ def _cmd_quantize(args) -> int:
     if blockwise or args.distill:  # these run in torch; plain PTQ needs neither (DESIGN.md section 2)
         hf.require_torch(blockwise_flag if blockwise else "--distill")
     if given and not args.lkd:
-        training = {"steps", "step_ramp", "lr", "learn_clip"}  # what GPTQ alone does not use
+        training = {"steps", "lr", "learn_clip"}  # what GPTQ alone does not use
         allowed = set(given) - training if args.gptq else {"seed"} if args.distill else set()
         bad = set(given) - allowed
         if bad:

@@ -57,10 +57,7 @@ class LKDOptions:
     # samples) or a text file path. Own samples closed 34% / 45% of SmolLM2's w4/8a8 / w4a8 PTQ gap against
     # 21% / 25% for random ids (bench/results/ACCURACY.md), for ~25 s of sampling.
     data: str = "auto"
-    steps: int = 100       # optimizer steps per block on average (0: no training, with gptq)
-    # Steps per block rise linearly with depth, from (1 - step_ramp) x steps in the first block to (1 + step_ramp)
-    # x steps in the last, the same total (bench/results/ACCURACY.md: SmolLM2-135M, session 25).
-    step_ramp: float = 0.0
+    steps: int = 100       # optimizer steps per block (0: no training, with gptq)
     batch: int = 4         # sequences per step
     seq: int = 128         # tokens per sequence
     samples: int = 64      # distinct sequences whose hidden states are held (rounded up to a batch multiple)
@@ -82,9 +79,6 @@ class LKDOptions:
             raise ValueError(f"LKD sequence length must be an integer >= 2, got {self.seq!r}")
         if max_positions is not None and self.seq > max_positions:
             raise ValueError(f"LKD sequence length {self.seq} exceeds the model's {max_positions} positions")
-        if isinstance(self.step_ramp, bool) or not isinstance(self.step_ramp, (int, float)) \
-                or not 0 <= self.step_ramp <= 1:
-            raise ValueError(f"LKD step ramp must be a number in [0, 1], got {self.step_ramp!r}")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"LKD learning rate must be a positive number, got {self.lr!r}")
         if self.data not in ("auto", "random", "generate") and not os.path.isfile(self.data):
@@ -548,14 +542,6 @@ def _evaluate(student, x, y, rest, kwargs, batch, loss_fn):
     return mse / n, loss / n
 
 
-def block_steps(options: LKDOptions, k: int, n_blocks: int) -> int:
-    """Optimizer steps of block k of n_blocks: options.steps scaled by the ramp (see LKDOptions.step_ramp)."""
-    if n_blocks < 2:
-        return options.steps
-    r = options.step_ramp
-    return int(round(options.steps * (1 - r + 2 * r * k / (n_blocks - 1))))
-
-
 def block_lr(linears: List[LKDLinear], options: LKDOptions) -> float:
     """The learning rate of a block's student: options.lr, else by its narrowest quantized weights."""
     bits = [m.spec.weight_bits for m in linears if m.spec.weight_bits]
@@ -697,8 +683,7 @@ def distill(model: nn.Module, family: str, config: dict, scheme: QuantScheme, op
         else:
             loss_fn = _Loss(model, family, kl=family != "bert" and k == n_layers - 1)
             s = _distill_block(block, _block_linears(model, family, full, k, parts, scheme), x, y, rest, kwargs,
-                               loss_fn, replace(o, steps=block_steps(o, k, n_layers)), k,
-                               f"{method} block {k + 1}/{n_layers}")
+                               loss_fn, o, k, f"{method} block {k + 1}/{n_layers}")
         if s["loss_lkd"] > s["loss_ptq"]:
             # Training made the block worse than plain PTQ of its original weights (a learning rate too high
             # for the scheme's step: INT8 weights move by many quantization steps): keep the original.

@@ -261,8 +261,6 @@ def test_cli_gptq_alone_trains_nothing(tiny_models, tmp_path, monkeypatch):
     (["--lkd", "--lkd-seq", "1"], "sequence length must be an integer >= 2"),
     (["--gptq", "--lkd-steps", "3", "--lkd-samples", "8"], "--lkd-steps only apply with --lkd"),
     (["--lkd-samples", "8"], "--lkd-samples only apply with --lkd or --gptq"),
-    (["--gptq", "--lkd-step-ramp", "0.2"], "--lkd-step-ramp only apply with --lkd"),
-    (["--lkd", "--lkd-step-ramp", "2"], "step ramp must be a number in [0, 1]"),
     (["--gptq", "--scheme", "fp32"], "--gptq needs a quantized scheme"),
     (["--gptq", "--distill"], "--distill and --gptq are two ways"),
 ])
@@ -291,31 +289,6 @@ def test_learning_rate_by_weight_bits():
     assert block_lr([lin(8), lin(4)], LKDOptions()) == 3e-4      # any INT4 weight: the INT4 rate
     assert block_lr([lin(0), lin(4)], LKDOptions()) == 3e-4
     assert block_lr([lin(8)], LKDOptions(lr=5e-5)) == 5e-5        # an explicit rate means what it says
-
-
-def test_steps_ramp_up_with_depth_at_the_same_total(tiny_models, monkeypatch):
-    from finequant.lkd import block_steps
-
-    for n, steps, ramp in [(30, 100, 0.5), (12, 40, 0.25), (7, 10, 1.0), (2, 5, 0.0), (1, 8, 0.5)]:
-        o = LKDOptions(steps=steps, step_ramp=ramp)
-        got = [block_steps(o, k, n) for k in range(n)]
-        assert got == sorted(got) and abs(sum(got) - n * steps) <= n / 2, (n, steps, ramp, got)
-        if n > 1:
-            assert got[0] == round(steps * (1 - ramp)) and got[-1] == round(steps * (1 + ramp)), got
-    # The training loop runs each block's own count.
-    ran = []
-    train = lkd._train_block
-
-    def count(student, x, y, rest, kwargs, loss_fn, options, *args):
-        ran.append(options.steps)
-        return train(student, x, y, rest, kwargs, loss_fn, options, *args)
-
-    monkeypatch.setattr(lkd, "_train_block", count)
-    _lkd(tiny_models["llama"], steps=4, step_ramp=0.5)
-    assert ran == [2, 6], ran
-    for bad in (-0.1, 1.5, float("nan"), True, "0.5"):
-        with pytest.raises(ValueError, match="step ramp must be a number in"):
-            LKDOptions(step_ramp=bad).check()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
