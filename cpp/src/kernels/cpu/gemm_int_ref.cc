@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "kernels/cpu/gemm.h"
@@ -150,7 +151,8 @@ void quantize_rows_into(const RowInput& x, const RowLayout& l, QuantSpec act, co
 void quantize_rows_with(QuantizeRowFn row, const RowInput& x, const RowLayout& l, QuantSpec act,
                         const QuantizedRows& out, ThreadPool& pool) {
   const float qmax = static_cast<float>(quant_max(act));
-  std::atomic<int64_t> bad_row{-1};
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  std::atomic<int64_t> bad_row{kNone};  // the first bad row, whichever thread finds it
   parallel_for(pool, x.rows, 1, [&](int64_t r0, int64_t r1) {
     thread_local AlignedVector<float> row_scratch;  // a computed row (fused producer), in L1
     row_scratch.resize(static_cast<size_t>(l.K));
@@ -158,11 +160,12 @@ void quantize_rows_with(QuantizeRowFn row, const RowInput& x, const RowLayout& l
       if (!row(x.row(m, row_scratch.data()), l, act.symmetric, qmax, out.xp + l.row_offset(m), out.rowsum + m * l.nb,
                out.sx + m, act.symmetric ? nullptr : out.zx + m)) {
         int64_t seen = bad_row.load();
-        while (seen < m && !bad_row.compare_exchange_weak(seen, m)) {
+        while (m < seen && !bad_row.compare_exchange_weak(seen, m)) {
         }
       }
   });
-  FQ_CHECK_ARG(bad_row < 0, "input contains NaN or Inf (or an unrepresentable range) in row " + std::to_string(bad_row));
+  FQ_CHECK_ARG(bad_row == kNone, "input contains NaN or Inf (or an unrepresentable range) in row " +
+                                     std::to_string(bad_row.load()));
 }
 
 Tensor RowInput::materialize(ThreadPool& pool) const {
