@@ -197,9 +197,9 @@ TEST(extreme_integer_values) {
   std::mt19937 rng(5);
   const int64_t M = 7, N = 35, K = 4099;
   std::uniform_int_distribution<int> byte(0, 255), pick(0, 3);
-  auto p_zero = [&](std::mt19937& r) {  // weight zero points: mostly the extremes too
-    const int p = pick(r);
-    return p == 0 ? 0 : p == 1 ? 255 : byte(r);
+  auto zero_point = [&]() {  // weight zero points: mostly the extremes too
+    const int p = pick(rng);
+    return p == 0 ? 0 : p == 1 ? 255 : byte(rng);
   };
   auto val = [&]() {  // mostly the extremes
     const int p = pick(rng);
@@ -224,7 +224,7 @@ TEST(extreme_integer_values) {
         for (int64_t i = 0; i < N * K; ++i) static_cast<uint8_t*>(wq.raw())[i] = static_cast<uint8_t>(val());
         for (int64_t i = 0; i < N * nb; ++i) {
           sw.data<float>()[i] = 1e-4f * (1 + i % 7);
-          if (!ws) zw.data<uint8_t>()[i] = static_cast<uint8_t>(p_zero(rng));
+          if (!ws) zw.data<uint8_t>()[i] = static_cast<uint8_t>(zero_point());
         }
         // The largest column sums: channel 0 all 127 (symmetric) or 255 with zero point 0, channel N - 1 all
         // -128 or 0 with zero point 255.
