@@ -54,6 +54,7 @@ namespace avxvnni {  // a name of its own: the emulation test compiles this file
 constexpr int64_t kPanel = 8;           // output channels per ymm of int32
 constexpr int64_t kTileN = 2 * kPanel;  // channels per micro-kernel
 constexpr int kMaxMR = 4;               // rows: 8 accumulators + 2 weights + 1 broadcast of 16 ymm
+constexpr int64_t kShiftGrain = 32768;  // shift_range bytes per task: decode's rows are shifted without a dispatch
 constexpr int64_t kPrefetchBytes = 2048;  // software prefetch distance in a tile's weight stream
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -91,7 +92,8 @@ FQ_AVXVNNI inline __m256i dp_s8s8(__m256i acc, __m256i w_abs, __m256i w, __m256i
 // acc + the four products (x - 128) w per lane, for u8 activations against symmetric INT8 weights
 // without -128 (avx2_maddubs_exact checks): |x - 128| (<= 128 as u8) x (w with the sign of x - 128), so
 // that the pairs stay within int16 (<= 2 x 128 x 127). The sum lacks 128 colsum, which the epilogue
-// adds back by taking zx - 128 for zx (x_shifted = x - 128 as s8, x_abs = its magnitude, once per row).
+// adds back by taking zx - 128 for zx. x_shifted = x - 128 as s8 and x_abs = its magnitude come from
+// shift_range, once per call.
 FQ_AVXVNNI inline __m256i dp_shifted_u8(__m256i acc, __m256i x_abs, __m256i x_shifted, __m256i w) {
   const __m256i pairs = _mm256_maddubs_epi16(x_abs, _mm256_sign_epi8(w, x_shifted));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
@@ -101,6 +103,23 @@ constexpr bool kMaddubs = false;
 FQ_AVXVNNI inline __m256i dp_s8s8(__m256i acc, __m256i, __m256i, __m256i) { return acc; }        // never called
 FQ_AVXVNNI inline __m256i dp_shifted_u8(__m256i acc, __m256i, __m256i, __m256i) { return acc; }  // never called
 #endif
+// dp_shifted_u8's operands for n bytes of u8 rows: x - 128 (as s8, in place) and |x - 128| (into x_abs).
+// Once per call rather than two operations per row and 4-k step in the micro-kernel: 1.1-1.15x on
+// W8A8 with asymmetric activations (docs/DESIGN.md section 5.4).
+FQ_AVXVNNI inline void shift_range(uint8_t* x, uint8_t* x_abs, int64_t n) {
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i s = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), bias);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i), s);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x_abs + i), _mm256_abs_epi8(s));
+  }
+  for (; i < n; ++i) {
+    const int s = static_cast<int>(x[i]) - 128;
+    x[i] = static_cast<uint8_t>(s);
+    x_abs[i] = static_cast<uint8_t>(s < 0 ? -s : s);
+  }
+}
 
 // ---- the layout -------------------------------------------------------------------------------
 // Tiles of 16 output channels (2 panels of 8), N padded to a multiple of 16; each K-block padded
@@ -182,7 +201,8 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
 // ---- one call ---------------------------------------------------------------------------------
 struct Ctx {
   int64_t M;
-  const uint8_t* xp;      // [M, Kp] quantized rows (s8 or u8 bytes), zero padded per block
+  const uint8_t* xp;      // [M, Kp] quantized rows (s8 or u8 bytes; dp_shifted_u8: x - 128), zero padded per block
+  const uint8_t* x_abs;   // [M, Kp] |x - 128| for dp_shifted_u8, else null
   const int32_t* rowsum;  // [M, nb]
   const float* sx;        // [M]
   const int32_t* zx;      // [M]; null when symmetric
@@ -286,14 +306,14 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
           int32_t word;
           std::memcpy(&word, xr + i * v.Kp + s * 4, 4);
           const __m256i xb = _mm256_set1_epi32(word);
-          __m256i x_shifted = xb, x_abs = xb;
+          __m256i x_abs = xb;
           if constexpr (kShiftedX) {
-            x_shifted = _mm256_xor_si256(xb, _mm256_set1_epi8(static_cast<char>(0x80)));
-            x_abs = _mm256_abs_epi8(x_shifted);
+            std::memcpy(&word, c.x_abs + (m0 + i) * v.Kp + b * v.block_padded + s * 4, 4);
+            x_abs = _mm256_set1_epi32(word);
           }
 #pragma GCC unroll 2
           for (int j = 0; j < 2; ++j) {
-            if constexpr (kShiftedX) acc[i][j] = dp_shifted_u8(acc[i][j], x_abs, x_shifted, w[j]);
+            if constexpr (kShiftedX) acc[i][j] = dp_shifted_u8(acc[i][j], x_abs, xb, w[j]);
             else if constexpr (kSignTrick) acc[i][j] = dp_s8s8(acc[i][j], w_abs[j], w[j], xb);
             else acc[i][j] = XU8 ? dpbusd(acc[i][j], xb, w[j]) : dpbusd(acc[i][j], w[j], xb);
           }
@@ -377,8 +397,15 @@ class AvxVnniIntLinear final : public CpuLinear {
     const QuantizedRows q = scratch.resize(M, rows);
     quantize_rows_into_avx2(x, rows, v.act, q, pool);
     const bool xu8 = !v.act.symmetric, w4 = v.bits == 4;
-    const Ctx c{M, q.xp, q.rowsum, q.sx, xu8 ? q.zx : nullptr, &v, bias.defined() ? bias.data<float>() : nullptr,
-                y, epilogue};
+    thread_local AlignedVector<uint8_t> x_abs;
+    if (kMaddubs && xu8 && !w4) {  // dp_shifted_u8
+      x_abs.resize(static_cast<size_t>(M * v.Kp));
+      uint8_t* dst = x_abs.data();  // (the workers take the pointer, not their own thread_local)
+      parallel_for(pool, M * v.Kp, kShiftGrain,
+                   [&](int64_t i0, int64_t i1) { shift_range(q.xp + i0, dst + i0, i1 - i0); });
+    }
+    const Ctx c{M, q.xp, kMaddubs && xu8 && !w4 ? x_abs.data() : nullptr, q.rowsum, q.sx, xu8 ? q.zx : nullptr, &v,
+                bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
     const MicroFn full = pick(kMaxMR, xu8, w4);
     // Decode-sized calls with blocked weights and asymmetric activations sum the weight columns in the
     // kernel rather than read the colsum_minus table (micro_kernel).
