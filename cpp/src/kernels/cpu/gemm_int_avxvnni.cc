@@ -103,6 +103,12 @@ constexpr bool kMaddubs = false;
 FQ_AVXVNNI inline __m256i dp_s8s8(__m256i acc, __m256i, __m256i, __m256i) { return acc; }        // never called
 FQ_AVXVNNI inline __m256i dp_shifted_u8(__m256i acc, __m256i, __m256i, __m256i) { return acc; }  // never called
 #endif
+// INT4 rows per micro-kernel and the row counts that take the pair loop (one load and split of 32 bytes of
+// nibbles per two 4-k steps). With vpmaddubsw, 3 rows of the pair loop beat 4 of the step loop (4 in the
+// pair loop spill: 0.79x); on AVX2 1.1-1.13x at M >= 3 (docs/DESIGN.md section 5.4). The AVX-VNNI build
+// keeps 4 rows and the pair loop for decode (M <= 2) until it is measured on AVX-VNNI hardware.
+constexpr int kMaxMRInt4 = kMaddubs ? 3 : kMaxMR;
+constexpr int kPairRows = kMaddubs ? 3 : 2;
 // dp_shifted_u8's operands for n bytes of u8 rows: x - 128 (as s8, in place) and |x - 128| (into x_abs).
 // Once per call rather than two operations per row and 4-k step in the micro-kernel: 1.1-1.15x on
 // W8A8 with asymmetric activations (docs/DESIGN.md section 5.4).
@@ -253,9 +259,9 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
     const uint8_t* xr = c.xp + m0 * v.Kp + b * v.block_padded;
     constexpr bool kSignTrick = kMaddubs && !XU8 && !W4;  // dp_s8s8
     constexpr bool kShiftedX = kMaddubs && XU8 && !W4;    // dp_shifted_u8
-    if constexpr (W4 && MR <= 2) {
-      // INT4 decode rows: one iteration per pair of steps (each 32 bytes of nibbles loaded and split
-      // once), column sums as byte adds (a nibble pair <= 30, 8 pairs <= 240) summed per 8 pairs.
+    if constexpr (W4 && MR <= kPairRows) {
+      // INT4 rows (kPairRows): one iteration per pair of steps (each 32 bytes of nibbles loaded and split
+      // once); decode's column sums as byte adds (a nibble pair <= 30, 8 pairs <= 240) summed per 8 pairs.
       __m256i colbytes[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
       for (int64_t p = 0; p < pairs; ++p) {
         _mm_prefetch(reinterpret_cast<const char*>(wp + p * 64 + kPrefetchBytes), _MM_HINT_T0);
@@ -406,7 +412,8 @@ class AvxVnniIntLinear final : public CpuLinear {
     }
     const Ctx c{M, q.xp, kMaddubs && xu8 && !w4 ? x_abs.data() : nullptr, q.rowsum, q.sx, xu8 ? q.zx : nullptr, &v,
                 bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
-    const MicroFn full = pick(kMaxMR, xu8, w4);
+    const int max_mr = w4 ? kMaxMRInt4 : kMaxMR;
+    const MicroFn full = pick(max_mr, xu8, w4);
     // Decode-sized calls with blocked weights and asymmetric activations sum the weight columns in the
     // kernel rather than read the colsum_minus table (micro_kernel).
     const bool colsum = xu8 && v.nb > 1 && M <= 2;
@@ -419,7 +426,7 @@ class AvxVnniIntLinear final : public CpuLinear {
       const int64_t m0 = (t / runs) * mc, m1 = std::min(M, m0 + mc), first = (t % runs) * run;
       for (int64_t tile = first; tile < std::min(tiles, first + run); ++tile) {
         int64_t m = m0;
-        for (; m + kMaxMR <= m1; m += kMaxMR) full(c, m, tile);
+        for (; m + max_mr <= m1; m += max_mr) full(c, m, tile);
         if (m < m1) pick(static_cast<int>(m1 - m), xu8, w4, colsum)(c, m, tile);
       }
     });
