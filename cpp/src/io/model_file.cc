@@ -123,11 +123,12 @@ void check_linear(const SafetensorsFile& f, const LinearRecord& rec) {
     const std::string sname = rec.name + ".weight_scale", zname = rec.name + ".weight_zero_point";
     const Tensor& s = f.tensor(sname);
     expect_tensor(path, sname, s, DType::F32, grid);
-    for (int64_t i = 0; i < s.numel(); ++i) {
+    const float* scales = s.data<float>();
+    for (int64_t i = 0, n = s.numel(); i < n; ++i) {
       uint16_t half_bits;
-      if (!(std::isfinite(s.data<float>()[i]) && s.data<float>()[i] > 0.0f))
+      if (!(std::isfinite(scales[i]) && scales[i] > 0.0f))
         format_error(path, "tensor '" + sname + "' holds a scale that is not a positive finite number");
-      if (rec.half_scales && !float_to_half_exact(s.data<float>()[i], half_bits))
+      if (rec.half_scales && !float_to_half_exact(scales[i], half_bits))
         format_error(path, "tensor '" + sname + "' holds a scale that is not an exact fp16 value, but '" + rec.name +
                                "' says scale_dtype fp16");
     }
@@ -136,7 +137,7 @@ void check_linear(const SafetensorsFile& f, const LinearRecord& rec) {
       // Symmetric codes are in [-qmax, qmax]; the kernels' exact sums (and the unsigned-operand tricks of
       // DESIGN.md section 5.4) assume -128 / -8 never occur.
       const uint8_t* codes = rec.weight_bits == 8 ? reinterpret_cast<const uint8_t*>(w.data<int8_t>()) : w.data<uint8_t>();
-      for (int64_t i = 0; i < w.numel(); ++i) {
+      for (int64_t i = 0, n = w.numel(); i < n; ++i) {
         const uint8_t q = codes[i];
         const bool bad = rec.weight_bits == 8 ? q == 0x80 : ((q & 0x0F) == 0x08 || (q >> 4) == 0x08);
         if (bad)
@@ -148,8 +149,9 @@ void check_linear(const SafetensorsFile& f, const LinearRecord& rec) {
       const Tensor& z = f.tensor(zname);
       expect_tensor(path, zname, z, DType::U8, grid);
       const int zmax = (1 << rec.weight_bits) - 1;
-      for (int64_t i = 0; i < z.numel(); ++i)
-        if (z.data<uint8_t>()[i] > zmax)
+      const uint8_t* zero_points = z.data<uint8_t>();
+      for (int64_t i = 0, n = z.numel(); i < n; ++i)
+        if (zero_points[i] > zmax)
           format_error(path, "tensor '" + zname + "' holds a zero point above " + std::to_string(zmax));
     }
   }

@@ -129,7 +129,9 @@ Norm Weights::norm(const std::string& name, int64_t size, kernels::NormParams::K
   if (weight_offset != 0.f) {
     // fp32 (offset + w), the same rounding as transformers' (1.0 + weight.float())
     Tensor shifted = Tensor::empty(DType::F32, {size});
-    for (int64_t i = 0; i < size; ++i) shifted.data<float>()[i] = weight_offset + w.data<float>()[i];
+    float* dst = shifted.data<float>();
+    const float* src = w.data<float>();
+    for (int64_t i = 0; i < size; ++i) dst[i] = weight_offset + src[i];
     w = shifted;
   }
   n.weight = w.to(backend.device());

@@ -36,8 +36,10 @@ Seq2Seq::Seq2Seq(const ModelFile& file, ModelConfig config, const kernels::Backe
     const std::string own = stack + ".embed_tokens.weight";
     // a copy: the file's F32 tensors borrow its read-only mapping
     Tensor t = (file.file.has(w.prefix + own) ? w.host_tensor(own, {V, C}) : shared).clone();
-    if (c.scale_embedding)
-      for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] *= scale;
+    if (c.scale_embedding) {
+      float* values = t.data<float>();
+      for (int64_t i = 0, n = t.numel(); i < n; ++i) values[i] *= scale;
+    }
     return t.to(backend.device());
   };
   enc_embed_ = token_table("encoder");

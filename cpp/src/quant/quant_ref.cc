@@ -178,7 +178,7 @@ Tensor unpack_int4(const Tensor& packed, bool is_signed) {
   Tensor out = Tensor::empty(is_signed ? DType::I8 : DType::U8, out_shape);
   const uint8_t* in = packed.data<uint8_t>();
   uint8_t* op = static_cast<uint8_t*>(out.raw());
-  for (int64_t i = 0; i < packed.numel(); ++i) {
+  for (int64_t i = 0, n = packed.numel(); i < n; ++i) {
     uint8_t lo = in[i] & 0x0F, hi = in[i] >> 4;
     if (is_signed) {  // sign-extend the nibble: 8..15 -> -8..-1
       op[2 * i] = static_cast<uint8_t>(static_cast<int8_t>(lo << 4) >> 4);

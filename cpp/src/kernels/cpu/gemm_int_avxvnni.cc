@@ -176,6 +176,8 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
   }
   const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
   const int64_t tile_bytes = w4 ? v.Kp * 8 : v.Kp * 16;
+  // I8 or U8 codes as stored: adding wc modulo 256 gives the same byte either way.
+  const uint8_t* codes = static_cast<const uint8_t*>(w.q.raw());
   // Channels own disjoint bytes (INT4 nibble pairs run along k), so they pack in parallel.
   parallel_for(pool, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -183,8 +185,7 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
         for (int64_t k = 0; k < kb; ++k) {
-          const int32_t q = wsym ? w.q.data<int8_t>()[n * K + k0 + k] : w.q.data<uint8_t>()[n * K + k0 + k];
-          const uint8_t stored = static_cast<uint8_t>(q + v.wc);  // u8 or s8 bit pattern
+          const uint8_t stored = static_cast<uint8_t>(codes[n * K + k0 + k] + v.wc);  // u8 or s8 bit pattern
           const int64_t kk = b * v.block_padded + k;              // position in the padded K
           if (w4)
             v.packed[static_cast<size_t>(tile * tile_bytes + kk / 8 * 64 + j * 4 + kk % 4)] |=
