@@ -25,8 +25,8 @@ from finequant.modelfile import load_info, quantize_model, save  # noqa: E402
 from finequant.schemes import default_parts, parse_scheme  # noqa: E402
 
 # (label, scheme name, options for parse_scheme); the DEFAULTS are what `finequant quantize SRC -o OUT
-# [--scheme w4a8]` makes: outlier smoothing first (finequant.smooth), then asymmetric activations, and for
-# INT4 the block-Hadamard rotation, fp16 scales and an INT8 LM head.
+# [--scheme w4a8]` makes: outlier smoothing first (finequant.smooth), then asymmetric activations, a decoder's
+# INT8 LM head with its input rotated, and for INT4 the block-Hadamard rotation and fp16 scales.
 DEFAULT = "w8a8 default"
 DEFAULT_W4 = "w4a8 default"
 DEFAULTS = (DEFAULT, DEFAULT_W4)
@@ -94,8 +94,9 @@ def main() -> int:
         print(f"{'scheme':<18}{'file MB':>10}{'vs fp32':>10}{'weight err':>12}")
         dirs = {}
         for label, name, opts in SCHEMES:
-            if label in DEFAULTS:  # the parts `quantize` gives it (INT4: a decoder's LM head too)
-                opts = {**opts, "parts": default_parts(name, model.family)}
+            if label in DEFAULTS:  # the parts `quantize` gives it (a decoder's LM head too, rotated)
+                parts = default_parts(name, model.family)
+                opts = {**opts, "parts": parts, **({"head_rotation": rotate.DEFAULT_BLOCK} if parts else {})}
             scheme = parse_scheme(name, **opts)
             errors: dict = {}
             quantized = model

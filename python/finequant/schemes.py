@@ -102,6 +102,7 @@ class QuantScheme:
     float_dtype: str = "fp32"  # storage of the floating-point tensors: "fp32" or "bf16"
     head_bits: int = 8  # the LM head's weight bits when "head" is in parts: 8 (per channel) or 4 (grouping)
     rotation: int = 0  # block-Hadamard input rotation of the quantized block GEMMs (finequant.rotate), 0: none
+    head_rotation: int = 0  # the same for an INT8 LM head's input (the final norm's output), 0: none
     scale_dtype: str = "fp32"  # of every quantized weight's scales: "fp32" or "fp16" (SCALE_DTYPES)
     # encoder-decoder models: (stack, scheme) pairs whose scheme replaces this one for that stack's Linears
     stacks: Tuple[Tuple[str, "QuantScheme"], ...] = ()
@@ -155,9 +156,13 @@ class QuantScheme:
                 tile = (1, k)
             else:
                 tile = (1, min(HEAD_INT4_KBLOCK, k)) if self.grouping is None else self._tile(4, n, k, part)
+            if self.head_rotation:
+                from .rotate import check_block
+
+                check_block(self.head_rotation, k, part)
             return LinearQuant(part=part, weight_bits=self.head_bits, weight_symmetric=self.weight_symmetric,
                                tile=tile, act_bits=8 if self.act_bits else 0, act_symmetric=self.act_symmetric,
-                               scale_dtype=self.scale_dtype)
+                               rotation=self.head_rotation, scale_dtype=self.scale_dtype)
         if self.rotation:
             from .rotate import check_block
 
@@ -189,6 +194,8 @@ class QuantScheme:
                 words.append(f"head=int{self.head_bits}")
             if self.rotation:
                 words.append(f"rotate={self.rotation}")
+            if HEAD in self.parts and self.head_rotation:
+                words.append(f"head-rotate={self.head_rotation}")
             if self.scale_dtype != "fp32":
                 words.append(f"scales={self.scale_dtype}")
         words += [f"{stack}={sub.name}" for stack, sub in self.stacks]
@@ -196,20 +203,26 @@ class QuantScheme:
 
 
 def default_parts(name: str, family: Optional[str] = None) -> Optional[Tuple[str, ...]]:
-    """The parts `finequant quantize` gives scheme `name` when --parts is not given: schemes with INT4 weights
-    and integer activations quantize a decoder's LM head too (INT8 per channel): SmolLM2-135M W4A8 decodes ~2x
-    faster (its fp32 head is 113 MB a step) for +0.5% perplexity, while W8A8 keeps it fp32 (+1.1% over fp32
-    would break its 1%; docs/DESIGN.md 6). None (the block GEMMs) otherwise, and for an encoder ("bert"),
-    which has no head; family None: not yet known."""
+    """The parts `finequant quantize` gives scheme `name` when --parts is not given: schemes with integer
+    activations quantize a decoder's LM head too (INT8 per channel, its input rotated: `quantize` sets
+    head_rotation): SmolLM2-135M decodes ~1.5-2x faster (its fp32 head is 113 MB a step) for +0.15% perplexity
+    at W8A8 and none at W4A8 (docs/DESIGN.md 6). None (the block GEMMs) otherwise, for an encoder ("bert"),
+    which has no head, and for W8A8 encoder-decoder models, where the head's cost was never measured;
+    family None: not yet known."""
     named = parse_scheme(name)
-    if family != "bert" and named.act_bits and named.has_int4_weights:
-        return PARTS + (HEAD,)
-    return None
+    if family == "bert" or not (named.act_bits and named.is_quantized):
+        return None
+    from .hf import SEQ2SEQ_FAMILIES
+
+    if family in SEQ2SEQ_FAMILIES and not named.has_int4_weights:
+        return None
+    return PARTS + (HEAD,)
 
 
 def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: bool = True,
                  grouping: Grouping = None, parts=None, head_bits: int = 8, encoder: Optional[str] = None,
-                 decoder: Optional[str] = None, rotation: int = 0, scale_dtype: str = "fp32") -> QuantScheme:
+                 decoder: Optional[str] = None, rotation: int = 0, head_rotation: int = 0,
+                 scale_dtype: str = "fp32") -> QuantScheme:
     """Parse a scheme name (see SCHEME_NAMES; generally w(4|8)[/(4|8)]a(4|8|16|32)).
 
     "wA/B" gives the MLP (fc1, fc2) A-bit weights and the attention (qkv, attn_out) B-bit weights.
@@ -226,6 +239,9 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
     `rotation` (a power of two, 0: none): rotate the inputs of the quantized block GEMMs (not the LM
     head) by a block-Hadamard matrix of that block size, and their weights to match (finequant.rotate);
     the block must divide every such GEMM's input width.
+
+    `head_rotation` (a power of two, 0: none): the same for the LM head's input, which must be an INT8 head
+    with integer activations ("head" in `parts`, head_bits 8); the block must divide its input width.
 
     `scale_dtype` "fp16": every weight scale is rounded to an fp16 value before the integers are
     computed from it (DESIGN.md section 2); kernels then keep K-block scales in half the bytes (at
@@ -244,6 +260,14 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
         main = replace(main, rotation=0) if not rotation else None
         if main is None:
             raise ValueError(f"rotation applies to quantized Linears; {name} quantizes none")
+    if head_rotation:
+        from .rotate import check_block
+
+        check_block(head_rotation, head_rotation)
+        if HEAD not in main.parts or main.head_bits != 8 or not main.act_bits:
+            raise ValueError("head_rotation applies to an INT8 LM head with integer activations "
+                             "(head in parts, head_bits 8, a w..a4/a8 scheme)")
+        main = replace(main, head_rotation=head_rotation)
     stacks = []
     for stack, sub in (("encoder", encoder), ("decoder", decoder)):
         if sub is None:

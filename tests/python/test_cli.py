@@ -15,7 +15,7 @@ from finequant import _core, hf
 from finequant.cli import main
 from finequant.pack import unpack_int4
 from finequant.quantize import fake_quant_weight
-from finequant.schemes import PARTS, parse_scheme
+from finequant.schemes import default_parts, parse_scheme
 
 CASES = [
     ("fp32", []),
@@ -43,9 +43,8 @@ def _scheme_from_args(name, opts, family):
     if "--per-tensor" in opts:
         grouping = "tensor"
     parts = opts[opts.index("--parts") + 1] if "--parts" in opts else None
-    named = parse_scheme(name)
-    if parts is None and named.act_bits and named.has_int4_weights and family != "bert":  # the CLI's: INT8 LM head
-        parts = PARTS + ("head",)
+    if parts is None:  # the CLI's: an INT8 LM head with integer activations
+        parts = default_parts(name, family)
     scheme = parse_scheme(name, weight_symmetric=not ({"--asym", "--w-asym"} & set(opts)),
                           act_symmetric=bool({"--sym", "--a-sym"} & set(opts)),  # the CLI's default: asymmetric
                           grouping=grouping, parts=parts)
@@ -136,18 +135,21 @@ def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
         assert (out / "vocab.txt").read_text() == (src / "vocab.txt").read_text()
 
 
-@pytest.mark.parametrize("scheme,opts,head_bits", [
-    ("w4a8", [], 8), ("w4/8a8", [], 8), ("w4a4", [], 8), ("w8a8", [], None), ("w4a16", [], None),
-    ("w4a8", ["--parts", "qkv,attn_out,fc1,fc2"], None), ("w4a8", ["--head-bits", "4"], 4)])
-def test_lm_head_quantized_by_default_for_int4_schemes(tiny_models, tmp_path, capsys, scheme, opts, head_bits):
-    """Schemes with INT4 weights and integer activations quantize a decoder's LM head (INT8) unless
-    --parts leaves it out; w8a8 and weight-only schemes keep it floating point."""
+@pytest.mark.parametrize("scheme,opts,head_bits,head_rotation", [
+    ("w4a8", [], 8, 64), ("w4/8a8", [], 8, 64), ("w4a4", [], 8, 64), ("w8a8", [], 8, 64), ("w4a16", [], None, 0),
+    ("w8a8", ["--no-rotate"], 8, 0), ("w4a8", ["--parts", "qkv,attn_out,fc1,fc2"], None, 0),
+    ("w4a8", ["--head-bits", "4"], 4, 0)])
+def test_lm_head_quantized_by_default_with_integer_activations(tiny_models, tmp_path, capsys, scheme, opts,
+                                                               head_bits, head_rotation):
+    """Schemes with integer activations quantize a decoder's LM head (INT8, its input rotated unless
+    --no-rotate) unless --parts leaves it out; weight-only schemes keep it floating point."""
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_models["llama"]), "-o", str(out), "--scheme", scheme, "--quiet",
                  "--no-smooth", *opts]) == 0
     with safe_open(out / "model.safetensors", "pt") as f:
         quant = json.loads(f.metadata()["quantization"])
     assert (quant["lm_head"]["weight_bits"] if "lm_head" in quant else None) == head_bits
+    assert (quant["lm_head"].get("rotation", 0) if "lm_head" in quant else 0) == head_rotation
     if scheme == "w4a8" and not opts:  # an encoder's scheme does not name a head it does not have
         assert main(["quantize", str(tiny_models["bert"]), "-o", str(tmp_path / "bert"), "--scheme", scheme,
                      "--quiet", "--no-smooth"]) == 0

@@ -165,14 +165,16 @@ def test_rotated_engine_matches_simulation(tiny, tmp_path, family, block, scheme
 
 
 def test_rotation_changes_the_quantized_model_not_the_float_one(tiny, tmp_path):
-    # LM head in the parts: quantized, never rotated; the block GEMMs rotated
+    # LM head in the parts: quantized, its input rotated by its own default block (64 here) unless --no-rotate;
+    # the block GEMMs rotated
     folder = tiny["llama"][0]
     for name, extra in (("plain", ["--no-rotate"]), ("rot", ["--rotate"])):
         code, err = _cli("quantize", folder, "-o", tmp_path / name, "--scheme", "w4a4", "--quiet", "--no-smooth",
                          "--parts", "qkv,attn_out,fc1,fc2,head", *extra)
         assert code == 0, err
+    assert {lq.rotation for lq in read_records(str(tmp_path / "plain")).values()} == {0}
     records = read_records(str(tmp_path / "rot"))
-    assert records["lm_head"].weight_bits == 8 and records["lm_head"].rotation == 0
+    assert records["lm_head"].weight_bits == 8 and records["lm_head"].rotation == 64
     assert {lq.rotation for n, lq in records.items() if n != "lm_head"} == {64}
     ids = _inputs("llama")[0]
     plain, rot = (Engine(str(tmp_path / n), threads=2).forward(ids) for n in ("plain", "rot"))

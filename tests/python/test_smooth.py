@@ -84,10 +84,11 @@ def test_cli_default_records_smoothing(tiny_models, tmp_path):
             return f.metadata()
 
     m = meta()
-    assert m["scheme"] == "w8a8 a-asym"  # the default: asymmetric activations, symmetric weights
+    # the default: asymmetric activations, symmetric weights, an INT8 LM head with its input rotated
+    assert m["scheme"] == "w8a8 a-asym parts=qkv,attn_out,fc1,fc2,head head-rotate=64"
     info = json.loads(m["smoothing"])
     assert info["alpha"] == 0.7 and set(info["parts"]) == SMOOTHED["llama"]
     assert json.loads(meta("--smooth-alpha", "0.4")["smoothing"])["alpha"] == 0.4
     assert "smoothing" not in meta("--no-smooth")
     assert "smoothing" not in meta("--scheme", "w8a16")
-    assert meta("--sym")["scheme"] == "w8a8"
+    assert meta("--sym")["scheme"] == "w8a8 parts=qkv,attn_out,fc1,fc2,head head-rotate=64"
