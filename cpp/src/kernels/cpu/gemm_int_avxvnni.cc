@@ -105,7 +105,8 @@ FQ_AVXVNNI inline __m256i dp_shifted_u8(__m256i acc, __m256i, __m256i, __m256i) 
 #endif
 // INT4 rows per micro-kernel and the row counts that take the pair loop (one load and split of 32 bytes of
 // nibbles per two 4-k steps). With vpmaddubsw, 3 rows of the pair loop beat 4 of the step loop (4 in the
-// pair loop spill: 0.79x); on AVX2 1.1-1.13x at M >= 3 (docs/DESIGN.md section 5.4). The AVX-VNNI build
+// pair loop spill: 0.79x); on AVX2 1.0-1.17x at K-blocks of 32 and up to 1.4x with larger blocks, M >= 3
+// (docs/DESIGN.md section 5.4). The AVX-VNNI build
 // keeps 4 rows and the pair loop for decode (M <= 2) until it is measured on AVX-VNNI hardware.
 constexpr int kMaxMRInt4 = kMaddubs ? 3 : kMaxMR;
 constexpr int kPairRows = kMaddubs ? 3 : 2;
@@ -404,14 +405,15 @@ class AvxVnniIntLinear final : public CpuLinear {
     const QuantizedRows q = scratch.resize(M, rows);
     quantize_rows_into_avx2(x, rows, v.act, q, pool);
     const bool xu8 = !v.act.symmetric, w4 = v.bits == 4;
+    const bool shifted = kMaddubs && xu8 && !w4;  // dp_shifted_u8 (micro_kernel's kShiftedX)
     thread_local AlignedVector<uint8_t> x_abs;
-    if (kMaddubs && xu8 && !w4) {  // dp_shifted_u8
+    if (shifted) {
       x_abs.resize(static_cast<size_t>(M * v.Kp));
       uint8_t* dst = x_abs.data();  // (the workers take the pointer, not their own thread_local)
       parallel_for(pool, M * v.Kp, kShiftGrain,
                    [&](int64_t i0, int64_t i1) { shift_range(q.xp + i0, dst + i0, i1 - i0); });
     }
-    const Ctx c{M, q.xp, kMaddubs && xu8 && !w4 ? x_abs.data() : nullptr, q.rowsum, q.sx, xu8 ? q.zx : nullptr, &v,
+    const Ctx c{M, q.xp, shifted ? x_abs.data() : nullptr, q.rowsum, q.sx, xu8 ? q.zx : nullptr, &v,
                 bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
     const int max_mr = w4 ? kMaxMRInt4 : kMaxMR;
     const MicroFn full = pick(max_mr, xu8, w4);
