@@ -113,6 +113,33 @@ TEST(decode_runs_cover_the_tiles_longest_first) {
   CHECK_EQ(u.end(2), 10);
 }
 
+// The VNNI layouts' word packing against the byte-at-a-time definition: every operand shift the kernels use,
+// one they do not (5: the byte path), block lengths that end mid-word.
+TEST(vnni_word_packing_matches_bytewise) {
+  std::mt19937 rng(5);
+  for (int bits : {8, 4})
+    for (int32_t wc : {0, 128, -128, 8, 5}) {
+      if (bits == 4 && (wc == 128 || wc == -128)) continue;
+      for (int64_t kb : {1, 3, 4, 7, 8, 9, 32, 37}) {
+        std::vector<uint8_t> codes(static_cast<size_t>(kb));
+        for (uint8_t& c : codes) {
+          const int v = static_cast<int>(rng() % 16);  // 4-bit: [-8, 7] signed or [0, 15] unsigned
+          c = static_cast<uint8_t>(bits == 8 ? static_cast<int>(rng() % 256) : wc == 8 ? v - 8 : v);
+        }
+        const int64_t stride = 12, per_word = bits == 4 ? 8 : 4, words = (kb + per_word - 1) / per_word;
+        std::vector<uint8_t> got(static_cast<size_t>(words * stride), 0), want(got.size(), 0);
+        kernels::pack_vnni_words(codes.data(), kb, bits, wc, got.data(), stride);
+        for (int64_t k = 0; k < kb; ++k) {
+          const uint8_t stored = static_cast<uint8_t>(codes[static_cast<size_t>(k)] + wc);
+          uint8_t& at = want[static_cast<size_t>(k / per_word * stride + k % 4)];
+          if (bits == 4) at |= static_cast<uint8_t>((stored & 0x0f) << (k % 8 < 4 ? 0 : 4));
+          else at = stored;
+        }
+        CHECK(got == want);
+      }
+    }
+}
+
 TEST(peak_measure_runs) {
   if (!kernels::cpu_supports(kernels::CpuIsa::Avx512Vnni)) {
     CHECK(kernels::int8_peak_gops(1, 0.02) == 0.0);

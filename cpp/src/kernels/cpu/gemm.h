@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -71,6 +72,36 @@ struct IntWeight {
   std::vector<int32_t> colsum;  // [N, num_blocks]: sum_k q[n, k] over each K-block
 };
 IntWeight make_int_weight(const QuantizedTensor& w, QuantSpec act, ThreadPool& pool);
+
+// One channel's codes of one K-block (kb bytes at `codes`, I8 or U8 as stored) into the 32-bit words of
+// the VNNI kernels' layouts, each byte code + wc (mod 256): 8-bit, 4 k per word; 4-bit, 8 k per word with
+// k % 8 < 4 in the low nibbles. Word i goes to dst + i * stride, which must hold zeros where the block's
+// last partial word lands. wc is 0 or +-128 (8-bit) or 0 or 8 (4-bit), so the add is a per-byte xor
+// (per nibble for 4-bit, codes in [-8, 15]) and whole words go at once: the byte-at-a-time loop was most
+// of a model's load (DESIGN 3).
+inline void pack_vnni_words(const uint8_t* codes, int64_t kb, int bits, int32_t wc, uint8_t* dst, int64_t stride) {
+  const uint32_t flip = (static_cast<uint32_t>(wc) & 0xffu) * 0x01010101u;
+  const int64_t per_word = bits == 4 ? 8 : 4;
+  const bool by_xor = bits == 4 ? (wc == 0 || wc == 8) : (wc & 0x7f) == 0;  // else all bytes one at a time
+  int64_t k = 0, i = 0;
+  for (; by_xor && k + per_word <= kb; k += per_word, ++i) {
+    uint32_t word, hi;
+    std::memcpy(&word, codes + k, 4);
+    if (bits == 4) {
+      std::memcpy(&hi, codes + k + 4, 4);
+      word = ((word & 0x0f0f0f0fu) ^ flip) | (((hi & 0x0f0f0f0fu) ^ flip) << 4);
+    } else {
+      word ^= flip;
+    }
+    std::memcpy(dst + i * stride, &word, 4);
+  }
+  for (; k < kb; ++k) {  // the last partial word, a byte (or nibble) at a time
+    const uint8_t stored = static_cast<uint8_t>(codes[k] + wc);
+    uint8_t* at = dst + (k / per_word) * stride + k % 4;
+    if (bits == 4) *at |= static_cast<uint8_t>((stored & 0x0f) << (k % 8 < 4 ? 0 : 4));
+    else *at = stored;
+  }
+}
 
 // Where a kernel wants its quantized activation rows: each K-block of bk values zero padded to
 // block_padded bytes (the last block to the row's end), Kp padded positions per row; group_rows

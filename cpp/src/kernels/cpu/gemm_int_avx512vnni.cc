@@ -518,24 +518,16 @@ VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
   }
   const uint8_t* zw = wsym ? nullptr : w.zero_point.data<uint8_t>();
   const int64_t tile_bytes = w4 ? v.Kp * 32 : v.Kp * 64;
-  // I8 or U8 codes as stored: adding wc modulo 256 gives the same byte either way.
-  const uint8_t* codes = static_cast<const uint8_t*>(w.q.raw());
+  const uint8_t* codes = static_cast<const uint8_t*>(w.q.raw());  // I8 or U8 as stored
   // Channels own disjoint bytes (INT4 nibble pairs run along k), so they pack in parallel.
   parallel_for(pool, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t tile = n / kTileN, j = n % kTileN, g = n / w.tile_rows;  // j: panel * 16 + lane
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
-        for (int64_t k = 0; k < kb; ++k) {
-          const uint8_t stored = static_cast<uint8_t>(codes[n * K + k0 + k] + v.wc);  // u8 or s8 bit pattern
-          const int64_t kk = b * v.block_padded + k;              // position in the padded K
-          if (w4) {
-            v.packed[static_cast<size_t>(tile * tile_bytes + kk / 8 * 256 + j * 4 + kk % 4)] |=
-                static_cast<uint8_t>(stored << (kk % 8 < 4 ? 0 : 4));
-          } else {
-            v.packed[static_cast<size_t>(tile * tile_bytes + kk / 4 * 256 + j * 4 + kk % 4)] = stored;
-          }
-        }
+        const int64_t kk0 = b * v.block_padded;  // the block's first position in the padded K (a multiple of 8)
+        pack_vnni_words(codes + n * K + k0, kb, w.bits, v.wc,
+                        v.packed.data() + tile * tile_bytes + kk0 / (w4 ? 8 : 4) * 256 + j * 4, 256);
         const size_t col = static_cast<size_t>((tile * nb + b) * kTileN + j);
         const int32_t z = zw ? zw[g * nb + b] : 0;
         if (half) v.scale_half[col] = float_to_half(sw[g * nb + b]);  // exact
