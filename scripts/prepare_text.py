@@ -2,6 +2,8 @@
 
 Source: Debian's r-cran-janeaustenr (R data, read with PyPI `rdata`; no R needed). Idempotent:
 the files land in $FINEQUANT_CACHE/text (default ~/.cache/finequant/text) as <novel>.txt.
+`--moby-dick` also writes mobydick.txt (Debian's r-cran-tokenizers; from "Call me Ishmael" to the end of
+the novel): held-out text of another author and century (bench/results/ACCURACY.md, session 27).
 """
 import gzip
 import os
@@ -41,23 +43,42 @@ def _read_r_data(rdx: Path, rdb: Path) -> dict:
     return out
 
 
+def _debian_r_data(package: str, library: str) -> dict:
+    """The R data objects of Debian package `package` (R library `library`), downloaded with apt-get."""
+    with tempfile.TemporaryDirectory() as tmp:
+        download = ["apt-get", "download", package]
+        if subprocess.run(download, cwd=tmp, stdout=subprocess.DEVNULL).returncode != 0:
+            subprocess.run(["apt-get", "update"], check=True, stdout=subprocess.DEVNULL)  # a new machine has no lists
+            subprocess.run(download, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+        deb = next(Path(tmp).glob(f"{package}_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True)
+        data = next((Path(tmp) / "x").rglob(f"{library}/data"))
+        return _read_r_data(data / "Rdata.rdx", data / "Rdata.rdb")
+
+
 def prepare() -> Path:
     out = cache_dir()
     if all((out / f"{n}.txt").exists() for n in NOVELS):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        download = ["apt-get", "download", "r-cran-janeaustenr"]
-        if subprocess.run(download, cwd=tmp, stdout=subprocess.DEVNULL).returncode != 0:
-            subprocess.run(["apt-get", "update"], check=True, stdout=subprocess.DEVNULL)  # a new machine has no lists
-            subprocess.run(download, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
-        deb = next(Path(tmp).glob("r-cran-janeaustenr_*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True)
-        data = next((Path(tmp) / "x").rglob("janeaustenr/data"))
-        novels = _read_r_data(data / "Rdata.rdx", data / "Rdata.rdb")
+    novels = _debian_r_data("r-cran-janeaustenr", "janeaustenr")
     for name in NOVELS:
         (out / f"{name}.txt").write_text("\n".join(str(line) for line in novels[name]) + "\n")
     return out
+
+
+def prepare_moby_dick() -> Path:
+    """mobydick.txt: the novel's text without Project Gutenberg's header and licence."""
+    path = cache_dir() / "mobydick.txt"
+    if path.exists():
+        return path
+    text = str(_debian_r_data("r-cran-tokenizers", "tokenizers")["mobydick"][0]).replace("\r\n", "\n")
+    start, end = text.find("Call me Ishmael"), text.find("End of Project Gutenberg")
+    if start < 0 or end < start:
+        raise RuntimeError("r-cran-tokenizers' mobydick is not the expected Project Gutenberg text")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text[start:end])
+    return path
 
 
 def rotten_tomatoes():
@@ -68,6 +89,7 @@ def rotten_tomatoes():
 
 
 if __name__ == "__main__":
-    path = prepare()
-    print(path)
+    print(prepare())
+    if "--moby-dick" in sys.argv[1:]:
+        print(prepare_moby_dick())
     sys.exit(0)
