@@ -249,16 +249,26 @@ Layout pack(const IntWeight& w, ThreadPool& pool) {
   parallel_for(pool, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t panel = n / kPanel, j = n % kPanel, g = n / w.tile_rows;
+      uint8_t* column = v.packed.data() + panel * v.chunks() * v.tile_bytes() + j * 4;  // its word in tile row 0
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t k0 = b * bk, kb = std::min(K, k0 + bk) - k0;
-        for (int64_t k = 0; k < kb; ++k) {
-          const int64_t kk = b * v.block_padded + k, kc = kk % kTileK;  // position in the padded K
-          const int64_t i = (kc / 4) * kTileK + j * 4 + kc % 4;         // position in the B tile
-          uint8_t* tile = v.packed.data() + (panel * v.chunks() + kk / kTileK) * v.tile_bytes();
-          const uint8_t stored = q[n * K + k0 + k];
-          if (!v.w4) tile[i] = stored;
-          else if (i < kBTileBytes / 2) tile[i] |= static_cast<uint8_t>(stored & 0x0f);
-          else tile[i - kBTileBytes / 2] |= static_cast<uint8_t>(stored << 4);
+        const int64_t kk0 = b * v.block_padded;  // position in the padded K (a multiple of 32)
+        if (!v.w4) {
+          // 8-bit: the panel's tiles are consecutive, so its words for 4 k each are 64 bytes apart throughout.
+          pack_vnni_words(q + n * K + k0, kb, 8, 0, column + kk0 / 4 * kTileK, kTileK);
+        } else {
+          // 4-bit: a word's 4 k at chunk position kc go to row (kc % 32) / 4, low nibbles for kc < 32, else high.
+          for (int64_t k = 0; k < kb; k += 4) {
+            const int64_t kk = kk0 + k, kc = kk % kTileK;
+            uint32_t word = 0;
+            std::memcpy(&word, q + n * K + k0 + k, static_cast<size_t>(std::min<int64_t>(4, kb - k)));
+            word = (word & 0x0f0f0f0fu) << (kc < kTileK / 2 ? 0 : 4);
+            uint8_t* at = column + (kk / kTileK) * v.tile_bytes() + (kc % (kTileK / 2)) / 4 * kTileK;
+            uint32_t old;
+            std::memcpy(&old, at, 4);
+            old |= word;
+            std::memcpy(at, &old, 4);
+          }
         }
         const size_t col = static_cast<size_t>(((n / (2 * kPanel)) * nb + b) * 2 * kPanel + n % (2 * kPanel));
         const int32_t z = zw ? zw[g * nb + b] : 0;
