@@ -76,9 +76,9 @@ IntWeight make_int_weight(const QuantizedTensor& w, QuantSpec act, ThreadPool& p
 // One channel's codes of one K-block (kb bytes at `codes`, I8 or U8 as stored) into the 32-bit words of
 // the VNNI kernels' layouts, each byte code + wc (mod 256): 8-bit, 4 k per word; 4-bit, 8 k per word with
 // k % 8 < 4 in the low nibbles. Word i goes to dst + i * stride, which must hold zeros where the block's
-// last partial word lands. wc is 0 or +-128 (8-bit) or 0 or 8 (4-bit), so the add is a per-byte xor
-// (per nibble for 4-bit, codes in [-8, 15]) and whole words go at once: the byte-at-a-time loop was most
-// of a model's load (DESIGN 3).
+// last partial word lands. wc is 0 or +-128 (8-bit) or 0 or 8 (4-bit), so the add is a per-byte xor (per
+// nibble for 4-bit: signed codes in [-8, 7] with wc 8, unsigned ones in [0, 15] with wc 0) and whole words go
+// at once: the byte-at-a-time loop was most of a model's load (DESIGN 3).
 inline void pack_vnni_words(const uint8_t* codes, int64_t kb, int bits, int32_t wc, uint8_t* dst, int64_t stride) {
   const uint32_t flip = (static_cast<uint32_t>(wc) & 0xffu) * 0x01010101u;
   const int64_t per_word = bits == 4 ? 8 : 4;
