@@ -589,7 +589,7 @@ def _fingerprint(model: nn.Module, family: str, config: dict, scheme: QuantSchem
     o = asdict(options)
     for key in ("checkpoint", "progress", "checkpoint_every"):
         o.pop(key, None)
-    if o["data"] not in ("random", "generate"):
+    if o["data"] not in ("auto", "random", "generate"):  # a text file: the same file from any directory
         o["data"] = os.path.abspath(o["data"])
     with torch.no_grad():  # cheap stand-in for a hash of the weights
         weights = repr(float(sum(p.double().abs().sum() for p in model.parameters())))

@@ -168,6 +168,19 @@ def test_resume_after_interrupt_gives_the_same_result(tiny_models, tmp_path, mon
         _lkd(tiny_models["gpt2"], checkpoint=str(ck), steps=3)
 
 
+def test_checkpoint_resumes_from_another_directory(tiny_models, tmp_path, monkeypatch):
+    """The default data ("auto") names no file: a checkpoint made in one working directory resumes in another
+    (its fingerprint once held "auto" as a path relative to the directory of the first run)."""
+    ck = str(tmp_path / "ck")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    _lkd(tiny_models["bert"], checkpoint=ck)
+    monkeypatch.chdir(tmp_path / "b")
+    _, _, stats = _lkd(tiny_models["bert"], checkpoint=ck)
+    assert all(s.get("resumed") for s in stats), stats
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("scheme,kw", [("w4a8", {}), ("w8a8", {"weight_symmetric": False, "act_symmetric": False})],
                          ids=["w4a8", "w8a8-asym"])
