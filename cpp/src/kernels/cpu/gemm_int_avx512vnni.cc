@@ -368,16 +368,17 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
       // One 4-k step per iteration: 24 accumulators + 4 weight vectors + 1 broadcast fit the 32
       // registers. (Unrolling two steps, holding two steps' weights, or a helper lambda over acc made
       // GCC 12 copy and spill the accumulators on every step: half the throughput.) INT4: step s
-      // takes the low (even s) or high (odd s) nibbles of its pair's 64 bytes per panel.
+      // takes the low (even s: a mask) or high (odd s: an immediate shift and a mask) nibbles of its pair's 64
+      // bytes per panel (a shift by a register count, 0 or 4, cost two uops a vector: 1.09-1.13x slower, DESIGN 5.4).
       for (int64_t s = 0; s < 2 * pairs; ++s) {
         __m512i w[4];
-        const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(s & 1) * 4);
-        if (!W4 || (s & 1) == 0) prefetch_due(pf, pf_wait, wp + (W4 ? (s >> 1) : s) * 256);
+        const bool high = (s & 1) != 0;
+        if (!W4 || !high) prefetch_due(pf, pf_wait, wp + (W4 ? (s >> 1) : s) * 256);
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
           if (W4) {
             const __m512i packed = _mm512_loadu_si512(wp + (s >> 1) * 256 + j * 64);
-            w[j] = _mm512_and_si512(_mm512_srl_epi16(packed, shift), nibble);
+            w[j] = _mm512_and_si512(high ? _mm512_srli_epi16(packed, 4) : packed, nibble);
           } else {
             w[j] = _mm512_loadu_si512(wp + s * 256 + j * 64);
           }
