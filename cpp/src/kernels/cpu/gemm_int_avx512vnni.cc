@@ -398,6 +398,19 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
     // Block epilogue: the exact integer correction, then out += (sx * sw) * float(corrected).
     // Constant trip counts, fully unrolled, so that acc[][] and out[][] stay in registers (a
     // `break` here made GCC keep a stack copy of the accumulators, stored on every k step).
+    // Several rows: the block's column scales converted to fp32 once, into L1, not once per row (half
+    // scales: vcvtph2ps is two uops on Intel), and each row's vpdpwssd operand built once, not per panel.
+    constexpr bool kScalesOnce = MR > 2;
+    alignas(64) float block_sw[kScalesOnce ? kTileN : 1];
+    if constexpr (kScalesOnce) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int64_t col = (tile * c.nb + b) * kTileN + j * kPanel;
+        _mm512_store_ps(block_sw + j * kPanel,
+                        scale_half ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale_half + col)))
+                                   : _mm512_loadu_ps(scale + col));
+      }
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const int64_t m = m0 + i;
@@ -405,6 +418,9 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
       const __m512i vrx = _mm512_set1_epi32(static_cast<int32_t>(rx));
       const __m512i wc_rx = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v.wc) * rx));
       const __m512 vsx = _mm512_set1_ps(c.sx[m]);
+      const __m512i row_pair = XU8 && corr_pairs
+                                   ? _mm512_set1_epi32(int16_pair(-c.zx[m], -static_cast<int32_t>(rx)))
+                                   : _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const int64_t col = (tile * c.nb + b) * kTileN + j * kPanel;  // padding panels read zeros
@@ -423,8 +439,7 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
           // corr = acc - zx (colsum - kb zw) - (zw + wc) rx in one vpdpwssd (kPairBlock): INT4 K-blocks of
           // 32 at M = 8-128, where the per-block epilogue costs as much as the dot products, 6-9% more GOPS
           // (Zen 4, DESIGN 5.4).
-          corr = _mm512_dpwssd_epi32(corr, _mm512_loadu_si512(corr_pairs + col),
-                                     _mm512_set1_epi32(int16_pair(-c.zx[m], -static_cast<int32_t>(rx))));
+          corr = _mm512_dpwssd_epi32(corr, _mm512_loadu_si512(corr_pairs + col), row_pair);
         } else {
           if (wsym) corr = _mm512_sub_epi32(corr, wc_rx);
           else corr = _mm512_sub_epi32(corr, _mm512_mullo_epi32(_mm512_loadu_si512(zw_plus_wc + col), vrx));
@@ -432,8 +447,9 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
             corr = _mm512_sub_epi32(
                 corr, _mm512_mullo_epi32(_mm512_set1_epi32(c.zx[m]), _mm512_loadu_si512(colsum_minus + col)));
         }
-        const __m512 sw = scale_half ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale_half + col)))
-                                     : _mm512_loadu_ps(scale + col);
+        const __m512 sw = kScalesOnce ? _mm512_load_ps(block_sw + j * kPanel)
+                          : scale_half ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale_half + col)))
+                                       : _mm512_loadu_ps(scale + col);
         const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(vsx, sw), _mm512_cvtepi32_ps(corr));
         if constexpr (kSumsInL1) {
           float* o = sums[i] + j * kPanel;
