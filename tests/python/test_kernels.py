@@ -19,6 +19,7 @@ ISAS = [name for name, _ in _core.cpu_isas()]  # every level, lowest first (kern
 def _restore_isa():
     yield
     _core.set_isa("auto")
+    _core.set_threads(0)
 
 
 def _isa_or_skip(isa):
@@ -43,6 +44,13 @@ CASES = [
     (130, 65, 96, 4, True, 96, 4, True, "none"),
     (1, 3072, 768, 4, True, 32, 8, True, "none"),   # decode-shaped W4A8
     (9, 50, 129, 8, True, 0, 4, False, "gelu"),      # K odd, A4 asymmetric
+    # Decode rows over an odd number of tiles of 64 channels: the last tile runs as two halves of 32
+    # on two threads (the second half partly or wholly padding where N is not a multiple of 64).
+    (1, 180, 70, 8, False, 0, 8, False, "gelu"),
+    (2, 150, 130, 4, False, 32, 8, False, "none"),   # in-kernel column sums; the last half all padding
+    (2, 576, 96, 8, True, 32, 8, True, "gelu_tanh"),  # 9 tiles, blocked INT8
+    (1, 130, 64, 4, True, 64, 8, False, "none"),
+    (2, 161, 129, 8, True, 0, 4, True, "none"),
 ]
 
 
@@ -54,6 +62,7 @@ def test_integer_linear_identical_across_isas_and_close_to_float(case):
     x = (rng.standard_normal((M, K)) + 0.3).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
     outs = {}
+    _core.set_threads(2)  # decode rows split their channels between the threads
     for isa in ISAS:
         _core.set_isa(isa)
         if _core.active_isa() != isa:

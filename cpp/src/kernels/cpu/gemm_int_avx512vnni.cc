@@ -256,14 +256,16 @@ struct Prefetch {
   int32_t stride = 1, phase = 0;
 };
 
-// The prefetch of the 256 weight bytes `delta` past `at`, when due: 4 lines into L2 (T1; T0 held L1 miss
-// buffers that the streams need: GPT-2 small w8a8 decode went ~1.2x faster on Zen 4, DESIGN 5.4; not yet
-// measured on Intel). `wait`: 256-byte chunks before the next one.
+// The prefetch of the NP panels' weight bytes `delta` past `at` (a 256-byte chunk's, offset to the
+// call's first panel), when due: NP lines into L2 (T1; T0 held L1 miss buffers that the streams need:
+// GPT-2 small w8a8 decode went ~1.2x faster on Zen 4, DESIGN 5.4; not yet measured on Intel). `wait`:
+// 256-byte chunks before the next one.
+template <int NP>
 FQ_VNNI inline void prefetch_due(const Prefetch& pf, int32_t& wait, const uint8_t* at) {
   if (pf.delta == 0 || --wait >= 0) return;
   wait = pf.stride - 1;
 #pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(at + pf.delta + j * 64), _MM_HINT_T1);
+  for (int j = 0; j < NP; ++j) _mm_prefetch(reinterpret_cast<const char*>(at + pf.delta + j * 64), _MM_HINT_T1);
 }
 
 FQ_VNNI inline int32_t load_word(const uint8_t* p) {
@@ -283,11 +285,15 @@ FQ_VNNI inline void store_outputs(const Ctx& c, int64_t m, int64_t n0, __m512 o)
 // are computed here (vpdpbusd of the weights with ones), instead of read from colsum_minus: at
 // K-blocks of 32 that table is 4 bytes per 16 bytes of INT4 weight, a quarter more DRAM traffic for
 // a memory-bound call, while these extra instructions are free there (DESIGN 5.4).
-template <int MR, bool XU8, bool W4, bool MULTI, bool COLSUM = false>
-FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
+// NP: the panels of the tile this call computes, 4 (the whole tile) or 2 (half a tile, from panel
+// `first_panel`: decode's last tile is split in two, see VnniIntLinear::run).
+template <int MR, bool XU8, bool W4, bool MULTI, bool COLSUM = false, int NP = 4>
+FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf, int first_panel) {
   static_assert(!COLSUM || (XU8 && MULTI && MR <= 2), "in-kernel column sums: asymmetric activations, blocked, MR <= 2");
+  static_assert(NP == 4 || (NP == 2 && MR <= 2), "half tiles: decode rows only");
   const VnniLayout& v = *c.v;
-  const int64_t panel0 = tile * 4;
+  const int j0 = NP == 4 ? 0 : first_panel;  // the call's first panel in the tile
+  const int64_t panel0 = tile * 4 + j0;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   const __m512i ones = _mm512_set1_epi8(1);
   // The layout's tables and switches, read once per call.
@@ -302,29 +308,29 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
   // unpacked weight vector, where the sums in registers allowed 3 (INT4, K-blocks of 32: up to 7% faster
   // at M = 32-128, the same at M = 8; DESIGN 5.4).
   constexpr bool kSumsInL1 = MULTI && MR > 3;
-  __m512 out[MULTI && !kSumsInL1 ? MR : 1][4];
+  __m512 out[MULTI && !kSumsInL1 ? MR : 1][NP];
   alignas(64) float sums[kSumsInL1 ? MR : 1][kTileN];
   if constexpr (MULTI && !kSumsInL1) {
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) out[i][j] = _mm512_setzero_ps();
+      for (int j = 0; j < NP; ++j) out[i][j] = _mm512_setzero_ps();
   }
   int32_t pf_wait = pf.phase;  // 256-byte chunks before the next prefetch
   for (int64_t b = 0; b < (MULTI ? c.nb : 1); ++b) {
     const int64_t kb = std::min(c.K, b * c.bk + c.bk) - b * c.bk;
     const int64_t s0 = b * c.bkp / 8, pairs = round_up(kb, 8) / 8;  // pairs of 4-k steps
-    __m512i acc[MR][4], colacc[4];  // colacc (COLSUM): sum over the block of the stored weights
+    __m512i acc[MR][NP], colacc[NP];  // colacc (COLSUM): sum over the block of the stored weights
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_si512();
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) colacc[j] = _mm512_setzero_si512();
+    for (int j = 0; j < NP; ++j) colacc[j] = _mm512_setzero_si512();
     // A tile's weights for 8 k: 512 bytes (8-bit: two 4-k steps of 4 panels x 64 bytes) or 256
     // (4-bit: the two steps share each panel's 64 bytes); one contiguous stream per tile.
     const int64_t pair_bytes = W4 ? 256 : 512;
-    const uint8_t* wp = v.packed.data() + tile * (c.Kp / 8) * pair_bytes + s0 * pair_bytes;
+    const uint8_t* wp = v.packed.data() + tile * (c.Kp / 8) * pair_bytes + s0 * pair_bytes + j0 * 64;
     const uint8_t* xr = c.xp + m0 * c.Kp + s0 * 8;
     if constexpr (W4 && MR <= 2) {
       // INT4 decode rows: one iteration per pair of 4-k steps, so that each 64 bytes of nibbles is
@@ -334,12 +340,12 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
       // Chunks of up to 8 pairs, so that the byte sums flush once per chunk rather than on a test in
       // every iteration (the test, and the copies GCC made around it, cost ~1/4 of the loop).
       for (int64_t p0 = 0; p0 < pairs; p0 += 8) {
-        __m512i colbytes[4];
+        __m512i colbytes[NP];
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) colbytes[j] = _mm512_setzero_si512();
+        for (int j = 0; j < NP; ++j) colbytes[j] = _mm512_setzero_si512();
         const int64_t p1 = std::min(pairs, p0 + 8);
         for (int64_t p = p0; p < p1; ++p) {
-          prefetch_due(pf, pf_wait, wp + p * 256);
+          prefetch_due<NP>(pf, pf_wait, wp + p * 256);
           __m512i xlo[MR], xhi[MR];
 #pragma GCC unroll 2
           for (int i = 0; i < MR; ++i) {
@@ -347,7 +353,7 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
             xhi[i] = _mm512_set1_epi32(load_word(xr + i * c.Kp + p * 8 + 4));
           }
 #pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) {
+          for (int j = 0; j < NP; ++j) {
             const __m512i packed = _mm512_loadu_si512(wp + p * 256 + j * 64);
             const __m512i lo = _mm512_and_si512(packed, nibble);
             const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
@@ -361,7 +367,7 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
         }
         if constexpr (COLSUM) {
 #pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) colacc[j] = _mm512_dpbusd_epi32(colacc[j], colbytes[j], ones);
+          for (int j = 0; j < NP; ++j) colacc[j] = _mm512_dpbusd_epi32(colacc[j], colbytes[j], ones);
         }
       }
     } else {
@@ -371,11 +377,11 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
       // takes the low (even s: a mask) or high (odd s: an immediate shift and a mask) nibbles of its pair's 64
       // bytes per panel (a shift by a register count, 0 or 4, cost two uops a vector: 1.09-1.13x slower, DESIGN 5.4).
       for (int64_t s = 0; s < 2 * pairs; ++s) {
-        __m512i w[4];
+        __m512i w[NP];
         const bool high = (s & 1) != 0;
-        if (!W4 || !high) prefetch_due(pf, pf_wait, wp + (W4 ? (s >> 1) : s) * 256);
+        if (!W4 || !high) prefetch_due<NP>(pf, pf_wait, wp + (W4 ? (s >> 1) : s) * 256);
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < NP; ++j) {
           if (W4) {
             const __m512i packed = _mm512_loadu_si512(wp + (s >> 1) * 256 + j * 64);
             w[j] = _mm512_and_si512(high ? _mm512_srli_epi16(packed, 4) : packed, nibble);
@@ -390,7 +396,7 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
           std::memcpy(&word, xr + i * c.Kp + s * 4, 4);
           const __m512i xb = _mm512_set1_epi32(word);
 #pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j)
+          for (int j = 0; j < NP; ++j)
             acc[i][j] = XU8 ? _mm512_dpbusd_epi32(acc[i][j], xb, w[j]) : _mm512_dpbusd_epi32(acc[i][j], w[j], xb);
         }
       }
@@ -422,8 +428,8 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
                                    ? _mm512_set1_epi32(int16_pair(-c.zx[m], -static_cast<int32_t>(rx)))
                                    : _mm512_setzero_si512();
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const int64_t col = (tile * c.nb + b) * kTileN + j * kPanel;  // padding panels read zeros
+      for (int j = 0; j < NP; ++j) {
+        const int64_t col = (tile * c.nb + b) * kTileN + (j0 + j) * kPanel;  // padding panels read zeros
         __m512i corr = acc[i][j];
         if constexpr (COLSUM) {
           // colacc = sum of q + wc over the block's kb real k (padding is stored as 0), so colsum - kb zw =
@@ -464,13 +470,13 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf) {
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < NP; ++j)
         if ((panel0 + j) * kPanel < c.N)
           store_outputs(c, m0 + i, (panel0 + j) * kPanel, kSumsInL1 ? _mm512_load_ps(sums[i] + j * kPanel) : out[i][j]);
   }
 }
 
-using MicroFn = void (*)(const Ctx&, int64_t, int64_t, Prefetch);
+using MicroFn = void (*)(const Ctx&, int64_t m0, int64_t tile, Prefetch, int first_panel);
 
 template <bool XU8, bool W4>
 MicroFn pick_rows(int mr, bool multi) {
@@ -502,6 +508,21 @@ MicroFn pick(int mr, bool xu8, bool w4, bool multi, bool colsum = false) {
   }
   if (xu8) return w4 ? pick_rows<true, true>(mr, multi) : pick_rows<true, false>(mr, multi);
   return w4 ? pick_rows<false, true>(mr, multi) : pick_rows<false, false>(mr, multi);
+}
+
+// The half-tile kernel of decode rows (mr <= 2), for the same switches as pick.
+template <bool XU8, bool W4>
+MicroFn pick_half_rows(int mr, bool multi) {
+  if (multi) return mr == 1 ? micro_kernel<1, XU8, W4, true, false, 2> : micro_kernel<2, XU8, W4, true, false, 2>;
+  return mr == 1 ? micro_kernel<1, XU8, W4, false, false, 2> : micro_kernel<2, XU8, W4, false, false, 2>;
+}
+MicroFn pick_half(int mr, bool xu8, bool w4, bool multi, bool colsum) {
+  if (colsum) {
+    if (w4) return mr == 1 ? micro_kernel<1, true, true, true, true, 2> : micro_kernel<2, true, true, true, true, 2>;
+    return mr == 1 ? micro_kernel<1, true, false, true, true, 2> : micro_kernel<2, true, false, true, true, 2>;
+  }
+  if (xu8) return w4 ? pick_half_rows<true, true>(mr, multi) : pick_half_rows<true, false>(mr, multi);
+  return w4 ? pick_half_rows<false, true>(mr, multi) : pick_half_rows<false, false>(mr, multi);
 }
 
 VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
@@ -595,14 +616,25 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
   // Tasks: row chunks x runs of channel tiles. Decode-sized M is one row chunk, so the weight is read
   // once and the threads split the channels (decode_runs); larger M uses chunks whose rows stay in L2.
   const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tiles = v.Npad / kTileN;
-  const TileRuns runs = mchunks == 1 ? decode_runs(tiles, pool.size()) : uniform_runs(tiles, 1);
+  // Decode rows (M <= 2, one row group) over an odd number of tiles take the last tile as two units of
+  // 32 channels: one thread ran that tile alone (SmolLM2's 576 and 960 channels: 1.03-1.08x GEMVs from
+  // DRAM on Ice Lake; with an even number split too, INT4 measured 0.97x, DESIGN 5.5).
+  const bool halves = mchunks == 1 && M <= 2 && pool.size() > 1 && tiles % 2 == 1 && tiles > 1;
+  const int64_t units = tiles + (halves ? 1 : 0);  // unit tiles - 1 + h: half h of the last tile
+  const TileRuns runs = mchunks == 1 ? decode_runs(units, pool.size()) : uniform_runs(tiles, 1);
   const int64_t last_rows = (M - (mchunks - 1) * mc) % max_mr;  // the last chunk's remainder (others: none)
   const MicroFn rest = last_rows ? pick(static_cast<int>(last_rows), xu8, v.bits == 4, multi, colsum) : full;
+  const MicroFn half = halves ? pick_half(static_cast<int>(M), xu8, v.bits == 4, multi, colsum) : nullptr;
   const int64_t tile_bytes = v.bits == 4 ? v.Kp * 32 : v.Kp * 64;
   pool.run(mchunks * runs.count, [&](int64_t t) {
     const int64_t m0 = (t / runs.count) * mc, m1 = std::min(M, m0 + mc), t0 = runs.begin(t % runs.count);
     const int64_t t1 = runs.end(t % runs.count), groups = (m1 - m0 + max_mr - 1) / max_mr;
     for (int64_t tile = t0; tile < t1; ++tile) {
+      if (halves && tile >= tiles - 1) {
+        const int first_panel = static_cast<int>(tile - (tiles - 1)) * 2;
+        if ((tiles - 1) * kTileN + first_panel * kPanel < v.N) half(c, m0, tiles - 1, Prefetch{}, first_panel);
+        continue;
+      }
       // Row groups after the first prefetch the run's next tile (see Prefetch), when there is one.
       const bool next = mchunks == 1 && groups > 1 && tile + 1 < t1;
       int64_t g = 0, m = m0;
@@ -610,7 +642,7 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
         const Prefetch pf = g == 0 ? Prefetch{}
                             : next ? Prefetch{tile_bytes, static_cast<int32_t>(groups - 1), static_cast<int32_t>(g - 1)}
                                    : Prefetch{0};
-        (m + max_mr <= m1 ? full : rest)(c, m, tile, pf);
+        (m + max_mr <= m1 ? full : rest)(c, m, tile, pf, 0);
       }
     }
   });
