@@ -60,17 +60,43 @@ void softcap(float* x, int64_t n, float cap, ThreadPool& pool) {
   });
 }
 
+namespace {
+
+// The cos and sin of one position's angles, kept for the thread's next row: a decode step rotates the
+// q and k of every layer at the same position with the same frequencies (2 x layers calls a token,
+// each recomputing them was ~1% of a SmolLM2 decode step). Keyed by the values, not the pointer, as
+// a frequency table may be freed and another one allocated at its address.
+struct RopeAngles {
+  int64_t position = -1;
+  std::vector<float> freq, cs, sn;
+
+  void compute(int64_t pos, const float* inv_freq, int64_t half) {
+    if (pos == position && freq.size() == static_cast<size_t>(half) &&
+        std::memcmp(freq.data(), inv_freq, static_cast<size_t>(half) * sizeof(float)) == 0)
+      return;
+    freq.assign(inv_freq, inv_freq + half);
+    cs.resize(static_cast<size_t>(half));
+    sn.resize(static_cast<size_t>(half));
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(pos) * inv_freq[i];
+      cs[i] = std::cos(angle);
+      sn[i] = std::sin(angle);
+    }
+    position = pos;
+  }
+};
+
+}  // namespace
+
 void rope(float* xs, int64_t row, int64_t M, int64_t heads, const float* inv_freq, int64_t half,
           const int64_t* positions, ThreadPool& pool) {
   const int64_t head_dim = 2 * half;
   parallel_for(pool, M, parallel_rows_grain(row), [&](int64_t m0, int64_t m1) {
+    thread_local RopeAngles angles;
     for (int64_t m = m0; m < m1; ++m) {
-      std::vector<float> cs(half), sn(half);
-      for (int64_t i = 0; i < half; ++i) {
-        const float angle = static_cast<float>(positions[m]) * inv_freq[i];
-        cs[i] = std::cos(angle);
-        sn[i] = std::sin(angle);
-      }
+      angles.compute(positions[m], inv_freq, half);
+      const float* cs = angles.cs.data();
+      const float* sn = angles.sn.data();
       for (int64_t h = 0; h < heads; ++h) {
         float* v = xs + m * row + h * head_dim;
         for (int64_t i = 0; i < half; ++i) {
