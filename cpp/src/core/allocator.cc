@@ -13,12 +13,14 @@ namespace {
 
 constexpr size_t kAlignment = 64;
 
-// Host memory. Freed large blocks are kept for reuse by size: activations of the same shapes are
-// allocated on every forward, and malloc serves blocks this large with fresh mmap pages whose page
-// faults and zeroing cost up to ~40% of a large GEMM (measured: 1024 x 768 outputs).
+// Host memory. Freed blocks are kept for reuse by size: activations of the same shapes are allocated
+// on every forward, and malloc serves large blocks with fresh mmap pages whose page faults and zeroing
+// cost up to ~40% of a large GEMM (measured: 1024 x 768 outputs), small ones (a decode step's rows)
+// through memalign, whose split-off remainders kept glibc consolidating its free lists: ~1.5% of a
+// SmolLM2 decode step (DESIGN 5.5).
 class CpuAllocator final : public Allocator {
  public:
-  static constexpr size_t kMinBlock = size_t{1} << 20, kMaxBlock = size_t{128} << 20, kMaxTotal = size_t{256} << 20;
+  static constexpr size_t kMinBlock = 256, kMaxBlock = size_t{128} << 20, kMaxTotal = size_t{256} << 20;
 
   void* allocate(size_t bytes, int) override {
     if (bytes >= kMinBlock && bytes <= kMaxBlock) {
