@@ -118,7 +118,7 @@ TEST(k_blocks_with_partial_last_block) {
           CHECK_EQ(run_case(M, 77, G * 4 + 6, 4, wsym, 8, aasym, Tile{1, G}, true, Epilogue::GeluTanh, seed++, true), 0);
           CHECK_EQ(run_case(M, 64, G * 3, 8, wsym, 8, aasym, Tile{1, G}, false, Epilogue::None, seed++, true), 0);
         }
-  // Decode-sized calls over many channel tiles: each pool task is a run of tiles (decode_runs: long
+  // Decode-sized calls over many channel tiles: each pool task is a run of tiles (guided_runs: long
   // runs first, single tiles last), N odd.
   for (int64_t M : {1, 2, 4})
     for (bool aasym : {false, true}) {

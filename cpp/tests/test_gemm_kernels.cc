@@ -85,34 +85,6 @@ TEST(avx512_row_quantization_matches_portable) {
   CHECK_EQ(cases, 2u * 5 * 6 * 4);
 }
 
-// Guided runs cover the tiles once, in order, longest first, a share of what is left each, ending in
-// single tiles (so the threads finish together); one thread takes them all in one run.
-TEST(decode_runs_cover_the_tiles_longest_first) {
-  for (int threads : {1, 2, 3, 8})
-    for (int64_t tiles : {1, 2, 5, 9, 48, 768, 100003}) {
-      const kernels::TileRuns runs = kernels::decode_runs(tiles, threads);
-      CHECK(runs.count >= 1);
-      CHECK_EQ(runs.begin(0), 0);
-      CHECK_EQ(runs.end(runs.count - 1), tiles);
-      int64_t left = tiles;
-      for (int64_t r = 0; r < runs.count; ++r) {
-        const int64_t n = runs.end(r) - runs.begin(r);
-        if (r > 0) CHECK_EQ(runs.begin(r), runs.end(r - 1));
-        if (r > 0) CHECK(n <= runs.end(r - 1) - runs.begin(r - 1));
-        CHECK_EQ(n, threads == 1 ? tiles : std::max<int64_t>(1, (left + 2 * threads - 1) / (2 * threads)));
-        left -= n;
-      }
-      if (threads == 1) CHECK_EQ(runs.count, 1);
-      else CHECK_EQ(runs.end(runs.count - 1) - runs.begin(runs.count - 1), 1);
-      // Logarithmic in the tiles: ~2 x threads x ln(tiles) + 2 x threads runs.
-      CHECK(runs.count <= 2 * threads * (std::log(static_cast<double>(tiles)) + 2) + 1);
-    }
-  const kernels::TileRuns u = kernels::uniform_runs(10, 4);
-  CHECK_EQ(u.count, 3);
-  CHECK_EQ(u.begin(2), 8);
-  CHECK_EQ(u.end(2), 10);
-}
-
 // The VNNI layouts' word packing against the byte-at-a-time definition: every operand shift the kernels use,
 // one they do not (5: the byte path), block lengths that end mid-word.
 TEST(vnni_word_packing_matches_bytewise) {

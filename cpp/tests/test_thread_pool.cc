@@ -2,6 +2,7 @@
 // errors, nested work, concurrent callers and workers that are slow to start.
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -145,6 +146,34 @@ TEST(shared_pools_by_size) {
   CHECK_EQ(ThreadPool::shared(0).size(), 5);
   set_default_threads(0);
   CHECK(default_threads() >= 1);
+}
+
+// Guided runs cover the items once, in order, longest first, a share of what is left each, ending in
+// single items (so the threads finish together); one thread takes them all in one run.
+TEST(guided_runs_cover_the_items_longest_first) {
+  for (int threads : {1, 2, 3, 8})
+    for (int64_t tiles : {1, 2, 5, 9, 48, 768, 100003}) {
+      const WorkRuns runs = guided_runs(tiles, threads);
+      CHECK(runs.count >= 1);
+      CHECK_EQ(runs.begin(0), 0);
+      CHECK_EQ(runs.end(runs.count - 1), tiles);
+      int64_t left = tiles;
+      for (int64_t r = 0; r < runs.count; ++r) {
+        const int64_t n = runs.end(r) - runs.begin(r);
+        if (r > 0) CHECK_EQ(runs.begin(r), runs.end(r - 1));
+        if (r > 0) CHECK(n <= runs.end(r - 1) - runs.begin(r - 1));
+        CHECK_EQ(n, threads == 1 ? tiles : std::max<int64_t>(1, (left + 2 * threads - 1) / (2 * threads)));
+        left -= n;
+      }
+      if (threads == 1) CHECK_EQ(runs.count, 1);
+      else CHECK_EQ(runs.end(runs.count - 1) - runs.begin(runs.count - 1), 1);
+      // Logarithmic in the tiles: ~2 x threads x ln(tiles) + 2 x threads runs.
+      CHECK(runs.count <= 2 * threads * (std::log(static_cast<double>(tiles)) + 2) + 1);
+    }
+  const WorkRuns u = uniform_runs(10, 4);
+  CHECK_EQ(u.count, 3);
+  CHECK_EQ(u.begin(2), 8);
+  CHECK_EQ(u.end(2), 10);
 }
 
 int main() { return RUN_ALL_TESTS(); }

@@ -408,7 +408,14 @@ FQ_MULTIVERSION void attention_head(const AttentionArgs& a, const AttentionKerne
 }
 
 void attention(const ExecContext& ctx, const AttentionArgs& args, const AttentionKernel& kernel) {
-  ctx.threads().run(args.B * args.H, [&](int64_t t) { attention_head(args, kernel, t / args.H, t % args.H); });
+  // Guided runs of consecutive (sequence, head) pairs: the heads of a GQA group mostly share a thread,
+  // which fetches the group's cached keys and values once (decode reads them from DRAM; a task per head
+  // had both threads fetch every group: SmolLM2 decode attention 11.8 -> 9.5 us a layer, DESIGN 5.5).
+  ThreadPool& pool = ctx.threads();
+  const WorkRuns runs = guided_runs(args.B * args.H, pool.size());
+  pool.run(runs.count, [&](int64_t r) {
+    for (int64_t t = runs.begin(r); t < runs.end(r); ++t) attention_head(args, kernel, t / args.H, t % args.H);
+  });
 }
 
 }  // namespace kernels

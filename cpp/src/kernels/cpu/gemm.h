@@ -176,37 +176,6 @@ using QuantizeRowFn = bool (*)(const float* x, const RowLayout& l, bool symmetri
 void quantize_rows_with(QuantizeRowFn row, const RowInput& x, const RowLayout& l, QuantSpec act,
                         const QuantizedRows& out, ThreadPool& pool);
 
-// The channel tiles of a call, in runs (one pool task each): run r covers tiles [begin(r), end(r)).
-struct TileRuns {
-  const int64_t* starts = nullptr;  // guided runs (decode_runs): starts[0..count]
-  int64_t tiles = 0, run = 1, count = 0;  // otherwise runs of `run` tiles
-  int64_t begin(int64_t r) const { return starts ? starts[r] : r * run; }
-  int64_t end(int64_t r) const { return starts ? starts[r + 1] : std::min(tiles, (r + 1) * run); }
-};
-inline TileRuns uniform_runs(int64_t tiles, int64_t run) { return {nullptr, tiles, run, (tiles + run - 1) / run}; }
-
-// Runs for a call whose rows are one chunk (decode: the threads split the channels), guided: each a
-// 1 / (2 x threads) share of the tiles not yet given out, at least one, so the first runs are long (few
-// claims on the pool's shared word: a task per tile, 48 for a SmolLM2 gate_up and 1,536 for an LM head,
-// cost each decode GEMM a claim per tile) and the last ones single tiles, so that the threads finish
-// together. Equal runs (4 per thread) left a thread idle while the other ran the last long run: guided
-// runs made batch-1 decode 1.012-1.064x faster in 11 of 12 cells (GPT-2 small, SmolLM2; w8a8, w4a8, INT4
-// head; Zen 4), 0.971x in one (DESIGN 5.5). A thread descheduled
-// mid-run holds at most a quarter of the tiles (2 threads). The starts live in a thread_local of the
-// calling thread, valid until its next call (the pool's workers read them through the pointer).
-inline TileRuns decode_runs(int64_t tiles, int threads) {
-  if (threads <= 1) return uniform_runs(tiles, std::max<int64_t>(tiles, 1));
-  thread_local std::vector<int64_t> starts;
-  starts.assign(1, 0);
-  const int64_t share = int64_t{2} * threads;
-  for (int64_t left = tiles; left > 0;) {
-    const int64_t run = std::max<int64_t>(1, (left + share - 1) / share);
-    starts.push_back(starts.back() + run);
-    left -= run;
-  }
-  return {starts.data(), tiles, 0, static_cast<int64_t>(starts.size()) - 1};
-}
-
 struct IntGemmKernel {
   CpuIsa level;
   std::unique_ptr<CpuLinear> (*prepare)(IntWeight w, ThreadPool& pool);  // pool: for packing

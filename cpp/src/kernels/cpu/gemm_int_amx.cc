@@ -706,10 +706,10 @@ class AmxIntLinear final : public CpuLinear {
     // Row chunks x runs of strips of 32 channels (2 panels; the last strip may have 1). Decode-sized
     // M is one chunk, so the weight is read once and the threads split the channels. Runs of up to
     // 4 strips, at least 4 runs per thread: a pool task per strip cost 5% in GPT-2 decode and 10-25%
-    // at M = 128-512 (BERT shapes, 2 threads). Decode (M <= 4): decode_runs.
+    // at M = 128-512 (BERT shapes, 2 threads). Decode (M <= 4): guided_runs.
     const int64_t strips = (v.Npad / kPanel + 1) / 2;
-    const TileRuns runs = M <= kVnniMaxRows
-                              ? decode_runs(strips, pool.size())
+    const WorkRuns runs = M <= kVnniMaxRows
+                              ? guided_runs(strips, pool.size())
                               : uniform_runs(strips, std::clamp<int64_t>(strips / (4 * pool.size()), 1, 4));
     const int64_t mc = M <= 128 ? M : 128, mchunks = (M + mc - 1) / mc;
     pool.run(mchunks * runs.count, [&](int64_t t) {

@@ -202,9 +202,9 @@ class Avx2IntLinear final : public CpuLinear {
                 act_.symmetric ? nullptr : q.zx, &layout_, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
     const bool wsigned = wsigned_;
     const MicroFn full = pick(kMaxMR, wsigned);
-    // Row chunks x runs of channel tiles (decode_runs when the rows are one chunk).
+    // Row chunks x runs of channel tiles (guided_runs when the rows are one chunk).
     const int64_t tiles = layout_.Npad / kTile, mc = M <= 32 ? M : 64, mchunks = (M + mc - 1) / mc;
-    const TileRuns runs = mchunks == 1 ? decode_runs(tiles, pool.size()) : uniform_runs(tiles, 1);
+    const WorkRuns runs = mchunks == 1 ? guided_runs(tiles, pool.size()) : uniform_runs(tiles, 1);
     pool.run(mchunks * runs.count, [&](int64_t t) {
       const int64_t m0 = (t / runs.count) * mc, m1 = std::min(M, m0 + mc), r = t % runs.count;
       for (int64_t tile = runs.begin(r); tile < runs.end(r); ++tile) {

@@ -614,14 +614,14 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
         &v, v.wsym, bias.defined() ? bias.data<float>() : nullptr, y, epilogue};
 
   // Tasks: row chunks x runs of channel tiles. Decode-sized M is one row chunk, so the weight is read
-  // once and the threads split the channels (decode_runs); larger M uses chunks whose rows stay in L2.
+  // once and the threads split the channels (guided_runs); larger M uses chunks whose rows stay in L2.
   const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tiles = v.Npad / kTileN;
   // Decode rows (M <= 2, one row group) over an odd number of tiles take the last tile as two units of
   // 32 channels: one thread ran that tile alone (SmolLM2's 576 and 960 channels: 1.03-1.08x GEMVs from
   // DRAM on Ice Lake; with an even number split too, INT4 measured 0.97x, DESIGN 5.5).
   const bool halves = mchunks == 1 && M <= 2 && pool.size() > 1 && tiles % 2 == 1 && tiles > 1;
   const int64_t units = tiles + (halves ? 1 : 0);  // unit tiles - 1 + h: half h of the last tile
-  const TileRuns runs = mchunks == 1 ? decode_runs(units, pool.size()) : uniform_runs(tiles, 1);
+  const WorkRuns runs = mchunks == 1 ? guided_runs(units, pool.size()) : uniform_runs(tiles, 1);
   const int64_t last_rows = (M - (mchunks - 1) * mc) % max_mr;  // the last chunk's remainder (others: none)
   const MicroFn rest = last_rows ? pick(static_cast<int>(last_rows), xu8, v.bits == 4, multi, colsum) : full;
   const MicroFn half = halves ? pick_half(static_cast<int>(M), xu8, v.bits == 4, multi, colsum) : nullptr;
