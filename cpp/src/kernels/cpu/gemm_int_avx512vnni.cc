@@ -43,7 +43,10 @@ constexpr int64_t kTileN = 4 * kPanel;  // channels per micro-kernel
 // Rows per micro-kernel: 6 (24 int32 accumulators + 4 weights + 1 broadcast); with several K-blocks
 // the fp32 sums over blocks wait in L1 between blocks (see micro_kernel).
 constexpr int kMaxMR = 6, kMaxMRBlocked = 6;
-constexpr int64_t kPrefetchBytes = 2048;  // software prefetch distance in a tile's weight stream
+// Software prefetch distance in a tile's weight stream: INT8 2 KiB, INT4 4 KiB (on Ice Lake SmolLM2 w4a8
+// decode 1.035x, 23 of 30 alternated generate calls faster, 1.034x with the INT4 head; INT8 within noise
+// at 4 or 8 KiB; a Xeon whose L3 held the whole model had measured 1 or 4 KiB 5% slower; DESIGN 5.4).
+constexpr int64_t kPrefetchBytes = 2048, kPrefetchBytesInt4 = 4096;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -244,7 +247,7 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
 // ---- 2 + 3. micro-kernel: MR rows x 64 channels over all blocks --------------------------------
 // Where a call's software prefetches go: one per 256 bytes of its weight stream, every `stride`-th
 // starting at the `phase`-th, `delta` bytes ahead (0: none). The first row group's call reads its tile
-// from DRAM (decode: the only call) and prefetches kPrefetchBytes ahead in it; the later groups read the
+// from DRAM (decode: the only call) and prefetches kPrefetchBytes(Int4) ahead in it; the later groups read the
 // tile from L2. In a run of tiles (one row chunk, M <= 96: BERT at batch 1, decode at batch 8) those
 // later calls prefetch the same bytes of the run's next tile, a share each, so that its first call
 // reads L2 too (BERT-base 1 x 32 ~7% faster on Zen 4, DESIGN 5.4); with several row chunks the next
@@ -618,7 +621,7 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
   const int64_t mc = M <= 24 ? M : 96, mchunks = (M + mc - 1) / mc, tiles = v.Npad / kTileN;
   // Decode rows (M <= 2, one row group) over an odd number of tiles take the last tile as two units of
   // 32 channels: one thread ran that tile alone (SmolLM2's 576 and 960 channels: 1.03-1.08x GEMVs from
-  // DRAM on Ice Lake; with an even number split too, INT4 measured 0.97x, DESIGN 5.5).
+  // DRAM on Ice Lake; with an even number split too, INT4 measured 0.97x, DESIGN 5.4).
   const bool halves = mchunks == 1 && M <= 2 && pool.size() > 1 && tiles % 2 == 1 && tiles > 1;
   const int64_t units = tiles + (halves ? 1 : 0);  // unit tiles - 1 + h: half h of the last tile
   const WorkRuns runs = mchunks == 1 ? guided_runs(units, pool.size()) : uniform_runs(tiles, 1);
@@ -626,20 +629,21 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
   const MicroFn rest = last_rows ? pick(static_cast<int>(last_rows), xu8, v.bits == 4, multi, colsum) : full;
   const MicroFn half = halves ? pick_half(static_cast<int>(M), xu8, v.bits == 4, multi, colsum) : nullptr;
   const int64_t tile_bytes = v.bits == 4 ? v.Kp * 32 : v.Kp * 64;
+  const int64_t ahead = v.bits == 4 ? kPrefetchBytesInt4 : kPrefetchBytes;
   pool.run(mchunks * runs.count, [&](int64_t t) {
     const int64_t m0 = (t / runs.count) * mc, m1 = std::min(M, m0 + mc), t0 = runs.begin(t % runs.count);
     const int64_t t1 = runs.end(t % runs.count), groups = (m1 - m0 + max_mr - 1) / max_mr;
     for (int64_t tile = t0; tile < t1; ++tile) {
       if (halves && tile >= tiles - 1) {
         const int first_panel = static_cast<int>(tile - (tiles - 1)) * 2;
-        if ((tiles - 1) * kTileN + first_panel * kPanel < v.N) half(c, m0, tiles - 1, Prefetch{}, first_panel);
+        if ((tiles - 1) * kTileN + first_panel * kPanel < v.N) half(c, m0, tiles - 1, Prefetch{ahead}, first_panel);
         continue;
       }
       // Row groups after the first prefetch the run's next tile (see Prefetch), when there is one.
       const bool next = mchunks == 1 && groups > 1 && tile + 1 < t1;
       int64_t g = 0, m = m0;
       for (; m < m1; m += max_mr, ++g) {
-        const Prefetch pf = g == 0 ? Prefetch{}
+        const Prefetch pf = g == 0 ? Prefetch{ahead}
                             : next ? Prefetch{tile_bytes, static_cast<int32_t>(groups - 1), static_cast<int32_t>(g - 1)}
                                    : Prefetch{0};
         (m + max_mr <= m1 ? full : rest)(c, m, tile, pf, 0);
