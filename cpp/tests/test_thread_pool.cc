@@ -152,23 +152,23 @@ TEST(shared_pools_by_size) {
 // single items (so the threads finish together); one thread takes them all in one run.
 TEST(guided_runs_cover_the_items_longest_first) {
   for (int threads : {1, 2, 3, 8})
-    for (int64_t tiles : {1, 2, 5, 9, 48, 768, 100003}) {
-      const WorkRuns runs = guided_runs(tiles, threads);
+    for (int64_t items : {1, 2, 5, 9, 48, 768, 100003}) {
+      const WorkRuns runs = guided_runs(items, threads);
       CHECK(runs.count >= 1);
       CHECK_EQ(runs.begin(0), 0);
-      CHECK_EQ(runs.end(runs.count - 1), tiles);
-      int64_t left = tiles;
+      CHECK_EQ(runs.end(runs.count - 1), items);
+      int64_t left = items;
       for (int64_t r = 0; r < runs.count; ++r) {
         const int64_t n = runs.end(r) - runs.begin(r);
         if (r > 0) CHECK_EQ(runs.begin(r), runs.end(r - 1));
         if (r > 0) CHECK(n <= runs.end(r - 1) - runs.begin(r - 1));
-        CHECK_EQ(n, threads == 1 ? tiles : std::max<int64_t>(1, (left + 2 * threads - 1) / (2 * threads)));
+        CHECK_EQ(n, threads == 1 ? items : std::max<int64_t>(1, (left + 2 * threads - 1) / (2 * threads)));
         left -= n;
       }
       if (threads == 1) CHECK_EQ(runs.count, 1);
       else CHECK_EQ(runs.end(runs.count - 1) - runs.begin(runs.count - 1), 1);
-      // Logarithmic in the tiles: ~2 x threads x ln(tiles) + 2 x threads runs.
-      CHECK(runs.count <= 2 * threads * (std::log(static_cast<double>(tiles)) + 2) + 1);
+      // Logarithmic in the items: ~2 x threads x ln(items) + 2 x threads runs.
+      CHECK(runs.count <= 2 * threads * (std::log(static_cast<double>(items)) + 2) + 1);
     }
   const WorkRuns u = uniform_runs(10, 4);
   CHECK_EQ(u.count, 3);
