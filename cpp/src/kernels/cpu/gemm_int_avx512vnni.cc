@@ -481,51 +481,38 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf, i
 
 using MicroFn = void (*)(const Ctx&, int64_t m0, int64_t tile, Prefetch, int first_panel);
 
-template <bool XU8, bool W4>
-MicroFn pick_rows(int mr, bool multi) {
-  if (multi) {
+// The micro-kernel for mr rows; NP = 2 (half tiles) exists for decode rows (mr <= 2) only.
+template <bool XU8, bool W4, bool MULTI, int NP>
+MicroFn pick_rows(int mr) {
+  if constexpr (NP == 2) {
+    return mr == 1 ? micro_kernel<1, XU8, W4, MULTI, false, 2> : micro_kernel<2, XU8, W4, MULTI, false, 2>;
+  } else {
     switch (mr) {
-      case 1: return micro_kernel<1, XU8, W4, true>;
-      case 2: return micro_kernel<2, XU8, W4, true>;
-      case 3: return micro_kernel<3, XU8, W4, true>;
-      case 4: return micro_kernel<4, XU8, W4, true>;
-      case 5: return micro_kernel<5, XU8, W4, true>;
-      default: return micro_kernel<6, XU8, W4, true>;
+      case 1: return micro_kernel<1, XU8, W4, MULTI>;
+      case 2: return micro_kernel<2, XU8, W4, MULTI>;
+      case 3: return micro_kernel<3, XU8, W4, MULTI>;
+      case 4: return micro_kernel<4, XU8, W4, MULTI>;
+      case 5: return micro_kernel<5, XU8, W4, MULTI>;
+      default: return micro_kernel<6, XU8, W4, MULTI>;
     }
   }
-  switch (mr) {
-    case 1: return micro_kernel<1, XU8, W4, false>;
-    case 2: return micro_kernel<2, XU8, W4, false>;
-    case 3: return micro_kernel<3, XU8, W4, false>;
-    case 4: return micro_kernel<4, XU8, W4, false>;
-    case 5: return micro_kernel<5, XU8, W4, false>;
-    default: return micro_kernel<6, XU8, W4, false>;
-  }
 }
 
-// colsum: the in-kernel column sums (asymmetric activations, several blocks, mr <= 2).
+template <bool XU8, bool W4, int NP>
+MicroFn pick_rows(int mr, bool multi) {
+  return multi ? pick_rows<XU8, W4, true, NP>(mr) : pick_rows<XU8, W4, false, NP>(mr);
+}
+
+// colsum: the in-kernel column sums (asymmetric activations, several blocks, mr <= 2). NP: whole tiles
+// (4 panels) or the half tiles of decode rows (2).
+template <int NP = 4>
 MicroFn pick(int mr, bool xu8, bool w4, bool multi, bool colsum = false) {
   if (colsum) {
-    if (w4) return mr == 1 ? micro_kernel<1, true, true, true, true> : micro_kernel<2, true, true, true, true>;
-    return mr == 1 ? micro_kernel<1, true, false, true, true> : micro_kernel<2, true, false, true, true>;
+    if (w4) return mr == 1 ? micro_kernel<1, true, true, true, true, NP> : micro_kernel<2, true, true, true, true, NP>;
+    return mr == 1 ? micro_kernel<1, true, false, true, true, NP> : micro_kernel<2, true, false, true, true, NP>;
   }
-  if (xu8) return w4 ? pick_rows<true, true>(mr, multi) : pick_rows<true, false>(mr, multi);
-  return w4 ? pick_rows<false, true>(mr, multi) : pick_rows<false, false>(mr, multi);
-}
-
-// The half-tile kernel of decode rows (mr <= 2), for the same switches as pick.
-template <bool XU8, bool W4>
-MicroFn pick_half_rows(int mr, bool multi) {
-  if (multi) return mr == 1 ? micro_kernel<1, XU8, W4, true, false, 2> : micro_kernel<2, XU8, W4, true, false, 2>;
-  return mr == 1 ? micro_kernel<1, XU8, W4, false, false, 2> : micro_kernel<2, XU8, W4, false, false, 2>;
-}
-MicroFn pick_half(int mr, bool xu8, bool w4, bool multi, bool colsum) {
-  if (colsum) {
-    if (w4) return mr == 1 ? micro_kernel<1, true, true, true, true, 2> : micro_kernel<2, true, true, true, true, 2>;
-    return mr == 1 ? micro_kernel<1, true, false, true, true, 2> : micro_kernel<2, true, false, true, true, 2>;
-  }
-  if (xu8) return w4 ? pick_half_rows<true, true>(mr, multi) : pick_half_rows<true, false>(mr, multi);
-  return w4 ? pick_half_rows<false, true>(mr, multi) : pick_half_rows<false, false>(mr, multi);
+  if (xu8) return w4 ? pick_rows<true, true, NP>(mr, multi) : pick_rows<true, false, NP>(mr, multi);
+  return w4 ? pick_rows<false, true, NP>(mr, multi) : pick_rows<false, false, NP>(mr, multi);
 }
 
 VnniLayout pack(const IntWeight& w, ThreadPool& pool) {
@@ -627,7 +614,7 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
   const WorkRuns runs = mchunks == 1 ? guided_runs(units, pool.size()) : uniform_runs(tiles, 1);
   const int64_t last_rows = (M - (mchunks - 1) * mc) % max_mr;  // the last chunk's remainder (others: none)
   const MicroFn rest = last_rows ? pick(static_cast<int>(last_rows), xu8, v.bits == 4, multi, colsum) : full;
-  const MicroFn half = halves ? pick_half(static_cast<int>(M), xu8, v.bits == 4, multi, colsum) : nullptr;
+  const MicroFn half = halves ? pick<2>(static_cast<int>(M), xu8, v.bits == 4, multi, colsum) : nullptr;
   const int64_t tile_bytes = v.bits == 4 ? v.Kp * 32 : v.Kp * 64;
   const int64_t ahead = v.bits == 4 ? kPrefetchBytesInt4 : kPrefetchBytes;
   pool.run(mchunks * runs.count, [&](int64_t t) {
