@@ -54,7 +54,7 @@ TEST(avx512_row_quantization_matches_portable) {
   std::mt19937 rng(23);
   uint32_t cases = 0;
   for (int64_t group_rows : {1, 16})
-    for (int64_t bk : {0, 32, 64, 96, 200})  // 0: one block (bk = K)
+    for (int64_t bk : {0, 16, 32, 64, 96, 200})  // 0: one block (bk = K)
       for (int64_t K : {1, 63, 64, 130, 768, 1031}) {
         const int64_t b = bk ? bk : K, nb = (K + b - 1) / b;
         const int64_t unit = group_rows > 1 ? (b % 64 ? 16 : 64) : 8;
@@ -82,7 +82,7 @@ TEST(avx512_row_quantization_matches_portable) {
             ++cases;
           }
       }
-  CHECK_EQ(cases, 2u * 5 * 6 * 4);
+  CHECK_EQ(cases, 2u * 6 * 6 * 4);
 }
 
 // The VNNI layouts' word packing against the byte-at-a-time definition: every operand shift the kernels use,

@@ -109,55 +109,164 @@ struct Ctx {
 // inv = fl(1 / s) where that gives the same integer: y = fl(x * inv) is within 3 * 2^-24 |x / s| of
 // fl(x / s), so their nearest integers can differ only when y lies within that of a half-integer;
 // those lanes (a few in 10^5) take the divide. |x / s| <= qmax (1 + 2^-22) for every value of the row
-// (s is its range over qmax), so one bound, near = (qmax + 1) 2^-21, serves all lanes: the test is
-// |y - r| >= 0.5 - near (`far`; 0.5 - |y - r| <= near rearranged, exact where it matters: 0.5 - near is a
-// float and 0.5 - t is exact for t >= 0.25, Sterbenz). A NaN lane
-// takes the divide path too, where it is reported in `nan` (the range pass does not look for NaN:
-// vminps / vmaxps may drop it). The multiply, with the AMX kernel's direct-store epilogue, made M = 128
-// GEMMs with asymmetric activations 4-12% faster (Xeon with AMX, old and new builds alternated; DESIGN 5.4).
-FQ_VNNI inline __m512 round_quotient(__m512 x, __m512 s, __m512 inv, __m512 far, __mmask16& nan) {
-  const __m512 y = _mm512_mul_ps(x, inv);
-  const __m512 r = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __mmask16 close = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, r)), far, _CMP_NLT_UQ);  // or NaN
-  if (close == 0) return r;
-  nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  return _mm512_mask_roundscale_ps(r, close, _mm512_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// (s is its range over qmax), so one bound, near = (qmax + 1) 2^-21, serves all lanes: a lane is redone
+// when y's distance from its nearest integer (vreduceps, exact) is at least 0.5 - near (`far`; 0.5 - |y - r|
+// <= near rearranged, exact where it matters: 0.5 - near is a float and 0.5 - t is exact for t >= 0.25,
+// Sterbenz). The distances are compared as the bit patterns of their magnitudes (unsigned order is the
+// float order for non-negative floats, and a NaN lane lies above every finite one), so 64 values take
+// one compare and one rarely taken branch. A NaN lane takes the divide path too, where it is reported
+// in `nan` (the range pass does not look for NaN: vminps / vmaxps may drop it). The multiply, with the
+// AMX kernel's direct-store epilogue, made M = 128 GEMMs with asymmetric activations 4-12% faster (Xeon
+// with AMX, old and new builds alternated; DESIGN 5.4); the one-branch test and the rounding in vcvtps2dq
+// itself (no vrndscaleps) made a row of 768 ~1.25x faster on Ice Lake (DESIGN 5.4).
+constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// One row's quantization constants.
+struct RowScale {
+  __m512 s, inv;
+  __m512i far_bits;  // the bits of 0.5 - near (see above)
+  __m512i zero;      // the zero point (asymmetric)
+  __m512i qmax;      // the largest code (asymmetric clamps)
+};
+
+// |y - nearbyint(y)| as bits (vreduceps with M = 0, nearest: exact).
+FQ_VNNI inline __m512i distance_bits(__m512 y) {
+  return _mm512_and_si512(_mm512_castps_si512(_mm512_reduce_ps(y, _MM_FROUND_TO_NEAREST_INT | 0x08)),
+                          _mm512_set1_epi32(0x7fffffff));
 }
 
-// The bulk of one block of a row: whole 64-value steps starting at a 64-byte chunk (kk0 + i, i a multiple
-// of 64), each stored as one 64-byte vector; the caller quantizes the rest 16 at a time. Same values as
-// the 16-value loop, with fewer instructions (a whole row of 768 from L2, both passes: 193 -> 125 ns on
-// Zen 4; quantization was 10% of a 1024 x 768 x 768 GEMM there; DESIGN 5.4):
-//  - the int32 -> int16 -> 8-bit packs saturate, which is the clamp for 8-bit ranges ([-128, 127] holds the
-//    symmetric [-qmax, qmax]; [0, 255] is the asymmetric range); the symmetric values need no clamp at all,
-//    since |x / s| <= qmax (1 + 2^-22) rounds to at most qmax; 4-bit asymmetric ranges clamp as before;
-//  - the block's sum is one vpdpbusd of the 64 bytes against ones.
-// Needs the multiply path (inv normal, see quantize_row). Returns the values done.
-FQ_VNNI inline int64_t quantize_chunks(const float* x, int64_t kb, const RowLayout& c, int64_t kk0, bool symmetric,
-                                       float qmax, __m512 vs, __m512 vinv, __m512 vz, __m512 far, uint8_t* dst,
-                                       __m512i& sum, __mmask16& nan) {
-  const __m512 qlo = _mm512_setzero_ps(), qhi = _mm512_set1_ps(qmax);
-  const bool clamp = !symmetric && qmax != 255.0f;
+// The lanes of q (nearbyint of y = x * inv) whose y lies near a half-integer (or is NaN), redone by division.
+FQ_VNNI inline __m512i redo_close(__m512 x, __m512i q, const RowScale& r, __mmask16& nan) {
+  const __mmask16 close = _mm512_cmpge_epu32_mask(distance_bits(_mm512_mul_ps(x, r.inv)), r.far_bits);
+  if (close == 0) return q;
+  nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_mask_cvt_roundps_epi32(q, close, _mm512_div_ps(x, r.s), kNearest);
+}
+
+// 64 values quantized into the 64 bytes of one chunk, in order. Same values as the 16-value loop of
+// quantize_blocks, with fewer instructions (a whole row of 768 from L2, both passes: 193 -> 125 ns on Zen 4;
+// quantization was 10% of a 1024 x 768 x 768 GEMM there; DESIGN 5.4): the int32 -> int16 -> 8-bit packs
+// saturate, which is the clamp for 8-bit ranges ([-128, 127] holds the symmetric [-qmax, qmax]; [0, 255] is
+// the asymmetric range); the symmetric values need no clamp at all, since |x / s| <= qmax (1 + 2^-22)
+// rounds to at most qmax; 4-bit asymmetric ranges (CLAMP) clamp. Needs the multiply path (inv normal, see
+// quantize_row).
+template <bool SYM, bool CLAMP>
+FQ_VNNI inline __m512i quantize_64(const float* x, const RowScale& r, __mmask16& nan) {
   // After the two packs, 128-bit lane l holds 4 values of each input vector: q0[4l..4l+3], q1[...], ...
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  const __m512i ones = _mm512_set1_epi8(1);
-  int64_t i = 0;
-  for (; i + 64 <= kb; i += 64) {
-    __m512i q[4];
+  __m512i q[4], far = _mm512_setzero_si512();
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      __m512 r = round_quotient(_mm512_loadu_ps(x + i + 16 * j), vs, vinv, far, nan);
-      if (!symmetric) r = _mm512_add_ps(r, vz);
-      if (clamp) r = _mm512_min_ps(_mm512_max_ps(r, qlo), qhi);
-      q[j] = _mm512_cvtps_epi32(r);
-    }
-    const __m512i q01 = _mm512_packs_epi32(q[0], q[1]), q23 = _mm512_packs_epi32(q[2], q[3]);
-    const __m512i bytes =
-        _mm512_permutexvar_epi32(order, symmetric ? _mm512_packs_epi16(q01, q23) : _mm512_packus_epi16(q01, q23));
-    sum = symmetric ? _mm512_dpbusd_epi32(sum, ones, bytes) : _mm512_dpbusd_epi32(sum, bytes, ones);
-    _mm512_storeu_si512(dst + c.chunk_offset(kk0 + i), bytes);
+  for (int j = 0; j < 4; ++j) {
+    const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * j), r.inv);
+    q[j] = _mm512_cvt_roundps_epi32(y, kNearest);
+    far = _mm512_max_epu32(far, distance_bits(y));
+  }
+  if (__builtin_expect(_mm512_cmpge_epu32_mask(far, r.far_bits) != 0, 0)) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) q[j] = redo_close(_mm512_loadu_ps(x + 16 * j), q[j], r, nan);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    if (!SYM) q[j] = _mm512_add_epi32(q[j], r.zero);
+    if (CLAMP) q[j] = _mm512_min_epi32(_mm512_max_epi32(q[j], _mm512_setzero_si512()), r.qmax);
+  }
+  const __m512i q01 = _mm512_packs_epi32(q[0], q[1]), q23 = _mm512_packs_epi32(q[2], q[3]);
+  return _mm512_permutexvar_epi32(order, SYM ? _mm512_packs_epi16(q01, q23) : _mm512_packus_epi16(q01, q23));
+}
+
+// The sums of each 4 bytes of a chunk (s8 or u8 as stored): one vpdpbusd against ones.
+template <bool SYM>
+FQ_VNNI inline __m512i word_sums(__m512i acc, __m512i bytes) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  return SYM ? _mm512_dpbusd_epi32(acc, ones, bytes) : _mm512_dpbusd_epi32(acc, bytes, ones);
+}
+
+// The bulk of one block of a row: whole 64-value chunks from the block's start (a 64-byte chunk), each
+// stored at dst + (i / 64) * chunk_step, the block's sum accumulated in `sum`; the caller quantizes the
+// rest 16 at a time. Returns the values done.
+template <bool SYM, bool CLAMP>
+FQ_VNNI inline int64_t quantize_chunks(const float* x, int64_t kb, const RowScale& r, uint8_t* dst, int64_t chunk_step,
+                                       __m512i& sum, __mmask16& nan) {
+  int64_t i = 0;
+  for (; i + 64 <= kb; i += 64, dst += chunk_step) {
+    const __m512i bytes = quantize_64<SYM, CLAMP>(x + i, r, nan);
+    sum = word_sums<SYM>(sum, bytes);
+    _mm512_storeu_si512(dst, bytes);
   }
   return i;
+}
+
+// K-blocks of 16 or 32 stored without padding (block_padded == bk): a chunk holds 64 / bk whole blocks, so
+// the row goes 64 values at a time like one long block, and each chunk's word sums are added up per block
+// (lanes of 4 or 8) and stored with one masked store. The 16-value loop took 2.5-3x as long per row for
+// K-blocks of 32 (the default of INT4 weights; DESIGN 5.4). Returns the chunks done (whole chunks of the row).
+template <bool SYM, bool CLAMP, int BK>
+FQ_VNNI inline int64_t quantize_short_blocks(const float* x, const RowLayout& c, const RowScale& r, uint8_t* dst,
+                                            int32_t* rowsum, __mmask16& nan) {
+  static_assert(BK == 16 || BK == 32, "blocks that tile a 64-byte chunk");
+  constexpr int kPerChunk = 64 / BK;
+  // After the adds below, lane 4 j (BK 16) or 8 j (BK 32) holds block j's sum; gathered into the low lanes.
+  const __m512i gather = BK == 16 ? _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+                                  : _mm512_setr_epi32(0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  const int64_t chunks = c.K / 64;
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const __m512i bytes = quantize_64<SYM, CLAMP>(x + ch * 64, r, nan);
+    _mm512_storeu_si512(dst + ch * 64 * c.group_rows, bytes);
+    __m512i t = word_sums<SYM>(_mm512_setzero_si512(), bytes);
+    t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));  // within each 128-bit lane
+    t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_CDAB));
+    if (BK == 32) t = _mm512_add_epi32(t, _mm512_shuffle_i32x4(t, t, _MM_SHUFFLE(2, 3, 0, 1)));  // lane pairs
+    _mm512_mask_storeu_epi32(rowsum + ch * kPerChunk, static_cast<__mmask16>((1u << kPerChunk) - 1),
+                             _mm512_permutexvar_epi32(gather, t));
+  }
+  return chunks;
+}
+
+// Every K-block of the row after its range pass: whole chunks where they start a 64-byte chunk, then 16
+// values at a time (block tails, blocks shorter than 64 that are not quantize_short_blocks'). by_inverse: the
+// multiply path (else every lane divides).
+template <bool SYM, bool CLAMP>
+FQ_VNNI void quantize_blocks(const float* x, const RowLayout& c, const RowScale& r, bool by_inverse, uint8_t* dst,
+                             int32_t* rowsum, __mmask16& nan) {
+  const int64_t K = c.K;
+  int64_t b = 0;  // the first block left to quantize
+  if (by_inverse && c.nb > 1 && c.block_padded == c.bk && (c.bk == 16 || c.bk == 32))
+    b = (c.bk == 16 ? quantize_short_blocks<SYM, CLAMP, 16>(x, c, r, dst, rowsum, nan)
+                    : quantize_short_blocks<SYM, CLAMP, 32>(x, c, r, dst, rowsum, nan)) * (64 / c.bk);
+  for (; b < c.nb; ++b) {
+    const int64_t k0 = b * c.bk, kb = std::min(K, k0 + c.bk) - k0;
+    const int64_t kk0 = b * c.block_padded;  // the block's first padded position
+    __m512i sum = _mm512_setzero_si512();
+    int64_t i = 0;
+    if (by_inverse && (c.group_rows == 1 || kk0 % 64 == 0))
+      i = quantize_chunks<SYM, CLAMP>(x + k0, kb, r, dst + c.chunk_offset(kk0), 64 * c.group_rows, sum, nan);
+    for (; i < kb; i += 16) {
+      const __mmask16 m = kb - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (kb - i)) - 1);
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + k0 + i);
+      __m512i q;
+      if (by_inverse) {
+        q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(xv, r.inv), kNearest);
+        q = redo_close(xv, q, r, nan);
+      } else {
+        nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+        q = _mm512_cvt_roundps_epi32(_mm512_div_ps(xv, r.s), kNearest);
+      }
+      // Symmetric values need no clamp (see quantize_chunks); asymmetric ones do (the store truncates).
+      if (!SYM) q = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(q, r.zero), _mm512_setzero_si512()), r.qmax);
+      q = _mm512_maskz_mov_epi32(m, q);
+      sum = _mm512_add_epi32(sum, q);
+      // The low byte (s8 or u8 as stored); 16 values never cross a 64-byte chunk (block_padded is a
+      // multiple of 16 when rows are grouped).
+      _mm_mask_storeu_epi8(dst + c.chunk_offset(kk0 + i), m, _mm512_cvtepi32_epi8(q));
+    }
+    const int64_t padded = (b + 1 < c.nb) ? c.block_padded : c.Kp - kk0;
+    for (int64_t kk = kk0 + kb; kk < kk0 + padded;) {  // zeros up to each chunk's end
+      const int64_t n = std::min(kk0 + padded, (kk | 63) + 1) - kk;
+      std::memset(dst + c.chunk_offset(kk), 0, static_cast<size_t>(n));
+      kk += n;
+    }
+    rowsum[b] = _mm512_reduce_add_epi32(sum);
+  }
 }
 
 // dst: the row's first byte (RowLayout::row_offset). Returns false if the row holds NaN/Inf (or,
@@ -170,7 +279,7 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
   {
     // Four independent chains: one min / max chain ran at its 4-cycle latency per 16 values, ~40% of
     // the whole quantization (perf, M = 128, K = 3072). Min and max are order-free; NaN is looked for in
-    // the second pass (see round_quotient), +-Inf by the range below.
+    // the second pass (see redo_close), +-Inf by the range below.
     __m512 mn[4], mx[4];
     for (int i = 0; i < 4; ++i) mn[i] = mx[i] = _mm512_setzero_ps();
     for (; k + 64 <= K; k += 64) {
@@ -205,42 +314,13 @@ FQ_VNNI bool quantize_row(const float* x, const RowLayout& c, bool symmetric, fl
   // A scale whose reciprocal is not a normal float divides every lane (the bound above needs it).
   const float inv = 1.0f / s;
   const bool by_inverse = std::isnormal(inv) && std::isnormal(s);
-  const __m512 vs = _mm512_set1_ps(s), vinv = _mm512_set1_ps(inv), vz = _mm512_set1_ps(z);
-  const __m512 qlo = _mm512_set1_ps(symmetric ? -qmax : 0.0f), qhi = _mm512_set1_ps(qmax);
-  const __m512 far = _mm512_set1_ps(0.5f - (qmax + 1.0f) * 0x1p-21f);  // see round_quotient
+  const RowScale r{_mm512_set1_ps(s), _mm512_set1_ps(inv),
+                   _mm512_castps_si512(_mm512_set1_ps(0.5f - (qmax + 1.0f) * 0x1p-21f)),
+                   _mm512_set1_epi32(static_cast<int32_t>(z)), _mm512_set1_epi32(static_cast<int32_t>(qmax))};
   __mmask16 nan = 0;
-  for (int64_t b = 0; b < c.nb; ++b) {
-    const int64_t k0 = b * c.bk, kb = std::min(K, k0 + c.bk) - k0;
-    const int64_t kk0 = b * c.block_padded;  // the block's first padded position
-    __m512i sum = _mm512_setzero_si512();
-    int64_t i = 0;
-    if (by_inverse && (c.group_rows == 1 || kk0 % 64 == 0))
-      i = quantize_chunks(x + k0, kb, c, kk0, symmetric, qmax, vs, vinv, vz, far, dst, sum, nan);
-    for (; i < kb; i += 16) {
-      const __mmask16 m = kb - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (kb - i)) - 1);
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + k0 + i);
-      __m512 q;
-      if (by_inverse) {
-        q = round_quotient(xv, vs, vinv, far, nan);
-      } else {
-        nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
-        q = _mm512_roundscale_ps(_mm512_div_ps(xv, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      }
-      if (!symmetric) q = _mm512_add_ps(q, vz);
-      const __m512i qi = _mm512_maskz_cvtps_epi32(m, _mm512_min_ps(_mm512_max_ps(q, qlo), qhi));
-      sum = _mm512_add_epi32(sum, qi);
-      // The low byte (s8 or u8 as stored); 16 values never cross a 64-byte chunk (block_padded is a
-      // multiple of 16 when rows are grouped).
-      _mm_mask_storeu_epi8(dst + c.chunk_offset(kk0 + i), m, _mm512_cvtepi32_epi8(qi));
-    }
-    const int64_t padded = (b + 1 < c.nb) ? c.block_padded : c.Kp - kk0;
-    for (int64_t kk = kk0 + kb; kk < kk0 + padded;) {  // zeros up to each chunk's end
-      const int64_t n = std::min(kk0 + padded, (kk | 63) + 1) - kk;
-      std::memset(dst + c.chunk_offset(kk), 0, static_cast<size_t>(n));
-      kk += n;
-    }
-    rowsum[b] = _mm512_reduce_add_epi32(sum);
-  }
+  if (symmetric) quantize_blocks<true, false>(x, c, r, by_inverse, dst, rowsum, nan);
+  else if (qmax == 255.0f) quantize_blocks<false, false>(x, c, r, by_inverse, dst, rowsum, nan);
+  else quantize_blocks<false, true>(x, c, r, by_inverse, dst, rowsum, nan);
   return nan == 0;
 }
 
