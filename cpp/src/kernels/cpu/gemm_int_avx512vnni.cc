@@ -251,7 +251,7 @@ FQ_VNNI void quantize_blocks(const float* x, const RowLayout& c, const RowScale&
         nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
         q = _mm512_cvt_roundps_epi32(_mm512_div_ps(xv, r.s), kNearest);
       }
-      // Symmetric values need no clamp (see quantize_chunks); asymmetric ones do (the store truncates).
+      // Symmetric values need no clamp (see quantize_64); asymmetric ones do (the store truncates).
       if (!SYM) q = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(q, r.zero), _mm512_setzero_si512()), r.qmax);
       q = _mm512_maskz_mov_epi32(m, q);
       sum = _mm512_add_epi32(sum, q);
