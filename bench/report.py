@@ -204,15 +204,21 @@ def decode_section(recs: list, out: str, isa: str) -> str:
                + ("one sweep per round alternated with the systems of each table, median; " if alternated else
                   f"measured once at the start of the run, {memory[0]['dram_read_gbps']:.1f} GB/s; ")
                + "weight bytes a decode step reads "
-               "(the model file without the embedding tables) x steps/s, as a fraction of it (goal >= 80% at batch 1; "
-               "prefill is in the wall time, so this is a floor)."
+               "(the model file without the embedding tables) x steps/s, as a fraction of it (goal >= 80% at batch 1). "
+               "\"of DRAM\" counts the whole generate call (the prompt's forward pass in the wall time: a floor); "
+               "\"decode steps\" only the steps (per round, the call's time less that of the same prompt + 1 token, "
+               "over new - 1 steps; median), the part the memory limit is about: the prompt's pass is compute-bound "
+               "and reads the weights once for all its tokens."
                + (" Above 100%: the weights were read (partly) from a last-level cache that holds the model, "
                   "not from DRAM; there decode is bound by its per-step work, not its bytes."
                   if any(r["fraction_of_dram"] > 1.0 for r in memory) else "") + "\n",
-               table(["model", "batch", "system", "MB / step", "weights read GB/s", "DRAM GB/s", "of DRAM"],
+               table(["model", "batch", "system", "MB / step", "weights read GB/s", "DRAM GB/s", "of DRAM",
+                      "decode step ms", "of DRAM, decode steps"],
                      [[r.get("model_dir", r["model"]), r["batch"], r["system"], num(r["bytes_per_step"] / 1e6, "{:.1f}"),
                        num(r["weights_read_gbps"], "{:.1f}"), num(r["dram_read_gbps"], "{:.1f}"),
-                       num(r["fraction_of_dram"] * 100, "{:.0f}%")]
+                       num(r["fraction_of_dram"] * 100, "{:.0f}%"),
+                       num(r["decode_step_s"] * 1e3, "{:.2f}") if "decode_step_s" in r else "-",
+                       num(r["steps_fraction_of_dram"] * 100, "{:.0f}%") if "steps_fraction_of_dram" in r else "-"]
                       for r in sorted(memory, key=lambda r: (r["model"], r["batch"], r["system"]))])]
     return "\n".join(md)
 
