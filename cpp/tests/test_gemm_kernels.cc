@@ -68,6 +68,10 @@ TEST(avx512_row_quantization_matches_portable) {
             Tensor x = random_tensor({M, K}, rng, 0.1f);
             x.data<float>()[3 * K + K / 2] = 0.f;          // a row whose scale is set by one value
             for (int64_t k = 0; k < K; ++k) x.data<float>()[5 * K + k] = 0.f;  // an all-zero row
+            // A row of subnormals whose scale is subnormal too (max |x| = 940 x 2^-149: s = 7 x 2^-149, its
+            // reciprocal overflows, so every lane divides, and 940 / 7 rounds past qmax before the clamp).
+            for (int64_t k = 0; k < K; ++k)
+              x.data<float>()[7 * K + k] = std::ldexp(static_cast<float>(static_cast<int>(k % 1881) - 940), -149);
             kernels::RowScratch a, c;
             const kernels::QuantizedRows qa = a.resize(rows, l), qc = c.resize(rows, l);
             std::memset(qa.xp, 0xa5, static_cast<size_t>(rows * Kp));

@@ -250,8 +250,12 @@ FQ_VNNI void quantize_blocks(const float* x, const RowLayout& c, const RowScale&
       } else {
         nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
         q = _mm512_cvt_roundps_epi32(_mm512_div_ps(xv, r.s), kNearest);
+        // A subnormal scale carries fewer bits, so |x / s| may pass qmax by more than rounding: clamp, as
+        // the reference does (e.g. max |x| = 940 x 2^-149: s = 7 x 2^-149, and 940 / 7 rounds to 134).
+        if (SYM) q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_sub_epi32(_mm512_setzero_si512(), r.qmax)), r.qmax);
       }
-      // Symmetric values need no clamp (see quantize_64); asymmetric ones do (the store truncates).
+      // Symmetric values from the multiply need no clamp (see quantize_64); asymmetric ones do (the store
+      // truncates).
       if (!SYM) q = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(q, r.zero), _mm512_setzero_si512()), r.qmax);
       q = _mm512_maskz_mov_epi32(m, q);
       sum = _mm512_add_epi32(sum, q);
