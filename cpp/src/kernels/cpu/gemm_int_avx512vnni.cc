@@ -136,11 +136,14 @@ FQ_VNNI inline __m512i distance_bits(__m512 y) {
 }
 
 // The lanes of q (nearbyint of y = x * inv) whose y lies near a half-integer (or is NaN), redone by division.
+// NaN lanes (the row is reported) become 0, so that the row's sums stay defined.
 FQ_VNNI inline __m512i redo_close(__m512 x, __m512i q, const RowScale& r, __mmask16& nan) {
   const __mmask16 close = _mm512_cmpge_epu32_mask(distance_bits(_mm512_mul_ps(x, r.inv)), r.far_bits);
   if (close == 0) return q;
-  nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  return _mm512_mask_cvt_roundps_epi32(q, close, _mm512_div_ps(x, r.s), kNearest);
+  const __mmask16 bad = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  nan |= bad;
+  return _mm512_maskz_mov_epi32(static_cast<__mmask16>(~bad),
+                                _mm512_mask_cvt_roundps_epi32(q, close, _mm512_div_ps(x, r.s), kNearest));
 }
 
 // 64 values quantized into the 64 bytes of one chunk, in order. Same values as the 16-value loop of
