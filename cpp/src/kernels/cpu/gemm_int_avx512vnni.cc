@@ -126,7 +126,7 @@ struct RowScale {
   __m512 s, inv;
   __m512i far_bits;  // the bits of 0.5 - near (see above)
   __m512i zero;      // the zero point (asymmetric)
-  __m512i qmax;      // the largest code (asymmetric clamps)
+  __m512i qmax;      // the largest code (the clamps)
 };
 
 // |y - nearbyint(y)| as bits (vreduceps with M = 0, nearest: exact).
