@@ -137,8 +137,8 @@ FQ_VNNI inline __m512i distance_bits(__m512 y) {
 
 // The lanes of q (nearbyint of y = x * inv) whose y lies near a half-integer (or is NaN), redone by division.
 // NaN lanes (the row is reported) become 0, so that the row's sums stay defined.
-FQ_VNNI inline __m512i redo_close(__m512 x, __m512i q, const RowScale& r, __mmask16& nan) {
-  const __mmask16 close = _mm512_cmpge_epu32_mask(distance_bits(_mm512_mul_ps(x, r.inv)), r.far_bits);
+FQ_VNNI inline __m512i redo_close(__m512 x, __m512 y, __m512i q, const RowScale& r, __mmask16& nan) {
+  const __mmask16 close = _mm512_cmpge_epu32_mask(distance_bits(y), r.far_bits);
   if (close == 0) return q;
   const __mmask16 bad = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   nan |= bad;
@@ -166,7 +166,10 @@ FQ_VNNI inline __m512i quantize_64(const float* x, const RowScale& r, __mmask16&
   }
   if (__builtin_expect(_mm512_cmpge_epu32_mask(far, r.far_bits) != 0, 0)) {
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) q[j] = redo_close(_mm512_loadu_ps(x + 16 * j), q[j], r, nan);
+    for (int j = 0; j < 4; ++j) {
+      const __m512 xv = _mm512_loadu_ps(x + 16 * j);
+      q[j] = redo_close(xv, _mm512_mul_ps(xv, r.inv), q[j], r, nan);
+    }
   }
 #pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) {
@@ -248,8 +251,8 @@ FQ_VNNI void quantize_blocks(const float* x, const RowLayout& c, const RowScale&
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + k0 + i);
       __m512i q;
       if (by_inverse) {
-        q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(xv, r.inv), kNearest);
-        q = redo_close(xv, q, r, nan);
+        const __m512 y = _mm512_mul_ps(xv, r.inv);
+        q = redo_close(xv, y, _mm512_cvt_roundps_epi32(y, kNearest), r, nan);
       } else {
         nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
         q = _mm512_cvt_roundps_epi32(_mm512_div_ps(xv, r.s), kNearest);
