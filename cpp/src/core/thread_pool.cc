@@ -28,6 +28,9 @@ uint64_t count_of(uint64_t s) { return (s >> kCountBits) & kCountMask; }
 uint64_t next_of(uint64_t s) { return s & kCountMask; }
 bool has_work(uint64_t s) { return next_of(s) < count_of(s); }
 
+// Idle-time prefetch: chunks small enough that a worker joins a new job within ~0.1 us.
+constexpr uint64_t kIdleChunk = 2048, kIdleChunkBits = 40, kIdleChunkMask = (uint64_t{1} << kIdleChunkBits) - 1;
+
 // How long an idle thread polls before it sleeps: long enough to bridge the gaps between the ops
 // of one decode step, short enough to give a busy core back soon (FINEQUANT_SPIN_US overrides).
 std::chrono::microseconds spin_time() {
@@ -154,7 +157,13 @@ void ThreadPool::worker_loop() {
   for (;;) {
     const uint64_t s = state_.load(std::memory_order_acquire);
     if (claim_and_run(s)) continue;
-    if (spin_until([&] { return stop_.load(std::memory_order_relaxed) || state_.load(std::memory_order_relaxed) != s; })) {
+    prefetch_idle(s);
+    // A new job, or new spans to prefetch while there is none.
+    const uint64_t idle = idle_next_.load(std::memory_order_relaxed);
+    if (spin_until([&] {
+          return stop_.load(std::memory_order_relaxed) || state_.load(std::memory_order_relaxed) != s ||
+                 idle_next_.load(std::memory_order_relaxed) != idle;
+        })) {
       if (stop_) return;
       continue;
     }
@@ -163,6 +172,54 @@ void ThreadPool::worker_loop() {
     sleep_->work.wait(lock, [&] { return stop_.load() || state_.load() != s; });
     sleepers_.fetch_sub(1);
     if (stop_) return;
+  }
+}
+
+void ThreadPool::prefetch_when_idle(const MemorySpan* spans, int count) {
+  if (size_ == 1) return;
+  count = std::min(count, kMaxIdleSpans);
+  const uint64_t gen = (idle_next_.load(std::memory_order_relaxed) >> kIdleChunkBits) + 1;
+  idle_next_.store((gen << kIdleChunkBits) | kIdleChunkMask, std::memory_order_relaxed);  // nothing to do meanwhile
+  for (int i = 0; i < kMaxIdleSpans; ++i) {
+    idle_data_[i].store(i < count ? static_cast<const char*>(spans[i].data) : nullptr, std::memory_order_relaxed);
+    idle_bytes_[i].store(i < count ? spans[i].bytes : 0, std::memory_order_relaxed);
+  }
+  idle_next_.store(gen << kIdleChunkBits, std::memory_order_release);
+}
+
+// The byte offset of the chunk `at` points to within span *i, or *i = kMaxIdleSpans past the last.
+uint64_t ThreadPool::idle_chunk(uint64_t at, int* i) const {
+  uint64_t offset = (at & kIdleChunkMask) * kIdleChunk;
+  for (*i = 0; *i < kMaxIdleSpans; ++*i) {
+    const uint64_t chunks = (idle_bytes_[*i].load(std::memory_order_relaxed) + kIdleChunk - 1) / kIdleChunk;
+    if (offset < chunks * kIdleChunk) break;
+    offset -= chunks * kIdleChunk;
+  }
+  return offset;
+}
+
+bool ThreadPool::idle_prefetch_done() const {
+  int i;
+  idle_chunk(idle_next_.load(std::memory_order_acquire), &i);
+  return i == kMaxIdleSpans;
+}
+
+void ThreadPool::prefetch_idle(uint64_t s) {
+  // Chunks are claimed like tasks, so several idle workers share the spans. A torn read (spans of a
+  // newer call) prefetches the wrong bytes, which is harmless.
+  while (state_.load(std::memory_order_relaxed) == s && !stop_.load(std::memory_order_relaxed)) {
+    uint64_t at = idle_next_.load(std::memory_order_acquire);
+    int i;
+    const uint64_t offset = idle_chunk(at, &i);
+    if (i == kMaxIdleSpans) return;  // all taken
+    if (!idle_next_.compare_exchange_weak(at, at + 1, std::memory_order_acq_rel)) continue;
+    const char* p = idle_data_[i].load(std::memory_order_relaxed);
+    const uint64_t end = std::min(offset + kIdleChunk, idle_bytes_[i].load(std::memory_order_relaxed));
+#if defined(__x86_64__) || defined(__i386__)
+    for (uint64_t b = offset; p && b < end; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+#else
+    for (uint64_t b = offset; p && b < end; b += 64) __builtin_prefetch(p + b, 0, 2);
+#endif
   }
 }
 

@@ -25,6 +25,12 @@
 
 namespace finequant {
 
+// Bytes in memory (for ThreadPool::prefetch_when_idle).
+struct MemorySpan {
+  const void* data = nullptr;
+  size_t bytes = 0;
+};
+
 class ThreadPool {
  public:
   // `threads` >= 1 threads in all: the caller plus threads - 1 workers.
@@ -43,6 +49,16 @@ class ThreadPool {
     run_tasks(tasks, [](void* f, int64_t i) { (*static_cast<Fn*>(f))(i); }, const_cast<void*>(static_cast<const void*>(&task)));
   }
 
+  // Idle-time prefetch (docs/DESIGN.md section 5.5): until the next call, a worker with no task to run
+  // brings `spans` (at most kMaxIdleSpans, in order) toward its caches a few KiB at a time, stops the
+  // moment a job starts, and resumes where it stopped at its next idle moment. Decode's GEMVs wait on
+  // DRAM while the caller's serial work between them leaves the workers idle: a kernel names the next
+  // GEMV's weights here, which then come from cache. Spans may be freed meanwhile (prefetches never fault).
+  static constexpr int kMaxIdleSpans = 4;
+  void prefetch_when_idle(const MemorySpan* spans, int count);
+  // Whether every chunk of the last prefetch_when_idle's spans has been taken (tests).
+  bool idle_prefetch_done() const;
+
   // The process-wide pool of `threads` threads (0: default_threads()), made on first use and kept.
   static ThreadPool& shared(int threads);
 
@@ -52,6 +68,8 @@ class ThreadPool {
   void worker_loop();
   bool claim_and_run(uint64_t state);
   bool forked() const;  // this process is a fork() child of the one that started the workers
+  void prefetch_idle(uint64_t state);  // prefetch_when_idle's work, while the job `state` lasts
+  uint64_t idle_chunk(uint64_t at, int* span) const;
 
   int size_;
   unsigned fork_epoch_;
@@ -66,6 +84,10 @@ class ThreadPool {
   void* arg_ = nullptr;
   std::atomic<int64_t> done_{0};
   std::atomic<bool> failed_{false};
+  // prefetch_when_idle's spans, and its progress: generation (high 24 bits), next chunk (40 bits).
+  std::atomic<const char*> idle_data_[kMaxIdleSpans] = {};
+  std::atomic<uint64_t> idle_bytes_[kMaxIdleSpans] = {};
+  std::atomic<uint64_t> idle_next_{0};
   std::exception_ptr error_;
   std::mutex error_mutex_;
 

@@ -74,6 +74,9 @@ struct GemmInput {
   const Tensor& x;
   const NormParams* norm = nullptr;
   int64_t rotation = 0;
+  // The weight the model multiplies next (Linear::set_next), or null: a CPU backend has its idle
+  // threads prefetch it during a decode-sized call and the serial work after it (DESIGN 5.5).
+  const PreparedLinear* next = nullptr;
 };
 
 // A strided view of a 4-D F32 array [B, heads, T, D]: element (b, h, t, d) is at

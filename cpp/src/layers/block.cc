@@ -14,6 +14,32 @@ Tensor Mlp::forward(const ExecContext& ctx, const kernels::GemmInput& x) const {
   return down.forward(ctx, h);
 }
 
+std::vector<Linear*> Block::step_linears() {
+  std::vector<Linear*> out;
+  for (Linear& l : attn.qkv) out.push_back(&l);
+  out.push_back(&attn.o);
+  if (has_cross) {
+    out.push_back(&cross.q);
+    out.push_back(&cross.o);
+  }
+  if (mlp.gated) {
+    for (Linear& l : mlp.gate_up) out.push_back(&l);
+    out.push_back(&mlp.down);
+  } else {
+    out.push_back(&mlp.fc1);
+    out.push_back(&mlp.fc2);
+  }
+  return out;
+}
+
+void link_step_order(std::vector<Block>& blocks, Linear& head) {
+  std::vector<Linear*> order;
+  for (Block& b : blocks)
+    for (Linear* l : b.step_linears()) order.push_back(l);
+  order.push_back(&head);
+  for (size_t i = 0; i < order.size(); ++i) order[i]->set_next(*order[(i + 1) % order.size()]);
+}
+
 Tensor Block::forward(const ExecContext& ctx, const Tensor& x, const AttentionContext& actx, LayerKV* cache,
                       const CrossKV* memory) const {
   const kernels::Backend& be = *ctx.backend;

@@ -39,6 +39,13 @@ struct Block {
   // memory: the cross-attention's keys and values (blocks with has_cross only).
   Tensor forward(const ExecContext& ctx, const Tensor& x, const AttentionContext& actx, LayerKV* cache,
                  const CrossKV* memory = nullptr) const;
+  // The Linears a decode step runs, in the order it runs them (the cross-attention's keys and values
+  // are made once per call, not per step).
+  std::vector<Linear*> step_linears();
 };
+
+// Links each Linear of a decode step to the one it runs after it (Linear::set_next): the blocks' in
+// order, then the head, whose next is the first block's first (the next step).
+void link_step_order(std::vector<Block>& blocks, Linear& head);
 
 }  // namespace finequant

@@ -106,7 +106,9 @@ void Linear::check_input(const ExecContext& ctx, const Tensor& t) const {
 Tensor Linear::forward(const ExecContext& ctx, const kernels::GemmInput& x) const {
   check_input(ctx, x.x);
   Tensor y = Tensor::empty(DType::F32, {x.x.dim(0), w_->N}, ctx.device);
-  ctx.backend->linear(ctx, kernels::GemmInput{x.x, x.norm, rotation_}, prepared_for(x.x.dim(0)), y);
+  const int64_t M = x.x.dim(0);
+  ctx.backend->linear(ctx, kernels::GemmInput{x.x, x.norm, rotation_, next_ ? &next_->prepared_for(M) : nullptr},
+                      prepared_for(M), y);
   return y;
 }
 

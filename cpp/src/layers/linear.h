@@ -43,6 +43,11 @@ class Linear {
   static std::vector<Tensor> forward_each(const ExecContext& ctx, const std::vector<Linear>& linears,
                                           const kernels::GemmInput& x);
 
+  // The Linear the model runs after this one in a decode step: a decode-sized call has the backend
+  // prefetch its weight while threads idle (kernels::GemmInput::next). `next` stays where it is and
+  // outlives this one (the model's own Linears, linked once they are in place).
+  void set_next(const Linear& next) { next_ = &next; }
+
   int64_t in_features() const { return w_ ? w_->K : 0; }
   int64_t out_features() const { return w_ ? w_->N : 0; }
   const std::string& kernel() const { return w_->kernel; }
@@ -59,6 +64,7 @@ class Linear {
   }
 
   std::shared_ptr<const kernels::PreparedLinear> w_;
+  const Linear* next_ = nullptr;  // set_next
   int64_t rotation_ = 0;
   std::shared_ptr<const kernels::PreparedLinear> alt_;  // the weight-only kernel, or null
   LinearStrategy strategy_;                             // when alt_: which row counts run it

@@ -113,6 +113,7 @@ Decoder::Decoder(const ModelFile& file, ModelConfig config, const kernels::Backe
     tied.precision = precision;
     head_ = Linear::create(backend, tied, pool);
   }
+  link_step_order(blocks_, head_);
 }
 
 KVCache Decoder::new_cache(int64_t B, int64_t capacity) const {

@@ -94,6 +94,7 @@ Seq2Seq::Seq2Seq(const ModelFile& file, ModelConfig config, const kernels::Backe
   if (file.file.has("final_logits_bias"))
     head.bias = Weights{file, "", backend, pool, precision, strategy}.host_tensor("final_logits_bias", {1, V}).reshape({V});
   head_ = Linear::create(backend, head, pool);
+  link_step_order(dec_blocks_, head_);
 }
 
 Tensor Seq2Seq::embed_rows(const ExecContext& ctx, const Tensor& table, const Tensor& table_pos, const int64_t* ids,

@@ -1,6 +1,7 @@
 // The CPU backend: the kernel record of kernels/backend.h over the registered CPU kernels. GEMM
 // weights are prepared by the best integer / FP32 kernel for the active level (cpu_isa.h) and run
 // themselves; attention takes its inner products from the best registered kernel per call.
+#include <cstdlib>
 #include <string>
 
 #include "kernels/backend.h"
@@ -12,6 +13,17 @@ namespace finequant {
 namespace kernels {
 
 namespace {
+
+// Calls of at most this many rows (decode) have the pool's idle threads prefetch the next weight
+// (DESIGN 5.5); FINEQUANT_IDLE_PREFETCH=0 turns that off.
+constexpr int64_t kIdlePrefetchRows = 8;
+bool idle_prefetch() {
+  static const bool on = [] {
+    const char* e = std::getenv("FINEQUANT_IDLE_PREFETCH");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
 
 class CpuBackend final : public Backend {
  public:
@@ -55,6 +67,10 @@ class CpuBackend final : public Backend {
   void linear(const ExecContext& ctx, const GemmInput& in, const PreparedLinear& w, Tensor& y) const override {
     const RowInput rows{in.x.data<float>(), in.x.dim(0), in.x.dim(1), in.norm, row_rotation(in.rotation, in.x.dim(1))};
     if (rows.rows == 0) return;
+    if (in.next && rows.rows <= kIdlePrefetchRows && idle_prefetch()) {
+      const std::vector<MemorySpan>& next = static_cast<const CpuLinear*>(in.next)->streamed;
+      ctx.threads().prefetch_when_idle(next.data(), static_cast<int>(next.size()));
+    }
     static_cast<const CpuLinear&>(w).run(ctx, rows, y.data<float>());
   }
 

@@ -50,10 +50,18 @@ struct RowInput {
   Tensor materialize(ThreadPool& pool) const;
 };
 
+template <class V>
+MemorySpan span_of(const V& v) {
+  return {v.data(), v.size() * sizeof(typename V::value_type)};
+}
+
 // A weight prepared for one CPU kernel; runs that kernel (bias and epilogue from PreparedLinear).
 class CpuLinear : public PreparedLinear {
  public:
   virtual void run(const ExecContext& ctx, const RowInput& x, float* y) const = 0;
+  // What a decode-sized call reads from memory, in order (the packed weight, then its tables): the
+  // GEMV before it has the pool's idle threads prefetch these (ThreadPool::prefetch_when_idle).
+  std::vector<MemorySpan> streamed;
 };
 
 // ---- integer (W8/W4 x A8/A4) ------------------------------------------------------------------

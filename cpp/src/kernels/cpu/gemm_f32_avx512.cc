@@ -81,6 +81,7 @@ class Avx512F32Linear final : public CpuLinear {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k)
         packed_[static_cast<size_t>(((n / kTileN) * K + k) * kTileN + n % kTileN)] = src[n * K + k];
+    streamed.push_back(span_of(packed_));
   }
 
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {

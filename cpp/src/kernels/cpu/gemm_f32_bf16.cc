@@ -171,6 +171,7 @@ class Bf16Linear final : public CpuLinear {
                                       j * 2 + k % 2)] = float_to_bf16(src[n * K + k]);
       }
     });
+    streamed.push_back(span_of(packed_));
   }
 
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {

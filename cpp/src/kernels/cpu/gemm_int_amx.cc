@@ -684,6 +684,8 @@ class AmxIntLinear final : public CpuLinear {
   AmxIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)), cfg_(tile_config(v_.unit)) {
     N = w.N;
     K = w.K;
+    for (const MemorySpan& s : {span_of(v_.packed), span_of(v_.scale), span_of(v_.zw), span_of(v_.colsum_minus)})
+      if (s.bytes) streamed.push_back(s);
   }
 
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {

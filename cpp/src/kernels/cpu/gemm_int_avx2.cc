@@ -182,6 +182,9 @@ class Avx2IntLinear final : public CpuLinear {
       : layout_(pack(w, pool)), act_(w.act), nb_(w.num_blocks), bk_(w.tile_cols), wsigned_(w.q.dtype() == DType::I8) {
     N = w.N;
     K = w.K;
+    for (const MemorySpan& s :
+         {span_of(layout_.packed), span_of(layout_.scale), span_of(layout_.zw), span_of(layout_.colsum_minus)})
+      if (s.bytes) streamed.push_back(s);
   }
 
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {

@@ -389,6 +389,11 @@ class AvxVnniIntLinear final : public CpuLinear {
   AvxVnniIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)) {
     N = w.N;
     K = w.K;
+    // A decode call's reads: decode rows sum blocked columns in the kernel (run), not from the table.
+    const bool colsum_in_kernel = !v_.act.symmetric && v_.nb > 1;
+    for (const MemorySpan& s : {span_of(v_.packed), span_of(v_.scale), span_of(v_.scale_half), span_of(v_.zw_plus_wc),
+                                colsum_in_kernel ? MemorySpan{} : span_of(v_.colsum_minus)})
+      if (s.bytes) streamed.push_back(s);
   }
 
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override {
