@@ -177,8 +177,8 @@ TEST(guided_runs_cover_the_items_longest_first) {
 }
 
 TEST(idle_workers_prefetch_and_give_way_to_jobs) {
-  // The spans of prefetch_when_idle are taken by workers with nothing to run; jobs come first, and a
-  // pool stops while its worker is in the middle of a span (stop is checked per chunk).
+  // The spans of prefetch_when_idle are taken by workers with nothing to run, each idle moment for as long
+  // as it would spin; jobs come first, and a pool stops while its worker is in the middle of a span.
   std::vector<char> buffer(size_t{8} << 20, 1);
   const MemorySpan spans[] = {{buffer.data(), buffer.size()}, {nullptr, 4096}, {buffer.data() + 1, 100}};
   {
@@ -186,8 +186,10 @@ TEST(idle_workers_prefetch_and_give_way_to_jobs) {
     pool.prefetch_when_idle(spans, 3);
     for (int rep = 0; rep < 50; ++rep) CHECK(all_once(counts(pool, 64)));
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (!pool.idle_prefetch_done() && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    while (!pool.idle_prefetch_done() && std::chrono::steady_clock::now() < deadline) {
+      CHECK(all_once(counts(pool, 2)));  // wakes the worker, which then prefetches until its spin time is up
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
     CHECK(pool.idle_prefetch_done());
     const MemorySpan far = {buffer.data(), size_t{1} << 34};  // past the buffer: prefetches never fault
     pool.prefetch_when_idle(&far, 1);

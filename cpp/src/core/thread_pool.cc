@@ -49,10 +49,9 @@ inline void cpu_relax() {
 #endif
 }
 
-// Polls `ready` for up to spin_time(); true once it holds.
+// Polls `ready` until `deadline` (by default spin_time() from now); true once it holds.
 template <class Pred>
-bool spin_until(Pred ready) {
-  const auto deadline = std::chrono::steady_clock::now() + spin_time();
+bool spin_until(Pred ready, std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::now() + spin_time()) {
   for (;;) {
     for (int i = 0; i < 64; ++i) {
       if (ready()) return true;
@@ -157,13 +156,17 @@ void ThreadPool::worker_loop() {
   for (;;) {
     const uint64_t s = state_.load(std::memory_order_acquire);
     if (claim_and_run(s)) continue;
-    prefetch_idle(s);
+    // Prefetching takes the place of spinning: a worker holds its core for spin_time() either way.
+    const auto deadline = std::chrono::steady_clock::now() + spin_time();
+    prefetch_idle(s, deadline);
     // A new job, or new spans to prefetch while there is none.
     const uint64_t idle = idle_next_.load(std::memory_order_relaxed);
-    if (spin_until([&] {
-          return stop_.load(std::memory_order_relaxed) || state_.load(std::memory_order_relaxed) != s ||
-                 idle_next_.load(std::memory_order_relaxed) != idle;
-        })) {
+    if (spin_until(
+            [&] {
+              return stop_.load(std::memory_order_relaxed) || state_.load(std::memory_order_relaxed) != s ||
+                     idle_next_.load(std::memory_order_relaxed) != idle;
+            },
+            deadline)) {
       if (stop_) return;
       continue;
     }
@@ -204,10 +207,11 @@ bool ThreadPool::idle_prefetch_done() const {
   return i == kMaxIdleSpans;
 }
 
-void ThreadPool::prefetch_idle(uint64_t s) {
+void ThreadPool::prefetch_idle(uint64_t s, std::chrono::steady_clock::time_point deadline) {
   // Chunks are claimed like tasks, so several idle workers share the spans. A torn read (spans of a
   // newer call) prefetches the wrong bytes, which is harmless.
-  while (state_.load(std::memory_order_relaxed) == s && !stop_.load(std::memory_order_relaxed)) {
+  while (state_.load(std::memory_order_relaxed) == s && !stop_.load(std::memory_order_relaxed) &&
+         std::chrono::steady_clock::now() < deadline) {
     uint64_t at = idle_next_.load(std::memory_order_acquire);
     int i;
     const uint64_t offset = idle_chunk(at, &i);

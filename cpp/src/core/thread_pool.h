@@ -14,7 +14,9 @@
 #pragma once
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -50,8 +52,9 @@ class ThreadPool {
   }
 
   // Idle-time prefetch (docs/DESIGN.md section 5.5): until the next call, a worker with no task to run
-  // brings `spans` (at most kMaxIdleSpans, in order) toward its caches a few KiB at a time, stops the
-  // moment a job starts, and resumes where it stopped at its next idle moment. Decode's GEMVs wait on
+  // brings `spans` (at most kMaxIdleSpans, in order) toward its caches a few KiB at a time, in place of
+  // the spinning before it sleeps (so never longer), stops the moment a job starts, and resumes where it
+  // stopped at its next idle moment. Decode's GEMVs wait on
   // DRAM while the caller's serial work between them leaves the workers idle: a kernel names the next
   // GEMV's weights here, which then come from cache. Spans may be freed meanwhile (prefetches never fault).
   static constexpr int kMaxIdleSpans = 4;
@@ -68,7 +71,8 @@ class ThreadPool {
   void worker_loop();
   bool claim_and_run(uint64_t state);
   bool forked() const;  // this process is a fork() child of the one that started the workers
-  void prefetch_idle(uint64_t state);  // prefetch_when_idle's work, while the job `state` lasts
+  // prefetch_when_idle's work, while the job `state` lasts, until `deadline`
+  void prefetch_idle(uint64_t state, std::chrono::steady_clock::time_point deadline);
   uint64_t idle_chunk(uint64_t at, int* span) const;
 
   int size_;

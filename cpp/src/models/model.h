@@ -15,6 +15,9 @@ namespace finequant {
 
 class Model {
  public:
+  Model() = default;
+  Model(const Model&) = delete;  // its Linears point at each other (Linear::set_next)
+  Model& operator=(const Model&) = delete;
   virtual ~Model() = default;
   const ModelConfig& config() const { return config_; }
   const kernels::Backend& backend() const { return *backend_; }
