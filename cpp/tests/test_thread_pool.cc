@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <memory>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -191,9 +192,12 @@ TEST(idle_workers_prefetch_and_give_way_to_jobs) {
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
     CHECK(pool.idle_prefetch_done());
-    const MemorySpan far = {buffer.data(), size_t{1} << 34};  // past the buffer: prefetches never fault
-    pool.prefetch_when_idle(&far, 1);
+    // More than one idle moment can take (256 MiB, never touched): the worker stops at its spin time.
+    const std::unique_ptr<char[]> big(new char[size_t{1} << 28]);
+    const MemorySpan large = {big.get(), size_t{1} << 28};
+    pool.prefetch_when_idle(&large, 1);
     CHECK(all_once(counts(pool, 64)));
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
     CHECK(!pool.idle_prefetch_done());
   }
   ThreadPool one(1);  // no workers: nothing to prefetch with
