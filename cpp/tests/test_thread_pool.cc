@@ -178,27 +178,32 @@ TEST(guided_runs_cover_the_items_longest_first) {
 }
 
 TEST(idle_workers_prefetch_and_give_way_to_jobs) {
-  // The spans of prefetch_when_idle are taken by workers with nothing to run, each idle moment for as long
-  // as it would spin; jobs come first, and a pool stops while its worker is in the middle of a span.
+  // The spans of prefetch_when_idle are taken by workers with nothing to run, at each idle moment for as long
+  // as they would spin (then they sleep, as before); jobs come first, and a pool stops mid-span.
   std::vector<char> buffer(size_t{8} << 20, 1);
   const MemorySpan spans[] = {{buffer.data(), buffer.size()}, {nullptr, 4096}, {buffer.data() + 1, 100}};
   {
     ThreadPool pool(2);
     pool.prefetch_when_idle(spans, 3);
+    CHECK(pool.idle_prefetch_left() >= buffer.size() + 4096);
     for (int rep = 0; rep < 50; ++rep) CHECK(all_once(counts(pool, 64)));
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (!pool.idle_prefetch_done() && std::chrono::steady_clock::now() < deadline) {
+    while (pool.idle_prefetch_left() > 0 && std::chrono::steady_clock::now() < deadline) {
       CHECK(all_once(counts(pool, 2)));  // wakes the worker, which then prefetches until its spin time is up
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
-    CHECK(pool.idle_prefetch_done());
-    // More than one idle moment can take (256 MiB, never touched): the worker stops at its spin time.
+    CHECK_EQ(pool.idle_prefetch_left(), uint64_t{0});
+    // More than one idle moment can take (256 MiB, never touched): after its spin time the worker sleeps
+    // and takes no more until the next job.
     const std::unique_ptr<char[]> big(new char[size_t{1} << 28]);
     const MemorySpan large = {big.get(), size_t{1} << 28};
     pool.prefetch_when_idle(&large, 1);
     CHECK(all_once(counts(pool, 64)));
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    CHECK(!pool.idle_prefetch_done());
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    const uint64_t left = pool.idle_prefetch_left();
+    CHECK(left > 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CHECK_EQ(pool.idle_prefetch_left(), left);
   }
   ThreadPool one(1);  // no workers: nothing to prefetch with
   one.prefetch_when_idle(spans, 3);

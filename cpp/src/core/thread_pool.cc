@@ -201,10 +201,11 @@ uint64_t ThreadPool::idle_chunk(uint64_t at, int* i) const {
   return offset;
 }
 
-bool ThreadPool::idle_prefetch_done() const {
-  int i;
-  idle_chunk(idle_next_.load(std::memory_order_acquire), &i);
-  return i == kMaxIdleSpans;
+uint64_t ThreadPool::idle_prefetch_left() const {
+  const uint64_t taken = (idle_next_.load(std::memory_order_acquire) & kIdleChunkMask) * kIdleChunk;
+  uint64_t total = 0;
+  for (const auto& b : idle_bytes_) total += (b.load(std::memory_order_relaxed) + kIdleChunk - 1) / kIdleChunk * kIdleChunk;
+  return taken < total ? total - taken : 0;
 }
 
 void ThreadPool::prefetch_idle(uint64_t s, std::chrono::steady_clock::time_point deadline) {

@@ -59,8 +59,8 @@ class ThreadPool {
   // GEMV's weights here, which then come from cache. Spans may be freed meanwhile (prefetches never fault).
   static constexpr int kMaxIdleSpans = 4;
   void prefetch_when_idle(const MemorySpan* spans, int count);
-  // Whether every chunk of the last prefetch_when_idle's spans has been taken (tests).
-  bool idle_prefetch_done() const;
+  // Bytes of the last prefetch_when_idle's spans not yet taken, in whole chunks (tests).
+  uint64_t idle_prefetch_left() const;
 
   // The process-wide pool of `threads` threads (0: default_threads()), made on first use and kept.
   static ThreadPool& shared(int threads);
