@@ -190,21 +190,21 @@ void ThreadPool::prefetch_when_idle(const MemorySpan* spans, int count) {
   idle_next_.store(gen << kIdleChunkBits, std::memory_order_release);
 }
 
+uint64_t ThreadPool::idle_span_bytes(int i) const {
+  return (idle_bytes_[i].load(std::memory_order_relaxed) + kIdleChunk - 1) / kIdleChunk * kIdleChunk;
+}
+
 // The byte offset of the chunk `at` points to within span *i, or *i = kMaxIdleSpans past the last.
 uint64_t ThreadPool::idle_chunk(uint64_t at, int* i) const {
   uint64_t offset = (at & kIdleChunkMask) * kIdleChunk;
-  for (*i = 0; *i < kMaxIdleSpans; ++*i) {
-    const uint64_t chunks = (idle_bytes_[*i].load(std::memory_order_relaxed) + kIdleChunk - 1) / kIdleChunk;
-    if (offset < chunks * kIdleChunk) break;
-    offset -= chunks * kIdleChunk;
-  }
+  for (*i = 0; *i < kMaxIdleSpans && offset >= idle_span_bytes(*i); ++*i) offset -= idle_span_bytes(*i);
   return offset;
 }
 
 uint64_t ThreadPool::idle_prefetch_left() const {
   const uint64_t taken = (idle_next_.load(std::memory_order_acquire) & kIdleChunkMask) * kIdleChunk;
   uint64_t total = 0;
-  for (const auto& b : idle_bytes_) total += (b.load(std::memory_order_relaxed) + kIdleChunk - 1) / kIdleChunk * kIdleChunk;
+  for (int i = 0; i < kMaxIdleSpans; ++i) total += idle_span_bytes(i);
   return taken < total ? total - taken : 0;
 }
 

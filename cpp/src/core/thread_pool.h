@@ -54,9 +54,9 @@ class ThreadPool {
   // Idle-time prefetch (docs/DESIGN.md section 5.5): until the next call, a worker with no task to run
   // brings `spans` (at most kMaxIdleSpans, in order) toward its caches a few KiB at a time, in place of
   // the spinning before it sleeps (so never longer), stops the moment a job starts, and resumes where it
-  // stopped at its next idle moment. Decode's GEMVs wait on
-  // DRAM while the caller's serial work between them leaves the workers idle: a kernel names the next
-  // GEMV's weights here, which then come from cache. Spans may be freed meanwhile (prefetches never fault).
+  // stopped at its next idle moment. Decode's GEMVs wait on DRAM while the caller's serial work between
+  // them leaves the workers idle: the backend names the next GEMV's weights here, which then come from
+  // cache. Spans may be freed meanwhile (prefetches never fault).
   static constexpr int kMaxIdleSpans = 4;
   void prefetch_when_idle(const MemorySpan* spans, int count);
   // Bytes of the last prefetch_when_idle's spans not yet taken, in whole chunks (tests).
@@ -74,6 +74,7 @@ class ThreadPool {
   // prefetch_when_idle's work, while the job `state` lasts, until `deadline`
   void prefetch_idle(uint64_t state, std::chrono::steady_clock::time_point deadline);
   uint64_t idle_chunk(uint64_t at, int* span) const;
+  uint64_t idle_span_bytes(int span) const;  // rounded up to whole chunks
 
   int size_;
   unsigned fork_epoch_;

@@ -667,8 +667,8 @@ class VnniIntLinear final : public CpuLinear {
   VnniIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)) {
     N = w.N;
     K = w.K;
-    // A decode call's reads: decode rows sum blocked columns in the kernel (run), not from the tables.
-    const bool colsum_in_kernel = !v_.act.symmetric && v_.nb > 1;
+    // A one-row call's reads (it sums blocked columns itself, not from the tables).
+    const bool colsum_in_kernel = sums_columns(1);
     for (const MemorySpan& s :
          {span_of(v_.packed), span_of(v_.scale), span_of(v_.scale_half), span_of(v_.zw_plus_wc),
           colsum_in_kernel ? MemorySpan{} : span_of(v_.colsum_minus), colsum_in_kernel ? MemorySpan{} : span_of(v_.corr_pairs)})
@@ -677,6 +677,9 @@ class VnniIntLinear final : public CpuLinear {
   void run(const ExecContext& ctx, const RowInput& x, float* y) const override;
 
  private:
+  // Whether a call of M rows sums each block's weight columns in the kernel (see micro_kernel).
+  bool sums_columns(int64_t M) const { return !v_.act.symmetric && v_.nb > 1 && M <= 2; }
+
   VnniLayout v_;  // the only copy of the weight in memory
 };
 
@@ -693,7 +696,7 @@ void VnniIntLinear::run(const ExecContext& ctx, const RowInput& x, float* y) con
   const bool xu8 = !v.act.symmetric;
   // Decode-sized calls with blocked weights and asymmetric activations sum the weight columns in the
   // kernel rather than read the colsum_minus table (see micro_kernel).
-  const bool colsum = xu8 && multi && M <= 2;
+  const bool colsum = sums_columns(M);
   const MicroFn full = pick(colsum ? static_cast<int>(M) : max_mr, xu8, v.bits == 4, multi, colsum);
   Ctx c{M, v.N, v.K, v.nb, v.bk, v.block_padded, v.Kp, v.Npad,
         q.xp, q.rowsum, q.sx, q.zx,

@@ -389,8 +389,8 @@ class AvxVnniIntLinear final : public CpuLinear {
   AvxVnniIntLinear(const IntWeight& w, ThreadPool& pool) : v_(pack(w, pool)) {
     N = w.N;
     K = w.K;
-    // A decode call's reads: decode rows sum blocked columns in the kernel (run), not from the table.
-    const bool colsum_in_kernel = !v_.act.symmetric && v_.nb > 1;
+    // A one-row call's reads (it sums blocked columns itself, not from the table).
+    const bool colsum_in_kernel = sums_columns(1);
     for (const MemorySpan& s : {span_of(v_.packed), span_of(v_.scale), span_of(v_.scale_half), span_of(v_.zw_plus_wc),
                                 colsum_in_kernel ? MemorySpan{} : span_of(v_.colsum_minus)})
       if (s.bytes) streamed.push_back(s);
@@ -419,7 +419,7 @@ class AvxVnniIntLinear final : public CpuLinear {
     const MicroFn full = pick(max_mr, xu8, w4);
     // Decode-sized calls with blocked weights and asymmetric activations sum the weight columns in the
     // kernel rather than read the colsum_minus table (micro_kernel).
-    const bool colsum = xu8 && v.nb > 1 && M <= 2;
+    const bool colsum = sums_columns(M);
     // Row chunks x runs of adjacent channel tiles; decode-sized M is one chunk, so the threads
     // split the channels. A run is one contiguous weight stream (about 8 runs per thread) where
     // tile by tile the two threads interleaved 12 KiB pieces: GPT-2 small decode ~7% faster.
@@ -436,6 +436,8 @@ class AvxVnniIntLinear final : public CpuLinear {
   }
 
  private:
+  // Whether a call of M rows sums each block's weight columns in the kernel (see micro_kernel).
+  bool sums_columns(int64_t M) const { return !v_.act.symmetric && v_.nb > 1 && M <= 2; }
   Layout v_;  // the only copy of the weight in memory
 };
 
