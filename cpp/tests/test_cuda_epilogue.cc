@@ -84,7 +84,7 @@ void functors_match_scalar_helpers(std::mt19937& rng, int rounds) {
     const cutlass::Array<float, N> out = ScaleBlock{}(sx, sw, corrected);
     for (int i = 0; i < N; ++i) {
       CHECK_EQ(corrected[i], kernels::correct_block(acc[i], zx[i], cm[i], zw[i], rs[i]));
-      CHECK_SAME_FLOAT(out[i], kernels::accumulate_block(0.f, sx[i], sw[i], corrected[i]));
+      CHECK_SAME_FLOAT(out[i], kernels::dequantize_sum(sx[i], kernels::accumulate_block(0.f, sw[i], corrected[i])));
     }
     for (Epilogue e : kEpilogues) {
       for (bool has_bias : {false, true}) {
@@ -153,8 +153,7 @@ void chain_matches_int64_reference(std::mt19937& rng, const Case& c, bool extrem
     for (bool has_bias : {false, true}) {
       const cutlass::Array<float, N> y = FinishOutput{e, has_bias}(out, bias);
       for (int i = 0; i < N; ++i) {
-        float ref = 0.f;
-        ref += sx[i] * sw[i] * static_cast<float>(acc_true[i]);
+        float ref = sx[i] * std::fma(sw[i], static_cast<float>(acc_true[i]), 0.f);
         if (has_bias) ref += bias[i];
         ref = kernels::apply_epilogue(e, ref);
         CHECK_SAME_FLOAT(y[i], ref);
@@ -207,11 +206,11 @@ TEST(correction_is_exact_through_int32_wraparound) {
   for (int i = 0; i < 4; ++i) CHECK_EQ(corrected[i], 0);
 }
 
-// 0.f + v, as the reference starts its sum: a -0.f product becomes +0.f before the bias.
+// fma(sw, float(c), +0.f), as the reference starts its sum: a -0.f product becomes +0.f before sx.
 TEST(scale_block_adds_to_positive_zero) {
   cutlass::Array<float, 2> sx, sw;
   cutlass::Array<int32_t, 2> c;
-  sx[0] = -1.f, sw[0] = 2.f, c[0] = 0;  // -1 * 2 * 0 = -0
+  sx[0] = 1.f, sw[0] = -2.f, c[0] = 0;  // -2 * 0 = -0
   sx[1] = 1.f, sw[1] = 1.f, c[1] = -3;
   const cutlass::Array<float, 2> out = ScaleBlock{}(sx, sw, c);
   CHECK_EQ(bits(out[0]), bits(0.f));

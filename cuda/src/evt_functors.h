@@ -35,8 +35,8 @@ struct CorrectBlock {
   }
 };
 
-// kernels::accumulate_block(0.f, ...) elementwise: the one block's contribution added to 0.f, as the
-// reference does (0.f + v turns -0.f into +0.f).
+// dequantize_sum(sx, accumulate_block(0.f, sw, corrected)) elementwise: the one block's contribution
+// to a sum starting at +0.f, as the reference does, times the row's scale.
 struct ScaleBlock {
   template <int N>
   CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& sx,
@@ -44,7 +44,7 @@ struct ScaleBlock {
                                                           cutlass::Array<int32_t, N> const& corrected) const {
     cutlass::Array<float, N> r;
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = kernels::accumulate_block(0.f, sx[i], sw[i], corrected[i]);
+    for (int i = 0; i < N; ++i) r[i] = kernels::dequantize_sum(sx[i], kernels::accumulate_block(0.f, sw[i], corrected[i]));
     return r;
   }
 };

@@ -237,14 +237,15 @@ __global__ void __launch_bounds__(kSmallThreads) gemm_blocked_small_m(const Bloc
       acc_s[bb][tid] = 0;
       if (e_ok) {
         const int32_t corrected = kernels::correct_block(a, zxm, cm_s[bb][ec], zw_s[bb][ec], rs_s[bb][er]);
-        out = kernels::accumulate_block(out, sxm, sw_s[bb][ec], corrected);
+        out = kernels::accumulate_block(out, sw_s[bb][ec], corrected);
       }
     }
     __syncthreads();
   }
   if (e_ok)
     p.y[em * p.ldy + en] =
-        kernels::finish_output(out, p.bias != nullptr, p.bias != nullptr ? p.bias[en] : 0.f, p.epilogue);
+        kernels::finish_output(kernels::dequantize_sum(sxm, out), p.bias != nullptr, p.bias != nullptr ? p.bias[en] : 0.f,
+                               p.epilogue);
 }
 
 // ---- large M: 64 x 64 CTA tile, 32 x 32 per warp ---------------------------------------------
@@ -363,7 +364,7 @@ __global__ void __launch_bounds__(128) gemm_blocked_large_m(const BlockedParams 
         for (int e = 0; e < 4; ++e) {
           const int h = e >> 1, q = e & 1;
           const int32_t corrected = kernels::correct_block(acc[i][j][e], zxr[i][h], cmr[j][q], zwr[j][q], rsr[i][h]);
-          out[i][j][e] = kernels::accumulate_block(out[i][j][e], sxr[i][h], swr[j][q], corrected);
+          out[i][j][e] = kernels::accumulate_block(out[i][j][e], swr[j][q], corrected);
         }
   }
 
@@ -375,8 +376,8 @@ __global__ void __launch_bounds__(128) gemm_blocked_large_m(const BlockedParams 
       for (int e = 0; e < 4; ++e) {
         const int m = m_base + 16 * i + mma::c_row(lane, e), n = n_base + 8 * j + mma::c_col(lane, e);
         if (m < p.M && n < p.N)
-          p.y[m * p.ldy + n] =
-              kernels::finish_output(out[i][j][e], p.bias != nullptr, p.bias != nullptr ? p.bias[n] : 0.f, p.epilogue);
+          p.y[m * p.ldy + n] = kernels::finish_output(kernels::dequantize_sum(sxr[i][e >> 1], out[i][j][e]),
+                                                      p.bias != nullptr, p.bias != nullptr ? p.bias[n] : 0.f, p.epilogue);
       }
 }
 

@@ -75,7 +75,7 @@ void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const Norm
                    int64_t nb, const IntActsDev& out, int32_t* bad_row, cudaStream_t stream);
 
 // CUTLASS tensor-core GEMMs for weights with one K-block (nb == 1), epilogue fused (EVT):
-// y = act(out + bias) with out = (sx sw) float(correct_block(...)). Return false (nothing launched)
+// y = act(sx sw float(correct_block(...)) + bias) (epilogue.h). Return false (nothing launched)
 // when they do not cover the case, so the caller takes gemm_int_blocked.
 //   sm80 kernels (SASS for sm80/86/89/90): W8A8 int8 x int8; W4A8 int8 x int4 (mixed input, int4
 //   widened in the mainloop); W4A4 int4 x int4 (acts packed4). With 4-bit weights and 4-bit values

@@ -4,9 +4,12 @@
 //
 // Per K-block b of row m and channel n (one block when the weight is not K-blocked):
 //   corrected = sum_k (x[m,k] - zx[m]) (w[n,k] - zw[n,b])        exact integer
-//   out       = out + (sx[m] * sw[n,b]) * float(corrected)        fp32, out starts at 0, blocks in order
-// then y = act(out + bias[n]). Files that compute it are built without FMA contraction.
+//   sum       = 0; for b in order: sum = fma(sw[n,b], float(corrected), sum)   fp32, one rounding a block
+//   out       = sx[m] * sum
+// then y = act(out + bias[n]). Files that compute it are built without FMA contraction (the one fused
+// multiply-add is explicit).
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/act_math.h"
@@ -34,10 +37,19 @@ FQ_ALWAYS_INLINE int32_t correct_block(int32_t acc, int32_t zx, int32_t cm, int3
                               static_cast<uint32_t>(zw) * static_cast<uint32_t>(rs));
 }
 
-// out + (sx * sw) * float(corrected): one block's contribution, in the reference's order.
-FQ_ALWAYS_INLINE float accumulate_block(float out, float sx, float sw, int32_t corrected) {
-  return out + sx * sw * static_cast<float>(corrected);
+// sum + sw * float(corrected) rounded once: one block's contribution to the sum over blocks (which
+// starts at +0). sx stays out of the per-block step, so that a CPU kernel spends one vector FMA on it
+// per 16 outputs and block (DESIGN.md section 2).
+FQ_ALWAYS_INLINE float accumulate_block(float sum, float sw, int32_t corrected) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(sw, static_cast<float>(corrected), sum);
+#else
+  return std::fma(sw, static_cast<float>(corrected), sum);
+#endif
 }
+
+// The row's dequantized output from its sum over blocks.
+FQ_ALWAYS_INLINE float dequantize_sum(float sx, float sum) { return sx * sum; }
 
 // act(out + bias) with bias optional (has_bias false: out unchanged before the activation).
 FQ_ALWAYS_INLINE float finish_output(float out, bool has_bias, float bias, Epilogue e) {

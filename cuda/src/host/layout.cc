@@ -123,9 +123,10 @@ void gemm_int_emulated(const QuantizedActs& x, const PackedIntWeight& w, const f
         for (int64_t k = b * kb.Gp; k < (b + 1) * kb.Gp; ++k)
           acc += load(x.xq.data() + m * x_bytes, k, x.packed4 ? 4 : 8) * load(w.w.data() + n * w_bytes, k, w.bits);
         const int32_t c = kernels::correct_block(acc, x.zx[m], w.cm[b * N + n], w.zw[b * N + n], x.rs[m * kb.nb + b]);
-        out = kernels::accumulate_block(out, x.sx[m], w.sw[b * N + n], c);
+        out = kernels::accumulate_block(out, w.sw[b * N + n], c);
       }
-      y[m * N + n] = kernels::finish_output(out, bias != nullptr, bias ? bias[n] : 0.f, epilogue);
+      y[m * N + n] =
+          kernels::finish_output(kernels::dequantize_sum(x.sx[m], out), bias != nullptr, bias ? bias[n] : 0.f, epilogue);
     }
 }
 

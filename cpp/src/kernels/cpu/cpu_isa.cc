@@ -36,12 +36,12 @@ bool os_saves_ymm() {
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   return (lo & 0x6) == 0x6;
 }
-bool has_avx2() {  // with F16C (every AVX2 CPU has it; the avx2 / avxvnni kernels read fp16 scales)
-  // F16C from CPUID.1:ECX[29]: clang's __builtin_cpu_supports does not know "f16c" (the fuzz build).
+bool has_avx2() {  // with FMA and F16C (every AVX2 CPU has them; the avx2 / avxvnni kernels use both)
+  // FMA and F16C from CPUID.1:ECX[12, 29]: clang's __builtin_cpu_supports does not know "f16c" (the fuzz build).
   static const bool has = __builtin_cpu_supports("avx2") && [] {
     unsigned a, b, c, d;
     __cpuid(1, a, b, c, d);
-    return (c & (1u << 29)) != 0;
+    return (c & (1u << 12)) != 0 && (c & (1u << 29)) != 0;
   }();
   return has;
 }

@@ -319,8 +319,8 @@ struct Ctx {
 // ---- the epilogue of one 32 x 32 tile ----------------------------------------------------------
 // acc: one K-block's int32 sums of rows x (16 nt) outputs; out: the fp32 sums over the blocks so
 // far (not read for block 0: the sum starts at 0). Per output, the block's exact correction, then
-// out += (sx * sw) * float(corrected): the reference's operations in its order (correct_block,
-// accumulate_block).
+// out = fma(sw, float(corrected), out): the reference's operations in its order (correct_block,
+// accumulate_block); the row's sx multiplies the sum when it is stored (dequantize_sum).
 using TileI32 = int32_t[2 * kTileRows][2 * kPanel];
 using TileF32 = float[2 * kTileRows][2 * kPanel];
 
@@ -334,28 +334,27 @@ inline void accumulate_tile(const Ctx& c, int64_t m0, int64_t rows, int nt, int6
     const int64_t m = m0 + i;
     const int32_t zxm = c.zx ? c.zx[m] : 0, rs = c.rowsum[m * v.nb + b];
     for (int64_t j = 0; j < nt * kPanel; ++j)
-      out[i][j] = accumulate_block(b == 0 ? 0.f : out[i][j], c.sx[m], v.scale[col + j],
+      out[i][j] = accumulate_block(b == 0 ? 0.f : out[i][j], v.scale[col + j],
                                    correct_block(acc[i][j], zxm, v.colsum_minus[col + j], v.zw[col + j], rs));
   }
 }
-// y = act(out + bias) for the real rows x cols outputs (finish_output).
+// y = act(sx * out + bias) for the real rows x cols outputs (dequantize_sum, finish_output).
 inline void store_tile(const Ctx& c, int64_t m0, int64_t rows, int64_t n0, int64_t cols, const TileF32& out) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j)
-      c.y[(m0 + i) * c.v->N + n0 + j] =
-          finish_output(out[i][j], c.bias != nullptr, c.bias ? c.bias[n0 + j] : 0.f, c.epilogue);
+      c.y[(m0 + i) * c.v->N + n0 + j] = finish_output(dequantize_sum(c.sx[m0 + i], out[i][j]), c.bias != nullptr,
+                                                      c.bias ? c.bias[n0 + j] : 0.f, c.epilogue);
 }
 #else
 // The same operations, 16 channels per zmm (act_math_avx512.h rounds like act_math.h).
 // The terms of a symmetric side are zero (zx = 0, zw = 0) and skipped.
 // sum + one block's contribution to 16 outputs of a row (table columns t..): the block's exact
-// correction of the int32 sums acc, then + (sx * sw) * float(corrected).
+// correction of the int32 sums acc, then fma(sw, float(corrected), sum).
 template <bool XU8, bool WU8>
-FQ_AMX inline __m512 add_block(const Layout& v, int64_t t, __m512i acc, __m512i zx, __m512i rs, __m512 sx, __m512 sum) {
+FQ_AMX inline __m512 add_block(const Layout& v, int64_t t, __m512i acc, __m512i zx, __m512i rs, __m512 sum) {
   if (XU8) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(zx, _mm512_loadu_si512(v.colsum_minus.data() + t)));
   if (WU8) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_loadu_si512(v.zw.data() + t), rs));
-  const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(sx, _mm512_loadu_ps(v.scale.data() + t)), _mm512_cvtepi32_ps(acc));
-  return _mm512_add_ps(sum, scaled);
+  return _mm512_fmadd_ps(_mm512_loadu_ps(v.scale.data() + t), _mm512_cvtepi32_ps(acc), sum);
 }
 
 template <bool XU8, bool WU8>
@@ -366,11 +365,10 @@ FQ_AMX inline void accumulate_tile(const Ctx& c, int64_t m0, int64_t rows, int n
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t m = m0 + i;
     const __m512i zx = _mm512_set1_epi32(XU8 ? c.zx[m] : 0), rs = _mm512_set1_epi32(c.rowsum[m * v.nb + b]);
-    const __m512 sx = _mm512_set1_ps(c.sx[m]);
     for (int j = 0; j < nt; ++j) {
       const __m512 sum = b == 0 ? _mm512_setzero_ps() : _mm512_load_ps(&out[i][j * kPanel]);
       _mm512_store_ps(&out[i][j * kPanel], add_block<XU8, WU8>(v, col + j * kPanel, _mm512_load_si512(&acc[i][j * kPanel]),
-                                                               zx, rs, sx, sum));
+                                                               zx, rs, sum));
     }
   }
 }
@@ -378,7 +376,7 @@ FQ_AMX inline void store_tile(const Ctx& c, int64_t m0, int64_t rows, int64_t n0
   for (int64_t j = 0; j < cols; j += kPanel)
     for (int64_t i = 0; i < rows; ++i)
       store_activated(c.y + (m0 + i) * c.v->N + n0 + j, c.bias ? c.bias + n0 + j : nullptr, cols - j,
-                      _mm512_load_ps(&out[i][j]), c.epilogue);
+                      _mm512_mul_ps(_mm512_set1_ps(c.sx[m0 + i]), _mm512_load_ps(&out[i][j])), c.epilogue);
 }
 #endif
 
@@ -536,9 +534,10 @@ FQ_AMX void finish_pending(const Ctx& c, const PendingTile& p, int64_t r0, int64
     const __m512i zx = _mm512_set1_epi32(XU8 ? c.zx[m] : 0), rs = _mm512_set1_epi32(c.rowsum[m]);
     const __m512 sx = _mm512_set1_ps(c.sx[m]);
     for (int64_t j = 0; j < cols; j += kPanel)
-      store_activated(c.y + m * v.N + n0 + j, c.bias ? c.bias + n0 + j : nullptr, cols - j,
-                      add_block<XU8, WU8>(v, col + j, _mm512_load_si512(&p.acc[i][j]), zx, rs, sx, _mm512_setzero_ps()),
-                      c.epilogue);
+      store_activated(
+          c.y + m * v.N + n0 + j, c.bias ? c.bias + n0 + j : nullptr, cols - j,
+          _mm512_mul_ps(sx, add_block<XU8, WU8>(v, col + j, _mm512_load_si512(&p.acc[i][j]), zx, rs, _mm512_setzero_ps())),
+          c.epilogue);
   }
 #endif
 }

@@ -20,7 +20,7 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FQ_AVX2_BUILD 1
 #include <immintrin.h>
-#define FQ_AVX2 __attribute__((target("avx2")))
+#define FQ_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define FQ_AVX2_BUILD 0
 #endif
@@ -69,7 +69,7 @@ FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
   const Avx2Layout& v = *c.layout;
   const float* sx = c.sx;
   const int32_t* zx = c.zx;
-  __m256 out[MR][2];  // the fp32 sums over blocks, as the reference: 0, then + each block
+  __m256 out[MR][2];  // the fp32 sums over blocks, as the reference: 0, then an FMA per block
   for (int i = 0; i < MR; ++i) out[i][0] = out[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < c.nb; ++b) {
     const int64_t k0 = b * c.bk, kb = std::min(c.K, k0 + c.bk) - k0, pairs = round_up(kb, 2) / 2;
@@ -91,7 +91,7 @@ FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
       }
     }
     // The block's correction_block and accumulate_block, 8 channels a vector:
-    //   corrected = acc - zx (colsum - kb zw) - zw rowsum;  out += (sx * sw) * float(corrected)
+    //   corrected = acc - zx (colsum - kb zw) - zw rowsum;  sum = fma(sw, float(corrected), sum)
     const int64_t col = (tile * c.nb + b) * kTile;
     for (int j = 0; j < 2; ++j) {
       const __m256 sw = _mm256_loadu_ps(v.scale.data() + col + 8 * j);
@@ -102,8 +102,7 @@ FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
         const __m256i corrected =
             _mm256_sub_epi32(_mm256_sub_epi32(acc[i][j], _mm256_mullo_epi32(_mm256_set1_epi32(zx ? zx[m] : 0), cm)),
                              _mm256_mullo_epi32(zw, _mm256_set1_epi32(c.rowsum[m * c.nb + b])));
-        out[i][j] = _mm256_add_ps(out[i][j], _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(sx[m]), sw),
-                                                           _mm256_cvtepi32_ps(corrected)));
+        out[i][j] = _mm256_fmadd_ps(sw, _mm256_cvtepi32_ps(corrected), out[i][j]);
       }
     }
   }
@@ -114,9 +113,8 @@ FQ_AVX2 void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
     for (int64_t j = 0; j < kTile; ++j) {
       const int64_t n = tile * kTile + j;
       if (n >= c.N) break;
-      float v = sums[j];
-      if (c.bias) v += c.bias[n];
-      c.y[(m0 + i) * c.N + n] = apply_epilogue(c.epilogue, v);
+      c.y[(m0 + i) * c.N + n] =
+          finish_output(dequantize_sum(sx[m0 + i], sums[j]), c.bias != nullptr, c.bias ? c.bias[n] : 0.f, c.epilogue);
     }
   }
 }

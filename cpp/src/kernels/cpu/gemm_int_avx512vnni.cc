@@ -9,8 +9,8 @@
 //      per 4-k step, 4 weight vectors (INT4: one load, nibbles split in registers) are multiplied
 //      with MR broadcast activation words;
 //   3. per block, the exact integer correction and the fp32 scaling, in the reference's order
-//      (out = 0; out += (sx * sw) * float(corrected) per block; out += bias; y = act(out)), with
-//      partial sums kept in y between blocks. This file is compiled with -ffp-contract=off.
+//      (sum = 0; sum = fma(sw, float(corrected), sum) per block; y = act(sx * sum + bias)), with
+//      the sums over blocks in registers or L1. This file is compiled with -ffp-contract=off.
 // Integer corrections use wrap-around int32, equal to the reference's exact values modulo 2^32;
 // the true per-block values fit int32 (|(x - zx)(w - zw)| <= 255^2, blocks up to ~33000).
 //   acc' = sum_k x (q + wc) = acc + wc rowsum_x
@@ -396,7 +396,7 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf, i
   const int32_t* zw_plus_wc = v.zw_plus_wc.data();
   const int32_t* colsum_minus = v.colsum_minus.data();
   const int32_t* corr_pairs = v.corr_pairs.empty() ? nullptr : v.corr_pairs.data();
-  // MULTI: the fp32 sum over blocks, as the reference: 0, then + each block. Up to 3 rows in registers;
+  // MULTI: the fp32 sum over blocks, as the reference: 0, then an FMA per block. Up to 3 rows in registers;
   // more in an L1 buffer (`sums`), so that the accumulators of 6 rows fit the registers: 6 rows share each
   // unpacked weight vector, where the sums in registers allowed 3 (INT4, K-blocks of 32: up to 7% faster
   // at M = 32-128, the same at M = 8; DESIGN 5.4).
@@ -494,7 +494,7 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf, i
         }
       }
     }
-    // Block epilogue: the exact integer correction, then out += (sx * sw) * float(corrected).
+    // Block epilogue: the exact integer correction, then sum = fma(sw, float(corrected), sum).
     // Constant trip counts, fully unrolled, so that acc[][] and out[][] stay in registers (a
     // `break` here made GCC keep a stack copy of the accumulators, stored on every k step).
     // Several rows: the block's column scales converted to fp32 once, into L1, not once per row (half
@@ -516,7 +516,6 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf, i
       const uint32_t rx = static_cast<uint32_t>(c.rowsum[m * c.nb + b]);
       const __m512i vrx = _mm512_set1_epi32(static_cast<int32_t>(rx));
       const __m512i wc_rx = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(v.wc) * rx));
-      const __m512 vsx = _mm512_set1_ps(c.sx[m]);
       const __m512i row_pair = XU8 && corr_pairs
                                    ? _mm512_set1_epi32(int16_pair(-c.zx[m], -static_cast<int32_t>(rx)))
                                    : _mm512_setzero_si512();
@@ -549,13 +548,16 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf, i
         const __m512 sw = kScalesOnce ? _mm512_load_ps(block_sw + j * kPanel)
                           : scale_half ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale_half + col)))
                                        : _mm512_loadu_ps(scale + col);
-        const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(vsx, sw), _mm512_cvtepi32_ps(corr));
+        const __m512 f = _mm512_cvtepi32_ps(corr);
         if constexpr (kSumsInL1) {
           float* o = sums[i] + j * kPanel;
-          _mm512_store_ps(o, _mm512_add_ps(b == 0 ? _mm512_setzero_ps() : _mm512_load_ps(o), scaled));
+          _mm512_store_ps(o, _mm512_fmadd_ps(sw, f, b == 0 ? _mm512_setzero_ps() : _mm512_load_ps(o)));
         } else if constexpr (MULTI) {
-          out[i][j] = _mm512_add_ps(out[i][j], scaled);
-        } else if ((panel0 + j) * kPanel < c.N) store_outputs(c, m, (panel0 + j) * kPanel, _mm512_add_ps(_mm512_setzero_ps(), scaled));
+          out[i][j] = _mm512_fmadd_ps(sw, f, out[i][j]);
+        } else if ((panel0 + j) * kPanel < c.N) {
+          store_outputs(c, m, (panel0 + j) * kPanel,
+                        _mm512_mul_ps(_mm512_set1_ps(c.sx[m]), _mm512_fmadd_ps(sw, f, _mm512_setzero_ps())));
+        }
       }
     }
   }
@@ -565,7 +567,8 @@ FQ_VNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile, Prefetch pf, i
 #pragma GCC unroll 4
       for (int j = 0; j < NP; ++j)
         if ((panel0 + j) * kPanel < c.N)
-          store_outputs(c, m0 + i, (panel0 + j) * kPanel, kSumsInL1 ? _mm512_load_ps(sums[i] + j * kPanel) : out[i][j]);
+          store_outputs(c, m0 + i, (panel0 + j) * kPanel,
+                        _mm512_mul_ps(_mm512_set1_ps(c.sx[m0 + i]), kSumsInL1 ? _mm512_load_ps(sums[i] + j * kPanel) : out[i][j]));
   }
 }
 

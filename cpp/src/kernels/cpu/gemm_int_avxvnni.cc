@@ -25,9 +25,9 @@
 #define FQ_AVXVNNI_BUILD 1
 #include <immintrin.h>
 #if FQ_KERNEL_EMULATE || FQ_AVX2_MADDUBS
-#define FQ_AVXVNNI __attribute__((target("avx2,f16c")))
+#define FQ_AVXVNNI __attribute__((target("avx2,fma,f16c")))
 #else
-#define FQ_AVXVNNI __attribute__((target("avx2,f16c,avxvnni")))
+#define FQ_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 #endif
 #else
 #define FQ_AVXVNNI_BUILD 0
@@ -238,7 +238,7 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
   static_assert(!COLSUM || (XU8 && MR <= 2), "in-kernel column sums: asymmetric activations, MR <= 2");
   const Layout& v = *c.v;
   const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi8(1);
-  __m256 out[MR][2];  // the fp32 sums over blocks, as the reference: 0, then + each block
+  __m256 out[MR][2];  // the fp32 sums over blocks, as the reference: 0, then an FMA per block
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i) out[i][0] = out[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < v.nb; ++b) {
@@ -324,7 +324,7 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
       }
     }
     // The block's correct_block and accumulate_block, 8 channels a vector (wrap-around int32, then
-    // out + (sx * sw) * float(corrected)); padding channels read zeros.
+    // sum = fma(sw, float(corrected), sum)); padding channels read zeros.
     const int64_t col = (tile * v.nb + b) * kTileN;
 #pragma GCC unroll 2
     for (int j = 0; j < 2; ++j) {
@@ -345,8 +345,7 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
         __m256i corrected = _mm256_sub_epi32(acc[i][j], _mm256_mullo_epi32(zw, _mm256_set1_epi32(c.rowsum[m * v.nb + b])));
         if constexpr (XU8)
           corrected = _mm256_sub_epi32(corrected, _mm256_mullo_epi32(_mm256_set1_epi32(c.zx[m] - (kShiftedX ? 128 : 0)), cm));
-        out[i][j] = _mm256_add_ps(out[i][j], _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c.sx[m]), sw),
-                                                           _mm256_cvtepi32_ps(corrected)));
+        out[i][j] = _mm256_fmadd_ps(sw, _mm256_cvtepi32_ps(corrected), out[i][j]);
       }
     }
   }
@@ -357,7 +356,8 @@ FQ_AVXVNNI void micro_kernel(const Ctx& c, int64_t m0, int64_t tile) {
     for (int64_t j = 0; j < kTileN; ++j) {
       const int64_t n = tile * kTileN + j;
       if (n >= v.N) break;
-      c.y[(m0 + i) * v.N + n] = finish_output(sums[j], c.bias != nullptr, c.bias ? c.bias[n] : 0.f, c.epilogue);
+      c.y[(m0 + i) * v.N + n] =
+          finish_output(dequantize_sum(c.sx[m0 + i], sums[j]), c.bias != nullptr, c.bias ? c.bias[n] : 0.f, c.epilogue);
     }
   }
 }

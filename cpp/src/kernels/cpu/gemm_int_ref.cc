@@ -64,7 +64,7 @@ FQ_MULTIVERSION void gemm_int_quantized_channels(const QuantizedTensor& x, const
     for (int64_t m = 0; m < M; ++m) {
       const TX* xm = xq + m * K;
       const int32_t zxm = zx ? zx[m] : 0;
-      float out = 0.f;
+      float sum = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t k0 = b * bk, k1 = std::min(K, k0 + bk);
         int32_t acc = 0;
@@ -74,10 +74,9 @@ FQ_MULTIVERSION void gemm_int_quantized_channels(const QuantizedTensor& x, const
         // Exact integer correction (int64 so that no intermediate can overflow), then fp32 scales.
         const int64_t corrected = int64_t{acc} - int64_t{zxm} * w.colsum[n * nb + b] -
                                   int64_t{zwb} * rowsum[m * nb + b] + (k1 - k0) * int64_t{zxm} * zwb;
-        out += sx[m] * sw[g * nb + b] * static_cast<float>(corrected);
+        sum = accumulate_block(sum, sw[g * nb + b], static_cast<int32_t>(corrected));
       }
-      if (bias) out += bias[n];
-      y[m * N + n] = apply_epilogue(epilogue, out);
+      y[m * N + n] = finish_output(dequantize_sum(sx[m], sum), bias != nullptr, bias ? bias[n] : 0.f, epilogue);
     }
   }
 }
