@@ -6,7 +6,7 @@
 //
 // The tree, per output (m, n) of a single K-block:
 //   corrected = CorrectBlock(acc, zx[m], cm[n], zw[n], rs[m])          int32
-//   out       = ScaleBlock(sx[m], sw[n], corrected)                    0.f + sx sw float(corrected)
+//   out       = ScaleBlock(sx[m], sw[n], corrected)                    sx fma(sw, float(corrected), 0.f)
 //   y         = FinishOutput{epilogue, has_bias}(out, bias[n])         act(out + bias)
 // A node hands these functors its children's fragments as they are (int32 or float, no conversion)
 // and passes FinishOutput's runtime fields as the node's arguments.
