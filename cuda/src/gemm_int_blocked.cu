@@ -1,7 +1,7 @@
 // gemm_int_blocked (kernels.h): integer GEMM for any K-blocked weight on mma.sync m16n8k32 s8
 // (docs/DESIGN.md section 5). Each K-block's int32 sums are corrected and accumulated into the fp32
-// output in block order, exactly as the CPU reference; built with -fmad=false so the epilogue's
-// float operations are not contracted.
+// sum in block order (one explicit FMA each), exactly as the CPU reference; built with -fmad=false
+// so that no other float operation of the epilogue is contracted.
 //
 // Operands go from global memory straight to registers (no shared-memory staging): lane t of a
 // quad loads a contiguous chunk of each of its rows per step (mma_layout.h), INT4 weights stay
