@@ -396,11 +396,12 @@ def _cmd_quantize(args) -> int:
         if block:
             rotations["rotation"] = block
             scheme = scheme_with(scale_dtype)
-    if not args.no_rotate and HEAD in scheme.parts and scheme.head_bits == 8 and scheme.act_bits \
+    if not args.no_rotate and HEAD in scheme.parts and scheme.act_bits \
             and model.family != "bert" and model.family not in hf.SEQ2SEQ_FAMILIES:
-        # An INT8 LM head's input is rotated unless told otherwise: the final norm's output has outlier channels
-        # that its token-wise INT8 activations lose. SmolLM2-135M W8A8 with the INT8 head 32.35 -> 32.27 (fp32
-        # 32.00; 32.22 with an fp32 head), W4A8 36.8 -> 36.7 (docs/DESIGN.md section 6).
+        # A quantized LM head's input is rotated unless told otherwise: the final norm's output has outlier
+        # channels that its token-wise INT8 activations lose, and that weigh the INT4 head's rounding errors in
+        # their columns. SmolLM2-135M W8A8 with the INT8 head 32.35 -> 32.27 (fp32 32.00; 32.22 with an fp32 head),
+        # W4A8 36.8 -> 36.7; the GPTQ-rounded INT4 head (fp32 body) 33.62 -> 32.63 (docs/DESIGN.md section 6).
         from .rotate import default_block
 
         head = "lm_head.weight" if "lm_head.weight" in model.tensors else hf.embedding_name(model.family)

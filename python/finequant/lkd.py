@@ -310,7 +310,7 @@ def _gptq_student(student: nn.Module, x: torch.Tensor, y: torch.Tensor, rest, kw
 @torch.no_grad()
 def round_head(model: hf.HFModel, scheme: QuantScheme, torch_model: Optional[nn.Module] = None) -> dict:
     """GPTQ rounding of a decoder's INT4 LM head (quantize --head-bits 4; DESIGN.md section 6): the Hessian of
-    its inputs (the final norm's output, INT8-quantized as the engine will) over the model's own samples
+    its inputs (the final norm's output, rotated and INT8-quantized as the engine will) over the model's own samples
     (LKD's default data, make_data "generate"), damping HEAD_GPTQ_DAMP. Sets model.tensors["lm_head.weight"]
     to the rounded fp32 weights, which PTQ stores exactly; a tied embedding table keeps its fp32 rows for the
     lookups. `torch_model`: the transformers model of model.tensors (loaded from model.folder when not given).
@@ -332,8 +332,10 @@ def round_head(model: hf.HFModel, scheme: QuantScheme, torch_model: Optional[nn.
     ids = make_data(o, torch_model, model.folder, model.family, n)
     h = torch.zeros(k, k, dtype=torch.float64)
 
-    def hook(module, args):
+    def hook(module, args):  # the inputs as the engine multiplies them: rotated, then INT8 tokens
         x = args[0].reshape(-1, k).to(torch.float32)
+        if lq.rotation:
+            x = hadamard_matmul(x, lq.rotation)
         if lq.act_bits:
             x = fake_quant_activation(x, lq.act_bits, lq.act_symmetric)
         h.add_((x.T @ x).to(torch.float64))
@@ -344,7 +346,10 @@ def round_head(model: hf.HFModel, scheme: QuantScheme, torch_model: Optional[nn.
             torch_model(ids[i:i + o.batch])
     finally:
         handle.remove()
-    rounded = gptq_weight(w, h, lq, damp=HEAD_GPTQ_DAMP)
+    if lq.rotation:  # rounded as the file stores it (W H), then rotated back (H H = I): the file rotates again
+        rounded = rotate_weight(gptq_weight(rotate_weight(w, lq.rotation), h, lq, damp=HEAD_GPTQ_DAMP), lq.rotation)
+    else:
+        rounded = gptq_weight(w, h, lq, damp=HEAD_GPTQ_DAMP)
     model.tensors["lm_head.weight"] = rounded if torch.is_tensor(t) else rounded.numpy()
     return {"method": "gptq", "data": f"generate {len(ids)}x{ids.shape[1]}", "damp": HEAD_GPTQ_DAMP}
 

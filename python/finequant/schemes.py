@@ -102,7 +102,7 @@ class QuantScheme:
     float_dtype: str = "fp32"  # storage of the floating-point tensors: "fp32" or "bf16"
     head_bits: int = 8  # the LM head's weight bits when "head" is in parts: 8 (per channel) or 4 (grouping)
     rotation: int = 0  # block-Hadamard input rotation of the quantized block GEMMs (finequant.rotate), 0: none
-    head_rotation: int = 0  # the same for an INT8 LM head's input (the final norm's output), 0: none
+    head_rotation: int = 0  # the same for a quantized LM head's input (the final norm's output), 0: none
     scale_dtype: str = "fp32"  # of every quantized weight's scales: "fp32" or "fp16" (SCALE_DTYPES)
     # encoder-decoder models: (stack, scheme) pairs whose scheme replaces this one for that stack's Linears
     stacks: Tuple[Tuple[str, "QuantScheme"], ...] = ()
@@ -240,8 +240,8 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
     head) by a block-Hadamard matrix of that block size, and their weights to match (finequant.rotate);
     the block must divide every such GEMM's input width.
 
-    `head_rotation` (a power of two, 0: none): the same for the LM head's input, which must be an INT8 head
-    with integer activations ("head" in `parts`, head_bits 8); the block must divide its input width.
+    `head_rotation` (a power of two, 0: none): the same for the LM head's input, which must be a quantized
+    head with integer activations ("head" in `parts`, head_bits 8 or 4); the block must divide its input width.
 
     `scale_dtype` "fp16": every weight scale is rounded to an fp16 value before the integers are
     computed from it (DESIGN.md section 2); kernels then keep K-block scales in half the bytes (at
@@ -264,9 +264,9 @@ def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: boo
         from .rotate import check_block
 
         check_block(head_rotation, head_rotation)
-        if HEAD not in main.parts or main.head_bits != 8 or not main.act_bits:
-            raise ValueError("head_rotation applies to an INT8 LM head with integer activations "
-                             "(head in parts, head_bits 8, a w..a4/a8 scheme)")
+        if HEAD not in main.parts or not main.act_bits:
+            raise ValueError("head_rotation applies to a quantized LM head with integer activations "
+                             "(head in parts, a w..a4/a8 scheme)")
         main = replace(main, head_rotation=head_rotation)
     stacks = []
     for stack, sub in (("encoder", encoder), ("decoder", decoder)):

@@ -138,11 +138,11 @@ def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
 @pytest.mark.parametrize("scheme,opts,head_bits,head_rotation", [
     ("w4a8", [], 8, 64), ("w4/8a8", [], 8, 64), ("w4a4", [], 8, 64), ("w8a8", [], 8, 64), ("w4a16", [], None, 0),
     ("w8a8", ["--no-rotate"], 8, 0), ("w4a8", ["--parts", "qkv,attn_out,fc1,fc2"], None, 0),
-    ("w4a8", ["--head-bits", "4"], 4, 0)])
+    ("w4a8", ["--head-bits", "4"], 4, 64), ("w4a8", ["--head-bits", "4", "--no-rotate"], 4, 0)])
 def test_lm_head_quantized_by_default_with_integer_activations(tiny_models, tmp_path, capsys, scheme, opts,
                                                                head_bits, head_rotation):
-    """Schemes with integer activations quantize a decoder's LM head (INT8, its input rotated unless
-    --no-rotate) unless --parts leaves it out; weight-only schemes keep it floating point."""
+    """Schemes with integer activations quantize a decoder's LM head (INT8, or INT4 with --head-bits 4; its
+    input rotated unless --no-rotate) unless --parts leaves it out; weight-only schemes keep it floating point."""
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_models["llama"]), "-o", str(out), "--scheme", scheme, "--quiet",
                  "--no-smooth", *opts]) == 0

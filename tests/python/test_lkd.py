@@ -10,6 +10,7 @@ from finequant.cli import main
 from finequant.lkd import LKDLinear, LKDOptions, fake_quant_ste
 from finequant.modelfile import quantize_model, save
 from finequant.quantize import fake_quant_weight
+from finequant.rotate import rotate_weight
 from finequant.schemes import LinearQuant, parse_scheme
 from finequant.simulate import read_records, simulate
 
@@ -304,13 +305,14 @@ def test_learning_rate_by_weight_bits():
     assert block_lr([lin(8)], LKDOptions(lr=5e-5)) == 5e-5        # an explicit rate means what it says
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_int4_head_gptq_rounding_is_stored_exactly_and_beats_nearest(family, tiny_models):
-    """round_head gives an INT4 LM head (K-blocks of 16) whose weights PTQ stores as they are, and whose
-    logits error on own samples it did not see (another seed) is below plain rounding's; the model's
-    other tensors (a tied embedding table included) are untouched."""
+@pytest.mark.parametrize("family,rotation", [("gpt2", 0), ("llama", 0), ("gpt2", 16), ("llama", 32)])
+def test_int4_head_gptq_rounding_is_stored_exactly_and_beats_nearest(family, rotation, tiny_models):
+    """round_head gives an INT4 LM head (K-blocks of 16) whose weights PTQ stores as they are (rotated: W H
+    as the file holds it), and whose logits error on own samples it did not see (another seed) is below plain
+    rounding's; the model's other tensors (a tied embedding table included) are untouched."""
     model = hf.load(str(tiny_models[family]))
-    scheme = parse_scheme("w4a8", parts="qkv,attn_out,fc1,fc2,head", head_bits=4, scale_dtype="fp16")
+    scheme = parse_scheme("w4a8", parts="qkv,attn_out,fc1,fc2,head", head_bits=4, scale_dtype="fp16",
+                          head_rotation=rotation)
     arr = lambda v: (v.detach().numpy() if torch.is_tensor(v) else np.asarray(v)).copy()
     before = {k: arr(v) for k, v in model.tensors.items()}
     w = before.get("lm_head.weight", before[hf.embedding_name(family)])
@@ -319,9 +321,14 @@ def test_int4_head_gptq_rounding_is_stored_exactly_and_beats_nearest(family, tin
     assert all(np.array_equal(arr(model.tensors[k]), v) for k, v in before.items() if k != "lm_head.weight")
     got = arr(model.tensors["lm_head.weight"])
     lq = scheme.for_linear("head", *w.shape)
-    assert lq.tile == (1, 16)
-    np.testing.assert_allclose(fake_quant_weight(got, 4, True, lq.tile, True), got, rtol=0, atol=1e-7)
-    plain = fake_quant_weight(w, 4, True, lq.tile, True)
+    assert lq.tile == (1, 16) and lq.rotation == rotation
+    stored = rotate_weight(got, rotation) if rotation else got
+    np.testing.assert_allclose(fake_quant_weight(stored, 4, True, lq.tile, True), stored, rtol=0,
+                               atol=1e-6 if rotation else 1e-7)
+    plain = fake_quant_weight(rotate_weight(w, rotation), 4, True, lq.tile, True) if rotation else \
+        fake_quant_weight(w, 4, True, lq.tile, True)
+    if rotation:  # the products the engine forms: (x H) (W H)^T = x W^T
+        plain = rotate_weight(plain, rotation)
     torch_model = lkd.load_torch_model(str(tiny_models[family]), family)
     ids = lkd.make_data(LKDOptions(data="generate", seq=32, seed=7, progress=False), torch_model,
                         str(tiny_models[family]), family, w.shape[0])

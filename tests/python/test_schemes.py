@@ -103,17 +103,18 @@ def test_head_part_is_opt_in_and_int8():
     assert parse_scheme("w8a8", parts="head,qkv").describe() == "w8a8 parts=qkv,head"
 
 
-def test_head_rotation_is_the_int8_heads_own():
+def test_head_rotation_is_the_quantized_heads_own():
     parts = "qkv,attn_out,fc1,fc2,head"
     scheme = parse_scheme("w8a8", parts=parts, head_rotation=32)
     assert scheme.for_linear("head", 50, 96).rotation == 32
+    int4 = parse_scheme("w4a8", parts=parts, head_bits=4, head_rotation=32).for_linear("head", 50, 96)
+    assert (int4.weight_bits, int4.rotation) == (4, 32)  # GPTQ rounds it in the rotated domain
     assert scheme.for_linear("qkv", 50, 96).rotation == 0  # the block GEMMs keep `rotation`'s (none)
     assert parse_scheme("w4a8", parts=parts, rotation=64, head_rotation=32).for_linear("fc1", 50, 128).rotation == 64
     assert scheme.describe() == "w8a8 parts=qkv,attn_out,fc1,fc2,head head-rotate=32"
     with pytest.raises(ValueError, match="does not divide"):
         scheme.for_linear("head", 50, 80)  # 32 does not divide 80
     for bad in (dict(name="w8a8", head_rotation=32),  # no head in the parts
-                dict(name="w4a8", parts=parts, head_bits=4, head_rotation=32),  # INT4 head: GPTQ, not rotated
                 dict(name="w8a16", parts=parts, head_rotation=32)):  # weight-only: dequantized at load
         with pytest.raises(ValueError, match="head_rotation applies"):
             parse_scheme(bad.pop("name"), **bad)
