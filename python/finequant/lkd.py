@@ -220,8 +220,9 @@ class LKDLinear(nn.Module):
 GPTQ_DAMP = 1.0
 GPTQ_COLUMNS = 128  # columns rounded before their errors reach the rest of the weight (GPTQ's lazy batch)
 # The INT4 LM head's damping (round_head): its input, the final norm's output, has no late-block drift, and 1%
-# did best on held-out text (SmolLM2-135M Emma, fp32 body: 33.81 against 34.00 at 100%; DESIGN.md section 6).
-HEAD_GPTQ_DAMP = 0.01
+# did best on held-out text (SmolLM2-135M Emma, fp32 body: 33.81 against 34.00 at 100%; DESIGN.md section 6);
+# with its input rotated (the default) 10%: Emma 32.43 against 32.63 at 1%, Moby Dick 45.05 against 45.18.
+HEAD_GPTQ_DAMP, HEAD_GPTQ_DAMP_ROTATED = 0.01, 0.1
 
 
 @torch.no_grad()
@@ -311,7 +312,7 @@ def _gptq_student(student: nn.Module, x: torch.Tensor, y: torch.Tensor, rest, kw
 def round_head(model: hf.HFModel, scheme: QuantScheme, torch_model: Optional[nn.Module] = None) -> dict:
     """GPTQ rounding of a decoder's INT4 LM head (quantize --head-bits 4; DESIGN.md section 6): the Hessian of
     its inputs (the final norm's output, rotated and INT8-quantized as the engine will) over the model's own samples
-    (LKD's default data, make_data "generate"), damping HEAD_GPTQ_DAMP. Sets model.tensors["lm_head.weight"]
+    (LKD's default data, make_data "generate"), damping HEAD_GPTQ_DAMP (HEAD_GPTQ_DAMP_ROTATED for a rotated input). Sets model.tensors["lm_head.weight"]
     to the rounded fp32 weights, which PTQ stores exactly; a tied embedding table keeps its fp32 rows for the
     lookups. `torch_model`: the transformers model of model.tensors (loaded from model.folder when not given).
     Returns the record of the file's "head_rounding" metadata."""
@@ -346,12 +347,13 @@ def round_head(model: hf.HFModel, scheme: QuantScheme, torch_model: Optional[nn.
             torch_model(ids[i:i + o.batch])
     finally:
         handle.remove()
+    damp = HEAD_GPTQ_DAMP_ROTATED if lq.rotation else HEAD_GPTQ_DAMP
     if lq.rotation:  # rounded as the file stores it (W H), then rotated back (H H = I): the file rotates again
-        rounded = rotate_weight(gptq_weight(rotate_weight(w, lq.rotation), h, lq, damp=HEAD_GPTQ_DAMP), lq.rotation)
+        rounded = rotate_weight(gptq_weight(rotate_weight(w, lq.rotation), h, lq, damp=damp), lq.rotation)
     else:
-        rounded = gptq_weight(w, h, lq, damp=HEAD_GPTQ_DAMP)
+        rounded = gptq_weight(w, h, lq, damp=damp)
     model.tensors["lm_head.weight"] = rounded if torch.is_tensor(t) else rounded.numpy()
-    return {"method": "gptq", "data": f"generate {len(ids)}x{ids.shape[1]}", "damp": HEAD_GPTQ_DAMP}
+    return {"method": "gptq", "data": f"generate {len(ids)}x{ids.shape[1]}", "damp": damp}
 
 
 # ---- the torch model, its blocks and the data -----------------------------------------------------
