@@ -311,11 +311,12 @@ def _gptq_student(student: nn.Module, x: torch.Tensor, y: torch.Tensor, rest, kw
 @torch.no_grad()
 def round_head(model: hf.HFModel, scheme: QuantScheme, torch_model: Optional[nn.Module] = None) -> dict:
     """GPTQ rounding of a decoder's INT4 LM head (quantize --head-bits 4; DESIGN.md section 6): the Hessian of
-    its inputs (the final norm's output, rotated and INT8-quantized as the engine will) over the model's own samples
-    (LKD's default data, make_data "generate"), damping HEAD_GPTQ_DAMP (HEAD_GPTQ_DAMP_ROTATED for a rotated input). Sets model.tensors["lm_head.weight"]
-    to the rounded fp32 weights, which PTQ stores exactly; a tied embedding table keeps its fp32 rows for the
-    lookups. `torch_model`: the transformers model of model.tensors (loaded from model.folder when not given).
-    Returns the record of the file's "head_rounding" metadata."""
+    its inputs (the final norm's output, rotated and INT8-quantized as the engine will) over the model's own
+    samples (LKD's default data, make_data "generate"), damping HEAD_GPTQ_DAMP (HEAD_GPTQ_DAMP_ROTATED for a
+    rotated input). Sets model.tensors["lm_head.weight"] to the rounded fp32 weights, which PTQ stores exactly;
+    a tied embedding table keeps its fp32 rows for the lookups. `torch_model`: the transformers model of
+    model.tensors (loaded from model.folder when not given). Returns the record of the file's "head_rounding"
+    metadata."""
     if model.family == "bert" or model.family in hf.SEQ2SEQ_FAMILIES:
         raise ValueError(f"GPTQ rounding of the LM head needs a decoder-only model, not {model.family}")
     name = "lm_head.weight" if "lm_head.weight" in model.tensors else hf.embedding_name(model.family)
