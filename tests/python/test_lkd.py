@@ -326,10 +326,10 @@ def test_int4_head_gptq_rounding_is_stored_exactly_and_beats_nearest(family, rot
     stored = rotate_weight(got, rotation) if rotation else got
     np.testing.assert_allclose(fake_quant_weight(stored, 4, True, lq.tile, True), stored, rtol=0,
                                atol=1e-6 if rotation else 1e-7)
-    plain = fake_quant_weight(rotate_weight(w, rotation), 4, True, lq.tile, True) if rotation else \
-        fake_quant_weight(w, 4, True, lq.tile, True)
-    if rotation:  # the products the engine forms: (x H) (W H)^T = x W^T
-        plain = rotate_weight(plain, rotation)
+    if rotation:  # nearest rounding of W H, rotated back: the engine's (x H) (W H)^T = x W^T
+        plain = rotate_weight(fake_quant_weight(rotate_weight(w, rotation), 4, True, lq.tile, True), rotation)
+    else:
+        plain = fake_quant_weight(w, 4, True, lq.tile, True)
     torch_model = lkd.load_torch_model(str(tiny_models[family]), family)
     ids = lkd.make_data(LKDOptions(data="generate", seq=32, seed=7, progress=False), torch_model,
                         str(tiny_models[family]), family, w.shape[0])
