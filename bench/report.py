@@ -177,7 +177,8 @@ def decode_section(recs: list, out: str, isa: str) -> str:
           "\ntokens/s = batch x new tokens / wall time of the generate call (prefill included). GPT-2 small has "
           "random weights; SmolLM2-135M is the real model. The peer goal applies at batch 1. finequant w8a8 and "
           "w4a8 (K-blocks of 32) quantize the LM head too (INT8 per channel), as the int8 peers do; w4a8 head4 "
-          "is w4a8 with `--head-bits 4` (INT4 head, K-blocks of 16, GPTQ-rounded on own samples). decode.json's "
+          "is w4a8 with `--head-bits 4` (INT4 head, K-blocks of 16, GPTQ-rounded on own samples; since 2026-12-07 "
+          "`quantize --scheme w4a8`'s default head). decode.json's "
           "agreement with HF fp32 compares with HF generate under min_new_tokens, which suppresses EOS: SmolLM2 "
           "continuations part at its first EOS, where finequant (no stop tokens) emits it.\n",
           table(["model", "batch", *DECODE_SYSTEMS, "fastest peer", "w8a8 / fastest peer",

@@ -19,14 +19,15 @@ from prepare_text import prepare as prepare_text  # noqa: E402
 from prepare_text import rotten_tomatoes  # noqa: E402
 
 from finequant import Engine, _core, hf, rotate, smooth  # noqa: E402
-from finequant.lkd import load_torch_model  # noqa: E402
+from finequant.lkd import load_torch_model, round_head  # noqa: E402
 from finequant.evaluate import cosine_agreement, perplexity  # noqa: E402
 from finequant.modelfile import load_info, quantize_model, save  # noqa: E402
-from finequant.schemes import default_parts, parse_scheme  # noqa: E402
+from finequant.schemes import default_head_bits, default_parts, parse_scheme  # noqa: E402
 
 # (label, scheme name, options for parse_scheme); the DEFAULTS are what `finequant quantize SRC -o OUT
 # [--scheme w4a8]` makes: outlier smoothing first (finequant.smooth), then asymmetric activations, a decoder's
-# INT8 LM head with its input rotated, and for INT4 the block-Hadamard rotation and fp16 scales.
+# LM head with its input rotated (W8A8: INT8; W4A8: INT4, GPTQ-rounded on the model's own samples), and for INT4
+# the block-Hadamard rotation and fp16 scales.
 DEFAULT = "w8a8 default"
 DEFAULT_W4 = "w4a8 default"
 DEFAULTS = (DEFAULT, DEFAULT_W4)
@@ -96,13 +97,17 @@ def main() -> int:
         for label, name, opts in SCHEMES:
             if label in DEFAULTS:  # the parts `quantize` gives it (a decoder's LM head too, rotated)
                 parts = default_parts(name, model.family)
-                opts = {**opts, "parts": parts, **({"head_rotation": rotate.DEFAULT_BLOCK} if parts else {})}
+                head = {"head_rotation": rotate.DEFAULT_BLOCK, "head_bits": default_head_bits(name)}
+                opts = {**opts, "parts": parts, **(head if parts else {})}
             scheme = parse_scheme(name, **opts)
             errors: dict = {}
             quantized = model
             if label in DEFAULTS:
                 quantized = model.copy()
-                smooth.smooth_model(quantized, scheme, load_torch_model(src, model.family))
+                torch_model = load_torch_model(src, model.family)
+                smooth.smooth_model(quantized, scheme, torch_model)
+                if scheme.int4_head:
+                    round_head(quantized, scheme, torch_model)
             tensors, metadata = quantize_model(quantized, scheme, errors=errors)
             out = os.path.join(out_root, key, label.replace(" ", "_").replace("/", "-"))
             save(out, tensors, metadata, tokenizer_src=src)

@@ -1,6 +1,6 @@
 // Token choice (engine/sampling.h): the draws follow softmax(logits / temperature) restricted by
 // top_k and then top_p, as a reference that sorts the whole vocabulary computes; the argmax at
-// temperature 0; -inf logits are never drawn; ties are ordered by id.
+// temperature 0; -inf logits and suppressed tokens are never drawn; ties are ordered by id.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -105,6 +105,39 @@ TEST(greedy_masked_and_ties) {
   o.top_k = 0;
   o.temperature = 50.f;  // nearly flat, but -inf stays impossible
   for (int i = 0; i < 2000; ++i) CHECK(choose_token(l.data(), 5, o, rng) != 2);
+}
+
+TEST(suppressed_tokens_are_never_chosen) {
+  // As -inf logits: the same distribution over the others, greedy included.
+  const std::vector<float> l = random_logits(61, 7, 2.f);
+  GenerationOptions o;
+  o.suppress_tokens = {static_cast<int64_t>(std::max_element(l.begin(), l.end()) - l.begin()), 0, 60};
+  std::vector<float> masked = l;
+  for (int64_t t : o.suppress_tokens) masked[t] = -std::numeric_limits<float>::infinity();
+  std::mt19937_64 rng(2);
+  CHECK_EQ(choose_token(l.data(), 61, o, rng), std::max_element(masked.begin(), masked.end()) - masked.begin());
+  for (const auto& [k, p] : std::vector<std::pair<int64_t, float>>{{0, 1.f}, {10, 1.f}, {0, 0.9f}}) {
+    o.temperature = 0.8f;
+    o.top_k = k;
+    o.top_p = p;
+    const std::vector<double> want = reference(masked, o);
+    std::vector<int> hits(61, 0);
+    std::mt19937_64 draws(14);
+    const int n = 30000;
+    for (int i = 0; i < n; ++i) ++hits[choose_token(l.data(), 61, o, draws)];
+    for (int64_t t = 0; t < 61; ++t) {
+      const double mean = n * want[t], sd = std::sqrt(n * want[t] * (1 - want[t]));
+      CHECK(want[t] == 0.0 ? hits[t] == 0 : std::abs(hits[t] - mean) <= 5 * sd + 1);
+    }
+  }
+  check_sampling_options(o, 61);
+  o.suppress_tokens = {61};
+  CHECK_THROWS_KIND_MSG(check_sampling_options(o, 61), ErrorKind::InvalidArgument, "61 is outside [0, 61)");
+  o.suppress_tokens = {-1};
+  CHECK_THROWS_KIND_MSG(check_sampling_options(o, 61), ErrorKind::InvalidArgument, "-1 is outside");
+  o.suppress_tokens = {0, 1, 1};
+  CHECK_THROWS_KIND_MSG(check_sampling_options(o, 2), ErrorKind::InvalidArgument, "leaves no token");
+  check_sampling_options(o, 3);
 }
 
 int main() { return RUN_ALL_TESTS(); }

@@ -75,11 +75,13 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="one scale per output channel and block of G input columns")
     q.add_argument("--parts", metavar="LIST",
                    help="comma-separated GEMMs to quantize: qkv,attn_out,fc1,fc2, plus head for a decoder's LM "
-                        "head (INT8). Default: the four, plus head for schemes with integer activations (w8a8, "
-                        "w4a8, w4/8a8, w4a4; BART: those with INT4 weights)")
-    q.add_argument("--head-bits", type=int, choices=(4, 8), default=8,
-                   help="with head in the parts: the LM head's weight bits (8: per channel, the default; 4: K-blocks "
-                        "of 16 unless --kblock/--group/... say otherwise, rounded as --head-rounding says)")
+                        "head (bits: --head-bits). Default: the four, plus head for schemes with integer activations "
+                        "(w8a8, w4a8, w4/8a8, w4a4; BART: those with INT4 weights)")
+    q.add_argument("--head-bits", type=int, choices=(4, 8),
+                   help="with head in the parts: the LM head's weight bits (8: per channel; 4: K-blocks of 16 unless "
+                        "--kblock/--group/... say otherwise, rounded as --head-rounding says). Default: 4 for w4a8 "
+                        "and w4a4 (INT4 in every block GEMM) where it can be GPTQ-rounded (torch installed, a "
+                        "decoder-only model), 8 otherwise")
     q.add_argument("--head-rounding", choices=("gptq", "nearest"),
                    help="an INT4 LM head's rounding: gptq (default; error compensation on ~8k tokens the model "
                         "samples itself, ~1-2 min on 2 cores for SmolLM2-135M; needs torch, else nearest with a "
@@ -95,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "match: outlier channels spread over their block. On by default where outlier smoothing "
                         "runs on a scheme with INT4 weights (block 64, or the largest power of two >= 8 dividing "
                         "the widths); off for the others (W8A8: its prefill would be 5-10%% slower). A decoder's "
-                        "INT8 LM head has its input rotated by default whatever the scheme (its own block)")
+                        "quantized LM head has its input rotated by default whatever the scheme (its own block)")
     q.add_argument("--no-rotate", action="store_true",
                    help="no rotation, also for INT4 schemes and the LM head (e.g. for `finequant export`, which "
                         "cannot express it)")
@@ -252,7 +254,7 @@ def _fmt_bytes(n: float) -> str:
 def _cmd_quantize(args) -> int:
     from . import hf
     from .modelfile import check_output_dir, publish, quantize_model
-    from .schemes import HEAD, default_parts, parse_scheme
+    from .schemes import HEAD, default_head_bits, default_parts, parse_scheme
 
     grouping = None
     if args.per_tensor:
@@ -280,8 +282,17 @@ def _cmd_quantize(args) -> int:
             check_block(args.rotate, args.rotate)
         except ValueError as e:
             raise ValueError(f"--rotate {args.rotate}: {e}") from None
-    # Without --parts, the default LM head (the family is not known until the model is read).
+    # Without --parts / --head-bits, the default LM head (the family is not known until the model is read).
     parts = args.parts if args.parts is not None else default_parts(args.scheme)
+
+    def head_bits_for(family=None) -> int:  # encoder-decoder models: their head is not GPTQ-rounded (yet)
+        if args.head_bits is not None:
+            return args.head_bits
+        if not parts or HEAD not in parse_scheme(args.scheme, parts=parts).parts or family in hf.SEQ2SEQ_FAMILIES:
+            return 8
+        return default_head_bits(args.scheme)
+
+    head_bits = head_bits_for()
     rotations = {"rotation": args.rotate or 0, "head_rotation": 0}  # defaults set once the model is read
 
     # Activations default to asymmetric: with smoothing, W8A8 on SmolLM2-135M costs +0.5-0.75% perplexity
@@ -289,7 +300,7 @@ def _cmd_quantize(args) -> int:
     def scheme_with(scale_dtype="fp32"):
         return parse_scheme(args.scheme, weight_symmetric=not (args.asym or args.w_asym),
                             act_symmetric=args.sym or args.a_sym, grouping=grouping,
-                            parts=parts, head_bits=args.head_bits, encoder=args.encoder_scheme,
+                            parts=parts, head_bits=head_bits, encoder=args.encoder_scheme,
                             decoder=args.decoder_scheme, scale_dtype=scale_dtype, **rotations)
 
     scheme = scheme_with()
@@ -297,8 +308,6 @@ def _cmd_quantize(args) -> int:
     # step reads; rounding them moved SmolLM2-135M's W4A8 perplexity by noise (docs/DESIGN.md section 2).
     scale_dtype = args.scale_dtype or ("fp16" if scheme.has_int4_weights else "fp32")
     scheme = scheme_with(scale_dtype)
-    if args.head_rounding and not scheme.int4_head:
-        raise ValueError("--head-rounding applies to an INT4 LM head (--head-bits 4)")
     given = {field: getattr(args, opt) for opt, field in _LKD_OPTIONS.items()
              if getattr(args, opt) not in (None, False)}
     given_distill = {field: getattr(args, opt) for opt, field in _DISTILL_OPTIONS.items()
@@ -338,13 +347,23 @@ def _cmd_quantize(args) -> int:
     if progress:
         print(f"reading {args.src}", file=sys.stderr)
     model = hf.load(args.src, tensors="numpy")
-    if model.family == "bert" and args.head_bits != 8 and args.parts is None:
+    if model.family == "bert" and args.head_bits not in (None, 8) and args.parts is None:
         raise ValueError(f"--head-bits {args.head_bits}: {args.src} is an encoder ({model.family}) and has no LM head")
-    if args.parts is None and parts != default_parts(args.scheme, model.family):
+    if args.parts is None:
         # encoders have no LM head: the default's is dropped ('head' in --parts is ignored); W8A8
         # encoder-decoder models keep theirs floating point
         parts = default_parts(args.scheme, model.family)
-        scheme = scheme_with(scale_dtype)
+    head_bits = head_bits_for(model.family)
+    if head_bits == 4 and args.head_bits is None and args.head_rounding != "nearest" and not hf.torch_available():
+        # The INT4 head is a default only where GPTQ rounds it: rounded to nearest it costs SmolLM2-135M W4A8
+        # +8.8% perplexity instead of +1.0% (docs/DESIGN.md section 6).
+        head_bits = 8
+        if progress:
+            print(f"note: the default INT4 LM head needs torch for its GPTQ rounding ({hf.TORCH_EXTRA}): keeping "
+                  "it INT8 (--head-bits 8 silences this note)", file=sys.stderr)
+    scheme = scheme_with(scale_dtype)
+    if args.head_rounding and not scheme.int4_head:
+        raise ValueError("--head-rounding applies to an INT4 LM head (--head-bits 4)")
     if args.distill:
         from .distill import check_family
 

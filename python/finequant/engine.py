@@ -210,10 +210,12 @@ class Engine:
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Optional[Iterable[int]] = None,
                  callback: Optional[Callable[[int], None]] = None, forced_bos_token_id: Optional[int] = None,
-                 forced_eos_token_id: Optional[int] = None) -> Union[str, List[int]]:
+                 forced_eos_token_id: Optional[int] = None,
+                 suppress_tokens: Optional[Iterable[int]] = None) -> Union[str, List[int]]:
         """Continue `prompt` (text, or a list of token ids). Returns text for text, ids for ids.
         Greedy when temperature <= 0. `callback(token_id)` is called for each new token as it is made;
-        stop_tokens default to the tokenizer's end-of-text token where one is known.
+        stop_tokens default to the tokenizer's end-of-text token where one is known; suppress_tokens are never
+        chosen (transformers' suppress_tokens).
 
         Encoder-decoders (BART): the prompt is the encoder's input and the result the decoder's output
         (text without special tokens, or the new ids). As transformers' generate() with num_beams=1: the
@@ -243,7 +245,8 @@ class Engine:
             raise ValueError("forced_bos_token_id / forced_eos_token_id apply to encoder-decoder models")
         stops = list(stop_tokens) if stop_tokens is not None else self._default_stops()
         new = self._engine.generate(np.asarray([ids], dtype=np.int64), None, max_new_tokens, temperature,
-                                    top_k, top_p, seed, stops, callback, **seq2seq)[0]
+                                    top_k, top_p, seed, stops, callback, **seq2seq,
+                                    suppress_tokens=list(suppress_tokens or []))[0]
         if as_text:
             return self.tokenizer.decode(new, skip_special_tokens=True) if self.is_seq2seq else self.tokenizer.decode(new)
         return list(new)

@@ -42,7 +42,7 @@ from .simulate import _find_module, _linear_weight
 BLOCKS = {"bert": "encoder.layer.{}", "gpt2": "h.{}", "llama": "model.layers.{}"}
 FINAL_NORM = {"gpt2": "ln_f", "llama": "model.norm"}
 CLIP_MIN = 0.05  # learned clip factors stay in [CLIP_MIN, 1]: a range can shrink, never grow
-GENERATE_BATCH = 16  # sequences sampled at once for data "generate"
+GENERATE_BATCH = 64  # sequences sampled at once for data "generate" (the engine's batch)
 CLIP_LR_SCALE = 10.0  # clip factors are ~1 and weights ~1e-2: give the factors a larger step
 # Default learning rate of a block by its narrowest quantized weights: at 3e-4 INT8-only blocks often
 # ended worse than PTQ (Adam moves a weight by many INT8 steps), INT4 ones need it; a w4/8a8 block
@@ -55,7 +55,7 @@ LR_BY_BITS = {8: 1e-4, 4: 3e-4}
 class LKDOptions:
     # "auto" (decoders: "generate", encoders: "random"), "random" token ids, "generate" (the model's own
     # samples) or a text file path. Own samples closed 34% / 45% of SmolLM2's w4/8a8 / w4a8 PTQ gap against
-    # 21% / 25% for random ids (bench/results/ACCURACY.md), for ~25 s of sampling.
+    # 21% / 25% for random ids (bench/results/ACCURACY.md), for ~25 s of sampling (the engine's, _sample).
     data: str = "auto"
     steps: int = 100       # optimizer steps per block (0: no training, with gptq)
     batch: int = 4         # sequences per step
@@ -397,17 +397,9 @@ def make_data(options: LKDOptions, model: nn.Module, folder: str, family: str, v
         bos = model.config.bos_token_id
         start = (torch.full((n, 1), bos) if bos is not None and 0 <= bos < vocab_size
                  else torch.randint(0, vocab_size, (n, 1), generator=gen))
-        eos = model.generation_config.eos_token_id
-        pad = eos[0] if isinstance(eos, (list, tuple)) else eos  # unused: no sequence stops early
-        out = []
-        with torch.random.fork_rng():  # generate() samples from the global generator
-            torch.manual_seed(o.seed)
-            for i in range(0, n, GENERATE_BATCH):
-                s = start[i:i + GENERATE_BATCH]
-                out.append(model.generate(s, attention_mask=torch.ones_like(s), do_sample=True, temperature=1.0,
-                                          top_k=50, top_p=1.0, max_new_tokens=o.seq - 1,
-                                          min_new_tokens=o.seq - 1, pad_token_id=pad if pad is not None else 0))
-        return torch.cat(out)[:, :o.seq]
+        eos = model.generation_config.eos_token_id  # suppressed, as transformers' min_new_tokens does
+        eos = [t for t in ([] if eos is None else [eos] if isinstance(eos, int) else eos) if 0 <= t < vocab_size]
+        return torch.cat([start, _sample(folder, start, o.seq - 1, o.seed, eos)], dim=1)
     from transformers import AutoTokenizer
 
     with open(o.data, encoding="utf-8") as f:
@@ -424,6 +416,22 @@ def make_data(options: LKDOptions, model: nn.Module, folder: str, family: str, v
     n = min(n, chunks // o.batch * o.batch)
     starts = torch.randperm(chunks, generator=gen)[:n] * o.seq  # distinct windows spread over the text
     return torch.stack([ids[s:s + o.seq] for s in starts.tolist()])
+
+
+def _sample(folder: str, start: torch.Tensor, new_tokens: int, seed: int, eos) -> torch.Tensor:
+    """`new_tokens` tokens the fp32 model of HF folder `folder` samples after each row of `start` [N, 1]
+    (temperature 1, the 50 likeliest tokens, the end-of-text ids `eos` suppressed), by the finequant engine: 64 x 127 tokens of SmolLM2-135M
+    in 23 s against transformers' generate's 124 s (2 cores, DESIGN.md section 6). Always the folder's weights,
+    whatever a torch model made of them has become (smoothing keeps their function; LKD trains them)."""
+    from .engine import Engine
+
+    if not folder:
+        raise ValueError("LKD data 'generate' needs the model's Hugging Face folder")
+    engine = Engine(folder)
+    rows = [np.asarray(engine._engine.generate(start[i:i + GENERATE_BATCH].numpy(), None, new_tokens, 1.0, 50, 1.0,
+                                               seed + i, [], None, suppress_tokens=eos), dtype=np.int64)
+            for i in range(0, len(start), GENERATE_BATCH)]
+    return torch.from_numpy(np.concatenate(rows))
 
 
 def _block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, batch: int, decoder: bool):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 PARTS = ("qkv", "attn_out", "fc1", "fc2")  # the block GEMMs, quantized by default
-# a decoder's LM head: opt-in here (it sees every logit; `default_parts` adds it for INT4 schemes); INT8 per
-# channel, or INT4 (head_bits=4)
+# a decoder's LM head: opt-in here (it sees every logit; `default_parts` adds it for schemes with integer
+# activations); INT8 per channel, or INT4 (head_bits=4; `default_head_bits` says which `quantize` picks)
 HEAD = "head"
 KNOWN_PARTS = PARTS + (HEAD,)
 ATTENTION_PARTS = ("qkv", "attn_out")
@@ -204,11 +204,11 @@ class QuantScheme:
 
 def default_parts(name: str, family: Optional[str] = None) -> Optional[Tuple[str, ...]]:
     """The parts `finequant quantize` gives scheme `name` when --parts is not given: schemes with integer
-    activations quantize a decoder's LM head too (INT8 per channel, its input rotated: `quantize` sets
-    head_rotation): SmolLM2-135M decodes ~1.5-2x faster (its fp32 head is 113 MB a step) for +0.15% perplexity
-    at W8A8 and none at W4A8 (docs/DESIGN.md 6). None (the block GEMMs) otherwise, for an encoder ("bert"),
-    which has no head, and for W8A8 encoder-decoder models, where the head's cost was never measured;
-    family None: not yet known."""
+    activations quantize a decoder's LM head too (INT8 per channel or INT4 as `default_head_bits` says, its
+    input rotated: `quantize` sets head_rotation): SmolLM2-135M decodes ~1.5-2x faster (its fp32 head is 113 MB
+    a step) for +0.15% perplexity at W8A8 and none at W4A8 with the INT8 head (docs/DESIGN.md 6). None (the
+    block GEMMs) otherwise, for an encoder ("bert"), which has no head, and for W8A8 encoder-decoder models,
+    where the head's cost was never measured; family None: not yet known."""
     named = parse_scheme(name)
     if family == "bert" or not (named.act_bits and named.is_quantized):
         return None
@@ -217,6 +217,17 @@ def default_parts(name: str, family: Optional[str] = None) -> Optional[Tuple[str
     if family in SEQ2SEQ_FAMILIES and not named.has_int4_weights:
         return None
     return PARTS + (HEAD,)
+
+
+def default_head_bits(name: str) -> int:
+    """The LM head's weight bits `finequant quantize` gives scheme `name` when --head-bits is not given (with the
+    head in its parts): 4 when every block GEMM has INT4 weights and the activations are integers (w4a8, w4a4),
+    so that a decode step reads INT4 for all its quantized weights; 8 otherwise (w4/8a8 keeps INT8 where its
+    attention does). SmolLM2-135M W4A8, the INT4 head GPTQ-rounded with its input rotated: perplexity +1.0% /
+    +1.4% (Emma / Moby Dick) over the INT8 head, decode 1.55x W8A8 instead of 1.39x (docs/DESIGN.md 6).
+    `quantize` keeps 8 where it cannot GPTQ-round the head (no torch, encoder-decoder models)."""
+    named = parse_scheme(name)
+    return 4 if named.act_bits and named.attn_weight_bits == named.mlp_weight_bits == 4 else 8
 
 
 def parse_scheme(name: str, *, weight_symmetric: bool = True, act_symmetric: bool = True,

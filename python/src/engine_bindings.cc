@@ -112,7 +112,7 @@ void bind_engine(py::module_& m) {
           [](const Engine& e, const py::array& ids, std::optional<py::array> mask, int64_t max_new_tokens,
              float temperature, int64_t top_k, float top_p, uint64_t seed, std::vector<int64_t> stop_tokens,
              std::optional<py::function> on_token, int64_t decoder_start_token_id, int64_t forced_bos_token_id,
-             int64_t forced_eos_token_id) {
+             int64_t forced_eos_token_id, std::vector<int64_t> suppress_tokens) {
             const Inputs in = read_inputs(ids, mask);
             finequant::GenerationOptions o;
             o.decoder_start_token_id = decoder_start_token_id;
@@ -124,6 +124,7 @@ void bind_engine(py::module_& m) {
             o.top_p = top_p;
             o.seed = seed;
             o.stop_tokens = std::move(stop_tokens);
+            o.suppress_tokens = std::move(suppress_tokens);
             if (on_token) {
               // Called from the generation loop with the GIL released: take it for the Python call.
               o.on_token = [fn = *on_token](int64_t row, int64_t token) {
@@ -138,7 +139,7 @@ void bind_engine(py::module_& m) {
           py::arg("temperature") = 0.f, py::arg("top_k") = 0, py::arg("top_p") = 1.f, py::arg("seed") = 0,
           py::arg("stop_tokens") = std::vector<int64_t>{}, py::arg("on_token") = py::none(),
           py::arg("decoder_start_token_id") = -1, py::arg("forced_bos_token_id") = -1,
-          py::arg("forced_eos_token_id") = -1,
+          py::arg("forced_eos_token_id") = -1, py::arg("suppress_tokens") = std::vector<int64_t>{},
           "Greedy (temperature <= 0) or sampled continuation (encoder-decoders: the decoder's output for "
           "the input); returns the new tokens of each row.")
       .def_property_readonly("architecture", &Engine::architecture)

@@ -25,7 +25,7 @@ CASES = [
     ("w8a8", ["--sym"]),
     ("w8a8", ["--w-asym", "--a-sym"]),
     ("w8a16", ["--w-asym", "--group", "2"]),
-    ("w4a8", ["--kblock", "16"]),
+    ("w4a8", ["--kblock", "16", "--head-bits", "8"]),  # (its default INT4 head is GPTQ-rounded: test_lkd.py)
     ("w4/8a8", ["--a-asym"]),
     ("w4a4", ["--per-channel", "--parts", "fc1,fc2"]),
     ("w8a8", ["--per-tensor", "--parts", "qkv"]),
@@ -136,13 +136,15 @@ def test_quantize_roundtrip(tiny_models, tmp_path, family, name, opts):
 
 
 @pytest.mark.parametrize("scheme,opts,head_bits,head_rotation", [
-    ("w4a8", [], 8, 64), ("w4/8a8", [], 8, 64), ("w4a4", [], 8, 64), ("w8a8", [], 8, 64), ("w4a16", [], None, 0),
+    ("w4a8", [], 4, 64), ("w4/8a8", [], 8, 64), ("w4a4", [], 4, 64), ("w8a8", [], 8, 64), ("w4a16", [], None, 0),
     ("w8a8", ["--no-rotate"], 8, 0), ("w4a8", ["--parts", "qkv,attn_out,fc1,fc2"], None, 0),
-    ("w4a8", ["--head-bits", "4"], 4, 64), ("w4a8", ["--head-bits", "4", "--no-rotate"], 4, 0)])
+    ("w4a8", ["--head-bits", "8"], 8, 64), ("w8a8", ["--head-bits", "4"], 4, 64),
+    ("w4a8", ["--head-bits", "4", "--no-rotate"], 4, 0)])
 def test_lm_head_quantized_by_default_with_integer_activations(tiny_models, tmp_path, capsys, scheme, opts,
                                                                head_bits, head_rotation):
-    """Schemes with integer activations quantize a decoder's LM head (INT8, or INT4 with --head-bits 4; its
-    input rotated unless --no-rotate) unless --parts leaves it out; weight-only schemes keep it floating point."""
+    """Schemes with integer activations quantize a decoder's LM head (INT4 for w4a8 and w4a4, else INT8, unless
+    --head-bits says otherwise; its input rotated unless --no-rotate) unless --parts leaves it out; weight-only
+    schemes keep it floating point."""
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_models["llama"]), "-o", str(out), "--scheme", scheme, "--quiet",
                  "--no-smooth", *opts]) == 0
@@ -155,7 +157,7 @@ def test_lm_head_quantized_by_default_with_integer_activations(tiny_models, tmp_
                      "--quiet", "--no-smooth"]) == 0
         with safe_open(tmp_path / "bert" / "model.safetensors", "pt") as f:
             assert "head" not in f.metadata()["scheme"]
-    if head_bits == 4:  # ... nor takes head options for it
+    if opts[:2] == ["--head-bits", "4"]:  # ... nor takes head options for it
         capsys.readouterr()
         assert main(["quantize", str(tiny_models["bert"]), "-o", str(tmp_path / "bert4"), "--scheme", scheme,
                      "--quiet", "--no-smooth", *opts]) == 2
@@ -181,10 +183,11 @@ def test_int4_head_is_rounded_by_gptq_unless_told_otherwise(tiny_models, tmp_pat
     changed = {k for k in gptq if not np.array_equal(gptq[k], nearest[k])}
     assert "lm_head.weight" in changed and changed <= {"lm_head.weight", "lm_head.weight_scale"}, changed
     capsys.readouterr()
-    assert main(["quantize", src, "-o", str(tmp_path / "no"), "--scheme", "w4a8", "--quiet", "--no-smooth",
-                 "--head-rounding", "nearest"]) == 2
-    assert "--head-rounding applies to an INT4 LM head (--head-bits 4)" in capsys.readouterr().err
-    assert not (tmp_path / "no").exists()
+    for opts in (["--scheme", "w4/8a8"], ["--scheme", "w4a8", "--head-bits", "8"]):  # INT8 heads
+        assert main(["quantize", src, "-o", str(tmp_path / "no"), *opts, "--quiet", "--no-smooth",
+                     "--head-rounding", "nearest"]) == 2
+        assert "--head-rounding applies to an INT4 LM head (--head-bits 4)" in capsys.readouterr().err
+        assert not (tmp_path / "no").exists()
 
 
 def test_info(tiny_models, tmp_path, capsys):

@@ -211,6 +211,27 @@ def test_generate_sampling_seed_and_stop_tokens(gpt2):
     assert len(eng.generate(_ids(101, 1, 30), None, max_new_tokens=10)[0]) <= 3
 
 
+def test_generate_suppress_tokens(gpt2):
+    """Suppressed ids are never chosen, greedy or sampled; the others keep their order (the greedy choice
+    becomes the next best); ids outside the vocabulary are a ValueError naming them."""
+    eng = _Engine.load(gpt2["fp32"], 0)
+    ids = _ids(101, 2, 4)
+    greedy = eng.generate(ids, None, max_new_tokens=1)
+    logits = eng.forward(ids, None)[:, -1]
+    again = eng.generate(ids, None, max_new_tokens=1, suppress_tokens=[greedy[0][0], greedy[1][0]])
+    for r in range(2):
+        masked = logits[r].copy()
+        masked[[greedy[0][0], greedy[1][0]]] = -np.inf
+        assert again[r] == [int(np.argmax(masked))]
+    banned = list(range(0, 101, 2))
+    sampled = eng.generate(ids, None, max_new_tokens=12, temperature=1.5, seed=3, suppress_tokens=banned)
+    assert all(t % 2 == 1 for r in sampled for t in r)
+    with pytest.raises(ValueError, match="suppress_tokens: 101 is outside"):
+        eng.generate(ids, None, max_new_tokens=2, suppress_tokens=[101])
+    with pytest.raises(ValueError, match="leaves no token"):
+        eng.generate(ids, None, max_new_tokens=2, suppress_tokens=list(range(101)))
+
+
 def test_generate_rejects_encoder(bert):
     with pytest.raises(NotImplementedError):
         _Engine.load(bert["fp32"], 0).generate(_ids(99, 1, 3), None)

@@ -56,21 +56,22 @@ MODELS = {
                                              **TOKENS), torch.float32, None),
 }
 
-# every scheme and option of PTQ: (case name, quantize options)
+# every scheme and option of PTQ: (case name, quantize options); w4a8 and w4a4 name their head's bits, whose
+# default (INT4, GPTQ-rounded) needs torch
 ALL_CASES = [
     ("w8a8", ["--scheme", "w8a8"]),
     ("w8a8-asym", ["--scheme", "w8a8", "--asym"]),
-    ("w4a8", ["--scheme", "w4a8"]),
-    ("w4a8-fp32-scales-wasym", ["--scheme", "w4a8", "--scale-dtype", "fp32", "--w-asym"]),
+    ("w4a8", ["--scheme", "w4a8", "--head-bits", "8"]),
+    ("w4a8-fp32-scales-wasym", ["--scheme", "w4a8", "--head-bits", "8", "--scale-dtype", "fp32", "--w-asym"]),
     ("w4-8a8", ["--scheme", "w4/8a8"]),
-    ("w4a4-asym-kblock16", ["--scheme", "w4a4", "--asym", "--kblock", "16"]),
+    ("w4a4-asym-kblock16", ["--scheme", "w4a4", "--head-bits", "8", "--asym", "--kblock", "16"]),
     ("w8a16-fp16-scales", ["--scheme", "w8a16", "--scale-dtype", "fp16"]),
     ("w4a16-wasym", ["--scheme", "w4a16", "--w-asym"]),
     ("w8a8-head-group", ["--scheme", "w8a8", "--parts", "qkv,fc1,head", "--group", "4"]),
     ("w4a8-head4-kblock16", ["--scheme", "w4a8", "--parts", "qkv,attn_out,fc1,fc2,head", "--head-bits", "4",
                              "--kblock", "16", "--head-rounding", "nearest"]),
     ("w8a8-per-tensor", ["--scheme", "w8a8", "--per-tensor"]),
-    ("w4a8-rotate16", ["--scheme", "w4a8", "--rotate", "16"]),
+    ("w4a8-rotate16", ["--scheme", "w4a8", "--head-bits", "8", "--rotate", "16"]),
     ("bf16", ["--scheme", "bf16"]),  # bf16 storage of every float tensor
     ("fp32", ["--scheme", "fp32"]),
 ]
@@ -177,6 +178,7 @@ def runs(models, tmp_path_factory):
         "distill": _quantize(models["bert"], nt / "distill", ["--distill"], smooth=True),
         "smooth_alpha": _quantize(models["llama"], nt / "alpha", ["--smooth-alpha", "0.5"], smooth=True),
         "head4": _quantize(models["llama"], nt / "head4", ["--scheme", "w4a8", "--head-bits", "4"], quiet=False),
+        "head_default": _quantize(models["llama"], nt / "head-default", ["--scheme", "w4a8"], quiet=False),
         "head4_gptq": _quantize(models["llama"], nt / "head4-gptq", ["--scheme", "w4a8", "--head-bits", "4",
                                                                     "--head-rounding", "gptq"]),
         "info": ["info", str(nt / "llama" / "w4a8")],
@@ -227,7 +229,8 @@ def test_default_recipe_without_torch_skips_smoothing_and_says_so(runs):
 
 def test_int4_head_without_torch_is_rounded_to_nearest_and_says_so(runs):
     """GPTQ rounding of an INT4 head (the default) needs torch: without it the head is rounded to nearest,
-    with a note and a record; asked for by name, it is an error naming the extra."""
+    with a note and a record; asked for by name, it is an error naming the extra; the scheme's default INT4
+    head (w4a8) stays INT8."""
     nt, _, extra, _ = runs
     rc, _, err = extra["head4"]
     assert rc == 0 and "note: the INT4 LM head is rounded to nearest: GPTQ rounding is torch not installed" in err
@@ -237,6 +240,11 @@ def test_int4_head_without_torch_is_rounded_to_nearest_and_says_so(runs):
     last = err.strip().splitlines()[-1]
     assert rc == 2 and last.endswith(f"--head-rounding gptq: torch not installed ({TRAIN_EXTRA})"), err
     assert not (nt / "head4-gptq").exists()
+    # w4a8's default INT4 head stays INT8 instead, with a note
+    rc, _, err = extra["head_default"]
+    assert rc == 0 and f"note: the default INT4 LM head needs torch for its GPTQ rounding ({TRAIN_EXTRA})" in err
+    _, meta = _tensors_and_metadata(nt / "head-default" / "model.safetensors")
+    assert json.loads(meta["quantization"])["lm_head"]["weight_bits"] == 8 and "head_rounding" not in meta
 
 
 def test_training_options_need_torch_in_one_line(runs):

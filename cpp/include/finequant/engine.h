@@ -40,6 +40,9 @@ struct GenerationOptions {
   float top_p = 1.f;        // 1: no nucleus filter
   uint64_t seed = 0;        // sampling is deterministic for a given seed
   std::vector<int64_t> stop_tokens;  // a row stops after emitting one of these (it is included)
+  // never chosen (their logits taken as -inf, as transformers' suppress_tokens), e.g. the end-of-text token
+  // for samples of a fixed length
+  std::vector<int64_t> suppress_tokens;
   std::function<void(int64_t row, int64_t token)> on_token;  // called as each token is chosen (streaming)
   // Encoder-decoder models only (-1: unset). The decoder starts from decoder_start_token_id (unset:
   // the config's); forced_bos_token_id is the first new token and forced_eos_token_id the last one a

@@ -222,8 +222,8 @@ std::vector<std::vector<int64_t>> Engine::generate(const Tensor& input_ids, cons
                                                    const GenerationOptions& o) const {
   FQ_CHECK(impl_->model->is_decoder() || impl_->model->is_seq2seq(), ErrorKind::Unsupported,
            "generate() needs a decoder or encoder-decoder model, this is '" + architecture() + "'");
-  check_sampling_options(o);
   const int64_t V = vocab_size();
+  check_sampling_options(o, V);
   for (const auto& [name, id] : {std::pair<const char*, int64_t>{"decoder_start_token_id", o.decoder_start_token_id},
                                  {"forced_bos_token_id", o.forced_bos_token_id},
                                  {"forced_eos_token_id", o.forced_eos_token_id}})

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "kernels/act_math.h"
@@ -10,11 +11,19 @@
 
 namespace finequant {
 
-void check_sampling_options(const GenerationOptions& o) {
+void check_sampling_options(const GenerationOptions& o, int64_t vocab_size) {
   FQ_CHECK_ARG(o.max_new_tokens >= 0, "max_new_tokens must be >= 0");
   FQ_CHECK_ARG(std::isfinite(o.temperature), "temperature must be finite");
   FQ_CHECK_ARG(o.top_k >= 0, "top_k must be >= 0");
   FQ_CHECK_ARG(o.top_p > 0.f && o.top_p <= 1.f, "top_p must be in (0, 1]");
+  std::vector<bool> suppressed(static_cast<size_t>(vocab_size));
+  for (int64_t t : o.suppress_tokens) {
+    FQ_CHECK_ARG(t >= 0 && t < vocab_size, "suppress_tokens: " + std::to_string(t) + " is outside [0, " +
+                                               std::to_string(vocab_size) + ")");
+    suppressed[static_cast<size_t>(t)] = true;
+  }
+  FQ_CHECK_ARG(std::find(suppressed.begin(), suppressed.end(), false) != suppressed.end(),
+               "suppress_tokens leaves no token to choose");
 }
 
 namespace {
@@ -33,7 +42,14 @@ FQ_MULTIVERSION void token_weights(const float* logits, int64_t V, float mx, flo
 // top_k and top_p take the candidates in descending logit order (ties: the lower id first, as a
 // stable sort), sorted only as far as they reach; without them the draw walks the ids in order.
 // Sorting the whole vocabulary took ~4 ms per token at 49K, half of a SmolLM2 decode step (DESIGN 5.4).
-int64_t choose_token(const float* logits, int64_t V, const GenerationOptions& o, std::mt19937_64& rng) {
+int64_t choose_token(const float* row, int64_t V, const GenerationOptions& o, std::mt19937_64& rng) {
+  std::vector<float> masked;
+  const float* logits = row;
+  if (!o.suppress_tokens.empty()) {
+    masked.assign(row, row + V);
+    for (int64_t t : o.suppress_tokens) masked[static_cast<size_t>(t)] = -INFINITY;
+    logits = masked.data();
+  }
   const int64_t best = std::max_element(logits, logits + V) - logits;
   if (o.temperature <= 0.f) return best;
   std::vector<float> w(static_cast<size_t>(V));

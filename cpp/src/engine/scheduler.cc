@@ -293,8 +293,8 @@ Scheduler::Scheduler(const Engine& engine, SchedulerOptions options, std::functi
 Scheduler::~Scheduler() = default;
 
 uint64_t Scheduler::submit(std::vector<int64_t> prompt, GenerationOptions options) {
-  check_sampling_options(options);
   const int64_t V = impl_->decoder.config().vocab_size, P = static_cast<int64_t>(prompt.size());
+  check_sampling_options(options, V);
   FQ_CHECK_ARG(P > 0, "the prompt is empty");
   FQ_CHECK_ARG(P <= impl_->max_length, "the prompt has " + std::to_string(P) + " tokens, more than max_length " +
                                            std::to_string(impl_->max_length));
