@@ -420,9 +420,10 @@ def make_data(options: LKDOptions, model: nn.Module, folder: str, family: str, v
 
 def _sample(folder: str, start: torch.Tensor, new_tokens: int, seed: int, eos) -> torch.Tensor:
     """`new_tokens` tokens the fp32 model of HF folder `folder` samples after each row of `start` [N, 1]
-    (temperature 1, the 50 likeliest tokens, the end-of-text ids `eos` suppressed), by the finequant engine: 64 x 127 tokens of SmolLM2-135M
-    in 23 s against transformers' generate's 124 s (2 cores, DESIGN.md section 6). Always the folder's weights,
-    whatever a torch model made of them has become (smoothing keeps their function; LKD trains them)."""
+    (temperature 1, the 50 likeliest tokens, the end-of-text ids `eos` suppressed), by the finequant engine:
+    64 x 127 tokens of SmolLM2-135M in 23-28 s against transformers' generate's 124 s (2 cores, DESIGN.md
+    section 6). Always the folder's weights, whatever a torch model made of them has become (smoothing keeps
+    their function; LKD trains them)."""
     from .engine import Engine
 
     if not folder:
